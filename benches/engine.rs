@@ -1,0 +1,90 @@
+//! Criterion benchmarks of the engine on the 1.5B shape: prefill of a 512-token prompt and decode of
+//! 128 tokens at KV positions ~100 and ~4,000 (f32, CPU, 2 threads by default).
+//!
+//! Needs a model directory of the real shape (random weights are as fast as real ones):
+//!   thinkrag synth deepseek-r1-distill-qwen-1.5b --out /tmp/r1-1.5b
+//!   THINKRAG_BENCH_MODEL=/tmp/r1-1.5b cargo bench --bench engine
+//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_DTYPE (f32), THINKRAG_BENCH_GEN (128).
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use thinkrag_llm::bench::bench_tokens;
+use thinkrag_llm::model::{Logits, Qwen2};
+use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn load() -> Option<Qwen2> {
+    let Ok(dir) = std::env::var("THINKRAG_BENCH_MODEL") else {
+        eprintln!("THINKRAG_BENCH_MODEL is not set: nothing to benchmark (see benches/engine.rs)");
+        return None;
+    };
+    thinkrag_llm::device::set_cpu_threads(env_or("THINKRAG_BENCH_THREADS", 2)).ok()?;
+    let dtype: DTypeChoice = env_or("THINKRAG_BENCH_DTYPE", DTypeChoice::F32);
+    match load_model_only(dir.as_ref(), DeviceChoice::Cpu, dtype, &mut |_| {}) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("cannot load {dir}: {e}");
+            None
+        }
+    }
+}
+
+fn engine(c: &mut Criterion) {
+    let Some(model) = load() else { return };
+    let prompt = bench_tokens(512, model.vocab_size(), 1);
+    let mut g = c.benchmark_group("engine");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(60))
+        .warm_up_time(Duration::from_secs(5));
+
+    g.throughput(Throughput::Elements(prompt.len() as u64));
+    g.bench_function("prefill_512", |b| {
+        b.iter_batched(
+            || model.new_cache(1024),
+            |mut cache| {
+                model
+                    .forward(&prompt, &mut cache, Logits::Last)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    let gen: usize = env_or("THINKRAG_BENCH_GEN", 128);
+    let ids = bench_tokens(gen, model.vocab_size(), 2);
+    for position in [100usize, 4000] {
+        g.throughput(Throughput::Elements(gen as u64));
+        g.bench_function(format!("decode_{gen}_at_{position}"), |b| {
+            b.iter_batched(
+                || {
+                    let mut cache = model.new_cache(position + gen + 1);
+                    cache.fill_for_benchmark(position).unwrap();
+                    cache
+                },
+                |mut cache| {
+                    for &id in &ids {
+                        model
+                            .forward(&[id], &mut cache, Logits::Last)
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap();
+                    }
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

@@ -1,0 +1,102 @@
+//! `thinkrag bench`: prefill and decode speed in llama-bench's terms (pp512, tg128), with the
+//! decode measured at several KV cache positions (decode should not slow down with position).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use thinkrag_llm::bench::{decode, prefill, BenchResult};
+use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice};
+
+use crate::load::{init_threads, progress_bar};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model directory (config.json + safetensors; `thinkrag synth` writes one).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// auto, f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// CPU threads (default: the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prompt tokens of the prefill test (0 skips it).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens of the decode test (0 skips it).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// KV cache positions at which decode is measured.
+    #[arg(long, value_delimiter = ',', default_value = "100,4000")]
+    pub positions: Vec<usize>,
+    /// Runs of each test (the median is reported).
+    #[arg(short, long, default_value_t = 3)]
+    pub repetitions: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let threads = init_threads(args.threads)?;
+    let (bar, mut progress) = progress_bar();
+    let model = load_model_only(&args.model, args.device, args.dtype, &mut progress)
+        .with_context(|| format!("cannot load {}", args.model.display()))?;
+    bar.finish_and_clear();
+    let cfg = model.config();
+    let backend = if model.device().is_cuda() {
+        "CUDA"
+    } else {
+        "CPU"
+    };
+    let dtype = thinkrag_llm::device::dtype_name(model.dtype());
+    let params = cfg.parameter_count();
+    let mut results: Vec<BenchResult> = Vec::new();
+    if args.prompt_tokens > 0 {
+        results.push(prefill(&model, args.prompt_tokens, args.repetitions)?);
+    }
+    if args.gen_tokens > 0 {
+        for &pos in &args.positions {
+            results.push(decode(&model, args.gen_tokens, pos, args.repetitions)?);
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.model,
+            "params": params,
+            "backend": backend,
+            "dtype": dtype,
+            "threads": threads,
+            "results": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("| model | params | backend | dtype | threads | test | t/s |");
+    println!("| --- | ---: | --- | --- | ---: | --- | ---: |");
+    let name = args
+        .model
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    for r in &results {
+        let spread = r
+            .runs
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "| {name} | {:.2} B | {backend} | {dtype} | {threads} | {} | {:.2} ({spread}) |",
+            params as f64 / 1e9,
+            r.test,
+            r.tokens_per_s
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Model loading options shared by the subcommands (`--model`, `--device`, `--dtype`, `--threads`,
+//! hub flags), and the progress bar shown while a model loads.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use thinkrag_llm::{
+    DTypeChoice, DeviceChoice, Engine, HubOptions, LoadOptions, LoadProgress, ModelFiles,
+    ModelManifest, ModelSource,
+};
+
+/// Where the model comes from and how it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A model directory, a built-in model name, or a Hugging Face repo (owner/name[@revision]).
+    #[arg(short, long, default_value = ModelManifest::default_model(), env = "THINKRAG_MODEL")]
+    pub model: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// auto (bf16 on GPUs of compute capability >= 8.0, f32 elsewhere), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// CPU threads (default: the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Longest sequence, prompt and generation together (default: the model's maximum).
+    #[arg(long)]
+    pub context_size: Option<usize>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+/// How to reach the Hugging Face hub.
+#[derive(Debug, Clone, Args)]
+pub struct HubArgs {
+    /// Never use the network: only the Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// Hugging Face token for gated repos (default: HF_TOKEN or the cache's token file).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
+}
+
+impl HubArgs {
+    pub fn options(&self) -> HubOptions {
+        let mut hub = HubOptions::from_env();
+        hub.offline |= self.offline;
+        if self.hf_token.is_some() {
+            hub.token = self.hf_token.clone();
+        }
+        hub.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        hub
+    }
+}
+
+/// Sets the CPU thread count before any tensor work.
+pub fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(thinkrag_llm::device::physical_cores);
+    thinkrag_llm::device::set_cpu_threads(n)?;
+    Ok(n)
+}
+
+/// A progress callback that draws a bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar() -> (ProgressBar, impl FnMut(LoadProgress)) {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let b = bar.clone();
+    let callback = move |p: LoadProgress| match p {
+        LoadProgress::Fetching(name) => b.set_message(format!("locating {name}")),
+        LoadProgress::Weights { done, total } => {
+            b.set_message("loading weights");
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    (bar, callback)
+}
+
+/// Loads the engine the arguments describe.
+pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
+    init_threads(args.threads)?;
+    let source = ModelSource::parse(&args.model)?;
+    let opts = LoadOptions {
+        device: args.device,
+        dtype: args.dtype,
+        context_window: args.context_size,
+        hub: args.hub.options(),
+    };
+    let (bar, mut progress) = progress_bar();
+    let engine = Engine::load(&source, &opts, &mut progress)
+        .with_context(|| format!("cannot load model {}", args.model))?;
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+/// `thinkrag download`.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// A built-in model name or a Hugging Face repo (owner/name[@revision]).
+    #[arg(default_value = ModelManifest::default_model())]
+    pub model: String,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+pub fn download(args: DownloadArgs) -> Result<()> {
+    let source = ModelSource::parse(&args.model)?;
+    let files = ModelFiles::fetch(&source, &args.hub.options())
+        .with_context(|| format!("cannot download {}", args.model))?;
+    println!("{}", files.dir.display());
+    Ok(())
+}

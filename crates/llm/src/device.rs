@@ -1,0 +1,208 @@
+//! Where the model runs and in which precision: `--device auto|cpu|cuda[:N]`, `--dtype auto|...`,
+//! and the CPU thread count. `auto` dtype is the one that is both fast and numerically safe on the
+//! chosen device (see [`DTypeChoice::resolve`]).
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// The device the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when built with `cuda` and one is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU number N.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let expected = "auto, cpu, cuda or cuda:N";
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map(Self::Cuda)
+                    .map_err(|_| Error::invalid("device", s, expected)),
+                None => Err(Error::invalid("device", s, expected)),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    Device::new_cuda(0).or(Ok(Device::Cpu))
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(Error::Device {
+                        device: self.to_string(),
+                        message: "this build of thinkrag has no CUDA support: rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu".into(),
+                    });
+                }
+                Device::new_cuda(n).map_err(|e| Error::Device {
+                    device: self.to_string(),
+                    message: format!("{e} (is there a GPU number {n}? see nvidia-smi)"),
+                })
+            }
+        }
+    }
+}
+
+/// The dtype the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// bf16 on GPUs of compute capability >= 8.0, f32 elsewhere (see [`Self::resolve`]).
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision (overflows for Qwen2-1.5B: NaN logits).
+    F16,
+}
+
+impl FromStr for DTypeChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            _ => Err(Error::invalid("dtype", s, "auto, f32, bf16 or f16")),
+        }
+    }
+}
+
+impl fmt::Display for DTypeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+impl DTypeChoice {
+    /// The dtype to run in on `device`.
+    ///
+    /// `auto` is f32 on the CPU (candle's CPU bf16 matmul is slower than f32), bf16 on GPUs of
+    /// compute capability >= 8.0, and f32 below that: a T4 (7.5) has no bf16 kernels in candle although
+    /// `Device::supports_bf16()` answers true, and Qwen2-1.5B overflows in pure fp16 (NaN logits).
+    /// An explicit bf16 on such a GPU is refused rather than left to fail inside a kernel.
+    pub fn resolve(self, device: &Device) -> Result<DType> {
+        let capability = compute_capability(device);
+        let bf16_ok = capability.is_some_and(|(major, _)| major >= 8);
+        match self {
+            Self::Auto if device.is_cuda() && bf16_ok => Ok(DType::BF16),
+            Self::Auto | Self::F32 => Ok(DType::F32),
+            Self::Bf16 if device.is_cuda() && !bf16_ok => Err(Error::Device {
+                device: "cuda".into(),
+                message: format!(
+                    "bf16 needs compute capability 8.0 or newer; this GPU has {}. Use --dtype f32 (or auto)",
+                    capability.map_or("an unknown one".to_string(), |(a, b)| format!("{a}.{b}"))
+                ),
+            }),
+            Self::Bf16 => Ok(DType::BF16),
+            Self::F16 => Ok(DType::F16),
+        }
+    }
+}
+
+/// The CUDA compute capability of `device`, `None` on the CPU.
+#[cfg(feature = "cuda")]
+pub fn compute_capability(device: &Device) -> Option<(i32, i32)> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Device::Cuda(dev) = device else {
+        return None;
+    };
+    let cu = dev.cuda_stream().context().cu_device();
+    // SAFETY: a plain attribute query on a device handle candle keeps alive.
+    let major = unsafe {
+        result::device::get_attribute(
+            cu,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )
+    }
+    .ok()?;
+    // SAFETY: as above.
+    let minor = unsafe {
+        result::device::get_attribute(
+            cu,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+        )
+    }
+    .ok()?;
+    Some((major, minor))
+}
+
+/// The CUDA compute capability of `device`, `None` on the CPU.
+#[cfg(not(feature = "cuda"))]
+pub fn compute_capability(_device: &Device) -> Option<(i32, i32)> {
+    None
+}
+
+/// Physical cores of this machine: the default CPU thread count (hyper-threads add nothing to a
+/// memory-bound decode and slow the compute-bound prefill).
+pub fn physical_cores() -> usize {
+    num_cpus::get_physical().max(1)
+}
+
+/// Sets the number of CPU threads candle's kernels use. Call once, before the first tensor
+/// operation: candle reads `RAYON_NUM_THREADS` at each matmul and rayon sizes its pool on first use.
+pub fn set_cpu_threads(threads: usize) -> Result<()> {
+    if threads == 0 || threads > 1024 {
+        return Err(Error::invalid("threads", threads, "1..=1024"));
+    }
+    // SAFETY (edition 2024 wording): called at start-up before other threads read the environment.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // An already-built global pool keeps its size; that is harmless, candle's count comes from the env.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    Ok(())
+}
+
+/// A dtype's name as the CLI spells it.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}

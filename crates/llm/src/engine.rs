@@ -1,0 +1,636 @@
+//! The engine: a loaded model with its tokenizer, and the generation loop that turns a prompt into
+//! a stream of reasoning and answer text. A [`Session`] is one token sequence and its KV cache, kept
+//! between calls so a later prompt that shares a prefix only computes what is new.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::DType;
+use candle_nn::VarBuilder;
+
+use crate::chat::Message;
+use crate::config::{GenerationConfig, Qwen2Config};
+use crate::device::{DTypeChoice, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::generate::{Event, Generation, GenerationParams, StopReason, Usage};
+use crate::manifest::ModelManifest;
+use crate::model::{KvCache, Logits, Qwen2};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::source::{HubOptions, ModelFiles, ModelSource};
+use crate::stream::{Segment, StreamEvent, TextStream, TokenText};
+use crate::tokenizer::TextTokenizer;
+
+/// Prompts are prefilled in chunks of this many tokens: it bounds the attention scores' memory
+/// (heads x chunk x context) on long RAG prompts without slowing the matmuls down.
+const PREFILL_CHUNK: usize = 512;
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Where to run.
+    pub device: DeviceChoice,
+    /// In which precision.
+    pub dtype: DTypeChoice,
+    /// Longest sequence (prompt + generation); default and maximum: the model's
+    /// `max_position_embeddings`.
+    pub context_window: Option<usize>,
+    /// How to reach the hub.
+    pub hub: HubOptions,
+}
+
+/// What the engine reports while loading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadProgress {
+    /// Files are being located (and downloaded, when not cached).
+    Fetching(String),
+    /// Weights: `done` of `total` parts loaded.
+    Weights {
+        /// Parts loaded.
+        done: usize,
+        /// Parts in all.
+        total: usize,
+    },
+}
+
+/// A loaded model, ready to generate.
+pub struct Engine {
+    model: Qwen2,
+    tokenizer: TextTokenizer,
+    files: ModelFiles,
+    name: String,
+    generation_config: GenerationConfig,
+    manifest: Option<ModelManifest>,
+    context_window: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("dir", &self.files.dir)
+            .field("dtype", &self.model.dtype())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenText for TextTokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        TextTokenizer::decode(self, ids)
+    }
+}
+
+impl Engine {
+    /// Loads a model from a directory, a built-in name or a hub repo (see [`ModelSource::parse`]).
+    pub fn load(
+        source: &ModelSource,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        progress(LoadProgress::Fetching(source.name()));
+        let files = ModelFiles::fetch(source, &opts.hub)?;
+        let manifest = match source {
+            ModelSource::Manifest(m) => Some((**m).clone()),
+            _ => None,
+        };
+        Self::from_files(files, source.name(), manifest, opts, progress)
+    }
+
+    /// Loads a model from files already on disk.
+    pub fn from_files(
+        files: ModelFiles,
+        name: String,
+        manifest: Option<ModelManifest>,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let config = Qwen2Config::from_file(&files.config)?;
+        let generation_config = match &files.generation_config {
+            Some(p) => GenerationConfig::from_file(p)?,
+            None => GenerationConfig::default(),
+        };
+        let tokenizer = TextTokenizer::load(
+            &files.tokenizer,
+            files.tokenizer_config.as_deref(),
+            &generation_config,
+            &config,
+        )?;
+        if let Some(m) = &manifest {
+            check_manifest_tokens(m, &tokenizer, &files.tokenizer)?;
+        }
+        let device = opts.device.open()?;
+        let dtype = opts.dtype.resolve(&device)?;
+        let context_window = match opts.context_window {
+            None => config.max_position_embeddings,
+            Some(n) if (2..=config.max_position_embeddings).contains(&n) => n,
+            Some(n) => {
+                return Err(Error::invalid(
+                    "context_window",
+                    n,
+                    format!(
+                        "2..={} (the model's max_position_embeddings)",
+                        config.max_position_embeddings
+                    ),
+                ))
+            }
+        };
+        let model = load_weights(&config, &files.weights, dtype, &device, progress)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            files,
+            name,
+            generation_config,
+            manifest,
+            context_window,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Qwen2 {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The model's files.
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    /// The name the model was loaded by.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Longest sequence (prompt + generation) this engine runs.
+    pub fn context_window(&self) -> usize {
+        self.context_window
+    }
+
+    /// The model's default generation parameters (generation_config.json, then the manifest).
+    pub fn default_params(&self) -> GenerationParams {
+        let g = &self.generation_config;
+        let mut p = GenerationParams::default();
+        let sampling = &mut p.sampling;
+        if g.do_sample == Some(false) {
+            *sampling = SamplingParams::greedy();
+        }
+        if let Some(t) = g.temperature {
+            sampling.temperature = t;
+        }
+        if let Some(tp) = g.top_p {
+            sampling.top_p = tp;
+        }
+        if let Some(k) = g.top_k {
+            sampling.top_k = k;
+        }
+        if let Some(r) = g.repetition_penalty {
+            sampling.repetition_penalty = r;
+        }
+        if let Some(max) = self.manifest.as_ref().and_then(|m| m.sampling.max_tokens) {
+            p.max_tokens = max;
+        }
+        p
+    }
+
+    /// A new, empty token sequence with its KV cache.
+    pub fn new_session(&self) -> Session {
+        Session {
+            cache: self.model.new_cache(self.context_window),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Renders `messages` with the chat template and encodes them (one BOS).
+    pub fn encode_messages(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.tokenizer.encode_chat(messages, true)
+    }
+
+    /// One-shot generation for `messages` in a fresh session.
+    pub fn generate(
+        &self,
+        messages: &[Message],
+        params: &GenerationParams,
+        on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let ids = self.encode_messages(messages)?;
+        let mut session = self.new_session();
+        self.generate_in(&mut session, &ids, params, on_event)
+    }
+
+    /// Generates a continuation of `prompt` (token ids, BOS included) in `session`, reusing the
+    /// part of its KV cache that `prompt` shares, and streams text through `on_event`.
+    pub fn generate_in(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        params: &GenerationParams,
+        on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        params.validate()?;
+        let start = Instant::now();
+        if prompt.is_empty() {
+            return Err(Error::invalid("prompt", "empty", "at least one token"));
+        }
+        if prompt.len() >= self.context_window {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context_window: self.context_window,
+            });
+        }
+        let special = self.tokenizer.special().clone();
+        let mut sampler = Sampler::new(params.sampling.clone(), self.tokenizer.size())?;
+
+        // Prefill what the session does not already hold (at least one token: we need its logits).
+        let shared = common_prefix(&session.tokens, prompt).min(prompt.len() - 1);
+        session.truncate(shared);
+        let prefill_start = Instant::now();
+        let mut logits = None;
+        for chunk in prompt[shared..].chunks(PREFILL_CHUNK) {
+            logits = Some(session.feed(&self.model, chunk)?);
+        }
+        let mut logits =
+            logits.ok_or_else(|| Error::invalid("prompt", "empty", "at least one token"))?;
+        let prefill_ms = ms(prefill_start);
+
+        let starts_in_reasoning = self.tokenizer.prompt_opens_reasoning(prompt);
+        let think_close = special.think_close.unwrap_or(u32::MAX);
+        let mut stream = TextStream::new(params.stop.clone(), think_close, starts_in_reasoning);
+        let mut out = Generation {
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                cached_prompt_tokens: shared,
+                ..Usage::default()
+            },
+            ..Generation::default()
+        };
+        let mut answer_started = false;
+        let mut first_token_at: Option<Instant> = None;
+        let mut in_reasoning = starts_in_reasoning;
+        let forced_close: Vec<u32> = match special.think_close {
+            Some(close) => {
+                let mut v = vec![close];
+                v.extend(self.tokenizer.encode("\n\n")?);
+                v
+            }
+            None => Vec::new(),
+        };
+
+        let stop_reason = 'generation: loop {
+            let budget_spent = params
+                .max_thinking_tokens
+                .is_some_and(|b| in_reasoning && out.usage.reasoning_tokens >= b);
+            let next: Vec<u32> = if budget_spent && !forced_close.is_empty() {
+                forced_close.clone()
+            } else {
+                let window = recent_window(&session.tokens, prompt.len(), &sampler);
+                let v = logits.to_vec1::<f32>()?;
+                vec![sampler.sample(&v, window)?]
+            };
+            if first_token_at.is_none() {
+                first_token_at = Some(Instant::now());
+            }
+            for &id in &next {
+                let is_eos = special.eos.contains(&id);
+                if in_reasoning {
+                    out.usage.reasoning_tokens += 1;
+                } else {
+                    out.usage.answer_tokens += 1;
+                }
+                out.tokens.push(id);
+                if id == think_close {
+                    in_reasoning = false;
+                }
+                if is_eos {
+                    break 'generation StopReason::Stop;
+                }
+                for ev in stream.push(&self.tokenizer, id) {
+                    if deliver(ev, &mut out, &mut answer_started, on_event).is_break() {
+                        // A completed stop string records `Stop`; any other break is the caller's.
+                        break 'generation match out.stop_reason {
+                            Some(StopReason::Stop) => StopReason::Stop,
+                            _ => StopReason::Cancelled,
+                        };
+                    }
+                }
+            }
+            let generated = out.usage.reasoning_tokens + out.usage.answer_tokens;
+            if generated >= params.max_tokens || session.len() + next.len() >= self.context_window {
+                break StopReason::Length;
+            }
+            logits = session.feed(&self.model, &next)?;
+        };
+        if stop_reason != StopReason::Cancelled {
+            for ev in stream.finish(&self.tokenizer) {
+                // Nothing can be cancelled at the end; a Break here changes nothing.
+                let _ = deliver(ev, &mut out, &mut answer_started, on_event);
+            }
+        }
+        out.stop_reason = Some(stop_reason);
+        out.usage.completion_tokens = out.usage.reasoning_tokens + out.usage.answer_tokens;
+        let first = first_token_at.unwrap_or_else(Instant::now);
+        let decoded = out.usage.completion_tokens.saturating_sub(1);
+        let t = &mut out.timings;
+        t.prefill_ms = prefill_ms;
+        let computed = prompt.len() - shared;
+        t.prefill_tokens_per_s = per_second(computed, prefill_ms);
+        t.time_to_first_token_ms = (first - start).as_secs_f64() * 1e3;
+        t.decode_ms = first.elapsed().as_secs_f64() * 1e3;
+        t.decode_tokens_per_s = per_second(decoded, t.decode_ms);
+        t.total_ms = ms(start);
+        // The end cannot be cancelled any more.
+        let _ = on_event(Event::Done(&out));
+        Ok(out)
+    }
+}
+
+/// Hands one stream event to the caller and records its text. `Break` means: stop now (a stop
+/// string completed, recorded as `stop_reason = Stop`, or the caller asked to stop).
+fn deliver(
+    ev: StreamEvent,
+    out: &mut Generation,
+    answer_started: &mut bool,
+    on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    match ev {
+        StreamEvent::Stopped => {
+            out.stop_reason = Some(StopReason::Stop);
+            ControlFlow::Break(())
+        }
+        StreamEvent::Text {
+            segment: Segment::Reasoning,
+            text,
+        } => {
+            out.reasoning.push_str(&text);
+            on_event(Event::Reasoning(&text))
+        }
+        StreamEvent::Text {
+            segment: Segment::Answer,
+            text,
+        } => {
+            // The model writes `</think>\n\n` before its answer: drop the blank lines once.
+            let text = if *answer_started {
+                text.as_str()
+            } else {
+                text.trim_start()
+            };
+            if text.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            *answer_started = true;
+            out.text.push_str(text);
+            on_event(Event::Answer(text))
+        }
+    }
+}
+
+/// The tokens the repetition penalty looks at: the last `window` generated ones, or the last
+/// `window` of the whole sequence when the prompt counts too.
+fn recent_window<'a>(tokens: &'a [u32], prompt_len: usize, sampler: &Sampler) -> &'a [u32] {
+    let p = sampler.params();
+    let from = if p.penalize_prompt {
+        0
+    } else {
+        prompt_len.min(tokens.len())
+    };
+    let tail = &tokens[from..];
+    &tail[tail.len().saturating_sub(p.repetition_window)..]
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn per_second(tokens: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        tokens as f64 / (ms / 1e3)
+    } else {
+        0.0
+    }
+}
+
+/// Length of the longest common prefix.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// One token sequence and its KV cache.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cache: KvCache,
+    tokens: Vec<u32>,
+}
+
+impl Session {
+    /// Tokens whose keys and values are cached.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Number of cached tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Keeps the first `len` tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        self.cache.truncate(len);
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// The KV cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Runs `ids` after the cached tokens and returns the last position's logits.
+    pub fn feed(&mut self, model: &Qwen2, ids: &[u32]) -> Result<candle_core::Tensor> {
+        let logits = model.forward(ids, &mut self.cache, Logits::Last)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(logits)
+    }
+
+    /// Like [`Self::feed`], returning every position's logits.
+    pub fn feed_all(&mut self, model: &Qwen2, ids: &[u32]) -> Result<candle_core::Tensor> {
+        let logits = model.forward(ids, &mut self.cache, Logits::All)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(logits)
+    }
+}
+
+/// A multi-turn conversation: past assistant turns keep only their answers (the template drops the
+/// reasoning), and each turn reuses the KV cache of the prefix it shares with the previous one.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    session: Session,
+    messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// An empty conversation on `engine`.
+    pub fn new(engine: &Engine) -> Self {
+        Self {
+            session: engine.new_session(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// The messages so far (assistant messages as generated: reasoning, `</think>`, answer).
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// The session (its tokens show what the cache holds).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Forgets the conversation and its cache.
+    pub fn reset(&mut self) {
+        self.messages.clear();
+        self.session.clear();
+    }
+
+    /// Drops the oldest `turns` user/assistant exchanges (to fit the context window).
+    pub fn drop_oldest_turns(&mut self, turns: usize) {
+        for _ in 0..turns {
+            let first_user = self
+                .messages
+                .iter()
+                .position(|m| m.role == crate::chat::Role::User);
+            let Some(i) = first_user else { break };
+            let end = self.messages[i + 1..]
+                .iter()
+                .position(|m| m.role == crate::chat::Role::User)
+                .map_or(self.messages.len(), |j| i + 1 + j);
+            self.messages.drain(i..end);
+        }
+    }
+
+    /// Adds a user turn, generates the assistant's, and records it.
+    pub fn send(
+        &mut self,
+        engine: &Engine,
+        user: &str,
+        params: &GenerationParams,
+        on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.messages.push(Message::user(user));
+        let result = engine
+            .encode_messages(&self.messages)
+            .and_then(|ids| engine.generate_in(&mut self.session, &ids, params, on_event));
+        match result {
+            Ok(g) => {
+                self.messages
+                    .push(Message::assistant(g.assistant_content()));
+                Ok(g)
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Checks a downloaded tokenizer against the ids its manifest pins.
+fn check_manifest_tokens(m: &ModelManifest, tok: &TextTokenizer, path: &Path) -> Result<()> {
+    let st = &m.special_tokens;
+    let mut expected = vec![(&st.bos, Some(tok.special().bos))];
+    expected.push((&st.eos, tok.special().eos.first().copied()));
+    if let Some(t) = &st.think_close {
+        expected.push((t, tok.special().think_close));
+    }
+    for (want, got) in expected {
+        if got != Some(want.id) || tok.inner().token_to_id(&want.text) != Some(want.id) {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{:?} should be id {} for {} but is {:?}: the tokenizer does not match the model",
+                    want.text, want.id, m.name, got
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens the safetensors (each checked on its own, so an error names the broken file) and builds
+/// the model.
+fn load_weights(
+    config: &Qwen2Config,
+    weights: &[std::path::PathBuf],
+    dtype: DType,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<Qwen2> {
+    for path in weights {
+        // SAFETY: the file is mapped read-only; thinkrag never writes model files while they are
+        // loaded, and the docs tell users not to modify a model while it is in use.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+            Error::Weights {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    }
+    // SAFETY: as above.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(|e| {
+            Error::Weights {
+                path: weights.first().cloned().unwrap_or_default(),
+                message: e.to_string(),
+            }
+        })?;
+    let mut report = |done, total| progress(LoadProgress::Weights { done, total });
+    Qwen2::new(config, vb, &mut report).map_err(|e| match e {
+        Error::Candle(e) => Error::Weights {
+            path: weights.first().cloned().unwrap_or_default(),
+            message: format!("{e} (does config.json describe these weights?)"),
+        },
+        other => other,
+    })
+}
+
+/// Loads only the network of a model directory (config.json and safetensors, no tokenizer): what
+/// benchmarks of synthesized weights need.
+pub fn load_model_only(
+    dir: &Path,
+    device: DeviceChoice,
+    dtype: DTypeChoice,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<Qwen2> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::MissingFile {
+            dir: dir.to_path_buf(),
+            file: "config.json".into(),
+            hint: "a model directory needs the model's config.json".into(),
+        });
+    }
+    let config = Qwen2Config::from_file(&config_path)?;
+    let weights = match ModelFiles::from_dir(dir) {
+        Ok(files) => files.weights,
+        Err(Error::MissingFile { file, .. }) if file == "tokenizer.json" => {
+            vec![dir.join("model.safetensors")]
+        }
+        Err(e) => return Err(e),
+    };
+    let device = device.open()?;
+    let dtype = dtype.resolve(&device)?;
+    load_weights(&config, &weights, dtype, &device, progress)
+}

@@ -1,0 +1,52 @@
+//! thinkrag-llm: the reasoning-model engine of thinkrag.
+//!
+//! Runs DeepSeek-R1-Distill-Qwen models (Qwen2 architecture) with candle on a CPU or a CUDA GPU,
+//! and streams the model's reasoning (inside `<think>`) apart from its answer.
+//!
+//! ```no_run
+//! use std::ops::ControlFlow;
+//! use thinkrag_llm::{Engine, Event, LoadOptions, Message, ModelSource};
+//!
+//! # fn main() -> thinkrag_llm::Result<()> {
+//! let source = ModelSource::parse("deepseek-r1-distill-qwen-1.5b")?;
+//! let engine = Engine::load(&source, &LoadOptions::default(), &mut |_| {})?;
+//! let params = engine.default_params();
+//! let answer = engine.generate(&[Message::user("What is 17 * 23?")], &params, &mut |ev| {
+//!     match ev {
+//!         Event::Reasoning(t) => eprint!("{t}"),
+//!         Event::Answer(t) => print!("{t}"),
+//!         Event::Done(_) => {}
+//!     }
+//!     ControlFlow::Continue(())
+//! })?;
+//! println!("\n{:?}, {} tokens", answer.stop_reason, answer.usage.completion_tokens);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod manifest;
+pub mod model;
+pub mod sampling;
+pub mod source;
+pub mod stream;
+pub mod synth;
+pub mod tokenizer;
+
+pub use chat::{Message, Role};
+pub use config::{GenerationConfig, Qwen2Config};
+pub use device::{DTypeChoice, DeviceChoice};
+pub use engine::{load_model_only, Conversation, Engine, LoadOptions, LoadProgress, Session};
+pub use error::{Error, Result};
+pub use generate::{Event, Generation, GenerationParams, StopReason, Timings, Usage};
+pub use manifest::ModelManifest;
+pub use sampling::SamplingParams;
+pub use source::{HubOptions, ModelFiles, ModelSource};
+pub use tokenizer::TextTokenizer;

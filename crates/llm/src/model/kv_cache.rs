@@ -1,0 +1,156 @@
+//! The key/value cache of a decoder: preallocated per-layer buffers written in place, so a decode
+//! step costs the same at position 4,000 as at 100 (apart from attention itself), and a conversation
+//! can truncate it to a shared prefix and extend it again.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Rows are allocated in blocks of this many positions so growth is rare and amortised.
+const BLOCK: usize = 256;
+
+/// The cached keys and values of every layer for one sequence.
+///
+/// Buffers are `(1, kv_heads, capacity, head_dim)` tensors; `len` positions are valid. Unlike a
+/// cache that concatenates at every step (quadratic copying over a generation), positions are written
+/// in place with `slice_set` and read back as a narrowed view, which the CPU matmul accepts without a
+/// copy. Growth doubles the capacity, so its copies add up to O(len) over a whole generation.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+    max_len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers that may hold up to `max_len` positions.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+            capacity: 0,
+            max_len,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Positions currently cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions this cache may hold (the context window).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Positions allocated (at least `len`).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes held by the buffers.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().flatten().count()
+            * self.kv_heads
+            * self.capacity
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    /// Keeps the first `len` positions (a shared prefix) and forgets the rest; the buffers stay.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Forgets everything; the buffers stay allocated for reuse.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Makes room for `extra` more positions, growing every layer's buffers if needed.
+    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
+        let needed = self.len + extra;
+        if needed > self.max_len {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: needed,
+                context_window: self.max_len,
+            });
+        }
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let new_capacity =
+            (needed.max(self.capacity * 2).div_ceil(BLOCK) * BLOCK).min(self.max_len);
+        let shape = (1, self.kv_heads, new_capacity, self.head_dim);
+        for slot in self.layers.iter_mut() {
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let Some((old_k, old_v)) = slot.as_ref() {
+                if self.len > 0 {
+                    k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            *slot = Some((k, v));
+        }
+        self.capacity = new_capacity;
+        Ok(())
+    }
+
+    /// Writes `k`/`v` (`(1, kv_heads, n, head_dim)`) of layer `layer` at the current end and returns
+    /// views of all cached keys and values including them. The length advances in [`Self::advance`],
+    /// once every layer has written.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let Some((ck, cv)) = self.layers.get(layer).and_then(|l| l.as_ref()) else {
+            return Err(candle_core::Error::Msg(format!(
+                "kv cache layer {layer} written before reserve()"
+            ))
+            .into());
+        };
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let total = self.len + n;
+        Ok((ck.narrow(2, 0, total)?, cv.narrow(2, 0, total)?))
+    }
+
+    /// Marks `n` more positions as valid after every layer appended them.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Claims `n` positions filled with arbitrary (zero or stale) values, as if a prompt of that
+    /// length had been prefilled. Decode speed does not depend on the cached values, so benchmarks
+    /// use this to measure decode at position 4,000 without first spending minutes on a prefill.
+    pub fn fill_for_benchmark(&mut self, n: usize) -> Result<()> {
+        self.reserve(n)?;
+        self.len += n;
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! Model implementations and their caches.
+
+pub mod kv_cache;
+pub mod qwen2;
+
+pub use kv_cache::KvCache;
+pub use qwen2::{Logits, Qwen2};

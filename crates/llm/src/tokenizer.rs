@@ -1,0 +1,248 @@
+//! The model's tokenizer (`tokenizer.json`) together with what `tokenizer_config.json` and
+//! `generation_config.json` say about it: special token ids, BOS handling and the chat template.
+//! It checks that the tokenizer belongs to the model instead of letting ids run off the logits.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::config::{read_json, GenerationConfig, Qwen2Config};
+use crate::error::{Error, Result};
+
+/// The token that closes DeepSeek-R1's reasoning.
+pub const THINK_CLOSE: &str = "</think>";
+/// The token that opens DeepSeek-R1's reasoning (written by the generation prompt, not the model).
+pub const THINK_OPEN: &str = "<think>";
+
+/// Ids the engine treats specially.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// Beginning of sequence (from generation_config.json: config.json's is wrong for the R1 distills).
+    pub bos: u32,
+    /// Any of these ends generation.
+    pub eos: Vec<u32>,
+    /// `<think>`, if the tokenizer has it.
+    pub think_open: Option<u32>,
+    /// `</think>`, if the tokenizer has it: reasoning and answer are split on this id.
+    pub think_close: Option<u32>,
+}
+
+/// A tokenizer bound to its model.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    template: Option<ChatTemplate>,
+    special: SpecialTokens,
+    size: usize,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("special", &self.special)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `bos_token` and friends are either a string or an AddedToken object with `content`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `chat_template` is a string, or a list of named templates of which `default` is the chat one.
+fn chat_template_source(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| items.first())
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` and, when given, `tokenizer_config.json`, and checks them against the
+    /// model's configuration.
+    pub fn load(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        generation: &GenerationConfig,
+        model: &Qwen2Config,
+    ) -> Result<Self> {
+        let err = |message: String| Error::Tokenizer {
+            path: tokenizer_json.to_path_buf(),
+            message,
+        };
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| err(format!("cannot load: {e}")))?;
+        let tok_cfg: Value = match tokenizer_config {
+            Some(p) => read_json(p)?,
+            None => Value::Null,
+        };
+        let size = inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        if size == 0 {
+            return Err(err("the vocabulary is empty".into()));
+        }
+        if size > model.vocab_size {
+            return Err(err(format!(
+                "has {size} ids but the model's logits are only {} wide: this tokenizer does not belong to this model",
+                model.vocab_size
+            )));
+        }
+        let id_of = |text: &str| inner.token_to_id(text);
+        let bos_text = token_text(tok_cfg.get("bos_token"));
+        let eos_text = token_text(tok_cfg.get("eos_token"));
+        let bos = generation
+            .bos_token_id
+            .or_else(|| bos_text.as_deref().and_then(id_of))
+            .or(model.bos_token_id)
+            .ok_or_else(|| err("no BOS token id in generation_config.json, tokenizer_config.json or config.json".into()))?;
+        let mut eos: Vec<u32> = generation
+            .eos_token_id
+            .as_ref()
+            .or(model.eos_token_id.as_ref())
+            .map(|e| e.to_vec())
+            .unwrap_or_default();
+        if let Some(id) = eos_text.as_deref().and_then(id_of) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+        if eos.is_empty() {
+            return Err(err(
+                "no EOS token id in generation_config.json, tokenizer_config.json or config.json"
+                    .into(),
+            ));
+        }
+        for (what, id) in std::iter::once(("BOS", bos)).chain(eos.iter().map(|&e| ("EOS", e))) {
+            if id as usize >= size {
+                return Err(err(format!(
+                    "{what} id {id} is not in the tokenizer (it has {size} ids): the tokenizer does not match the model's generation_config.json"
+                )));
+            }
+        }
+        if let Some(text) = &bos_text {
+            if id_of(text).is_some_and(|id| id != bos) {
+                return Err(err(format!(
+                    "tokenizer_config.json's bos_token {text:?} is id {:?} but generation_config.json says BOS is {bos}",
+                    id_of(text)
+                )));
+            }
+        }
+        let special = SpecialTokens {
+            bos,
+            eos,
+            think_open: id_of(THINK_OPEN),
+            think_close: id_of(THINK_CLOSE),
+        };
+        let bos_string = bos_text.unwrap_or_else(|| inner.id_to_token(bos).unwrap_or_default());
+        let eos_string =
+            eos_text.unwrap_or_else(|| inner.id_to_token(special.eos[0]).unwrap_or_default());
+        let template = chat_template_source(tok_cfg.get("chat_template"))
+            .map(|src| ChatTemplate::new(&src, &bos_string, &eos_string))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            template,
+            special,
+            size,
+            path: tokenizer_json.to_path_buf(),
+        })
+    }
+
+    /// The special ids.
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// Ids the tokenizer can produce: `0..size`. Logits beyond (151,665..151,936 for the real
+    /// model) are padding and must never be sampled.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Encodes text as is: no BOS or other special tokens are added (the chat template writes them),
+    /// but special-token text in `text` (`<｜User｜>`, `</think>`) becomes those tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: format!("cannot encode: {e}"),
+            })
+    }
+
+    /// Decodes ids to text, special tokens included. A trailing incomplete UTF-8 character decodes to
+    /// U+FFFD; the streaming decoder waits for the rest.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
+    /// Renders a conversation with the model's chat template. Without a template (a base model),
+    /// the turns are joined plainly after BOS.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        match &self.template {
+            Some(t) => t.render(messages, add_generation_prompt),
+            None => Ok(messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n")),
+        }
+    }
+
+    /// Renders and encodes a conversation, with exactly one BOS at the start.
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        Ok(self.with_single_bos(self.encode(&text)?))
+    }
+
+    /// Ensures the sequence starts with exactly one BOS: templates that write it themselves must not
+    /// get a second one, plain prompts must get one.
+    pub fn with_single_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        let bos = self.special.bos;
+        let leading = ids.iter().take_while(|&&id| id == bos).count();
+        match leading {
+            0 => ids.insert(0, bos),
+            1 => {}
+            n => {
+                ids.drain(..n - 1);
+            }
+        }
+        ids
+    }
+
+    /// Whether the rendered generation prompt leaves the model inside its reasoning (it ends with
+    /// `<think>`), so that the first generated tokens are reasoning.
+    pub fn prompt_opens_reasoning(&self, prompt_ids: &[u32]) -> bool {
+        let Some(open) = self.special.think_open else {
+            return false;
+        };
+        // The prompt ends `<think>` or `<think>\n`: look at the last few ids.
+        prompt_ids.iter().rev().take(3).any(|&id| id == open)
+    }
+}
