@@ -6,24 +6,17 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use thinkrag_llm::bench::{decode, prefill, BenchResult};
-use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice};
+use thinkrag_llm::load_model_only;
 
-use crate::load::{init_threads, progress_bar};
+use crate::load::{init_threads, progress_bar, RuntimeArgs};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model directory (config.json + safetensors; `thinkrag synth` writes one).
     #[arg(short, long)]
     pub model: PathBuf,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-    /// auto, f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: DTypeChoice,
-    /// CPU threads (default: the physical cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Prompt tokens of the prefill test (0 skips it).
     #[arg(short = 'p', long, default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -42,9 +35,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let threads = init_threads(args.threads)?;
+    let threads = init_threads(args.runtime.threads)?;
     let (bar, mut progress) = progress_bar();
-    let model = load_model_only(&args.model, args.device, args.dtype, &mut progress)
+    let rt = &args.runtime;
+    let model = load_model_only(&args.model, rt.device, rt.dtype, &mut progress)
         .with_context(|| format!("cannot load {}", args.model.display()))?;
     bar.finish_and_clear();
     let cfg = model.config();

@@ -89,7 +89,8 @@ impl SamplingArgs {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The prompt (the user turn; DeepSeek advises putting all instructions here).
+    /// The prompt (the user turn; DeepSeek advises putting all instructions here); `-` reads it
+    /// from standard input.
     pub prompt: String,
     /// An optional system prompt (DeepSeek advises against one for R1).
     #[arg(long)]
@@ -210,13 +211,18 @@ fn summary(g: &Generation) -> serde_json::Value {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let prompt = if args.prompt == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from stdin")?
+    } else {
+        args.prompt.clone()
+    };
     let engine = load_engine(&args.model)?;
     let params = args.sampling.apply(engine.default_params())?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(Message::system(system.clone()));
     }
-    messages.push(Message::user(args.prompt.clone()));
+    messages.push(Message::user(prompt));
     let output = if args.json {
         Output::Json
     } else if args.jsonl {

@@ -9,12 +9,9 @@ use thinkrag_llm::{
     ModelManifest, ModelSource,
 };
 
-/// Where the model comes from and how it runs.
+/// Where and how a model runs.
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// A model directory, a built-in model name, or a Hugging Face repo (owner/name[@revision]).
-    #[arg(short, long, default_value = ModelManifest::default_model(), env = "THINKRAG_MODEL")]
-    pub model: String,
+pub struct RuntimeArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -24,6 +21,16 @@ pub struct ModelArgs {
     /// CPU threads (default: the physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+/// Where the model comes from and how it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A model directory, a built-in model name, or a Hugging Face repo (owner/name[@revision]).
+    #[arg(short, long, default_value = ModelManifest::default_model(), env = "THINKRAG_MODEL")]
+    pub model: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Longest sequence, prompt and generation together (default: the model's maximum).
     #[arg(long)]
     pub context_size: Option<usize>,
@@ -83,11 +90,11 @@ pub fn progress_bar() -> (ProgressBar, impl FnMut(LoadProgress)) {
 
 /// Loads the engine the arguments describe.
 pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
-    init_threads(args.threads)?;
+    init_threads(args.runtime.threads)?;
     let source = ModelSource::parse(&args.model)?;
     let opts = LoadOptions {
-        device: args.device,
-        dtype: args.dtype,
+        device: args.runtime.device,
+        dtype: args.runtime.dtype,
         context_window: args.context_size,
         hub: args.hub.options(),
     };

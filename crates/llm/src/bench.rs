@@ -51,6 +51,8 @@ fn median(v: &[f64]) -> f64 {
 pub fn prefill(model: &Qwen2, tokens: usize, runs: usize) -> Result<BenchResult> {
     let ids = bench_tokens(tokens, model.vocab_size(), 1);
     let mut cache = model.new_cache(tokens + 1);
+    // Untimed warm-up: first-touch allocations and thread start-up are not what is measured.
+    model.forward(&ids[..ids.len().min(16)], &mut cache, Logits::Last)?;
     let mut rates = Vec::new();
     for _ in 0..runs.max(1) {
         cache.clear();
@@ -76,6 +78,8 @@ pub fn prefill(model: &Qwen2, tokens: usize, runs: usize) -> Result<BenchResult>
 pub fn decode(model: &Qwen2, tokens: usize, position: usize, runs: usize) -> Result<BenchResult> {
     let ids = bench_tokens(tokens, model.vocab_size(), 2);
     let mut cache = model.new_cache(position + tokens + 1);
+    cache.fill_for_benchmark(position)?;
+    model.forward(&ids[..1], &mut cache, Logits::Last)?; // warm-up, untimed
     let mut rates = Vec::new();
     for _ in 0..runs.max(1) {
         cache.clear();

@@ -193,6 +193,12 @@ fn conversation_keeps_answers_only_and_reuses_the_shared_prefix() {
         second.usage
     );
     assert!(second.usage.cached_prompt_tokens < second.usage.prompt_tokens);
+    // `</think>` in the later turn splits reasoning from answer as in the first.
+    assert_eq!(
+        second.usage.reasoning_tokens, 5,
+        "4 reasoning tokens and the forced </think>"
+    );
+    assert!(second.usage.answer_tokens > 0);
     // The history fed to the model has no reasoning.
     let rendered = e.tokenizer().render_chat(conv.messages(), true).unwrap();
     if !first.reasoning.trim().is_empty() {

@@ -8,11 +8,12 @@
 //! decoded token by the group size.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
 use crate::config::Qwen2Config;
 use crate::error::Result;
 use crate::model::kv_cache::KvCache;
+use crate::model::linear::Dense as Linear;
 
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
