@@ -154,7 +154,7 @@ fn out_of_range_parameters_are_rejected_with_the_range() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
-    let err = stderr_of_failure(&mut generate(&["--context-size", "8"]));
+    let err = stderr_of_failure(&mut generate(&["--context-window", "8"]));
     assert!(err.contains("context window is 8"), "{err}");
 }
 

@@ -1,15 +1,13 @@
 //! `thinkrag generate`: one prompt, the reasoning streamed apart from the answer (dimmed on a
 //! terminal, under headings otherwise), or machine-readable output (`--json`, `--jsonl`).
 
-use std::io::{IsTerminal, Write};
-use std::ops::ControlFlow;
-
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
-use thinkrag_llm::{Event, Generation, GenerationParams, Message};
+use thinkrag_llm::{Event, GenerationParams, Message};
 
 use crate::load::{load_engine, ModelArgs};
+use crate::output::{arg_or_stdin, finish_writes, keep_writing, summary, Output, Printer};
 
 /// Sampling and stopping flags; unset ones take the model's defaults (generation_config.json).
 #[derive(Debug, Clone, Args)]
@@ -110,112 +108,8 @@ pub struct GenerateArgs {
     pub jsonl: bool,
 }
 
-/// How the streamed text is shown.
-enum Output {
-    /// Dimmed reasoning then the answer, on a terminal.
-    Terminal,
-    /// Headed sections, for pipes and files.
-    Plain,
-    /// One JSON object per event.
-    JsonLines,
-    /// Nothing until the end.
-    Json,
-}
-
-/// Writes streamed events in the chosen style, remembering which section is open.
-struct Printer {
-    output: Output,
-    hide_thinking: bool,
-    section: Option<&'static str>,
-}
-
-const DIM: &str = "\x1b[2m";
-const RESET: &str = "\x1b[0m";
-
-impl Printer {
-    fn event(&mut self, out: &mut impl Write, ev: &Event<'_>) -> std::io::Result<()> {
-        match (&self.output, ev) {
-            (Output::Json, _) => Ok(()),
-            (Output::JsonLines, Event::Reasoning(t)) => {
-                writeln!(out, "{}", json!({"type": "reasoning", "text": t}))
-            }
-            (Output::JsonLines, Event::Answer(t)) => {
-                writeln!(out, "{}", json!({"type": "answer", "text": t}))
-            }
-            (Output::JsonLines, Event::Done(g)) => {
-                let mut v = summary(g);
-                v["type"] = json!("done");
-                writeln!(out, "{v}")
-            }
-            (_, Event::Reasoning(t)) => {
-                if self.hide_thinking {
-                    return Ok(());
-                }
-                if self.section.is_none() {
-                    self.section = Some("reasoning");
-                    match self.output {
-                        Output::Terminal => write!(out, "{DIM}")?,
-                        _ => writeln!(out, "## Reasoning\n")?,
-                    }
-                }
-                write!(out, "{t}")?;
-                out.flush()
-            }
-            (_, Event::Answer(t)) => {
-                if self.section != Some("answer") {
-                    if self.section == Some("reasoning") {
-                        match self.output {
-                            Output::Terminal => write!(out, "{RESET}\n\n")?,
-                            _ => write!(out, "\n\n")?,
-                        }
-                    }
-                    if matches!(self.output, Output::Plain) && !self.hide_thinking {
-                        writeln!(out, "## Answer\n")?;
-                    }
-                    self.section = Some("answer");
-                }
-                write!(out, "{t}")?;
-                out.flush()
-            }
-            (_, Event::Done(g)) => {
-                if self.section == Some("reasoning") && matches!(self.output, Output::Terminal) {
-                    write!(out, "{RESET}")?;
-                }
-                writeln!(out)?;
-                if g.stop_reason == Some(thinkrag_llm::StopReason::Length) {
-                    eprintln!(
-                        "[stopped at the token limit after {} tokens{}]",
-                        g.usage.completion_tokens,
-                        if g.text.is_empty() {
-                            ", before the answer"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-/// The `--json` object (and the body of the final `--jsonl` event).
-fn summary(g: &Generation) -> serde_json::Value {
-    json!({
-        "reasoning": g.reasoning,
-        "text": g.text,
-        "stop_reason": g.stop_reason.map(|r| r.as_str()),
-        "usage": g.usage,
-        "timings": g.timings,
-    })
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let prompt = if args.prompt == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from stdin")?
-    } else {
-        args.prompt.clone()
-    };
+    let prompt = arg_or_stdin(&args.prompt, "prompt")?;
     let engine = load_engine(&args.model)?;
     let params = args.sampling.apply(engine.default_params())?;
     let mut messages = Vec::new();
@@ -223,38 +117,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         messages.push(Message::system(system.clone()));
     }
     messages.push(Message::user(prompt));
-    let output = if args.json {
-        Output::Json
-    } else if args.jsonl {
-        Output::JsonLines
-    } else if std::io::stdout().is_terminal() {
-        Output::Terminal
-    } else {
-        Output::Plain
-    };
-    let mut printer = Printer {
-        output,
-        hide_thinking: args.hide_thinking,
-        section: None,
-    };
+    let mut printer = Printer::new(Output::choose(args.json, args.jsonl), args.hide_thinking);
     let stdout = std::io::stdout();
     let mut write_error = None;
     let generation = engine
         .generate(&messages, &params, &mut |ev| {
-            match printer.event(&mut stdout.lock(), &ev) {
-                Ok(()) => ControlFlow::Continue(()),
-                // A closed pipe (`| head`) ends generation quietly.
-                Err(e) => {
-                    write_error = Some(e);
-                    ControlFlow::Break(())
-                }
-            }
+            let mut out = stdout.lock();
+            let written = match ev {
+                Event::Reasoning(t) => printer.reasoning(&mut out, t),
+                Event::Answer(t) => printer.answer(&mut out, t),
+                Event::Done(g) => printer.done(&mut out, g),
+            };
+            // A closed pipe (`| head`) ends generation quietly.
+            keep_writing(written, &mut write_error)
         })
         .context("generation failed")?;
-    if let Some(e) = write_error {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e).context("cannot write to stdout");
-        }
+    if !finish_writes(write_error)? {
         return Ok(());
     }
     if args.json {

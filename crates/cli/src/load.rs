@@ -33,7 +33,7 @@ pub struct ModelArgs {
     pub runtime: RuntimeArgs,
     /// Longest sequence, prompt and generation together (default: the model's maximum).
     #[arg(long)]
-    pub context_size: Option<usize>,
+    pub context_window: Option<usize>,
     #[command(flatten)]
     pub hub: HubArgs,
 }
@@ -95,7 +95,7 @@ pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
     let opts = LoadOptions {
         device: args.runtime.device,
         dtype: args.runtime.dtype,
-        context_window: args.context_size,
+        context_window: args.context_window,
         hub: args.hub.options(),
     };
     let (bar, mut progress) = progress_bar();
@@ -108,7 +108,8 @@ pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
 /// `thinkrag download`.
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
-    /// A built-in model name or a Hugging Face repo (owner/name[@revision]).
+    /// A built-in model or embedder name (`thinkrag models`) or a Hugging Face repo
+    /// (owner/name[@revision]).
     #[arg(default_value = ModelManifest::default_model())]
     pub model: String,
     #[command(flatten)]
@@ -116,6 +117,14 @@ pub struct DownloadArgs {
 }
 
 pub fn download(args: DownloadArgs) -> Result<()> {
+    if let Some(m) = thinkrag::embed::EmbedderManifest::find(&args.model) {
+        let source = thinkrag::embed::EmbedderSource::Manifest(Box::new(m));
+        let dir = source
+            .fetch(&args.hub.options())
+            .with_context(|| format!("cannot download {}", args.model))?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
     let source = ModelSource::parse(&args.model)?;
     let files = ModelFiles::fetch(&source, &args.hub.options())
         .with_context(|| format!("cannot download {}", args.model))?;

@@ -1,10 +1,19 @@
 //! `thinkrag`: the command-line interface, a thin layer over the thinkrag library crates.
 //! Each subcommand lives in its own module; this file only parses arguments and dispatches.
 
+mod ask;
 mod bench;
+mod chat;
 mod generate;
+mod index_cmd;
+mod ingest;
 mod load;
+mod output;
+mod retrieval_args;
+mod search;
 mod synth;
+
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -19,6 +28,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Answer a question over the index: retrieve, reason, answer with cited sources.
+    #[command(args_override_self = true)]
+    Ask(Box<ask::AskArgs>),
+    /// A conversation over the index (each turn retrieves afresh).
+    #[command(args_override_self = true)]
+    Chat(Box<chat::ChatArgs>),
     /// Generate a reply to a prompt, streaming the reasoning apart from the answer.
     #[command(args_override_self = true)]
     Generate(Box<generate::GenerateArgs>),
@@ -26,13 +41,20 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write random weights of a built-in model's exact shape (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Build or update the index from files and directories of PDF, text and Markdown.
+    /// Exits with 2 when some inputs yielded no text (the others are indexed).
+    Ingest(Box<ingest::IngestArgs>),
+    /// Search the index: the chunks nearest to a question.
+    Search(Box<search::SearchArgs>),
+    /// Inspect the index.
+    Index(index_cmd::IndexCommand),
     /// Download a model into the Hugging Face cache (for later offline use).
     Download(load::DownloadArgs),
-    /// List the built-in models.
+    /// List the built-in models (language models and embedders).
     Models,
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -41,29 +63,52 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        // Partial success: the command did its job but some inputs failed (it said which).
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+/// Runs a command: `Ok(false)` when it finished but some inputs failed.
+fn run(cli: Cli) -> Result<bool> {
+    let done = match cli.command {
+        Command::Ingest(args) => return ingest::run(*args),
+        Command::Ask(args) => ask::run(*args),
+        Command::Chat(args) => chat::run(*args),
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Download(args) => load::download(args),
+        Command::Search(args) => search::run(*args),
+        Command::Index(cmd) => index_cmd::run(cmd),
         Command::Models => {
+            println!("Language models:");
             for m in thinkrag_llm::ModelManifest::builtin() {
                 println!(
-                    "{:<34} {} ({}, {})",
+                    "  {:<34} {} ({}, {})",
                     m.name,
                     m.hub.repo,
                     m.architecture,
                     m.parameters.as_deref().unwrap_or("?")
                 );
             }
+            println!("Embedders:");
+            for m in thinkrag::embed::EmbedderManifest::builtin() {
+                println!(
+                    "  {:<34} {} ({} dims, {} pooling)",
+                    m.name,
+                    m.hub.repo,
+                    m.dim,
+                    m.pooling.as_str()
+                );
+            }
             Ok(())
         }
-    }
+    };
+    done.map(|()| true)
 }

@@ -505,6 +505,15 @@ impl Conversation {
         self.session.clear();
     }
 
+    /// Starts the conversation with a system prompt, replacing any earlier one (DeepSeek advises
+    /// against one for R1; some uses need it).
+    pub fn set_system(&mut self, system: impl Into<String>) {
+        if self.messages.first().map(|m| m.role) == Some(crate::chat::Role::System) {
+            self.messages.remove(0);
+        }
+        self.messages.insert(0, Message::system(system));
+    }
+
     /// Drops the oldest `turns` user/assistant exchanges (to fit the context window).
     pub fn drop_oldest_turns(&mut self, turns: usize) {
         for _ in 0..turns {

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+pub use thinkrag_hub::HubOptions;
+use thinkrag_hub::{HubError, RepoFiles};
 
 use crate::error::{Error, Result};
 use crate::manifest::ModelManifest;
@@ -43,16 +43,8 @@ impl ModelSource {
         if let Some(m) = ModelManifest::find(spec) {
             return Ok(Self::Manifest(Box::new(m)));
         }
-        let (repo, revision) = match spec.split_once('@') {
-            Some((r, rev)) => (r, rev),
-            None => (spec, "main"),
-        };
-        let parts: Vec<&str> = repo.split('/').collect();
-        if parts.len() == 2 && parts.iter().all(|p| !p.is_empty()) && !spec.starts_with('.') {
-            return Ok(Self::Repo {
-                repo: repo.into(),
-                revision: revision.into(),
-            });
+        if let Some((repo, revision)) = thinkrag_hub::parse_repo_spec(spec) {
+            return Ok(Self::Repo { repo, revision });
         }
         Err(Error::Hub {
             model: spec.into(),
@@ -69,46 +61,6 @@ impl ModelSource {
             Self::Dir(p) => p.display().to_string(),
             Self::Manifest(m) => m.name.clone(),
             Self::Repo { repo, .. } => repo.clone(),
-        }
-    }
-}
-
-/// How to reach the hub.
-#[derive(Debug, Clone, Default)]
-pub struct HubOptions {
-    /// Access token (gated repos); otherwise `HF_TOKEN` or the cache's token file.
-    pub token: Option<String>,
-    /// Never use the network (also set by `HF_HUB_OFFLINE=1`).
-    pub offline: bool,
-    /// Cache directory instead of `$HF_HOME/hub` (default `~/.cache/huggingface/hub`).
-    pub cache_dir: Option<PathBuf>,
-    /// Show download progress bars.
-    pub progress: bool,
-}
-
-impl HubOptions {
-    /// Options from the environment: `HF_HUB_OFFLINE`, `HF_TOKEN`.
-    pub fn from_env() -> Self {
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "on"
-                )
-            })
-            .unwrap_or(false);
-        Self {
-            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
-            offline,
-            cache_dir: None,
-            progress: false,
-        }
-    }
-
-    fn cache(&self) -> Cache {
-        match &self.cache_dir {
-            Some(dir) => Cache::new(dir.clone()),
-            None => Cache::from_env(),
         }
     }
 }
@@ -248,55 +200,8 @@ fn fetch_repo(
     files: Option<&[String]>,
     opts: &HubOptions,
 ) -> Result<ModelFiles> {
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
-    let cache = opts.cache();
-    let cached = cache.repo(repo.clone());
-    let api = if opts.offline {
-        None
-    } else {
-        let mut builder = ApiBuilder::from_cache(cache.clone())
-            .with_progress(opts.progress)
-            .with_retries(1);
-        if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-            builder = builder.with_endpoint(endpoint);
-        }
-        if opts.token.is_some() {
-            builder = builder.with_token(opts.token.clone());
-        }
-        Some(builder.build().map_err(|e| Error::Hub {
-            model: repo_id.into(),
-            message: format!("cannot set up the hub client: {e}"),
-        })?)
-    };
-    let cache_root = cache.path().clone();
-    let get = |file: &str, required: bool| -> Result<Option<PathBuf>> {
-        if let Some(p) = cached.get(file) {
-            return Ok(Some(p));
-        }
-        let Some(api) = &api else {
-            if !required {
-                return Ok(None);
-            }
-            return Err(Error::Hub {
-                model: repo_id.into(),
-                message: format!(
-                    "{file} is not in the Hugging Face cache at {} and offline mode is on (--offline or HF_HUB_OFFLINE=1). Download it on a connected machine with `thinkrag download {repo_id}` (or `huggingface-cli download {repo_id} --revision {revision}`) into that cache (or set HF_HOME to where it is), or pass a local model directory",
-                    cache_root.display()
-                ),
-            });
-        };
-        match api.repo(repo.clone()).get(file) {
-            Ok(p) => Ok(Some(p)),
-            Err(_) if !required => Ok(None),
-            Err(e) => Err(Error::Hub {
-                model: repo_id.into(),
-                message: format!(
-                    "cannot download {file} from the Hugging Face hub ({e}). It is not cached at {}: connect to the network (set HF_TOKEN for gated repos), or copy the model there, or pass a local model directory",
-                    cache_root.display()
-                ),
-            }),
-        }
-    };
+    let hub = RepoFiles::new(repo_id, revision, opts).map_err(hub_error)?;
+    let get = |file: &str, required: bool| hub.get(file, required).map_err(hub_error);
     let required = |f: &str| files.is_none_or(|fs| fs.iter().any(|x| x == f));
     let config = get("config.json", true)?.unwrap_or_default();
     let tokenizer = get("tokenizer.json", true)?.unwrap_or_default();
@@ -338,4 +243,11 @@ fn fetch_repo(
         tokenizer_config,
         weights,
     })
+}
+
+fn hub_error(e: HubError) -> Error {
+    Error::Hub {
+        model: e.repo,
+        message: e.message,
+    }
 }

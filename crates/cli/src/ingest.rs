@@ -1,0 +1,145 @@
+//! `thinkrag ingest PATH...`: builds or updates the index from files and directories, with progress
+//! bars for files and embedding, and a summary that lists every input that yielded no text.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::MultiProgress;
+use thinkrag::{Chunking, IngestEvent, IngestOptions, IngestReport};
+
+use crate::retrieval_args::{bar, EmbedderArgs, IndexArgs};
+
+/// `thinkrag ingest`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Files and directories (searched recursively) of PDF, .txt and .md.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub index: IndexArgs,
+    #[command(flatten)]
+    pub embedder: EmbedderArgs,
+    /// Chunk size in tokens of the embedder's tokenizer (at most what it embeds).
+    #[arg(long, default_value_t = 256, conflicts_with = "chunk_chars")]
+    pub chunk_tokens: usize,
+    /// Tokens shared by neighbouring chunks.
+    #[arg(long, default_value_t = 32, conflicts_with = "chunk_chars")]
+    pub chunk_overlap: usize,
+    /// Chunk size in characters instead (LangChain's common setting: 512 with 30 overlap).
+    #[arg(long)]
+    pub chunk_chars: Option<usize>,
+    /// Characters shared by neighbouring chunks, with --chunk-chars.
+    #[arg(long, default_value_t = 30, requires = "chunk_chars")]
+    pub chunk_char_overlap: usize,
+    /// Drop indexed documents whose file no longer exists.
+    #[arg(long)]
+    pub prune: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command; `Ok(false)` when some inputs yielded no text (the rest is indexed).
+pub fn run(args: IngestArgs) -> Result<bool> {
+    let dir = args.index.dir();
+    let existing = match thinkrag::index::Index::open(&dir) {
+        Ok(index) => Some(index),
+        Err(thinkrag::index::IndexError::NotFound { .. }) => None,
+        Err(e) => return Err(e).context(format!("cannot open the index at {}", dir.display())),
+    };
+    let embedder = args.embedder.load(existing.as_ref())?;
+    drop(existing);
+    let opts = IngestOptions {
+        chunking: match args.chunk_chars {
+            Some(max) => Chunking::Chars {
+                max,
+                overlap: args.chunk_char_overlap,
+            },
+            None => Chunking::Tokens {
+                max: args.chunk_tokens,
+                overlap: args.chunk_overlap,
+            },
+        },
+        prune: args.prune,
+        ..IngestOptions::default()
+    };
+
+    let multi = MultiProgress::new();
+    if !std::io::stderr().is_terminal() {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let files = multi.add(bar(0, "files"));
+    let chunks = multi.add(bar(0, "chunks"));
+    let report = thinkrag::ingest(&dir, &args.paths, &embedder, &opts, &mut |ev| match ev {
+        IngestEvent::Discovered { files: n } => files.set_length(n as u64),
+        IngestEvent::FileStarted { path } => files.set_message(
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        IngestEvent::FileChunked { chunks: n, .. } => {
+            chunks.set_length(n as u64);
+            chunks.set_position(0);
+            chunks.set_message("embedding");
+        }
+        IngestEvent::Embedded { done, .. } => chunks.set_position(done as u64),
+        IngestEvent::FileUnchanged { .. } | IngestEvent::FileDone { .. } => files.inc(1),
+        IngestEvent::Failed(f) => {
+            if f.page.is_none() {
+                files.inc(1);
+            }
+        }
+        IngestEvent::Saving => files.set_message("saving the index"),
+    })
+    .with_context(|| format!("ingestion into {} failed", dir.display()))?;
+    files.finish_and_clear();
+    chunks.finish_and_clear();
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_summary(&report, embedder.spec().model.as_str());
+    }
+    Ok(!report.has_failures())
+}
+
+fn print_summary(r: &IngestReport, model: &str) {
+    println!(
+        "Indexed {} file{} ({} pages, {} chunks) in {:.1} s, {:.1} chunks/s; {} unchanged, {} failed.",
+        r.files_indexed,
+        if r.files_indexed == 1 { "" } else { "s" },
+        r.pages,
+        r.chunks_added,
+        r.seconds,
+        r.chunks_per_second,
+        r.files_unchanged,
+        r.files_failed,
+    );
+    if r.chunks_truncated > 0 {
+        println!(
+            "{} chunks were longer than {model} embeds and were cut (use token-sized chunks to avoid this).",
+            r.chunks_truncated
+        );
+    }
+    for source in &r.documents_pruned {
+        println!("Pruned {source} (the file is gone).");
+    }
+    println!(
+        "Index {}: {} documents, {} chunks, embedder {model}.",
+        r.index.display(),
+        r.total_documents,
+        r.total_chunks
+    );
+    if !r.failures.is_empty() {
+        println!("Inputs that yielded no text ({}):", r.failures.len());
+        for f in &r.failures {
+            match f.page {
+                Some(p) => println!("  {} page {p}: {}", f.path.display(), f.reason),
+                None => println!("  {}: {}", f.path.display(), f.reason),
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `thinkrag search "QUERY"`: the k chunks nearest to a question, printed with score, source, page
+//! and a snippet, or as a search engine's hits (`--json`: `_id`, `_score`, `_source`).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+use thinkrag::SearchHit;
+
+use crate::retrieval_args::{EmbedderArgs, IndexArgs};
+
+/// `thinkrag search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The question.
+    pub query: String,
+    /// How many hits.
+    #[arg(short, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub k: u32,
+    /// Exact (brute-force) search instead of the HNSW graph.
+    #[arg(long)]
+    pub exact: bool,
+    /// Print the hits as JSON, in the shape of a search engine's response.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub index: IndexArgs,
+    #[command(flatten)]
+    pub embedder: EmbedderArgs,
+}
+
+/// Runs the command.
+pub fn run(args: SearchArgs) -> Result<()> {
+    let dir = args.index.dir();
+    let index = thinkrag::open_index(&dir)?;
+    if index.is_empty() {
+        return Err(thinkrag::Error::EmptyIndex { dir }.into());
+    }
+    let embedder = args.embedder.load(Some(&index))?;
+    let started = Instant::now();
+    let hits = thinkrag::search(&index, &embedder, &args.query, args.k as usize, args.exact)
+        .with_context(|| format!("search in {} failed", dir.display()))?;
+    let took_ms = started.elapsed().as_millis() as u64;
+    if args.json {
+        let out = hits_json(&dir.display().to_string(), &hits, took_ms);
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if hits.is_empty() {
+        println!("No hits.");
+    }
+    for (rank, h) in hits.iter().enumerate() {
+        let page = h.page.map(|p| format!(", page {p}")).unwrap_or_default();
+        println!("{}. {:.4}  {}{page}", rank + 1, h.score, h.source);
+        println!("   {}", snippet(&h.text, 240));
+    }
+    Ok(())
+}
+
+/// The hits as a search engine's response: `hits.hits[]` with `_id`, `_score`, `_source`.
+pub fn hits_json(index: &str, hits: &[SearchHit], took_ms: u64) -> serde_json::Value {
+    json!({
+        "took": took_ms,
+        "timed_out": false,
+        "hits": {
+            "total": { "value": hits.len(), "relation": "eq" },
+            "max_score": hits.first().map(|h| h.score),
+            "hits": hits.iter().map(|h| json!({
+                "_index": index,
+                "_id": h.id.to_string(),
+                "_score": h.score,
+                "_source": {
+                    "text": h.text,
+                    "source": h.source,
+                    "page": h.page,
+                    "start": h.start,
+                    "end": h.end,
+                },
+            })).collect::<Vec<_>>(),
+        },
+    })
+}
+
+/// The text on one line, cut at a character boundary near `max` bytes.
+pub fn snippet(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.len() <= max {
+        return flat;
+    }
+    let mut end = max;
+    while !flat.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &flat[..end])
+}

@@ -1,0 +1,183 @@
+//! Parity with sentence-transformers on the real all-MiniLM-L6-v2: our vectors for a committed set
+//! of sentences match the reference (scripts/make_embedding_reference.py) within cosine 0.9999,
+//! including a sentence cut at the 256-token limit, in one batch and one at a time.
+
+use std::path::PathBuf;
+
+use thinkrag_embed::test_models::minilm_dir;
+use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource, Pooling};
+
+struct Reference {
+    sentences: Vec<String>,
+    tokens: Vec<usize>,
+    vectors: Vec<Vec<f32>>,
+}
+
+fn reference() -> Reference {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/minilm/reference.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    Reference {
+        sentences: strings("sentences"),
+        tokens: v["untruncated_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect(),
+        vectors: v["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+fn minilm() -> Embedder {
+    let opts = EmbedderOptions {
+        batch_size: 5,
+        ..EmbedderOptions::default()
+    };
+    Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).expect("MiniLM loads")
+}
+
+#[test]
+fn vectors_match_sentence_transformers() {
+    let r = reference();
+    let e = minilm();
+    let spec = e.spec();
+    assert_eq!(spec.model, "sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(
+        (spec.dim, spec.pooling, spec.max_tokens),
+        (384, Pooling::Mean, 256)
+    );
+    assert_eq!(
+        spec.query_instruction, None,
+        "MiniLM has no query instruction"
+    );
+
+    let out = e.embed_passages(&r.sentences).unwrap();
+    assert_eq!(out.vectors.len(), r.sentences.len());
+    let over_limit = r.tokens.iter().filter(|&&t| t > 256).count();
+    assert!(
+        over_limit >= 1,
+        "the reference set has a sentence over the limit"
+    );
+    assert_eq!(out.truncated, over_limit, "truncation is counted");
+    let mut worst = 1.0f32;
+    for (i, (ours, theirs)) in out.vectors.iter().zip(&r.vectors).enumerate() {
+        let norm: f32 = ours.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-5,
+            "vector {i} is unit length: {norm}"
+        );
+        let c = cosine(ours, theirs);
+        assert!(
+            c >= 0.9999,
+            "sentence {i} ({:?}): cosine {c}",
+            r.sentences[i]
+        );
+        worst = worst.min(c);
+    }
+    eprintln!("lowest cosine against sentence-transformers: {worst:.7}");
+
+    // Batching (padding, masks, reordering) must not change any vector.
+    for (i, s) in r.sentences.iter().enumerate().take(4) {
+        let alone = e.embed_passages(&[s]).unwrap();
+        let c = cosine(&alone.vectors[0], &out.vectors[i]);
+        assert!(c > 0.99999, "sentence {i} alone vs in a batch: {c}");
+    }
+
+    // Token counts before truncation agree with the reference tokenizer.
+    for (s, &t) in r.sentences.iter().zip(&r.tokens) {
+        assert_eq!(e.count_tokens(s).unwrap(), t, "{s:?}");
+    }
+}
+
+#[test]
+fn queries_rank_the_relevant_passage_first() {
+    let e = minilm();
+    let passages = [
+        "Miami's metro population rose from 6.17 million in 2021 to 6.27 million in 2023.",
+        "The Seattle Seahawks play American football at Lumen Field.",
+        "Bread is made from flour, water, yeast and salt.",
+    ];
+    let p = e.embed_passages(&passages).unwrap();
+    let q = e
+        .embed_query("How many people live in the Miami area?")
+        .unwrap();
+    let scores: Vec<f32> = p.vectors.iter().map(|v| cosine(v, &q)).collect();
+    assert!(scores[0] > scores[1] && scores[0] > scores[2], "{scores:?}");
+}
+
+#[test]
+fn bad_model_directories_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let err = Embedder::load(
+        &EmbedderSource::Dir(dir.into()),
+        &EmbedderOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    // A truncated weights file.
+    let src = minilm_dir();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 3]).unwrap();
+    let opts = EmbedderOptions {
+        pooling: Some(Pooling::Mean),
+        ..EmbedderOptions::default()
+    };
+    let err = Embedder::load(&EmbedderSource::Dir(dir.into()), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated or corrupt"), "{err}");
+
+    // Unknown pooling without 1_Pooling/config.json.
+    let err = Embedder::load(
+        &EmbedderSource::Dir(dir.into()),
+        &EmbedderOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--pooling"), "{err}");
+
+    // Not a BERT.
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "qwen2"}"#).unwrap();
+    let err = Embedder::load(&EmbedderSource::Dir(dir.into()), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("BERT"), "{err}");
+
+    let err = EmbedderSource::parse("no-such-embedder")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bge-base-en-v1.5"), "{err}");
+}

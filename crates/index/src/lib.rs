@@ -1,0 +1,786 @@
+//! thinkrag-index: a persistent index of document chunks and their embedding vectors.
+//! Approximate search runs on an HNSW graph (hnsw_rs), exact search by brute force; the index
+//! lives in a versioned directory that is replaced atomically and updated per document.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! dir/
+//!   index.json          manifest: format, version, generation, embedder, counts, next_id,
+//!                       HNSW params, graph basename and checksums (replaced by atomic rename)
+//!   .lock               advisory lock: exclusive while saving, shared while opening
+//!   gen-000007/         one complete version ("generation"), never modified once written
+//!     chunks.jsonl      one ChunkRecord per line, in vector order
+//!     documents.json    DocumentRecords
+//!     vectors.f32       "TRVECF32", dim u64 LE, count u64 LE, count*dim f32 LE (normalised)
+//!     hnsw.hnsw.graph   hnsw_rs graph dump
+//!     hnsw.hnsw.data    hnsw_rs data dump
+//! ```
+//!
+//! A save writes a fresh `gen-N+1/`, fsyncs it, then renames a new manifest over `index.json`;
+//! only then are other generation directories deleted. A crash at any point leaves the old
+//! manifest naming the old, complete generation, or the new manifest naming the new one.
+
+mod error;
+mod storage;
+mod vector;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use error::IndexError;
+pub use vector::{dot, normalized, HnswParams, UnitCosine, VectorIndex};
+
+use storage::{DirLock, GraphFiles, Manifest};
+
+/// Which embedder made the vectors; stored in the index and checked on open.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EmbedderInfo {
+    /// Model identifier, e.g. "sentence-transformers/all-MiniLM-L6-v2" or a directory name.
+    pub model: String,
+    /// Dimension of the vectors.
+    pub dim: usize,
+    /// Pooling used to turn token states into one vector: "cls" or "mean".
+    pub pooling: String,
+    /// Whether the embedder L2-normalises its output.
+    pub normalized: bool,
+    /// Longest input in tokens the embedder reads (longer chunks are truncated).
+    pub max_tokens: usize,
+    /// Where the embedder was loaded from (a manifest name, hub repo or directory), so that a
+    /// later run can load the same one. Informational: [`Index::check_embedder`] ignores it.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// A chunk as stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChunkRecord {
+    /// Stable identifier, never reused within one index.
+    pub id: u64,
+    /// The chunk's text.
+    pub text: String,
+    /// Path of the source document as given (the caller canonicalises it).
+    pub source: String,
+    /// Page number in the source, for paginated formats.
+    pub page: Option<u32>,
+    /// Byte offset of the chunk's start in the document's extracted text.
+    pub start: usize,
+    /// Byte offset just past the chunk's end.
+    pub end: usize,
+    /// SHA-256 (hex) of `text`.
+    pub content_hash: String,
+}
+
+/// A new chunk to add (it gets its id from the index).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewChunk {
+    /// The chunk's text.
+    pub text: String,
+    /// Page number in the source, for paginated formats.
+    pub page: Option<u32>,
+    /// Byte offset of the chunk's start in the document's extracted text.
+    pub start: usize,
+    /// Byte offset just past the chunk's end.
+    pub end: usize,
+}
+
+/// A search hit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hit<'a> {
+    /// The matching chunk.
+    pub chunk: &'a ChunkRecord,
+    /// Cosine similarity between the query and the chunk's vector, in [-1, 1].
+    pub score: f32,
+}
+
+/// Per-document bookkeeping for incremental ingestion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DocumentRecord {
+    /// Path of the document as given to [`Index::upsert_document`].
+    pub source: String,
+    /// Hash of the document file, used to skip unchanged files.
+    pub content_hash: String,
+    /// Ids of the document's chunks, in document order.
+    pub chunk_ids: Vec<u64>,
+    /// Number of pages (1 for unpaginated formats).
+    pub pages: u32,
+    /// When the document was (re)ingested, in seconds since the Unix epoch.
+    pub ingested_at: u64,
+}
+
+/// Summary of an index, for `thinkrag info`-style output.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct IndexInfo {
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Number of documents.
+    pub documents: usize,
+    /// The embedder that made the vectors.
+    pub embedder: EmbedderInfo,
+    /// Vector dimension.
+    pub dim: usize,
+    /// HNSW parameters.
+    pub hnsw: HnswParams,
+}
+
+/// A persistent, incrementally updated index of chunks and their vectors.
+///
+/// Chunks and their (normalised) vectors are kept in parallel arrays; the HNSW graph's point
+/// `i` is vector `i`. The graph is kept in step with additions and dropped on removals, to be
+/// rebuilt from the vectors on the next search or save.
+#[derive(Debug)]
+pub struct Index {
+    embedder: EmbedderInfo,
+    params: HnswParams,
+    chunks: Vec<ChunkRecord>,
+    /// `chunks.len() * dim` components, L2-normalised.
+    vectors: Vec<f32>,
+    slot_of: HashMap<u64, usize>,
+    documents: BTreeMap<String, DocumentRecord>,
+    next_id: u64,
+    /// Covers every vector when set; empty when stale or not yet built.
+    graph: OnceLock<VectorIndex>,
+    /// Up to this many chunks [`Index::search`] scans exactly instead of using the graph.
+    exact_scan_limit: usize,
+    /// The (canonical) directory and generation this index was last opened from or saved to,
+    /// to detect another process saving in between.
+    origin: Option<(PathBuf, String)>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Vector components an exact scan may touch per query before HNSW is used instead.
+///
+/// Measured on 2 cores: an exact scan of 20,000 x 384 takes about 0.6 ms, an hnsw_rs query at
+/// ef 128 about 2.7 ms, so below ~16M components the scan is both faster and exact.
+const EXACT_SCAN_COMPONENTS: usize = 16 * 1024 * 1024;
+
+fn default_exact_scan_limit(dim: usize) -> usize {
+    EXACT_SCAN_COMPONENTS / dim.max(1)
+}
+
+fn sha256_hex(text: &str) -> String {
+    storage::hex(&Sha256::digest(text.as_bytes()))
+}
+
+impl Index {
+    /// A new empty index for this embedder (in memory until saved), with default HNSW params.
+    pub fn new(embedder: EmbedderInfo) -> Self {
+        Index {
+            params: HnswParams::default(),
+            chunks: Vec::new(),
+            vectors: Vec::new(),
+            slot_of: HashMap::new(),
+            documents: BTreeMap::new(),
+            next_id: 0,
+            graph: OnceLock::new(),
+            exact_scan_limit: default_exact_scan_limit(embedder.dim),
+            embedder,
+            origin: None,
+        }
+    }
+
+    /// A new empty index with explicit HNSW parameters.
+    pub fn with_params(embedder: EmbedderInfo, params: HnswParams) -> Result<Self, IndexError> {
+        params.validate()?;
+        let mut index = Self::new(embedder);
+        index.params = params;
+        Ok(index)
+    }
+
+    /// Opens the index in `dir`.
+    ///
+    /// Errors: [`IndexError::NotFound`] when there is none, [`IndexError::NewerFormat`] for a
+    /// newer format version, [`IndexError::Corrupt`] (naming the file) for damaged files.
+    pub fn open(dir: &Path) -> Result<Self, IndexError> {
+        if !dir.join(storage::MANIFEST).is_file() {
+            return Err(IndexError::NotFound {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let started = Instant::now();
+        let _lock = DirLock::shared(dir);
+        let manifest = storage::read_manifest(dir)?;
+        let dim = manifest.embedder.dim;
+        manifest
+            .hnsw_params
+            .validate()
+            .map_err(|e| IndexError::corrupt(dir.join(storage::MANIFEST), e.to_string()))?;
+        let gen_dir = dir.join(&manifest.generation);
+        if !gen_dir.is_dir() {
+            return Err(IndexError::corrupt(
+                &gen_dir,
+                "the generation directory named by the manifest is missing",
+            ));
+        }
+        let vectors =
+            storage::read_vectors(&gen_dir.join(storage::VECTORS_FILE), dim, manifest.chunks)?;
+        let chunks = read_chunks(&gen_dir.join(storage::CHUNKS_FILE), manifest.chunks)?;
+        let documents = read_documents(&gen_dir.join(storage::DOCUMENTS_FILE))?;
+        let (slot_of, documents) = check_consistency(&gen_dir, &manifest, &chunks, documents)?;
+
+        let graph = OnceLock::new();
+        if let Some(files) = &manifest.graph {
+            if let Some(g) = load_graph(&gen_dir, files, &vectors, dim, manifest.hnsw_params) {
+                let _ = graph.set(g);
+            }
+        }
+        tracing::debug!(
+            dir = %dir.display(),
+            chunks = chunks.len(),
+            graph_loaded = graph.get().is_some(),
+            ms = started.elapsed().as_millis() as u64,
+            "opened index"
+        );
+        let origin = dir.canonicalize().ok().map(|d| (d, manifest.generation));
+        Ok(Index {
+            embedder: manifest.embedder,
+            params: manifest.hnsw_params,
+            chunks,
+            vectors,
+            slot_of,
+            documents,
+            next_id: manifest.next_id,
+            graph,
+            exact_scan_limit: default_exact_scan_limit(dim),
+            origin,
+        })
+    }
+
+    /// Checks the index was built by `wanted` (same model, dimension, pooling and
+    /// normalisation; `max_tokens` may differ since it only changes truncation of long chunks).
+    pub fn check_embedder(&self, wanted: &EmbedderInfo) -> Result<(), IndexError> {
+        let e = &self.embedder;
+        if e.model == wanted.model
+            && e.dim == wanted.dim
+            && e.pooling == wanted.pooling
+            && e.normalized == wanted.normalized
+        {
+            Ok(())
+        } else {
+            Err(IndexError::EmbedderMismatch {
+                index: Box::new(e.clone()),
+                wanted: Box::new(wanted.clone()),
+            })
+        }
+    }
+
+    /// The embedder that made this index's vectors.
+    pub fn embedder(&self) -> &EmbedderInfo {
+        &self.embedder
+    }
+
+    /// Sets how many chunks [`Index::search`] scans exactly before it switches to the HNSW
+    /// graph (default: as many as fit 16M vector components, 43,690 chunks at dimension 384).
+    /// 0 always uses the graph.
+    pub fn set_exact_scan_limit(&mut self, max_chunks: usize) {
+        self.exact_scan_limit = max_chunks;
+    }
+
+    /// The chunk count up to which [`Index::search`] scans exactly.
+    pub fn exact_scan_limit(&self) -> usize {
+        self.exact_scan_limit
+    }
+
+    /// The HNSW parameters used for the graph.
+    pub fn hnsw_params(&self) -> HnswParams {
+        self.params
+    }
+
+    /// The bookkeeping of a source document, if present (its hash lets callers skip unchanged files).
+    pub fn document(&self, source: &str) -> Option<&DocumentRecord> {
+        self.documents.get(source)
+    }
+
+    /// All documents, ordered by source.
+    pub fn documents(&self) -> impl Iterator<Item = &DocumentRecord> {
+        self.documents.values()
+    }
+
+    /// Adds or replaces all chunks of one document.
+    ///
+    /// `vectors[i]` is the embedding of `chunks[i]`; each must have the index's dimension and
+    /// finite, not-all-zero components. On error nothing is changed. Replaced chunks get new
+    /// ids; old ids are never reused.
+    pub fn upsert_document(
+        &mut self,
+        source: &str,
+        content_hash: &str,
+        pages: u32,
+        chunks: Vec<NewChunk>,
+        vectors: Vec<Vec<f32>>,
+    ) -> Result<(), IndexError> {
+        if chunks.len() != vectors.len() {
+            return Err(IndexError::LengthMismatch {
+                source_path: source.to_string(),
+                chunks: chunks.len(),
+                vectors: vectors.len(),
+            });
+        }
+        let dim = self.embedder.dim;
+        let mut flat = Vec::with_capacity(vectors.len() * dim);
+        for (i, v) in vectors.iter().enumerate() {
+            flat.extend(normalized(v, dim, &format!("vector {i} of {source}"))?);
+        }
+        self.remove_document(source);
+
+        let first_id = self.next_id;
+        let base = self.chunks.len();
+        let mut chunk_ids = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.into_iter().enumerate() {
+            let id = first_id + i as u64;
+            chunk_ids.push(id);
+            self.slot_of.insert(id, base + i);
+            self.chunks.push(ChunkRecord {
+                id,
+                content_hash: sha256_hex(&c.text),
+                text: c.text,
+                source: source.to_string(),
+                page: c.page,
+                start: c.start,
+                end: c.end,
+            });
+        }
+        self.next_id = first_id + chunk_ids.len() as u64;
+        self.vectors.extend_from_slice(&flat);
+        if let Some(graph) = self.graph.get_mut() {
+            graph.insert_normalized(&flat);
+        }
+        self.documents.insert(
+            source.to_string(),
+            DocumentRecord {
+                source: source.to_string(),
+                content_hash: content_hash.to_string(),
+                chunk_ids,
+                pages,
+                ingested_at: now_unix(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a document and its chunks; returns whether it was there.
+    pub fn remove_document(&mut self, source: &str) -> bool {
+        let Some(doc) = self.documents.remove(source) else {
+            return false;
+        };
+        if doc.chunk_ids.is_empty() {
+            return true;
+        }
+        let gone: HashSet<u64> = doc.chunk_ids.into_iter().collect();
+        let dim = self.embedder.dim;
+        let mut write = 0;
+        for read in 0..self.chunks.len() {
+            if gone.contains(&self.chunks[read].id) {
+                continue;
+            }
+            if write != read {
+                self.chunks.swap(write, read);
+                self.vectors
+                    .copy_within(read * dim..(read + 1) * dim, write * dim);
+            }
+            write += 1;
+        }
+        self.chunks.truncate(write);
+        self.vectors.truncate(write * dim);
+        self.slot_of = self
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(slot, c)| (c.id, slot))
+            .collect();
+        // hnsw_rs cannot delete points, and slots have moved: rebuild on next use.
+        self.graph = OnceLock::new();
+        true
+    }
+
+    /// The HNSW graph over all current vectors, built now if stale.
+    fn graph(&self) -> Result<&VectorIndex, IndexError> {
+        if let Some(g) = self.graph.get() {
+            return Ok(g);
+        }
+        let started = Instant::now();
+        let built = VectorIndex::from_normalized(&self.vectors, self.embedder.dim, self.params)?;
+        tracing::debug!(
+            points = built.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "built HNSW graph"
+        );
+        // If another thread built it concurrently, its graph is equally valid.
+        Ok(self.graph.get_or_init(|| built))
+    }
+
+    /// Checks and normalises a query vector.
+    fn prepare_query(&self, query: &[f32]) -> Result<Vec<f32>, IndexError> {
+        normalized(query, self.embedder.dim, "query")
+    }
+
+    fn hits(&self, q: &[f32], mut found: Vec<(usize, f32)>) -> Vec<Hit<'_>> {
+        let dim = self.embedder.dim;
+        // Scores are recomputed the same way exact search computes them, so both agree exactly.
+        for (slot, score) in &mut found {
+            *score = dot(q, &self.vectors[*slot * dim..(*slot + 1) * dim]);
+        }
+        found.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        found
+            .into_iter()
+            .filter_map(|(slot, score)| self.chunks.get(slot).map(|chunk| Hit { chunk, score }))
+            .collect()
+    }
+
+    /// Nearest chunks by cosine similarity: at most `k` hits, best first. A query of the
+    /// wrong dimension, with non-finite values or all zeros is an error.
+    ///
+    /// Uses the HNSW graph (approximate) once the index holds more than
+    /// [`Index::exact_scan_limit`] chunks; below that an exact scan is faster than an
+    /// hnsw_rs query, so it is used instead.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        let q = self.prepare_query(query)?;
+        if k == 0 || self.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.chunks.len() <= self.exact_scan_limit {
+            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, k);
+            return Ok(self.hits(&q, found));
+        }
+        self.search_hnsw_normalized(&q, k)
+    }
+
+    /// Approximate search on the HNSW graph regardless of the index size (builds the graph
+    /// first if it is stale); same contract as [`Index::search`].
+    pub fn search_hnsw(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        let q = self.prepare_query(query)?;
+        self.search_hnsw_normalized(&q, k)
+    }
+
+    fn search_hnsw_normalized(&self, q: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        if k == 0 || self.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self.graph()?.search_normalized(q, k, self.params.ef_for(k));
+        Ok(self.hits(q, found))
+    }
+
+    /// Exact brute-force cosine search (for small indexes and to measure HNSW recall).
+    pub fn search_exact(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        let q = self.prepare_query(query)?;
+        let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, k);
+        Ok(self.hits(&q, found))
+    }
+
+    /// Writes the index to `dir` atomically (see the crate docs for the layout): a crash or
+    /// kill at any moment leaves either the previous complete index or the new complete one.
+    /// Creates `dir` if needed. Fails with [`IndexError::Conflict`] when another process saved
+    /// to `dir` after this index was opened from it, rather than silently discarding its work.
+    pub fn save(&mut self, dir: &Path) -> Result<(), IndexError> {
+        fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let canonical = dir.canonicalize().map_err(|e| IndexError::io(dir, e))?;
+        let _lock = DirLock::exclusive(dir)?;
+        let current = match storage::read_manifest(dir) {
+            Ok(m) => Some(m),
+            Err(IndexError::NotFound { .. }) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "replacing an unreadable index manifest");
+                None
+            }
+        };
+        if let (Some((origin_dir, opened)), Some(cur)) = (&self.origin, &current) {
+            if *origin_dir == canonical && *opened != cur.generation {
+                return Err(IndexError::Conflict {
+                    dir: dir.to_path_buf(),
+                    opened: opened.clone(),
+                    found: cur.generation.clone(),
+                });
+            }
+        }
+        let existing = storage::list_generations(dir)?;
+        let newest = existing
+            .iter()
+            .chain(current.as_ref().map(|m| &m.generation))
+            .filter_map(|g| storage::generation_number(g))
+            .max()
+            .unwrap_or(0);
+        let generation = storage::generation_name(newest + 1);
+        let gen_dir = dir.join(&generation);
+
+        let written = self.write_generation(&gen_dir);
+        let manifest = match written {
+            Ok(graph) => Manifest {
+                format: storage::FORMAT_NAME.to_string(),
+                version: storage::FORMAT_VERSION,
+                generation: generation.clone(),
+                embedder: self.embedder.clone(),
+                chunks: self.chunks.len(),
+                documents: self.documents.len(),
+                next_id: self.next_id,
+                saved_at: now_unix(),
+                hnsw_params: self.params,
+                graph,
+            },
+            Err(e) => {
+                // Not needed for correctness (the manifest still names the old generation),
+                // only to not leave a large useless directory behind.
+                let _ = fs::remove_dir_all(&gen_dir);
+                return Err(e);
+            }
+        };
+        storage::write_manifest(dir, &manifest)?;
+        self.origin = Some((canonical, generation.clone()));
+
+        // The new version is published; anything else is an old or half-written generation.
+        for old in existing.iter().filter(|g| **g != generation) {
+            if let Err(e) = fs::remove_dir_all(dir.join(old)) {
+                tracing::warn!(dir = %dir.join(old).display(), error = %e, "could not delete an old index generation");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all files of one generation into the new directory `gen_dir` and fsyncs them.
+    fn write_generation(&self, gen_dir: &Path) -> Result<Option<GraphFiles>, IndexError> {
+        fs::create_dir(gen_dir).map_err(|e| IndexError::io(gen_dir, e))?;
+        let dim = self.embedder.dim;
+
+        let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
+        let file = fs::File::create(&chunks_path).map_err(|e| IndexError::io(&chunks_path, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        for c in &self.chunks {
+            serde_json::to_writer(&mut w, c).map_err(|e| IndexError::io(&chunks_path, e.into()))?;
+            w.write_all(b"\n")
+                .map_err(|e| IndexError::io(&chunks_path, e))?;
+        }
+        w.into_inner()
+            .map_err(|e| IndexError::io(&chunks_path, e.into_error()))?
+            .sync_all()
+            .map_err(|e| IndexError::io(&chunks_path, e))?;
+
+        let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
+        let docs: Vec<&DocumentRecord> = self.documents.values().collect();
+        let json = serde_json::to_vec(&docs).map_err(|e| IndexError::io(&docs_path, e.into()))?;
+        storage::write_file_synced(&docs_path, &json)?;
+
+        storage::write_vectors(&gen_dir.join(storage::VECTORS_FILE), &self.vectors, dim)?;
+
+        // Small indexes are searched by exact scan, so building a graph just to save it would
+        // only slow ingestion down; it is built when the index outgrows the scan limit.
+        let wanted = self.graph.get().is_some() || self.chunks.len() > self.exact_scan_limit;
+        let graph = if self.chunks.is_empty() || !wanted {
+            None
+        } else {
+            let basename = self.graph()?.dump(gen_dir, storage::GRAPH_BASENAME)?;
+            let (graph_path, data_path) = storage::graph_paths(gen_dir, &basename);
+            storage::sync_file(&graph_path)?;
+            storage::sync_file(&data_path)?;
+            Some(GraphFiles {
+                graph_sha256: storage::sha256_file(&graph_path)?,
+                data_sha256: storage::sha256_file(&data_path)?,
+                basename,
+            })
+        };
+        storage::sync_dir(gen_dir)?;
+        Ok(graph)
+    }
+
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether the index holds no chunks.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Counts, embedder and parameters.
+    pub fn info(&self) -> IndexInfo {
+        IndexInfo {
+            chunks: self.chunks.len(),
+            documents: self.documents.len(),
+            embedder: self.embedder.clone(),
+            dim: self.embedder.dim,
+            hnsw: self.params,
+        }
+    }
+
+    /// Size in bytes on disk of the saved index in `dir` (manifest plus current generation).
+    pub fn disk_size(dir: &Path) -> Result<u64, IndexError> {
+        let manifest = storage::read_manifest(dir)?;
+        Ok(storage::tree_size(&dir.join(storage::MANIFEST))?
+            + storage::tree_size(&dir.join(&manifest.generation))?)
+    }
+
+    /// The chunk with this id, if it is (still) in the index.
+    pub fn chunk(&self, id: u64) -> Option<&ChunkRecord> {
+        self.slot_of
+            .get(&id)
+            .and_then(|&slot| self.chunks.get(slot))
+    }
+
+    /// All chunks, in storage order.
+    pub fn chunks(&self) -> impl Iterator<Item = &ChunkRecord> {
+        self.chunks.iter()
+    }
+}
+
+/// Loads the graph dump of a generation if its checksums match; `None` means "rebuild it".
+fn load_graph(
+    gen_dir: &Path,
+    files: &GraphFiles,
+    vectors: &[f32],
+    dim: usize,
+    params: HnswParams,
+) -> Option<VectorIndex> {
+    let (graph_path, data_path) = storage::graph_paths(gen_dir, &files.basename);
+    // A basename with path separators would escape the generation directory.
+    if files.basename.contains(['/', '\\']) || files.basename.contains("..") {
+        tracing::warn!(basename = %files.basename, "invalid graph basename in manifest; rebuilding the graph");
+        return None;
+    }
+    for (path, want) in [
+        (&graph_path, &files.graph_sha256),
+        (&data_path, &files.data_sha256),
+    ] {
+        match storage::sha256_file(path) {
+            Ok(got) if got == *want => {}
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), "HNSW file checksum mismatch; rebuilding the graph from the stored vectors");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HNSW file unreadable; rebuilding the graph from the stored vectors");
+                return None;
+            }
+        }
+    }
+    VectorIndex::load_checked(gen_dir, &files.basename, vectors, dim, params)
+}
+
+/// Reads `chunks.jsonl`, expecting exactly `count` records.
+fn read_chunks(path: &Path, count: usize) -> Result<Vec<ChunkRecord>, IndexError> {
+    let file = fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
+        _ => IndexError::io(path, e),
+    })?;
+    let mut chunks = Vec::with_capacity(count.min(1 << 24));
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                IndexError::corrupt(path, format!("line {} is not UTF-8", n + 1))
+            }
+            _ => IndexError::io(path, e),
+        })?;
+        if line.is_empty() {
+            continue;
+        }
+        let chunk: ChunkRecord = serde_json::from_str(&line)
+            .map_err(|e| IndexError::corrupt(path, format!("line {}: {e}", n + 1)))?;
+        chunks.push(chunk);
+    }
+    if chunks.len() != count {
+        return Err(IndexError::corrupt(
+            path,
+            format!(
+                "{} chunk records, the manifest says {count} (truncated?)",
+                chunks.len()
+            ),
+        ));
+    }
+    Ok(chunks)
+}
+
+/// Reads `documents.json`.
+fn read_documents(path: &Path) -> Result<Vec<DocumentRecord>, IndexError> {
+    let bytes = fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
+        _ => IndexError::io(path, e),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| IndexError::corrupt(path, e.to_string()))
+}
+
+type Checked = (HashMap<u64, usize>, BTreeMap<String, DocumentRecord>);
+
+/// Cross-checks chunks, documents and manifest: unique ids below `next_id`, every chunk owned
+/// by exactly the document it names, counts as recorded.
+fn check_consistency(
+    gen_dir: &Path,
+    manifest: &Manifest,
+    chunks: &[ChunkRecord],
+    documents: Vec<DocumentRecord>,
+) -> Result<Checked, IndexError> {
+    let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
+    let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
+    let mut slot_of = HashMap::with_capacity(chunks.len());
+    for (slot, c) in chunks.iter().enumerate() {
+        if c.id >= manifest.next_id {
+            return Err(IndexError::corrupt(
+                &chunks_path,
+                format!(
+                    "chunk id {} is not below next_id {}",
+                    c.id, manifest.next_id
+                ),
+            ));
+        }
+        if slot_of.insert(c.id, slot).is_some() {
+            return Err(IndexError::corrupt(
+                &chunks_path,
+                format!("chunk id {} appears twice", c.id),
+            ));
+        }
+    }
+    if documents.len() != manifest.documents {
+        return Err(IndexError::corrupt(
+            &docs_path,
+            format!(
+                "{} documents, the manifest says {}",
+                documents.len(),
+                manifest.documents
+            ),
+        ));
+    }
+    let mut owned = 0usize;
+    let mut by_source = BTreeMap::new();
+    for doc in documents {
+        for id in &doc.chunk_ids {
+            let ok = slot_of
+                .get(id)
+                .is_some_and(|&slot| chunks[slot].source == doc.source);
+            if !ok {
+                return Err(IndexError::corrupt(
+                    &docs_path,
+                    format!(
+                        "document {} lists chunk {id}, which is not its chunk",
+                        doc.source
+                    ),
+                ));
+            }
+        }
+        owned += doc.chunk_ids.len();
+        if let Some(dup) = by_source.insert(doc.source.clone(), doc) {
+            return Err(IndexError::corrupt(
+                &docs_path,
+                format!("document {} appears twice", dup.source),
+            ));
+        }
+    }
+    if owned != chunks.len() {
+        return Err(IndexError::corrupt(
+            &docs_path,
+            format!(
+                "documents own {owned} chunks but {} are stored",
+                chunks.len()
+            ),
+        ));
+    }
+    Ok((slot_of, by_source))
+}

@@ -1,0 +1,413 @@
+//! A standalone HNSW index over unit vectors (cosine similarity) on top of hnsw_rs,
+//! plus the vector maths (validation, normalisation, dot product) shared with exact search.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use hnsw_rs::api::AnnT;
+use hnsw_rs::hnswio::HnswIo;
+use hnsw_rs::prelude::{Distance, Hnsw};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::IndexError;
+
+/// hnsw_rs never has more layers than this; asking for more is clamped anyway.
+const MAX_LAYERS: usize = 16;
+
+/// Cosine distance `1 - a.b` for vectors that are already L2-normalised.
+///
+/// hnsw_rs's `DistDot` asserts `1 - a.b >= 0` and panics when rounding pushes a unit vector's
+/// self-product above 1, and `DistCosine` recomputes both norms in f64 on every call (several
+/// times slower). Clamping into `[0, 2]` keeps the distance valid for hnsw_rs's internal
+/// `dist >= 0` assertions while staying a single f32 dot product.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct UnitCosine;
+
+impl Distance<f32> for UnitCosine {
+    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
+        (1.0 - dot(va, vb)).clamp(0.0, 2.0)
+    }
+}
+
+/// Dot product of two equally long slices (extra elements of the longer one are ignored).
+///
+/// Eight independent accumulators let the compiler keep several multiply-adds in flight
+/// (and vectorise at higher optimisation levels) instead of one serial dependency chain.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for ((s, xi), yi) in acc.iter_mut().zip(x).zip(y) {
+            *s += xi * yi;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Checks that `v` has `dim` finite components and a non-zero norm, and returns it L2-normalised.
+///
+/// `what` names the vector in the error message ("query", "vector 3 of a.pdf").
+pub fn normalized(v: &[f32], dim: usize, what: &str) -> Result<Vec<f32>, IndexError> {
+    if v.len() != dim {
+        return Err(IndexError::DimensionMismatch {
+            what: what.to_string(),
+            expected: dim,
+            found: v.len(),
+        });
+    }
+    if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
+        return Err(IndexError::InvalidVector {
+            what: what.to_string(),
+            reason: format!("component {pos} is {}", v[pos]),
+        });
+    }
+    // f64 so that huge-but-finite components cannot overflow the sum of squares to infinity.
+    let norm = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 || !norm.is_finite() {
+        return Err(IndexError::InvalidVector {
+            what: what.to_string(),
+            reason: "it has zero length, so it has no direction to compare".to_string(),
+        });
+    }
+    Ok(v.iter().map(|&x| (f64::from(x) / norm) as f32).collect())
+}
+
+/// Tuning knobs of the HNSW graph.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HnswParams {
+    /// Maximum neighbours per node and layer (`max_nb_connection`; layer 0 keeps twice as many).
+    pub m: usize,
+    /// Candidate list size while inserting; larger builds a better graph, slower.
+    pub ef_construction: usize,
+    /// Minimum candidate list size while searching; the effective value is
+    /// `max(ef_search, 4 * k)` (see [`HnswParams::ef_for`]).
+    pub ef_search: usize,
+}
+
+impl Default for HnswParams {
+    /// `m` 16 and `ef_construction` 100 keep the build affordable (about 18 s for 20,000
+    /// 384-dimensional vectors on 2 cores with hnsw_rs); `ef_search` 128 is a conservative
+    /// setting for text embeddings, which cluster far more than random vectors do.
+    fn default() -> Self {
+        HnswParams {
+            m: 16,
+            ef_construction: 100,
+            ef_search: 128,
+        }
+    }
+}
+
+impl HnswParams {
+    /// The search candidate list size used for a query asking for `k` hits.
+    pub fn ef_for(&self, k: usize) -> usize {
+        self.ef_search.max(k.saturating_mul(4))
+    }
+
+    /// Rejects values hnsw_rs cannot handle (it exits the process for `m > 256`).
+    pub fn validate(&self) -> Result<(), IndexError> {
+        if !(2..=256).contains(&self.m) {
+            return Err(IndexError::InvalidParams(format!(
+                "m = {} must be between 2 and 256",
+                self.m
+            )));
+        }
+        if self.ef_construction == 0 || self.ef_search == 0 {
+            return Err(IndexError::InvalidParams(
+                "ef_construction and ef_search must be at least 1".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An HNSW graph over unit vectors, searched by cosine similarity.
+///
+/// Points are identified by their insertion position `0..len()`.
+pub struct VectorIndex {
+    hnsw: Hnsw<'static, f32, UnitCosine>,
+    dim: usize,
+    len: usize,
+    params: HnswParams,
+}
+
+impl std::fmt::Debug for VectorIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VectorIndex")
+            .field("dim", &self.dim)
+            .field("len", &self.len)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl VectorIndex {
+    /// An empty graph for `dim`-dimensional vectors, sized for about `capacity` points.
+    pub fn new(dim: usize, capacity: usize, params: HnswParams) -> Result<Self, IndexError> {
+        params.validate()?;
+        if dim == 0 {
+            return Err(IndexError::InvalidParams(
+                "vector dimension must be at least 1".to_string(),
+            ));
+        }
+        let hnsw = Hnsw::new(
+            params.m,
+            capacity.max(1),
+            MAX_LAYERS,
+            params.ef_construction,
+            UnitCosine,
+        );
+        Ok(VectorIndex {
+            hnsw,
+            dim,
+            len: 0,
+            params,
+        })
+    }
+
+    /// Builds a graph from `vectors` (all of one dimension) with a parallel insert.
+    /// The vectors are validated and L2-normalised; point `i` is `vectors[i]`.
+    pub fn build(vectors: &[Vec<f32>], params: HnswParams) -> Result<Self, IndexError> {
+        let dim = vectors.first().map_or(1, Vec::len);
+        let mut flat = Vec::with_capacity(vectors.len() * dim);
+        for (i, v) in vectors.iter().enumerate() {
+            flat.extend(normalized(v, dim, &format!("vector {i}"))?);
+        }
+        Self::from_normalized(&flat, dim, params)
+    }
+
+    /// Builds a graph from `flat`, `len / dim` vectors of `dim` components laid end to end.
+    /// The vectors are validated and L2-normalised; point `i` is `flat[i*dim..(i+1)*dim]`.
+    pub fn build_flat(flat: &[f32], dim: usize, params: HnswParams) -> Result<Self, IndexError> {
+        if dim == 0 || !flat.len().is_multiple_of(dim) {
+            return Err(IndexError::DimensionMismatch {
+                what: "flat vector buffer".to_string(),
+                expected: dim,
+                found: flat.len(),
+            });
+        }
+        let mut norm = Vec::with_capacity(flat.len());
+        for (i, v) in flat.chunks_exact(dim).enumerate() {
+            norm.extend(normalized(v, dim, &format!("vector {i}"))?);
+        }
+        Self::from_normalized(&norm, dim, params)
+    }
+
+    /// Builds from vectors the caller has already validated and normalised.
+    pub(crate) fn from_normalized(
+        flat: &[f32],
+        dim: usize,
+        params: HnswParams,
+    ) -> Result<Self, IndexError> {
+        let mut index = Self::new(dim, flat.len() / dim.max(1), params)?;
+        index.insert_normalized(flat);
+        Ok(index)
+    }
+
+    /// Appends already validated, normalised vectors as points `len()..`.
+    pub(crate) fn insert_normalized(&mut self, flat: &[f32]) {
+        let base = self.len;
+        let items: Vec<(&[f32], usize)> = flat
+            .chunks_exact(self.dim)
+            .enumerate()
+            .map(|(i, v)| (v, base + i))
+            .collect();
+        // hnsw_rs's parallel insert gains nothing for a handful of points and parallel
+        // insertion deviates slightly from serial; small batches go in one by one.
+        if items.len() < 64 {
+            for item in &items {
+                self.hnsw.insert_slice(*item);
+            }
+        } else {
+            self.hnsw.parallel_insert_slice(&items);
+        }
+        self.len += items.len();
+    }
+
+    /// Appends `flat` (vectors of `dim()` components laid end to end) as points `len()..`,
+    /// validating and normalising them first.
+    pub fn insert_flat(&mut self, flat: &[f32]) -> Result<(), IndexError> {
+        if !flat.len().is_multiple_of(self.dim) {
+            return Err(IndexError::DimensionMismatch {
+                what: "flat vector buffer".to_string(),
+                expected: self.dim,
+                found: flat.len(),
+            });
+        }
+        let mut norm = Vec::with_capacity(flat.len());
+        for (i, v) in flat.chunks_exact(self.dim).enumerate() {
+            norm.extend(normalized(
+                v,
+                self.dim,
+                &format!("vector {}", self.len + i),
+            )?);
+        }
+        self.insert_normalized(&norm);
+        Ok(())
+    }
+
+    /// Approximate `k` nearest points to `query` as `(point, cosine similarity)`, best first.
+    /// `ef` is the candidate list size (raised to `k` if smaller).
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+    ) -> Result<Vec<(usize, f32)>, IndexError> {
+        let q = normalized(query, self.dim, "query")?;
+        Ok(self.search_normalized(&q, k, ef))
+    }
+
+    /// Search with an already validated, normalised query.
+    pub(crate) fn search_normalized(&self, q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        if k == 0 || self.len == 0 {
+            return Vec::new();
+        }
+        self.hnsw
+            .search(q, k, ef.max(k))
+            .into_iter()
+            .map(|n| (n.d_id, 1.0 - n.distance))
+            .collect()
+    }
+
+    /// Number of points in the graph.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the graph has no points.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Dimension of the vectors.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The parameters the graph was built with.
+    pub fn params(&self) -> HnswParams {
+        self.params
+    }
+
+    /// Writes the graph into `dir` (which must exist) as `<basename>.hnsw.graph` and
+    /// `<basename>.hnsw.data`; returns the basename actually used (hnsw_rs picks a fresh one
+    /// rather than overwrite files of a graph that was itself loaded from disk).
+    pub fn dump(&self, dir: &Path, basename: &str) -> Result<String, IndexError> {
+        let fail = |message: String| IndexError::GraphDump {
+            path: dir.to_path_buf(),
+            message,
+        };
+        // hnsw_rs panics instead of returning an error when it cannot create its files.
+        match catch_unwind(AssertUnwindSafe(|| self.hnsw.file_dump(dir, basename))) {
+            Ok(Ok(name)) => Ok(name),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail("hnsw_rs could not create its dump files".to_string())),
+        }
+    }
+
+    /// Loads a graph written by [`VectorIndex::dump`] and checks that it holds exactly
+    /// `expected` (already normalised, `dim` components each) as points `0..n`.
+    /// Returns `None` (after logging why) when the dump is missing, unreadable or does not
+    /// match, so the caller can rebuild the graph from the vectors instead.
+    pub(crate) fn load_checked(
+        dir: &Path,
+        basename: &str,
+        expected: &[f32],
+        dim: usize,
+        params: HnswParams,
+    ) -> Option<Self> {
+        if dim == 0 || expected.is_empty() {
+            return None;
+        }
+        // A graph loaded by hnsw_rs borrows its HnswIo for the graph's lifetime (it may point
+        // into a memory map). We never enable mmap, so the graph owns all its data and the
+        // borrow is only nominal; leaking the small HnswIo (a path and a name, no data, once per
+        // open) gives the graph a 'static lifetime without self-referential structs or unsafe.
+        let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
+        // hnsw_rs asserts (panics) on malformed dumps rather than returning errors.
+        let loaded = catch_unwind(AssertUnwindSafe(move || {
+            // Moving the reference in makes this closure FnOnce, so the 'static borrow can escape.
+            let io = io;
+            io.load_hnsw::<f32, UnitCosine>()
+        }));
+        let hnsw = match loaded {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "HNSW graph unreadable; rebuilding it from the stored vectors");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(dir = %dir.display(), "HNSW graph is malformed; rebuilding it from the stored vectors");
+                return None;
+            }
+        };
+        let n = expected.len() / dim;
+        if hnsw.get_nb_point() != n {
+            tracing::warn!(
+                dir = %dir.display(),
+                graph = hnsw.get_nb_point(),
+                vectors = n,
+                "HNSW graph does not match the stored vectors; rebuilding it"
+            );
+            return None;
+        }
+        // Every point must be present exactly once with exactly its stored vector, otherwise
+        // search could return the wrong chunk for a hit.
+        let mut seen = vec![false; n];
+        for point in hnsw.get_point_indexation() {
+            let id = point.get_origin_id();
+            let ok = id < n
+                && !std::mem::replace(&mut seen[id], true)
+                && point.get_v() == &expected[id * dim..(id + 1) * dim];
+            if !ok {
+                tracing::warn!(dir = %dir.display(), point = id, "HNSW graph does not match the stored vectors; rebuilding it");
+                return None;
+            }
+        }
+        Some(VectorIndex {
+            hnsw,
+            dim,
+            len: n,
+            params,
+        })
+    }
+}
+
+/// Exact top-`k` by dot product of a normalised `query` against normalised `flat` vectors:
+/// `(position, cosine)` best first, ties broken by position.
+pub(crate) fn exact_top_k(flat: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<(usize, f32)> {
+    if k == 0 || dim == 0 {
+        return Vec::new();
+    }
+    let mut scored: Vec<(usize, f32)> = if flat.len() >= 64 * 1024 {
+        flat.par_chunks_exact(dim)
+            .map(|v| dot(query, v))
+            .enumerate()
+            .collect()
+    } else {
+        flat.chunks_exact(dim)
+            .map(|v| dot(query, v))
+            .enumerate()
+            .collect()
+    };
+    let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if scored.len() > k {
+        scored.select_nth_unstable_by(k - 1, order);
+        scored.truncate(k);
+    }
+    scored.sort_unstable_by(order);
+    scored
+}

@@ -1,0 +1,357 @@
+//! Loading documents end to end: generated PDFs (good, truncated, garbage, encrypted,
+//! image-only), text and Markdown files, and discovery over a mixed directory.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::write;
+use thinkrag_ingest::test_pdfs::{encrypt, pdf_bytes, pdf_with_pages};
+use thinkrag_ingest::{discover, file_hash, load_document, Chunker, DocumentKind, FailureReason};
+
+const SENTENCES: [&str; 3] = [
+    "Alpha page talks about apples.",
+    "Beta page describes bridges.",
+    "Gamma page covers gardens.",
+];
+
+fn three_page_pdf() -> Vec<u8> {
+    pdf_bytes(pdf_with_pages(&[
+        &[SENTENCES[0]],
+        &[SENTENCES[1], "It has a second line."],
+        &[SENTENCES[2]],
+    ]))
+}
+
+#[test]
+fn three_page_pdf_yields_numbered_pages_and_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "three.pdf", three_page_pdf());
+
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.kind, DocumentKind::Pdf);
+    assert_eq!(doc.page_count, 3);
+    assert!(doc.page_failures.is_empty(), "{:?}", doc.page_failures);
+    let numbers: Vec<_> = doc.pages.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, [Some(1), Some(2), Some(3)]);
+    for (page, sentence) in doc.pages.iter().zip(SENTENCES) {
+        assert!(
+            page.text.contains(sentence),
+            "{:?} lacks {sentence:?}",
+            page.text
+        );
+    }
+    assert!(doc.pages[1].text.contains("It has a second line."));
+    assert_eq!(doc.content_hash, file_hash(&path).unwrap());
+    assert_eq!(doc.content_hash.len(), 64);
+
+    let chunks = Chunker::chars(512, 30).unwrap().chunk(&doc);
+    assert_eq!(chunks.len(), 3);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let number = u32::try_from(i + 1).unwrap();
+        assert_eq!(chunk.page, Some(number));
+        assert!(chunk.text.contains(SENTENCES[i]));
+    }
+}
+
+#[test]
+fn truncated_pdf_does_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = three_page_pdf();
+    for cut in [bytes.len() / 2, bytes.len() * 3 / 4, bytes.len() - 10, 20] {
+        let path = write(dir.path(), &format!("cut{cut}.pdf"), &bytes[..cut]);
+        match load_document(&path) {
+            Ok(doc) => {
+                // lopdf may rebuild the cross-reference table and recover some pages; whatever
+                // comes back must be real text from those pages.
+                assert!(!doc.pages.is_empty());
+                for page in &doc.pages {
+                    let n = page.number.unwrap();
+                    assert!((1..=3).contains(&n));
+                    assert!(page.text.contains(SENTENCES[(n - 1) as usize]), "{page:?}");
+                }
+            }
+            Err(failure) => {
+                assert_eq!(failure.path, path);
+                assert!(
+                    matches!(
+                        failure.reason,
+                        FailureReason::Unparsable(_) | FailureReason::NoTextLayer
+                    ),
+                    "cut at {cut}: {failure}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn broken_page_is_a_page_failure_and_the_rest_survives() {
+    // Without a MediaBox anywhere pdf-extract panics on every page, so page 2 can only come
+    // from the lopdf fallback; page 1 also points at a missing content stream, so both
+    // extractors fail on it.
+    let mut doc = pdf_with_pages(&[&["Broken page"], &["Second page survives."]]);
+    let first = doc.get_pages()[&1];
+    doc.get_dictionary_mut(first)
+        .unwrap()
+        .set("Contents", lopdf::Object::Reference((999, 0)));
+    for object in doc.objects.values_mut() {
+        if let Ok(dict) = object.as_dict_mut() {
+            dict.remove(b"MediaBox");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "broken.pdf", pdf_bytes(doc));
+
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.page_count, 2);
+    assert_eq!(doc.pages.len(), 1);
+    assert_eq!(doc.pages[0].number, Some(2));
+    assert!(doc.pages[0].text.contains("Second page survives."));
+    assert_eq!(doc.page_failures.len(), 1);
+    let failure = &doc.page_failures[0];
+    assert_eq!(
+        (failure.path.as_path(), failure.page),
+        (path.as_path(), Some(1))
+    );
+    match &failure.reason {
+        FailureReason::Unparsable(msg) => assert!(msg.contains("pdf-extract panicked"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(failure.to_string().contains("(page 1)"));
+}
+
+#[test]
+fn random_bytes_named_pdf_are_unparsable() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fixed xorshift stream: random-looking, reproducible.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    let path = write(dir.path(), "noise.pdf", &bytes);
+    let failure = load_document(&path).unwrap_err();
+    assert!(
+        matches!(failure.reason, FailureReason::Unparsable(_)),
+        "{failure}"
+    );
+    assert!(failure.to_string().contains("noise.pdf"));
+
+    let path = write(dir.path(), "header-only.pdf", "%PDF-1.7\n%%EOF\n");
+    let failure = load_document(&path).unwrap_err();
+    assert!(
+        matches!(failure.reason, FailureReason::Unparsable(_)),
+        "{failure}"
+    );
+}
+
+#[test]
+fn pdf_with_user_password_is_encrypted() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = encrypt(pdf_with_pages(&[&[SENTENCES[0]]]), "open-sesame");
+    let path = write(dir.path(), "locked.pdf", pdf_bytes(doc));
+    let failure = load_document(&path).unwrap_err();
+    assert_eq!(failure.reason, FailureReason::Encrypted);
+    assert!(failure.to_string().contains("qpdf --decrypt"));
+}
+
+#[test]
+fn pdf_with_empty_user_password_is_read() {
+    // Owner-password-only PDFs (print/copy restrictions) open without a password in every
+    // viewer; they must ingest normally.
+    let dir = tempfile::tempdir().unwrap();
+    let doc = encrypt(pdf_with_pages(&[&[SENTENCES[0]], &[SENTENCES[1]]]), "");
+    let path = write(dir.path(), "restricted.pdf", pdf_bytes(doc));
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.pages.len(), 2);
+    assert!(doc.pages[0].text.contains(SENTENCES[0]));
+    assert!(doc.pages[1].text.contains(SENTENCES[1]));
+}
+
+#[test]
+fn pdf_without_text_has_no_text_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "scan.pdf",
+        pdf_bytes(pdf_with_pages(&[&[], &[]])),
+    );
+    let failure = load_document(&path).unwrap_err();
+    assert_eq!(failure.reason, FailureReason::NoTextLayer);
+    assert!(failure.to_string().contains("ocrmypdf"));
+}
+
+#[test]
+fn blank_pages_are_skipped_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = pdf_bytes(pdf_with_pages(&[&[SENTENCES[0]], &[], &[SENTENCES[2]]]));
+    let path = write(dir.path(), "gap.pdf", bytes);
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.page_count, 3);
+    assert!(doc.page_failures.is_empty());
+    let numbers: Vec<_> = doc.pages.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, [Some(1), Some(3)]);
+}
+
+#[test]
+fn empty_files_are_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a.txt", "b.md", "c.pdf", "d.markdown"] {
+        let path = write(dir.path(), name, "");
+        assert_eq!(
+            load_document(&path).unwrap_err().reason,
+            FailureReason::Empty,
+            "{name}"
+        );
+        let path = write(dir.path(), &format!("ws-{name}"), " \n\t\r\n ");
+        assert_eq!(
+            load_document(&path).unwrap_err().reason,
+            FailureReason::Empty,
+            "{name}"
+        );
+    }
+    // A BOM and nothing else is empty too.
+    let path = write(dir.path(), "bom.txt", b"\xEF\xBB\xBF\n");
+    assert_eq!(
+        load_document(&path).unwrap_err().reason,
+        FailureReason::Empty
+    );
+}
+
+#[test]
+fn non_utf8_text_is_rejected_with_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    // "café" in Latin-1.
+    let path = write(dir.path(), "latin1.txt", b"caf\xE9 au lait\n");
+    let failure = load_document(&path).unwrap_err();
+    assert_eq!(failure.reason, FailureReason::NotUtf8 { offset: 3 });
+    assert!(failure.to_string().contains("iconv"));
+}
+
+#[test]
+fn text_and_markdown_are_one_page_with_lf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "notes.TXT",
+        b"\xEF\xBB\xBFline one\r\nline two\r\n",
+    );
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.kind, DocumentKind::Text);
+    assert_eq!(doc.page_count, 1);
+    assert_eq!(doc.pages.len(), 1);
+    assert_eq!(doc.pages[0].number, None);
+    assert_eq!(doc.pages[0].text, "line one\nline two\n");
+
+    let path = write(dir.path(), "readme.md", "# Title\n\nBody.\n");
+    let doc = load_document(&path).unwrap();
+    assert_eq!(doc.kind, DocumentKind::Markdown);
+    assert_eq!(doc.pages[0].text, "# Title\n\nBody.\n");
+}
+
+#[test]
+fn missing_and_unsupported_files_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.txt");
+    assert!(matches!(
+        load_document(&missing).unwrap_err().reason,
+        FailureReason::Io(_)
+    ));
+    let docx = write(dir.path(), "report.docx", "PK");
+    assert_eq!(
+        load_document(&docx).unwrap_err().reason,
+        FailureReason::Unsupported
+    );
+}
+
+/// Whether a failure reason is the one a bad file should get.
+type ReasonCheck = fn(&FailureReason) -> bool;
+
+#[test]
+fn mixed_directory_loads_good_files_and_names_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let good_pdf = write(root, "good.pdf", three_page_pdf());
+    let good_txt = write(root, "sub/notes.txt", "Some notes.\n");
+    let good_md = write(root, "sub/deeper/guide.MD", "# Guide\n\nRead me.\n");
+    let bad: Vec<(PathBuf, ReasonCheck)> = vec![
+        (
+            write(root, "broken.pdf", b"garbage, not a pdf".as_slice()),
+            |r| matches!(r, FailureReason::Unparsable(_)),
+        ),
+        (write(root, "empty.md", ""), |r| *r == FailureReason::Empty),
+        (write(root, "sub/latin1.txt", b"\xFF\xFE".as_slice()), |r| {
+            matches!(r, FailureReason::NotUtf8 { .. })
+        }),
+        (
+            write(
+                root,
+                "locked.pdf",
+                pdf_bytes(encrypt(pdf_with_pages(&[&["x"]]), "pw")),
+            ),
+            |r| *r == FailureReason::Encrypted,
+        ),
+        (
+            write(root, "scan.pdf", pdf_bytes(pdf_with_pages(&[&[]]))),
+            |r| *r == FailureReason::NoTextLayer,
+        ),
+    ];
+    // Ignored: unsupported extensions inside a directory, hidden files and directories.
+    write(root, "image.png", "png");
+    write(root, ".git/config.txt", "hidden");
+    write(root, ".hidden.md", "hidden");
+
+    // Naming a file that is also inside the directory must not list it twice.
+    let (files, failures) = discover(&[root.to_path_buf(), good_txt.clone()]);
+    assert!(failures.is_empty(), "{failures:?}");
+    let mut expected: Vec<PathBuf> = vec![good_pdf.clone(), good_txt.clone(), good_md.clone()];
+    expected.extend(bad.iter().map(|(p, _)| p.clone()));
+    expected.sort();
+    assert_eq!(files, expected);
+
+    for file in &files {
+        let result = load_document(file);
+        if let Some((_, check)) = bad.iter().find(|(p, _)| p == file) {
+            let failure = result.unwrap_err();
+            assert_eq!(&failure.path, file);
+            assert!(check(&failure.reason), "{failure}");
+            assert!(failure
+                .to_string()
+                .contains(&*file.file_name().unwrap().to_string_lossy()));
+        } else {
+            let doc = result.unwrap_or_else(|f| panic!("{f}"));
+            assert_eq!(&doc.path, file);
+            assert!(!doc.pages.is_empty());
+        }
+    }
+}
+
+#[test]
+fn discover_reports_missing_and_unsupported_named_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let docx = write(dir.path(), "x.docx", "PK");
+    let pdf = write(dir.path(), "Y.PDF", "x");
+    let (files, failures) = discover(&[missing.clone(), docx.clone(), pdf.clone()]);
+    assert_eq!(files, [pdf]);
+    assert_eq!(failures.len(), 2);
+    assert_eq!(failures[0].path, missing);
+    assert!(matches!(failures[0].reason, FailureReason::Io(_)));
+    assert_eq!(failures[1].path, docx);
+    assert_eq!(failures[1].reason, FailureReason::Unsupported);
+}
+
+#[test]
+fn failures_serialize_for_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "bad.txt", b"ok\xC0".as_slice());
+    let failure = load_document(&path).unwrap_err();
+    let json = serde_json::to_string(&failure).unwrap();
+    assert!(json.contains(r#""kind":"not_utf8""#), "{json}");
+    assert!(json.contains(r#""offset":2"#), "{json}");
+}

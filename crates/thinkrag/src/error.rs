@@ -1,0 +1,58 @@
+//! The library's error type: the failures of its parts (embedding, reading documents, the index),
+//! each worded for the user with what to do.
+
+/// Everything that can stop an ingestion or a search.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The embedding model.
+    #[error(transparent)]
+    Embed(#[from] thinkrag_embed::EmbedError),
+    /// The index.
+    #[error(transparent)]
+    Index(#[from] thinkrag_index::IndexError),
+    /// The language model.
+    #[error(transparent)]
+    Llm(#[from] thinkrag_llm::Error),
+    /// The question (with the earlier turns) leaves no room in the context window.
+    #[error(
+        "the question takes {prompt_tokens} tokens of the prompt, but the context window of \
+         {window} tokens keeps {reserve} for the answer: shorten the question, lower --max-tokens \
+         or raise --context-window"
+    )]
+    PromptTooLong {
+        /// Tokens of the prompt without any source.
+        prompt_tokens: usize,
+        /// The model's context window.
+        window: usize,
+        /// Tokens kept for the answer.
+        reserve: usize,
+    },
+    /// Chunking settings.
+    #[error(transparent)]
+    Chunk(#[from] thinkrag_ingest::ChunkError),
+    /// A setting outside its valid range.
+    #[error("invalid {name} = {value}: {expected}")]
+    InvalidParameter {
+        /// The setting.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// The valid range.
+        expected: String,
+    },
+    /// There is no index to search.
+    #[error("no index at {dir}: build one with `thinkrag ingest PATH...` (add `--index {dir}` if that is where it should live)")]
+    NoIndex {
+        /// Where it was looked for.
+        dir: std::path::PathBuf,
+    },
+    /// The index holds no chunks.
+    #[error("the index at {dir} is empty: add documents with `thinkrag ingest PATH...`")]
+    EmptyIndex {
+        /// The index directory.
+        dir: std::path::PathBuf,
+    },
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;

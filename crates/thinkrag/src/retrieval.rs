@@ -1,0 +1,392 @@
+//! Retrieval: ingesting documents into a persistent index (find files, skip unchanged ones, read,
+//! chunk, embed, store) and searching it. The CLI's `ingest` and `search` are thin layers over this.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thinkrag_embed::{Embedder, EmbedderSpec};
+use thinkrag_index::{EmbedderInfo, Index, IndexError, NewChunk};
+use thinkrag_ingest::{Chunker, Failure};
+
+use crate::error::{Error, Result};
+
+/// How documents are cut into chunks (the ingestion crate's sizes; default 256 tokens with 32
+/// of overlap).
+pub use thinkrag_ingest::ChunkSize as Chunking;
+
+/// How an ingestion runs.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Chunk sizes.
+    pub chunking: Chunking,
+    /// Drop indexed documents whose file no longer exists.
+    pub prune: bool,
+    /// Save the index this often while ingesting, so a crash loses at most this much work.
+    pub checkpoint_every: Option<Duration>,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self {
+            chunking: Chunking::default(),
+            prune: false,
+            checkpoint_every: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// Progress of an ingestion, for progress bars.
+#[derive(Debug)]
+pub enum IngestEvent<'a> {
+    /// The files to look at were found.
+    Discovered {
+        /// How many.
+        files: usize,
+    },
+    /// A file is being read.
+    FileStarted {
+        /// The file.
+        path: &'a Path,
+    },
+    /// A file is unchanged since it was indexed and was skipped.
+    FileUnchanged {
+        /// The file.
+        path: &'a Path,
+    },
+    /// A file was read and cut into chunks, about to be embedded.
+    FileChunked {
+        /// The file.
+        path: &'a Path,
+        /// Pages with text.
+        pages: usize,
+        /// Chunks to embed.
+        chunks: usize,
+    },
+    /// A batch of chunks was embedded.
+    Embedded {
+        /// Chunks of the current file embedded so far.
+        done: usize,
+        /// Chunks of the current file.
+        total: usize,
+    },
+    /// A file (or one of its pages) yielded no text.
+    Failed(&'a Failure),
+    /// A file is indexed.
+    FileDone {
+        /// The file.
+        path: &'a Path,
+    },
+    /// The index is being written.
+    Saving,
+}
+
+/// A file or page that yielded no text, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureReport {
+    /// The file.
+    pub path: PathBuf,
+    /// The page, for a page of a PDF.
+    pub page: Option<u32>,
+    /// Why, and what to do.
+    pub reason: String,
+}
+
+impl From<&Failure> for FailureReport {
+    fn from(f: &Failure) -> Self {
+        Self {
+            path: f.path.clone(),
+            page: f.page,
+            reason: f.reason.to_string(),
+        }
+    }
+}
+
+/// What an ingestion did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestReport {
+    /// The index directory.
+    pub index: PathBuf,
+    /// Supported files found under the given paths.
+    pub files_seen: usize,
+    /// Files read and indexed (new or changed).
+    pub files_indexed: usize,
+    /// Files skipped because they are unchanged since they were indexed.
+    pub files_unchanged: usize,
+    /// Files that yielded no text.
+    pub files_failed: usize,
+    /// Pages read (with text) from the indexed files.
+    pub pages: usize,
+    /// Chunks embedded and added.
+    pub chunks_added: usize,
+    /// Chunks longer than the embedder's limit, cut to it (should be 0 with token chunking).
+    pub chunks_truncated: usize,
+    /// Documents dropped because their file is gone (`prune`).
+    pub documents_pruned: Vec<String>,
+    /// Every file or page that yielded no text, and why.
+    pub failures: Vec<FailureReport>,
+    /// Documents in the index afterwards.
+    pub total_documents: usize,
+    /// Chunks in the index afterwards.
+    pub total_chunks: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Chunks embedded per second of wall time.
+    pub chunks_per_second: f64,
+}
+
+impl IngestReport {
+    /// Whether some input yielded no text (a file, or a page of a PDF).
+    pub fn has_failures(&self) -> bool {
+        !self.failures.is_empty()
+    }
+}
+
+/// What an index records about the embedder that made its vectors.
+pub fn embedder_info(spec: &EmbedderSpec) -> EmbedderInfo {
+    EmbedderInfo {
+        model: spec.model.clone(),
+        dim: spec.dim,
+        pooling: spec.pooling.as_str().to_string(),
+        normalized: spec.normalized,
+        max_tokens: spec.max_tokens,
+        source: Some(spec.source.clone()),
+    }
+}
+
+/// Where the index lives when none is named: `$THINKRAG_INDEX`, else the user's data directory
+/// (`~/.local/share/thinkrag/index` on Linux), else `.thinkrag-index` here.
+pub fn default_index_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("THINKRAG_INDEX").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    dirs::data_dir()
+        .map(|d| d.join("thinkrag").join("index"))
+        .unwrap_or_else(|| PathBuf::from(".thinkrag-index"))
+}
+
+/// Opens the index in `dir`: [`Error::NoIndex`] when there is none.
+pub fn open_index(dir: &Path) -> Result<Index> {
+    match Index::open(dir) {
+        Ok(index) => Ok(index),
+        Err(IndexError::NotFound { .. }) => Err(Error::NoIndex {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn chunker(embedder: &Embedder, chunking: Chunking) -> Result<Chunker> {
+    Ok(match chunking {
+        Chunking::Tokens { max, overlap } => {
+            let limit = embedder.max_tokens();
+            if max > limit {
+                return Err(Error::InvalidParameter {
+                    name: "chunk tokens",
+                    value: max.to_string(),
+                    expected: format!(
+                        "at most {limit}, the longest input {} embeds",
+                        embedder.spec().model
+                    ),
+                });
+            }
+            Chunker::tokens(embedder.sizing_tokenizer(), max, overlap)?
+        }
+        Chunking::Chars { max, overlap } => Chunker::chars(max, overlap)?,
+    })
+}
+
+/// The key a document is stored under: its absolute path, so the same file named two ways is one
+/// document.
+fn source_key(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Ingests files and directories into the index at `index_dir` (created if needed): new and
+/// changed files are read, chunked, embedded and stored; unchanged ones are skipped; files that
+/// yield no text are reported, never fatal. The index on disk is replaced atomically at the end
+/// (and at checkpoints), so an interruption leaves the previous one intact.
+pub fn ingest(
+    index_dir: &Path,
+    paths: &[PathBuf],
+    embedder: &Embedder,
+    opts: &IngestOptions,
+    on_event: &mut dyn FnMut(IngestEvent<'_>),
+) -> Result<IngestReport> {
+    let started = Instant::now();
+    let wanted = embedder_info(embedder.spec());
+    let (mut index, existed) = match Index::open(index_dir) {
+        Ok(index) => {
+            index.check_embedder(&wanted)?;
+            (index, true)
+        }
+        Err(IndexError::NotFound { .. }) => (Index::new(wanted), false),
+        Err(e) => return Err(e.into()),
+    };
+    let chunker = chunker(embedder, opts.chunking)?;
+    let mut report = IngestReport {
+        index: index_dir.to_path_buf(),
+        ..IngestReport::default()
+    };
+    let (files, missing) = thinkrag_ingest::discover(paths);
+    report.files_seen = files.len();
+    on_event(IngestEvent::Discovered { files: files.len() });
+    for failure in &missing {
+        on_event(IngestEvent::Failed(failure));
+        report.failures.push(failure.into());
+    }
+    let mut changed = false;
+    let mut last_save = Instant::now();
+    for path in &files {
+        let key = source_key(path);
+        on_event(IngestEvent::FileStarted { path });
+        // Hashing is far cheaper than extracting: unchanged files cost one read.
+        if let (Some(doc), Ok(hash)) = (index.document(&key), thinkrag_ingest::file_hash(path)) {
+            if doc.content_hash == hash {
+                report.files_unchanged += 1;
+                on_event(IngestEvent::FileUnchanged { path });
+                continue;
+            }
+        }
+        let document = match thinkrag_ingest::load_document(path) {
+            Ok(d) => d,
+            Err(failure) => {
+                on_event(IngestEvent::Failed(&failure));
+                report.failures.push((&failure).into());
+                report.files_failed += 1;
+                continue;
+            }
+        };
+        for failure in &document.page_failures {
+            on_event(IngestEvent::Failed(failure));
+            report.failures.push(failure.into());
+        }
+        let chunks = chunker.chunk(&document);
+        on_event(IngestEvent::FileChunked {
+            path,
+            pages: document.pages.len(),
+            chunks: chunks.len(),
+        });
+        let mut vectors = Vec::with_capacity(chunks.len());
+        // Embedding file by file in slices keeps progress moving on long documents.
+        for slice in chunks.chunks(128) {
+            let texts: Vec<&str> = slice.iter().map(|c| c.text.as_str()).collect();
+            let embedded = embedder.embed_passages(&texts)?;
+            report.chunks_truncated += embedded.truncated;
+            vectors.extend(embedded.vectors);
+            on_event(IngestEvent::Embedded {
+                done: vectors.len(),
+                total: chunks.len(),
+            });
+        }
+        let new_chunks: Vec<NewChunk> = chunks
+            .into_iter()
+            .map(|c| NewChunk {
+                text: c.text,
+                page: c.page,
+                start: c.start,
+                end: c.end,
+            })
+            .collect();
+        report.chunks_added += new_chunks.len();
+        report.pages += document.pages.len();
+        report.files_indexed += 1;
+        index.upsert_document(
+            &key,
+            &document.content_hash,
+            document.page_count,
+            new_chunks,
+            vectors,
+        )?;
+        changed = true;
+        on_event(IngestEvent::FileDone { path });
+        if opts
+            .checkpoint_every
+            .is_some_and(|every| last_save.elapsed() >= every)
+        {
+            on_event(IngestEvent::Saving);
+            index.save(index_dir)?;
+            last_save = Instant::now();
+        }
+    }
+    if opts.prune {
+        let gone: Vec<String> = index
+            .documents()
+            .filter(|d| !Path::new(&d.source).exists())
+            .map(|d| d.source.clone())
+            .collect();
+        for source in gone {
+            index.remove_document(&source);
+            report.documents_pruned.push(source);
+            changed = true;
+        }
+    }
+    if changed || !existed {
+        on_event(IngestEvent::Saving);
+        index.save(index_dir)?;
+    }
+    let info = index.info();
+    report.total_documents = info.documents;
+    report.total_chunks = info.chunks;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.chunks_per_second = report.chunks_added as f64 / report.seconds.max(1e-9);
+    Ok(report)
+}
+
+/// One search result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchHit {
+    /// The chunk's id in the index.
+    pub id: u64,
+    /// Cosine similarity to the query.
+    pub score: f32,
+    /// The chunk's text.
+    pub text: String,
+    /// The document it came from.
+    pub source: String,
+    /// Its page, for a PDF.
+    pub page: Option<u32>,
+    /// Byte offsets of the chunk in its page's text.
+    pub start: usize,
+    /// End offset.
+    pub end: usize,
+}
+
+/// The `k` chunks nearest to `query`, best first: approximate (HNSW) or `exact` (brute force).
+pub fn search(
+    index: &Index,
+    embedder: &Embedder,
+    query: &str,
+    k: usize,
+    exact: bool,
+) -> Result<Vec<SearchHit>> {
+    if k == 0 {
+        return Err(Error::InvalidParameter {
+            name: "k",
+            value: k.to_string(),
+            expected: "1 or more".into(),
+        });
+    }
+    index.check_embedder(&embedder_info(embedder.spec()))?;
+    let vector = embedder.embed_query(query)?;
+    let hits = if exact {
+        index.search_exact(&vector, k)?
+    } else {
+        index.search(&vector, k)?
+    };
+    Ok(hits
+        .into_iter()
+        .map(|h| SearchHit {
+            id: h.chunk.id,
+            score: h.score,
+            text: h.chunk.text.clone(),
+            source: h.chunk.source.clone(),
+            page: h.chunk.page,
+            start: h.chunk.start,
+            end: h.chunk.end,
+        })
+        .collect())
+}

