@@ -312,6 +312,15 @@ pub(crate) fn tree_size(path: &Path) -> Result<u64, IndexError> {
 }
 
 /// An advisory lock on `dir/.lock`, released when dropped (the OS releases it if the process dies).
+/// The lock file, created if missing and never truncated (its content is irrelevant).
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
 #[derive(Debug)]
 pub(crate) struct DirLock {
     _file: File,
@@ -321,12 +330,7 @@ impl DirLock {
     /// Takes the exclusive (writer) lock, waiting for other holders.
     pub(crate) fn exclusive(dir: &Path) -> Result<Self, IndexError> {
         let path = dir.join(LOCK);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| IndexError::io(&path, e))?;
+        let file = open_lock_file(&path).map_err(|e| IndexError::io(&path, e))?;
         // Fully qualified: std's own File locking methods (Rust 1.89) are newer than our MSRV.
         if FileExt::try_lock_exclusive(&file).is_err() {
             tracing::info!(lock = %path.display(), "waiting for another thinkrag process to finish with the index");
@@ -340,13 +344,7 @@ impl DirLock {
     /// still works because nobody can be writing there.
     pub(crate) fn shared(dir: &Path) -> Option<Self> {
         let path = dir.join(LOCK);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .or_else(|_| File::open(&path))
-            .ok()?;
+        let file = open_lock_file(&path).or_else(|_| File::open(&path)).ok()?;
         match FileExt::lock_shared(&file) {
             Ok(()) => Some(DirLock { _file: file }),
             Err(e) => {

@@ -268,27 +268,45 @@ impl Pipeline {
         let _ = on_event(AskEvent::Retrieved(&hits));
         let prompt_started = Instant::now();
         let prompt = self.build_prompt(question, &hits, &[])?;
-        let prompt_ms = ms(prompt_started);
-        let _ = on_event(AskEvent::Prompt(&prompt));
-        let params = self.params();
-        let (generation, first_answer) = stream(on_event, |cb| {
-            self.engine.generate(&prompt.messages, &params, cb)
-        })?;
         let retrieved = Retrieved {
             hits,
             started,
             retrieval_ms,
-            prompt_ms,
+            prompt_ms: ms(prompt_started),
         };
-        let answer = finish(
+        self.generate_answer(
+            question,
+            retrieved,
+            prompt,
+            on_event,
+            |prompt, params, cb| self.engine.generate(&prompt.messages, params, cb),
+        )
+    }
+
+    /// Announces the prompt, streams the generation `generate` runs, and assembles the answer.
+    fn generate_answer(
+        &self,
+        question: &str,
+        retrieved: Retrieved,
+        prompt: BuiltPrompt,
+        on_event: &mut dyn FnMut(AskEvent<'_>) -> ControlFlow<()>,
+        generate: impl FnOnce(
+            &BuiltPrompt,
+            &GenerationParams,
+            &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+        ) -> thinkrag_llm::Result<Generation>,
+    ) -> Result<Answer> {
+        let _ = on_event(AskEvent::Prompt(&prompt));
+        let params = self.params();
+        let (generation, first_answer) = stream(on_event, |cb| generate(&prompt, &params, cb))?;
+        Ok(finish(
             question,
             retrieved,
             prompt,
             generation,
             first_answer,
             on_event,
-        );
-        Ok(answer)
+        ))
     }
 
     /// A conversation over the index.
@@ -433,8 +451,7 @@ impl Chat<'_> {
                 Ok(built)
                     if has_turns
                         && built.context_budget < wanted_budget
-                        && (built.sources.iter().any(|s| s.cut)
-                            || built.left_out.iter().any(|l| l.reason.contains("budget"))) =>
+                        && built.budget_limited =>
                 {
                     self.conversation.drop_oldest_turns(1);
                     dropped += 1;
@@ -446,31 +463,23 @@ impl Chat<'_> {
                 other => break other?,
             }
         };
-        let prompt_ms = ms(prompt_started);
-        if dropped > 0 {
-            let _ = on_event(AskEvent::TurnsDropped(dropped));
-        }
-        let _ = on_event(AskEvent::Prompt(&prompt));
-        let params = p.params();
-        let user = prompt.user_text().to_string();
-        let conversation = &mut self.conversation;
-        let (generation, first_answer) = stream(on_event, |cb| {
-            conversation.send(&p.engine, &user, &params, cb)
-        })?;
         let retrieved = Retrieved {
             hits,
             started,
             retrieval_ms,
-            prompt_ms,
+            prompt_ms: ms(prompt_started),
         };
-        let answer = finish(
+        if dropped > 0 {
+            let _ = on_event(AskEvent::TurnsDropped(dropped));
+        }
+        let conversation = &mut self.conversation;
+        let answer = p.generate_answer(
             question,
             retrieved,
             prompt,
-            generation,
-            first_answer,
             on_event,
-        );
+            |prompt, params, cb| conversation.send(&p.engine, prompt.user_text(), params, cb),
+        )?;
         self.last = Some(answer.clone());
         Ok(answer)
     }

@@ -206,6 +206,8 @@ pub struct BuiltPrompt {
     pub context_tokens: usize,
     /// The budget the sources had.
     pub context_budget: usize,
+    /// Whether the budget cut a source or left one out (as opposed to `context_size`).
+    pub budget_limited: bool,
 }
 
 impl BuiltPrompt {
@@ -335,9 +337,11 @@ pub fn build_prompt(
                 prompt_tokens: total,
                 context_tokens,
                 context_budget: budget,
+                budget_limited: full,
             });
         }
         blocks.pop();
+        full = true;
         if let Some(s) = sources.pop() {
             left_out.insert(
                 0,
