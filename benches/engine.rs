@@ -4,14 +4,16 @@
 //! Needs a model directory of the real shape (random weights are as fast as real ones):
 //!   thinkrag synth deepseek-r1-distill-qwen-1.5b --out /tmp/r1-1.5b
 //!   THINKRAG_BENCH_MODEL=/tmp/r1-1.5b cargo bench --bench engine
-//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_DTYPE (f32), THINKRAG_BENCH_GEN (128).
+//! THINKRAG_BENCH_MODEL may also be a GGUF file (`thinkrag quantize` writes one).
+//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_DTYPE (f32), THINKRAG_BENCH_GEN (128),
+//! THINKRAG_BENCH_QUANTIZE (quantize safetensors at load: q8_0, q4k...).
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use thinkrag_llm::bench::bench_tokens;
 use thinkrag_llm::model::{Logits, Qwen2};
-use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice};
+use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice, LoadOptions, Quantization};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -27,7 +29,16 @@ fn load() -> Option<Qwen2> {
     };
     thinkrag_llm::device::set_cpu_threads(env_or("THINKRAG_BENCH_THREADS", 2)).ok()?;
     let dtype: DTypeChoice = env_or("THINKRAG_BENCH_DTYPE", DTypeChoice::F32);
-    match load_model_only(dir.as_ref(), DeviceChoice::Cpu, dtype, &mut |_| {}) {
+    let quantize: Option<Quantization> = std::env::var("THINKRAG_BENCH_QUANTIZE")
+        .ok()
+        .and_then(|q| q.parse().ok());
+    let opts = LoadOptions {
+        device: DeviceChoice::Cpu,
+        dtype,
+        quantize,
+        ..LoadOptions::default()
+    };
+    match load_model_only(dir.as_ref(), &opts, &mut |_| {}) {
         Ok(m) => Some(m),
         Err(e) => {
             eprintln!("cannot load {dir}: {e}");

@@ -27,9 +27,9 @@ from tokenizers import Tokenizer, Regex, AddedToken, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-SEED = 24                   # chosen: greedy avoids EOS and all added tokens, min top-1/top-2 margin 0.38
+SEED = 24                   # chosen: greedy avoids EOS and all added tokens, min top-1/top-2 margin 0.23
 BPE_VOCAB = 448            # trained vocabulary incl. the 256-symbol byte-level alphabet
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 160, 3, 4, 2
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 256, 3, 4, 2  # multiples of 256: every k-quant applies
 N_DECODE = 6
 N_GREEDY = 24
 N_REASONING = 12           # greedy tokens reused as turn-1 reasoning in turn 2
@@ -261,7 +261,7 @@ def main():
     for k, v in sd.items():
         assert torch.equal(loaded[k], v), k
     for k, v in sd.items():   # nothing left at HF's default init (zero biases, unit norms)
-        assert v.std() > 0.05, k
+        assert v.std() > 0.03, k
 
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     assert len(tok) == tok_size, (len(tok), tok_size)
@@ -483,7 +483,7 @@ safetensors, numpy {np.__version__}; reference: float32, CPU, `attn_implementati
         total += size
         log(f"  {fn:26s} {size:9d}  sha256 {hashlib.sha256(open(fp, 'rb').read()).hexdigest()[:16]}")
     log(f"  total {total} bytes")
-    assert total < 2_000_000, total
+    assert total < 6_500_000, total
 
 
 if __name__ == "__main__":

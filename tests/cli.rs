@@ -236,22 +236,23 @@ fn a_tokenizer_of_another_model_is_refused() {
     assert!(err.contains("does not belong to this model"), "{err}");
 }
 
-/// Lays the fixture out as hf-hub caches a download: models--OWNER--NAME/{refs/main,snapshots/REV}.
-fn hf_cache_with_fixture(home: &Path, repo: &str) {
+/// An empty snapshot laid out as hf-hub caches a download of `repo`:
+/// models--OWNER--NAME/{refs/main,snapshots/REV}. Returns the snapshot directory.
+fn hf_cache_snapshot(home: &Path, repo: &str) -> PathBuf {
     let folder = format!("models--{}", repo.replace('/', "--"));
     let rev = "0123456789abcdef0123456789abcdef01234567";
     let root = home.join("hub").join(folder);
     std::fs::create_dir_all(root.join("refs")).unwrap();
     std::fs::write(root.join("refs/main"), rev).unwrap();
-    copy_fixture(&root.join("snapshots").join(rev));
+    let snapshot = root.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    snapshot
 }
 
-#[test]
-fn a_cached_hub_model_loads_offline_and_a_missing_one_says_what_to_download() {
-    let home = tempfile::tempdir().unwrap();
-    hf_cache_with_fixture(home.path(), "thinkrag-tests/tiny-qwen2");
+/// `model`, found only in the Hugging Face cache at `home`, generates 3 tokens offline.
+fn assert_generates_offline(home: &Path, model: &str) {
     let mut c = thinkrag();
-    c.env("HF_HOME", home.path())
+    c.env("HF_HOME", home)
         .args([
             "generate",
             "hi",
@@ -261,9 +262,21 @@ fn a_cached_hub_model_loads_offline_and_a_missing_one_says_what_to_download() {
             "3",
             "--json",
         ])
-        .args(["--model", "thinkrag-tests/tiny-qwen2"]);
+        .args(["--model", model]);
     let v: Value = serde_json::from_str(&stdout_of(&mut c)).unwrap();
     assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap(), 3);
+}
+
+/// The fixture as a cached download of `repo`.
+fn hf_cache_with_fixture(home: &Path, repo: &str) {
+    copy_fixture(&hf_cache_snapshot(home, repo));
+}
+
+#[test]
+fn a_cached_hub_model_loads_offline_and_a_missing_one_says_what_to_download() {
+    let home = tempfile::tempdir().unwrap();
+    hf_cache_with_fixture(home.path(), "thinkrag-tests/tiny-qwen2");
+    assert_generates_offline(home.path(), "thinkrag-tests/tiny-qwen2");
 
     // The default model is not cached here, and HF_HUB_OFFLINE forbids the network.
     let mut c = thinkrag();
@@ -281,4 +294,81 @@ fn a_cached_hub_model_loads_offline_and_a_missing_one_says_what_to_download() {
 fn models_lists_the_manifests() {
     let out = stdout_of(thinkrag().arg("models"));
     assert!(out.contains("deepseek-r1-distill-qwen-1.5b"), "{out}");
+}
+
+#[test]
+fn quantize_writes_a_gguf_that_generate_bench_and_the_hub_cache_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-q8_0.gguf");
+    let mut c = thinkrag();
+    c.args(["quantize", "--model"])
+        .arg(fixture())
+        .args(["--to", "q8_0", "--threads", "2", "--out"])
+        .arg(&gguf);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("q8_0"));
+
+    // Greedy output of the GGUF equals quantizing at load (same blocks, same kernels).
+    let greedy = ["--temperature", "0", "--json"];
+    let from_file: Value =
+        serde_json::from_str(&stdout_of(generate(&greedy).arg("--model").arg(&gguf))).unwrap();
+    let at_load: Value =
+        serde_json::from_str(&stdout_of(generate(&greedy).args(["--quantize", "q8_0"]))).unwrap();
+    assert_eq!(from_file["reasoning"], at_load["reasoning"]);
+    assert_eq!(from_file["usage"], at_load["usage"]);
+
+    let mut c = thinkrag();
+    c.args(["bench", "--model"]).arg(&gguf).args([
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "--positions",
+        "8",
+        "-r",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&stdout_of(&mut c)).unwrap();
+    assert_eq!(v["weights"], "q8_0");
+    assert_eq!(v["dtype"], "f32");
+    let tests: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["test"].as_str().unwrap())
+        .collect();
+    assert_eq!(tests, ["pp16", "tg4@8"]);
+
+    // One GGUF file of a hub repo, from the Hugging Face cache, with nothing beside it.
+    let home = tempfile::tempdir().unwrap();
+    let snapshot = hf_cache_snapshot(home.path(), "thinkrag-tests/tiny-GGUF");
+    std::fs::copy(&gguf, snapshot.join("tiny-q8_0.gguf")).unwrap();
+    assert_generates_offline(home.path(), "thinkrag-tests/tiny-GGUF/tiny-q8_0.gguf");
+}
+
+#[test]
+fn bad_quantization_requests_are_clear_errors() {
+    let err = stderr_of_failure(&mut generate(&["--quantize", "q7"]));
+    assert!(err.contains("q7") && err.contains("q4k"), "{err}");
+    let err = stderr_of_failure(&mut generate(&["--quantize", "q8_0", "--dtype", "bf16"]));
+    assert!(err.contains("f32"), "{err}");
+    let mut c = thinkrag();
+    c.args(["quantize", "--model"]).arg(fixture()).args([
+        "--to",
+        "q4k",
+        "--out",
+        "/nonexistent-dir/x.gguf",
+    ]);
+    let err = stderr_of_failure(&mut c);
+    assert!(err.contains("/nonexistent-dir/x.gguf"), "{err}");
 }

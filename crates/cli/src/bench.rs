@@ -12,7 +12,8 @@ use crate::load::{init_threads, progress_bar, RuntimeArgs};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model directory (config.json + safetensors; `thinkrag synth` writes one).
+    /// Model directory (config.json + safetensors; `thinkrag synth` writes one) or GGUF file
+    /// (`thinkrag quantize` writes one); add --quantize to bench quantize-at-load.
     #[arg(short, long)]
     pub model: PathBuf,
     #[command(flatten)]
@@ -38,7 +39,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let threads = init_threads(args.runtime.threads)?;
     let (bar, mut progress) = progress_bar();
     let rt = &args.runtime;
-    let model = load_model_only(&args.model, rt.device, rt.dtype, &mut progress)
+    let model = load_model_only(&args.model, &rt.load_options(), &mut progress)
         .with_context(|| format!("cannot load {}", args.model.display()))?;
     bar.finish_and_clear();
     let cfg = model.config();
@@ -48,6 +49,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "CPU"
     };
     let dtype = thinkrag_llm::device::dtype_name(model.dtype());
+    let weights = model.weights_format();
+    let weights_gib = model.weights_size_in_bytes() as f64 / (1u64 << 30) as f64;
     let params = cfg.parameter_count();
     let mut results: Vec<BenchResult> = Vec::new();
     if args.prompt_tokens > 0 {
@@ -64,14 +67,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "params": params,
             "backend": backend,
             "dtype": dtype,
+            "weights": weights,
+            "weights_gib": weights_gib,
             "threads": threads,
             "results": results,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("| model | params | backend | dtype | threads | test | t/s |");
-    println!("| --- | ---: | --- | --- | ---: | --- | ---: |");
+    println!("| model | params | backend | weights | GiB | threads | test | t/s |");
+    println!("| --- | ---: | --- | --- | ---: | ---: | --- | ---: |");
     let name = args
         .model
         .file_name()
@@ -86,7 +91,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {name} | {:.2} B | {backend} | {dtype} | {threads} | {} | {:.2} ({spread}) |",
+            "| {name} | {:.2} B | {backend} | {weights} ({dtype} act.) | {weights_gib:.2} | {threads} | {} | {:.2} ({spread}) |",
             params as f64 / 1e9,
             r.test,
             r.tokens_per_s

@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use thinkrag_llm::{
     DTypeChoice, DeviceChoice, Engine, HubOptions, LoadOptions, LoadProgress, ModelFiles,
-    ModelManifest, ModelSource,
+    ModelManifest, ModelSource, Quantization,
 };
 
 /// Where and how a model runs.
@@ -16,17 +16,36 @@ pub struct RuntimeArgs {
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// auto (bf16 on GPUs of compute capability >= 8.0, f32 elsewhere), f32, bf16 or f16.
+    /// Quantized weights (GGUF, --quantize) always compute in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
     /// CPU threads (default: the physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Quantize full-precision weights while loading: q8_0, q6k, q5k, q4k, q3k, q2k, q5_1, q5_0,
+    /// q4_1 or q4_0 (llama.cpp spellings such as Q4_K_M work too). Save the result with
+    /// `thinkrag quantize` to skip this work next time.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
+}
+
+impl RuntimeArgs {
+    /// The load options these flags set (context window and hub at their defaults).
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device,
+            dtype: self.dtype,
+            quantize: self.quantize,
+            ..LoadOptions::default()
+        }
+    }
 }
 
 /// Where the model comes from and how it runs.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A model directory, a built-in model name, or a Hugging Face repo (owner/name[@revision]).
+    /// A model directory, a GGUF file, a built-in model name, a Hugging Face repo
+    /// (owner/name[@revision]) or one GGUF file of a repo (owner/name[@revision]/file.gguf).
     #[arg(short, long, default_value = ModelManifest::default_model(), env = "THINKRAG_MODEL")]
     pub model: String,
     #[command(flatten)]
@@ -93,10 +112,9 @@ pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
     init_threads(args.runtime.threads)?;
     let source = ModelSource::parse(&args.model)?;
     let opts = LoadOptions {
-        device: args.runtime.device,
-        dtype: args.runtime.dtype,
         context_window: args.context_window,
         hub: args.hub.options(),
+        ..args.runtime.load_options()
     };
     let (bar, mut progress) = progress_bar();
     let engine = Engine::load(&source, &opts, &mut progress)

@@ -9,6 +9,7 @@ mod index_cmd;
 mod ingest;
 mod load;
 mod output;
+mod quantize;
 mod retrieval_args;
 mod search;
 mod synth;
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write random weights of a built-in model's exact shape (for benchmarks).
     Synth(synth::SynthArgs),
+    /// Quantize a model and save it as a GGUF file (thinkrag and llama.cpp load it).
+    Quantize(quantize::QuantizeArgs),
     /// Build or update the index from files and directories of PDF, text and Markdown.
     /// Exits with 2 when some inputs yielded no text (the others are indexed).
     Ingest(Box<ingest::IngestArgs>),
@@ -83,6 +86,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Download(args) => load::download(args),
         Command::Search(args) => search::run(*args),
         Command::Index(cmd) => index_cmd::run(cmd),

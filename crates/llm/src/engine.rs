@@ -14,10 +14,13 @@ use crate::config::{GenerationConfig, Qwen2Config};
 use crate::device::{DTypeChoice, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::generate::{Event, Generation, GenerationParams, StopReason, Usage};
+use crate::gguf;
 use crate::manifest::ModelManifest;
+use crate::model::{GgufWeights, SafetensorsWeights, WeightSource};
 use crate::model::{KvCache, Logits, Qwen2};
+use crate::quant::Quantization;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::source::{HubOptions, ModelFiles, ModelSource};
+use crate::source::{HubOptions, ModelFiles, ModelSource, WeightFiles};
 use crate::stream::{Segment, StreamEvent, TextStream, TokenText};
 use crate::tokenizer::TextTokenizer;
 
@@ -37,6 +40,9 @@ pub struct LoadOptions {
     pub context_window: Option<usize>,
     /// How to reach the hub.
     pub hub: HubOptions,
+    /// Quantize full-precision (safetensors) weights to this format while loading. GGUF files are
+    /// used as they are quantized.
+    pub quantize: Option<Quantization>,
 }
 
 /// What the engine reports while loading.
@@ -104,22 +110,19 @@ impl Engine {
         opts: &LoadOptions,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
-        let config = Qwen2Config::from_file(&files.config)?;
-        let generation_config = match &files.generation_config {
-            Some(p) => GenerationConfig::from_file(p)?,
-            None => GenerationConfig::default(),
-        };
-        let tokenizer = TextTokenizer::load(
-            &files.tokenizer,
-            files.tokenizer_config.as_deref(),
-            &generation_config,
-            &config,
-        )?;
+        let loaded = LoadedConfig::read(&files)?;
+        let config = loaded.config;
+        let generation_config = loaded.generation;
+        let tokenizer = loaded.tokenizer.ok_or_else(|| Error::MissingFile {
+            dir: files.dir.clone(),
+            file: "tokenizer.json".into(),
+            hint: "the GGUF file carries no tokenizer: put the model's tokenizer.json beside it"
+                .into(),
+        })?;
         if let Some(m) = &manifest {
-            check_manifest_tokens(m, &tokenizer, &files.tokenizer)?;
+            check_manifest_tokens(m, &tokenizer, tokenizer.path())?;
         }
         let device = opts.device.open()?;
-        let dtype = opts.dtype.resolve(&device)?;
         let context_window = match opts.context_window {
             None => config.max_position_embeddings,
             Some(n) if (2..=config.max_position_embeddings).contains(&n) => n,
@@ -134,7 +137,7 @@ impl Engine {
                 ))
             }
         };
-        let model = load_weights(&config, &files.weights, dtype, &device, progress)?;
+        let model = load_weights(&config, &files.weights, opts, &device, progress)?;
         Ok(Self {
             model,
             tokenizer,
@@ -578,68 +581,218 @@ fn check_manifest_tokens(m: &ModelManifest, tok: &TextTokenizer, path: &Path) ->
     Ok(())
 }
 
-/// Opens the safetensors (each checked on its own, so an error names the broken file) and builds
-/// the model.
+/// What a model's files say about it before its weights load.
+struct LoadedConfig {
+    config: Qwen2Config,
+    generation: GenerationConfig,
+    /// `None` when a GGUF file has no tokenizer and no tokenizer.json is beside it.
+    tokenizer: Option<TextTokenizer>,
+}
+
+impl LoadedConfig {
+    /// Reads config.json or the GGUF metadata, and the tokenizer (tokenizer.json beside the
+    /// weights first, the GGUF metadata second).
+    fn read(files: &ModelFiles) -> Result<Self> {
+        let generation_file = match &files.generation_config {
+            Some(p) => Some(GenerationConfig::from_file(p)?),
+            None => None,
+        };
+        let (config, generation, gguf_tokenizer) = match (&files.weights, &files.config) {
+            (WeightFiles::Gguf(path), _) => {
+                let (content, _) = crate::model::weights::read_gguf(path)?;
+                let info = gguf::model_info(&content, path)?;
+                let tok = if files.tokenizer.is_none() {
+                    gguf::tokenizer_from_metadata(&content, path)?
+                } else {
+                    None
+                };
+                let generation = generation_file.unwrap_or(info.generation);
+                (info.config, generation, tok.map(|t| (t, path.clone())))
+            }
+            (WeightFiles::Safetensors(_), Some(config)) => (
+                Qwen2Config::from_file(config)?,
+                generation_file.unwrap_or_default(),
+                None,
+            ),
+            (WeightFiles::Safetensors(_), None) => {
+                return Err(Error::MissingFile {
+                    dir: files.dir.clone(),
+                    file: "config.json".into(),
+                    hint: "a model directory needs the model's config.json".into(),
+                })
+            }
+        };
+        let tokenizer = match (&files.tokenizer, gguf_tokenizer) {
+            (Some(path), _) => Some(TextTokenizer::load(
+                path,
+                files.tokenizer_config.as_deref(),
+                &generation,
+                &config,
+            )?),
+            (None, Some(((inner, tok_cfg), path))) => Some(TextTokenizer::from_parts(
+                inner,
+                &tok_cfg,
+                &generation,
+                &config,
+                &path,
+            )?),
+            (None, None) => None,
+        };
+        Ok(Self {
+            config,
+            generation,
+            tokenizer,
+        })
+    }
+}
+
+/// The activation dtype: what the user asked for, except that quantized weights always compute
+/// in f32 (candle's quantized kernels take f32 input; a T4 never runs pure fp16 this way).
+fn activation_dtype(
+    weights: &WeightFiles,
+    opts: &LoadOptions,
+    device: &candle_core::Device,
+) -> Result<DType> {
+    let quantized = opts.quantize.is_some() || matches!(weights, WeightFiles::Gguf(_));
+    if !quantized {
+        return opts.dtype.resolve(device);
+    }
+    match opts.dtype {
+        DTypeChoice::Auto | DTypeChoice::F32 => Ok(DType::F32),
+        other => Err(Error::invalid(
+            "dtype",
+            format!("{other:?}").to_ascii_lowercase(),
+            "auto or f32 with quantized weights (GGUF or --quantize): they compute in f32",
+        )),
+    }
+}
+
+/// Opens the weights (each safetensors file checked on its own, so an error names the broken
+/// file) and builds the model.
 fn load_weights(
     config: &Qwen2Config,
-    weights: &[std::path::PathBuf],
-    dtype: DType,
+    weights: &WeightFiles,
+    opts: &LoadOptions,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<Qwen2> {
-    for path in weights {
-        // SAFETY: the file is mapped read-only; thinkrag never writes model files while they are
-        // loaded, and the docs tell users not to modify a model while it is in use.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-            Error::Weights {
-                path: path.clone(),
-                message: e.to_string(),
-            }
-        })?;
-    }
-    // SAFETY: as above.
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(|e| {
-            Error::Weights {
-                path: weights.first().cloned().unwrap_or_default(),
-                message: e.to_string(),
-            }
-        })?;
+    let dtype = activation_dtype(weights, opts, device)?;
     let mut report = |done, total| progress(LoadProgress::Weights { done, total });
-    Qwen2::new(config, vb, &mut report).map_err(|e| match e {
+    let first = weights.first();
+    let result = match weights {
+        WeightFiles::Safetensors(paths) => {
+            for path in paths {
+                // SAFETY: the file is mapped read-only; thinkrag never writes model files while
+                // they are loaded, and the docs tell users not to modify a model in use.
+                unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+                    Error::Weights {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            }
+            // SAFETY: as above.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(
+                |e| Error::Weights {
+                    path: first.clone(),
+                    message: e.to_string(),
+                },
+            )?;
+            let src = SafetensorsWeights::new(vb, opts.quantize);
+            Qwen2::new(config, &src as &dyn WeightSource, &mut report)
+        }
+        WeightFiles::Gguf(path) => {
+            if let Some(q) = opts.quantize {
+                return Err(Error::invalid(
+                    "quantize",
+                    q,
+                    "nothing for a GGUF file, whose weights are already quantized (--quantize turns safetensors into quantized weights)",
+                ));
+            }
+            let src = GgufWeights::open(path, device, dtype)?;
+            Qwen2::new(config, &src as &dyn WeightSource, &mut report)
+        }
+    };
+    result.map_err(|e| match e {
         Error::Candle(e) => Error::Weights {
-            path: weights.first().cloned().unwrap_or_default(),
-            message: format!("{e} (does config.json describe these weights?)"),
+            path: first,
+            message: format!("{e} (does the configuration describe these weights?)"),
         },
         other => other,
     })
 }
 
-/// Loads only the network of a model directory (config.json and safetensors, no tokenizer): what
-/// benchmarks of synthesized weights need.
+/// Loads only the network (no tokenizer needed) of a model directory (config.json and
+/// safetensors) or a GGUF file: what benchmarks of synthesized weights need.
 pub fn load_model_only(
-    dir: &Path,
-    device: DeviceChoice,
-    dtype: DTypeChoice,
+    path: &Path,
+    opts: &LoadOptions,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<Qwen2> {
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::MissingFile {
-            dir: dir.to_path_buf(),
-            file: "config.json".into(),
-            hint: "a model directory needs the model's config.json".into(),
-        });
-    }
-    let config = Qwen2Config::from_file(&config_path)?;
-    let weights = match ModelFiles::from_dir(dir) {
-        Ok(files) => files.weights,
-        Err(Error::MissingFile { file, .. }) if file == "tokenizer.json" => {
-            vec![dir.join("model.safetensors")]
+    let (config, weights) = if path.is_file() {
+        let (content, _) = crate::model::weights::read_gguf(path)?;
+        let info = gguf::model_info(&content, path)?;
+        (info.config, WeightFiles::Gguf(path.to_path_buf()))
+    } else {
+        let config_path = path.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::MissingFile {
+                dir: path.to_path_buf(),
+                file: "config.json".into(),
+                hint: "a model directory needs the model's config.json (or give a .gguf file)"
+                    .into(),
+            });
         }
-        Err(e) => return Err(e),
+        let config = Qwen2Config::from_file(&config_path)?;
+        let weights = match ModelFiles::from_dir(path) {
+            Ok(files) => files.weights,
+            Err(Error::MissingFile { file, .. }) if file == "tokenizer.json" => {
+                WeightFiles::Safetensors(vec![path.join("model.safetensors")])
+            }
+            Err(e) => return Err(e),
+        };
+        (config, weights)
     };
-    let device = device.open()?;
-    let dtype = dtype.resolve(&device)?;
-    load_weights(&config, &weights, dtype, &device, progress)
+    let device = opts.device.open()?;
+    load_weights(&config, &weights, opts, &device, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_weights_compute_in_f32_and_refuse_half_precision() {
+        let cpu = candle_core::Device::Cpu;
+        let gguf = WeightFiles::Gguf("m.gguf".into());
+        let st = WeightFiles::Safetensors(vec!["m.safetensors".into()]);
+        let opts = |dtype, quantize| LoadOptions {
+            dtype,
+            quantize,
+            ..LoadOptions::default()
+        };
+        let q = Some(Quantization::Q4K);
+        assert_eq!(
+            activation_dtype(&gguf, &opts(DTypeChoice::Auto, None), &cpu).unwrap(),
+            DType::F32
+        );
+        assert_eq!(
+            activation_dtype(&st, &opts(DTypeChoice::Auto, q), &cpu).unwrap(),
+            DType::F32
+        );
+        assert_eq!(
+            activation_dtype(&st, &opts(DTypeChoice::F32, q), &cpu).unwrap(),
+            DType::F32
+        );
+        for half in [DTypeChoice::F16, DTypeChoice::Bf16] {
+            let err = activation_dtype(&gguf, &opts(half, None), &cpu).unwrap_err();
+            assert!(err.to_string().contains("f32"), "{err}");
+            assert!(activation_dtype(&st, &opts(half, q), &cpu).is_err());
+        }
+        // Full precision keeps the user's choice.
+        assert_eq!(
+            activation_dtype(&st, &opts(DTypeChoice::Bf16, None), &cpu).unwrap(),
+            DType::BF16
+        );
+    }
 }

@@ -100,11 +100,29 @@ pub struct ModelManifest {
     pub tokenizer_config_json: Option<String>,
 }
 
-/// The manifests shipped in `models/`.
-const BUILTIN: &[(&str, &str)] = &[(
-    include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.toml"),
-    include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.tokenizer_config.json"),
-)];
+const R1_QWEN_1_5B_TOKENIZER_CONFIG: &str =
+    include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.tokenizer_config.json");
+
+/// The manifests shipped in `models/`. A manifest with `base = "<name>"` (the GGUF builds of a
+/// model) takes every top-level table it does not set from that manifest.
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.toml"),
+        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q4_k_m.toml"),
+        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q8_0.toml"),
+        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q6_k.toml"),
+        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+    ),
+];
 
 impl ModelManifest {
     /// Parses a manifest.
@@ -118,10 +136,29 @@ impl ModelManifest {
 
     /// Every built-in manifest.
     pub fn builtin() -> Vec<ModelManifest> {
+        let tables: Vec<toml::Table> = BUILTIN
+            .iter()
+            .filter_map(|(text, _)| text.parse::<toml::Table>().ok())
+            .collect();
+        let named = |name: &str| {
+            tables
+                .iter()
+                .find(|t| t.get("name").and_then(toml::Value::as_str) == Some(name))
+        };
         BUILTIN
             .iter()
-            .filter_map(|(toml_text, tok_cfg)| {
-                let mut m = Self::parse(toml_text, Path::new("models/")).ok()?;
+            .zip(&tables)
+            .filter_map(|((_, tok_cfg), table)| {
+                let mut table = table.clone();
+                if let Some(base) = table
+                    .remove("base")
+                    .and_then(|b| b.as_str().and_then(named).cloned())
+                {
+                    for (k, v) in base {
+                        table.entry(k).or_insert(v);
+                    }
+                }
+                let mut m: ModelManifest = table.try_into().ok()?;
                 m.tokenizer_config_json = Some(tok_cfg.to_string());
                 Some(m)
             })
@@ -149,6 +186,23 @@ impl ModelManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gguf_manifests_inherit_from_their_base() {
+        let base = ModelManifest::find("deepseek-r1-distill-qwen-1.5b").unwrap();
+        for q in ["q4_k_m", "q8_0", "q6_k"] {
+            let m = ModelManifest::find(&format!("deepseek-r1-distill-qwen-1.5b-{q}")).unwrap();
+            assert_eq!(m.hub.files.len(), 1);
+            assert!(
+                m.hub.files[0].ends_with(&format!("{}.gguf", q.to_uppercase())),
+                "{:?}",
+                m.hub.files
+            );
+            assert_eq!(m.special_tokens, base.special_tokens);
+            assert_eq!(m.config, base.config);
+            assert_eq!(m.sampling, base.sampling);
+        }
+    }
 
     #[test]
     fn builtin_manifests_parse_and_match_the_published_config() {

@@ -15,6 +15,18 @@ use crate::manifest::ModelManifest;
 pub enum ModelSource {
     /// A directory with config.json, tokenizer.json, safetensors...
     Dir(PathBuf),
+    /// A local GGUF file (tokenizer and chat template from its metadata, or from a tokenizer.json
+    /// beside it).
+    Gguf(PathBuf),
+    /// One GGUF file of a hub repository (`owner/name/file.gguf`).
+    RepoGguf {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// The file's path in the repository.
+        file: String,
+    },
     /// A built-in model.
     Manifest(Box<ModelManifest>),
     /// A hub repository without a manifest.
@@ -27,21 +39,45 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Interprets `spec`: an existing path is a directory; a built-in name or its repo is a
-    /// manifest; `owner/name[@revision]` is a hub repo.
+    /// Interprets `spec`: an existing path is a directory or a GGUF file; a built-in name or its
+    /// repo is a manifest; `owner/name[@revision]/file.gguf` is one GGUF file of a hub repo;
+    /// `owner/name[@revision]` is a hub repo.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
-            if !path.is_dir() {
-                return Err(Error::Hub {
-                    model: spec.into(),
-                    message: "is a file; give the directory that holds config.json, tokenizer.json and the safetensors".into(),
-                });
+            if path.is_dir() {
+                return Ok(Self::Dir(path.to_path_buf()));
             }
-            return Ok(Self::Dir(path.to_path_buf()));
+            if is_gguf(spec) {
+                return Ok(Self::Gguf(path.to_path_buf()));
+            }
+            return Err(Error::Hub {
+                model: spec.into(),
+                message: "is a file but not a .gguf; give a GGUF file or the directory that holds config.json, tokenizer.json and the safetensors".into(),
+            });
         }
         if let Some(m) = ModelManifest::find(spec) {
             return Ok(Self::Manifest(Box::new(m)));
+        }
+        if is_gguf(spec) {
+            let mut parts = spec.splitn(3, '/');
+            if let (Some(owner), Some(name), Some(file)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                if let Some((repo, revision)) =
+                    thinkrag_hub::parse_repo_spec(&format!("{owner}/{name}"))
+                {
+                    return Ok(Self::RepoGguf {
+                        repo,
+                        revision,
+                        file: file.to_string(),
+                    });
+                }
+            }
+            return Err(Error::Hub {
+                model: spec.into(),
+                message: "no such GGUF file here, and not a hub file (owner/name/file.gguf)".into(),
+            });
         }
         if let Some((repo, revision)) = thinkrag_hub::parse_repo_spec(spec) {
             return Ok(Self::Repo { repo, revision });
@@ -49,7 +85,7 @@ impl ModelSource {
         Err(Error::Hub {
             model: spec.into(),
             message: format!(
-                "no such directory, built-in model ({}) or hub repository (owner/name)",
+                "no such directory, GGUF file, built-in model ({}) or hub repository (owner/name)",
                 ModelManifest::builtin_names().join(", ")
             ),
         })
@@ -58,9 +94,33 @@ impl ModelSource {
     /// A short name for messages.
     pub fn name(&self) -> String {
         match self {
-            Self::Dir(p) => p.display().to_string(),
+            Self::Dir(p) | Self::Gguf(p) => p.display().to_string(),
             Self::Manifest(m) => m.name.clone(),
             Self::Repo { repo, .. } => repo.clone(),
+            Self::RepoGguf { repo, file, .. } => format!("{repo}/{file}"),
+        }
+    }
+}
+
+fn is_gguf(spec: &str) -> bool {
+    spec.to_ascii_lowercase().ends_with(".gguf")
+}
+
+/// A model's weight files.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightFiles {
+    /// One or more safetensors files (with config.json beside them).
+    Safetensors(Vec<PathBuf>),
+    /// One GGUF file: configuration, weights and usually the tokenizer.
+    Gguf(PathBuf),
+}
+
+impl WeightFiles {
+    /// The first weight file, for messages.
+    pub fn first(&self) -> PathBuf {
+        match self {
+            Self::Safetensors(v) => v.first().cloned().unwrap_or_default(),
+            Self::Gguf(p) => p.clone(),
         }
     }
 }
@@ -70,16 +130,16 @@ impl ModelSource {
 pub struct ModelFiles {
     /// The directory (or hub snapshot) they came from.
     pub dir: PathBuf,
-    /// `config.json`.
-    pub config: PathBuf,
+    /// `config.json` (`None` for GGUF: its metadata has the configuration).
+    pub config: Option<PathBuf>,
     /// `generation_config.json`, if the model has one.
     pub generation_config: Option<PathBuf>,
-    /// `tokenizer.json`.
-    pub tokenizer: PathBuf,
+    /// `tokenizer.json` (`None` for a GGUF file without one beside it: the metadata has it).
+    pub tokenizer: Option<PathBuf>,
     /// `tokenizer_config.json`, if present.
     pub tokenizer_config: Option<PathBuf>,
-    /// One or more safetensors files.
-    pub weights: Vec<PathBuf>,
+    /// The weights.
+    pub weights: WeightFiles,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -130,11 +190,37 @@ impl ModelFiles {
         };
         Ok(Self {
             dir: dir.to_path_buf(),
-            config,
+            config: Some(config),
             generation_config: optional("generation_config.json"),
-            tokenizer,
+            tokenizer: Some(tokenizer),
             tokenizer_config: optional("tokenizer_config.json"),
-            weights,
+            weights: WeightFiles::Safetensors(weights),
+        })
+    }
+
+    /// A GGUF file, with any tokenizer.json, tokenizer_config.json and generation_config.json
+    /// beside it (they take precedence over the GGUF metadata).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                file: path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into(),
+                hint: "no such GGUF file".into(),
+            });
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let optional = |file: &str| Some(dir.join(file)).filter(|p| p.is_file());
+        Ok(Self {
+            config: None,
+            generation_config: optional("generation_config.json"),
+            tokenizer: optional("tokenizer.json"),
+            tokenizer_config: optional("tokenizer_config.json"),
+            weights: WeightFiles::Gguf(path.to_path_buf()),
+            dir,
         })
     }
 
@@ -142,10 +228,17 @@ impl ModelFiles {
     pub fn fetch(source: &ModelSource, hub: &HubOptions) -> Result<Self> {
         match source {
             ModelSource::Dir(dir) => Self::from_dir(dir),
-            ModelSource::Manifest(m) => {
-                fetch_repo(&m.hub.repo, &m.hub.revision, Some(&m.hub.files), hub)
-            }
+            ModelSource::Gguf(path) => Self::from_gguf(path),
+            ModelSource::Manifest(m) => match m.hub.files.iter().find(|f| is_gguf(f)) {
+                Some(file) => fetch_gguf(&m.hub.repo, &m.hub.revision, file, hub),
+                None => fetch_repo(&m.hub.repo, &m.hub.revision, Some(&m.hub.files), hub),
+            },
             ModelSource::Repo { repo, revision } => fetch_repo(repo, revision, None, hub),
+            ModelSource::RepoGguf {
+                repo,
+                revision,
+                file,
+            } => fetch_gguf(repo, revision, file, hub),
         }
     }
 }
@@ -237,12 +330,19 @@ fn fetch_repo(
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(ModelFiles {
         dir,
-        config,
+        config: Some(config),
         generation_config,
-        tokenizer,
+        tokenizer: Some(tokenizer),
         tokenizer_config,
-        weights,
+        weights: WeightFiles::Safetensors(weights),
     })
+}
+
+/// Downloads one GGUF file of a repo (the tokenizer comes from its metadata).
+fn fetch_gguf(repo_id: &str, revision: &str, file: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    let hub = RepoFiles::new(repo_id, revision, opts).map_err(hub_error)?;
+    let path = hub.get(file, true).map_err(hub_error)?.unwrap_or_default();
+    ModelFiles::from_gguf(&path)
 }
 
 fn hub_error(e: HubError) -> Error {

@@ -32,6 +32,7 @@ pub struct SpecialTokens {
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     template: Option<ChatTemplate>,
+    template_source: Option<String>,
     special: SpecialTokens,
     size: usize,
     path: PathBuf,
@@ -78,15 +79,30 @@ impl TextTokenizer {
         generation: &GenerationConfig,
         model: &Qwen2Config,
     ) -> Result<Self> {
-        let err = |message: String| Error::Tokenizer {
-            path: tokenizer_json.to_path_buf(),
-            message,
-        };
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| err(format!("cannot load: {e}")))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Tokenizer {
+                path: tokenizer_json.to_path_buf(),
+                message: format!("cannot load: {e}"),
+            })?;
         let tok_cfg: Value = match tokenizer_config {
             Some(p) => read_json(p)?,
             None => Value::Null,
+        };
+        Self::from_parts(inner, &tok_cfg, generation, model, tokenizer_json)
+    }
+
+    /// Binds an in-memory tokenizer to its model. `tok_cfg` is `tokenizer_config.json`'s content
+    /// (or `null`); `path` names where it all came from, for messages.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        tok_cfg: &Value,
+        generation: &GenerationConfig,
+        model: &Qwen2Config,
+        path: &Path,
+    ) -> Result<Self> {
+        let err = |message: String| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message,
         };
         let size = inner
             .get_vocab(true)
@@ -152,16 +168,29 @@ impl TextTokenizer {
         let bos_string = bos_text.unwrap_or_else(|| inner.id_to_token(bos).unwrap_or_default());
         let eos_string =
             eos_text.unwrap_or_else(|| inner.id_to_token(special.eos[0]).unwrap_or_default());
-        let template = chat_template_source(tok_cfg.get("chat_template"))
-            .map(|src| ChatTemplate::new(&src, &bos_string, &eos_string))
+        let template_source = chat_template_source(tok_cfg.get("chat_template"));
+        let template = template_source
+            .as_deref()
+            .map(|src| ChatTemplate::new(src, &bos_string, &eos_string))
             .transpose()?;
         Ok(Self {
             inner,
             template,
+            template_source,
             special,
             size,
-            path: tokenizer_json.to_path_buf(),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// The chat template's Jinja source, if the model has one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template_source.as_deref()
+    }
+
+    /// Where the tokenizer came from (a tokenizer.json, or a GGUF file).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The special ids.

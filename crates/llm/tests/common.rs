@@ -48,12 +48,9 @@ pub fn engine(dtype: DTypeChoice) -> Engine {
     Engine::from_files(files, "tiny-qwen2".into(), None, &opts, &mut |_| {}).unwrap()
 }
 
-/// Largest absolute difference between two f32 tensors of the same shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
+/// Largest absolute value of an f32 tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -61,4 +58,54 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Largest absolute difference between two f32 tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    max_abs(&(a - b).unwrap())
+}
+
+/// The tiny model with its matrices quantized to `q` while loading.
+pub fn quantized_engine(q: thinkrag_llm::Quantization) -> Engine {
+    let files = ModelFiles::from_dir(&fixture_dir()).unwrap();
+    let opts = LoadOptions {
+        device: DeviceChoice::Cpu,
+        quantize: Some(q),
+        ..LoadOptions::default()
+    };
+    Engine::from_files(files, format!("tiny-qwen2-{q}"), None, &opts, &mut |_| {}).unwrap()
+}
+
+/// The tiny model quantized to `q` and exported to a GGUF file (tokenizer and chat template in
+/// its metadata, nothing beside it), written once per test process.
+pub fn gguf_file(q: thinkrag_llm::Quantization) -> PathBuf {
+    use std::sync::Mutex;
+    static WRITTEN: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = written.iter().find(|(n, _)| *n == q.name()) {
+        return p.clone();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "gguf-{}-{}",
+        std::process::id(),
+        q.name()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("tiny-qwen2-{q}.gguf"));
+    let e = quantized_engine(q);
+    thinkrag_llm::gguf::export(e.model(), e.tokenizer(), "tiny-qwen2", &path).unwrap();
+    written.push((q.name().to_string(), path.clone()));
+    path
+}
+
+/// The tiny model loaded from its GGUF export in format `q`.
+pub fn gguf_engine(q: thinkrag_llm::Quantization) -> Engine {
+    let path = gguf_file(q);
+    let source = thinkrag_llm::ModelSource::parse(path.to_str().unwrap()).unwrap();
+    let opts = LoadOptions {
+        device: DeviceChoice::Cpu,
+        ..LoadOptions::default()
+    };
+    Engine::load(&source, &opts, &mut |_| {}).unwrap()
 }

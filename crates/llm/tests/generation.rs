@@ -1,5 +1,7 @@
 //! The generation loop on the tiny fixture model: stop strings, the thinking budget, seeds,
 //! streaming events that add up to the result, multi-turn conversations that reuse the KV cache.
+//! Every test runs twice: on the f32 weights, and on the Q8_0 GGUF export of the same model
+//! (tokenizer and chat template from its metadata), since one implementation serves both.
 
 mod common;
 
@@ -19,199 +21,216 @@ fn greedy(max_tokens: usize) -> GenerationParams {
     }
 }
 
-/// Generates and returns the result with the concatenated streamed reasoning and answer.
-fn run(params: &GenerationParams, prompt: &str) -> (Generation, String, String, usize) {
-    let e = engine(DTypeChoice::F32);
-    let mut reasoning = String::new();
-    let mut answer = String::new();
-    let mut done = 0;
-    let g = e
-        .generate(&[Message::user(prompt)], params, &mut |ev| {
-            match ev {
-                Event::Reasoning(t) => reasoning.push_str(t),
-                Event::Answer(t) => answer.push_str(t),
-                Event::Done(_) => done += 1,
+/// The generation tests, for one way of loading the model.
+macro_rules! generation_tests {
+    ($suite:ident, $load:expr) => {
+        mod $suite {
+            use super::*;
+
+            fn subject() -> thinkrag_llm::Engine {
+                $load
             }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-    (g, reasoning, answer, done)
-}
 
-#[test]
-fn streamed_events_add_up_to_the_result() {
-    let params = GenerationParams {
-        max_thinking_tokens: Some(6),
-        ..greedy(30)
-    };
-    let (g, reasoning, answer, done) = run(&params, "How many people live in Seattle?");
-    assert_eq!(done, 1, "exactly one Done event");
-    assert_eq!(g.reasoning, reasoning);
-    assert_eq!(g.text, answer);
-    assert_eq!(g.usage.completion_tokens, g.tokens.len());
-    assert!(g.stop_reason.is_some());
-}
+            /// Generates and returns the result with the concatenated streamed reasoning and answer.
+            fn run(params: &GenerationParams, prompt: &str) -> (Generation, String, String, usize) {
+                let e = subject();
+                let mut reasoning = String::new();
+                let mut answer = String::new();
+                let mut done = 0;
+                let g = e
+                    .generate(&[Message::user(prompt)], params, &mut |ev| {
+                        match ev {
+                            Event::Reasoning(t) => reasoning.push_str(t),
+                            Event::Answer(t) => answer.push_str(t),
+                            Event::Done(_) => done += 1,
+                        }
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                (g, reasoning, answer, done)
+            }
 
-#[test]
-fn thinking_budget_closes_the_reasoning_and_the_model_answers() {
-    let e = engine(DTypeChoice::F32);
-    let close = e.tokenizer().special().think_close.unwrap();
-    let params = GenerationParams {
-        max_thinking_tokens: Some(5),
-        ..greedy(20)
-    };
-    let (g, ..) = run(&params, "What is 2 + 2?");
-    // Five reasoning tokens, then the forced </think> (counted as reasoning), then the answer.
-    assert_eq!(g.tokens[5], close, "{:?}", g.tokens);
-    assert_eq!(g.usage.reasoning_tokens, 6);
-    assert!(g.usage.answer_tokens >= 1);
-    // A budget of 0 answers at once: empty reasoning.
-    let params = GenerationParams {
-        max_thinking_tokens: Some(0),
-        ..greedy(10)
-    };
-    let (g, reasoning, ..) = run(&params, "What is 2 + 2?");
-    assert_eq!(g.tokens[0], close);
-    assert!(reasoning.is_empty() && g.reasoning.is_empty());
-}
+            #[test]
+            fn streamed_events_add_up_to_the_result() {
+                let params = GenerationParams {
+                    max_thinking_tokens: Some(6),
+                    ..greedy(30)
+                };
+                let (g, reasoning, answer, done) = run(&params, "How many people live in Seattle?");
+                assert_eq!(done, 1, "exactly one Done event");
+                assert_eq!(g.reasoning, reasoning);
+                assert_eq!(g.text, answer);
+                assert_eq!(g.usage.completion_tokens, g.tokens.len());
+                assert!(g.stop_reason.is_some());
+            }
 
-#[test]
-fn length_stop_without_think_close_is_all_reasoning() {
-    let e = engine(DTypeChoice::F32);
-    let close = e.tokenizer().special().think_close.unwrap();
-    let (g, ..) = run(&greedy(12), "Tell me about Miami.");
-    if !g.tokens.contains(&close) {
-        assert_eq!(g.stop_reason, Some(StopReason::Length));
-        assert!(g.text.is_empty());
-        assert_eq!(g.usage.answer_tokens, 0);
-        assert_eq!(g.usage.reasoning_tokens, 12);
-    }
-}
+            #[test]
+            fn thinking_budget_closes_the_reasoning_and_the_model_answers() {
+                let e = subject();
+                let close = e.tokenizer().special().think_close.unwrap();
+                let params = GenerationParams {
+                    max_thinking_tokens: Some(5),
+                    ..greedy(20)
+                };
+                let (g, ..) = run(&params, "What is 2 + 2?");
+                // Five reasoning tokens, then the forced </think> (counted as reasoning), then the answer.
+                assert_eq!(g.tokens[5], close, "{:?}", g.tokens);
+                assert_eq!(g.usage.reasoning_tokens, 6);
+                assert!(g.usage.answer_tokens >= 1);
+                // A budget of 0 answers at once: empty reasoning.
+                let params = GenerationParams {
+                    max_thinking_tokens: Some(0),
+                    ..greedy(10)
+                };
+                let (g, reasoning, ..) = run(&params, "What is 2 + 2?");
+                assert_eq!(g.tokens[0], close);
+                assert!(reasoning.is_empty() && g.reasoning.is_empty());
+            }
 
-#[test]
-fn a_stop_string_ends_generation_and_never_appears() {
-    let (full, ..) = run(&greedy(40), "Tell me about Chicago.");
-    let text = full.reasoning.clone();
-    let chars: Vec<char> = text.chars().collect();
-    assert!(chars.len() > 10, "the tiny model writes enough: {text:?}");
-    // A stop string from the middle of what greedy decoding writes, likely spanning tokens.
-    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
-    let cut = text.find(&stop).unwrap();
-    let params = GenerationParams {
-        stop: vec![stop.clone()],
-        ..greedy(40)
-    };
-    let (g, reasoning, ..) = run(&params, "Tell me about Chicago.");
-    assert_eq!(g.stop_reason, Some(StopReason::Stop));
-    assert_eq!(g.reasoning, text[..cut]);
-    assert_eq!(reasoning, text[..cut]);
-    assert!(!g.reasoning.contains(&stop));
-}
-
-#[test]
-fn same_seed_same_tokens_different_seed_different_tokens() {
-    let sampled = |seed| {
-        let params = GenerationParams {
-            sampling: SamplingParams {
-                temperature: 1.0,
-                top_p: 1.0,
-                seed: Some(seed),
-                ..SamplingParams::default()
-            },
-            max_tokens: 24,
-            ..GenerationParams::default()
-        };
-        run(&params, "Name a city.").0.tokens
-    };
-    assert_eq!(sampled(11), sampled(11));
-    assert_ne!(sampled(11), sampled(12));
-}
-
-#[test]
-fn the_caller_can_cancel() {
-    let e = engine(DTypeChoice::F32);
-    let mut events = 0;
-    let g = e
-        .generate(
-            &[Message::user("Tell me about Austin.")],
-            &greedy(30),
-            &mut |ev| {
-                if matches!(ev, Event::Reasoning(_) | Event::Answer(_)) {
-                    events += 1;
-                    return ControlFlow::Break(());
+            #[test]
+            fn length_stop_without_think_close_is_all_reasoning() {
+                let e = subject();
+                let close = e.tokenizer().special().think_close.unwrap();
+                let (g, ..) = run(&greedy(12), "Tell me about Miami.");
+                if !g.tokens.contains(&close) {
+                    assert_eq!(g.stop_reason, Some(StopReason::Length));
+                    assert!(g.text.is_empty());
+                    assert_eq!(g.usage.answer_tokens, 0);
+                    assert_eq!(g.usage.reasoning_tokens, 12);
                 }
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
-    assert_eq!(g.stop_reason, Some(StopReason::Cancelled));
-    assert_eq!(events, 1);
-}
+            }
 
-#[test]
-fn max_tokens_never_passes_the_context_window() {
-    let e = engine(DTypeChoice::F32);
-    let prompt = e.encode_messages(&[Message::user("Hi")]).unwrap();
-    let mut session = e.new_session();
-    let window = e.context_window();
-    // Fill the session so that only 3 positions are left.
-    let filler: Vec<u32> = std::iter::repeat_n(prompt[1], window - prompt.len() - 3).collect();
-    let mut long = prompt[..1].to_vec();
-    long.extend(&filler);
-    long.extend(&prompt[1..]);
-    let g = e
-        .generate_in(&mut session, &long, &greedy(100), &mut |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-    assert_eq!(g.stop_reason, Some(StopReason::Length));
-    assert!(session.len() <= window);
-    assert!(g.usage.completion_tokens <= 4);
-}
+            #[test]
+            fn a_stop_string_ends_generation_and_never_appears() {
+                let (full, ..) = run(&greedy(40), "Tell me about Chicago.");
+                let text = full.reasoning.clone();
+                let chars: Vec<char> = text.chars().collect();
+                assert!(chars.len() > 10, "the tiny model writes enough: {text:?}");
+                // A stop string from the middle of what greedy decoding writes, likely spanning tokens.
+                let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+                let cut = text.find(&stop).unwrap();
+                let params = GenerationParams {
+                    stop: vec![stop.clone()],
+                    ..greedy(40)
+                };
+                let (g, reasoning, ..) = run(&params, "Tell me about Chicago.");
+                assert_eq!(g.stop_reason, Some(StopReason::Stop));
+                assert_eq!(g.reasoning, text[..cut]);
+                assert_eq!(reasoning, text[..cut]);
+                assert!(!g.reasoning.contains(&stop));
+            }
 
-#[test]
-fn conversation_keeps_answers_only_and_reuses_the_shared_prefix() {
-    let e = engine(DTypeChoice::F32);
-    let mut conv = Conversation::new(&e);
-    let params = GenerationParams {
-        max_thinking_tokens: Some(4),
-        ..greedy(12)
+            #[test]
+            fn same_seed_same_tokens_different_seed_different_tokens() {
+                let sampled = |seed| {
+                    let params = GenerationParams {
+                        sampling: SamplingParams {
+                            temperature: 1.0,
+                            top_p: 1.0,
+                            seed: Some(seed),
+                            ..SamplingParams::default()
+                        },
+                        max_tokens: 24,
+                        ..GenerationParams::default()
+                    };
+                    run(&params, "Name a city.").0.tokens
+                };
+                assert_eq!(sampled(11), sampled(11));
+                assert_ne!(sampled(11), sampled(12));
+            }
+
+            #[test]
+            fn the_caller_can_cancel() {
+                let e = subject();
+                let mut events = 0;
+                let g = e
+                    .generate(
+                        &[Message::user("Tell me about Austin.")],
+                        &greedy(30),
+                        &mut |ev| {
+                            if matches!(ev, Event::Reasoning(_) | Event::Answer(_)) {
+                                events += 1;
+                                return ControlFlow::Break(());
+                            }
+                            ControlFlow::Continue(())
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(g.stop_reason, Some(StopReason::Cancelled));
+                assert_eq!(events, 1);
+            }
+
+            #[test]
+            fn max_tokens_never_passes_the_context_window() {
+                let e = subject();
+                let prompt = e.encode_messages(&[Message::user("Hi")]).unwrap();
+                let mut session = e.new_session();
+                let window = e.context_window();
+                // Fill the session so that only 3 positions are left.
+                let filler: Vec<u32> =
+                    std::iter::repeat_n(prompt[1], window - prompt.len() - 3).collect();
+                let mut long = prompt[..1].to_vec();
+                long.extend(&filler);
+                long.extend(&prompt[1..]);
+                let g = e
+                    .generate_in(&mut session, &long, &greedy(100), &mut |_| {
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                assert_eq!(g.stop_reason, Some(StopReason::Length));
+                assert!(session.len() <= window);
+                assert!(g.usage.completion_tokens <= 4);
+            }
+
+            #[test]
+            fn conversation_keeps_answers_only_and_reuses_the_shared_prefix() {
+                let e = subject();
+                let mut conv = Conversation::new(&e);
+                let params = GenerationParams {
+                    max_thinking_tokens: Some(4),
+                    ..greedy(12)
+                };
+                let noop = &mut |_: Event<'_>| ControlFlow::Continue(());
+                let first = conv
+                    .send(&e, "What is the population of Austin?", &params, noop)
+                    .unwrap();
+                assert_eq!(first.usage.cached_prompt_tokens, 0);
+                let second = conv.send(&e, "And Seattle?", &params, noop).unwrap();
+                // Turn 2's prompt shares turn 1's prompt up to `<｜Assistant｜>` (the history has no
+                // `<think>\n`): only the rest is prefilled.
+                let turn1_prompt = first.usage.prompt_tokens;
+                assert_eq!(
+                    second.usage.cached_prompt_tokens,
+                    turn1_prompt - 2,
+                    "{:?}",
+                    second.usage
+                );
+                assert!(second.usage.cached_prompt_tokens < second.usage.prompt_tokens);
+                // `</think>` in the later turn splits reasoning from answer as in the first.
+                assert_eq!(
+                    second.usage.reasoning_tokens, 5,
+                    "4 reasoning tokens and the forced </think>"
+                );
+                assert!(second.usage.answer_tokens > 0);
+                // The history fed to the model has no reasoning.
+                let rendered = e.tokenizer().render_chat(conv.messages(), true).unwrap();
+                if !first.reasoning.trim().is_empty() {
+                    assert!(!rendered.contains(first.reasoning.trim()), "{rendered}");
+                }
+                // Reusing the cache changes nothing: a fresh session on the same prompt gives the same tokens.
+                let history = &conv.messages()[..3];
+                let cold = e.generate(history, &params, noop).unwrap();
+                assert_eq!(cold.tokens, second.tokens);
+                let third = conv.send(&e, "Which is larger?", &params, noop).unwrap();
+                assert!(third.usage.cached_prompt_tokens > second.usage.cached_prompt_tokens);
+                assert_eq!(conv.messages().len(), 6);
+            }
+        }
     };
-    let noop = &mut |_: Event<'_>| ControlFlow::Continue(());
-    let first = conv
-        .send(&e, "What is the population of Austin?", &params, noop)
-        .unwrap();
-    assert_eq!(first.usage.cached_prompt_tokens, 0);
-    let second = conv.send(&e, "And Seattle?", &params, noop).unwrap();
-    // Turn 2's prompt shares turn 1's prompt up to `<｜Assistant｜>` (the history has no
-    // `<think>\n`): only the rest is prefilled.
-    let turn1_prompt = first.usage.prompt_tokens;
-    assert_eq!(
-        second.usage.cached_prompt_tokens,
-        turn1_prompt - 2,
-        "{:?}",
-        second.usage
-    );
-    assert!(second.usage.cached_prompt_tokens < second.usage.prompt_tokens);
-    // `</think>` in the later turn splits reasoning from answer as in the first.
-    assert_eq!(
-        second.usage.reasoning_tokens, 5,
-        "4 reasoning tokens and the forced </think>"
-    );
-    assert!(second.usage.answer_tokens > 0);
-    // The history fed to the model has no reasoning.
-    let rendered = e.tokenizer().render_chat(conv.messages(), true).unwrap();
-    if !first.reasoning.trim().is_empty() {
-        assert!(!rendered.contains(first.reasoning.trim()), "{rendered}");
-    }
-    // Reusing the cache changes nothing: a fresh session on the same prompt gives the same tokens.
-    let history = &conv.messages()[..3];
-    let cold = e.generate(history, &params, noop).unwrap();
-    assert_eq!(cold.tokens, second.tokens);
-    let third = conv.send(&e, "Which is larger?", &params, noop).unwrap();
-    assert!(third.usage.cached_prompt_tokens > second.usage.cached_prompt_tokens);
-    assert_eq!(conv.messages().len(), 6);
 }
+
+generation_tests!(f32_safetensors, engine(DTypeChoice::F32));
+generation_tests!(q8_0_gguf, gguf_engine(thinkrag_llm::Quantization::Q8_0));
 
 #[test]
 fn random_weights_of_a_config_load_and_run() {

@@ -175,13 +175,7 @@ fn warm_multi_token_prefill_works_in_every_dtype() {
         let reference_cold = r["turn2_cold_logits"]
             .narrow(0, split, turn2.len() - split)
             .unwrap();
-        let scale = reference_cold
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&reference_cold);
         let d = max_abs_diff(&w, &reference_cold);
         assert!(
             d < 0.03 * scale,

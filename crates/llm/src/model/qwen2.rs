@@ -8,12 +8,14 @@
 //! decoded token by the group size.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::RmsNorm;
 
 use crate::config::Qwen2Config;
 use crate::error::Result;
+use crate::model::decode_attention::decode_attention;
 use crate::model::kv_cache::KvCache;
-use crate::model::linear::Dense as Linear;
+use crate::model::linear::{Linear, Weight};
+use crate::model::weights::WeightSource;
 
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,42 +57,86 @@ struct Rope {
     sin: Tensor,
 }
 
+/// The token embedding table. Quantized tables stay quantized: a lookup dequantizes only the rows
+/// it reads (151,936 x 1,536 in f32 would be 930 MB).
+struct TokenEmbedding {
+    table: Weight,
+}
+
+impl TokenEmbedding {
+    fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.table {
+            Weight::Dense(t) => {
+                let (_, hidden) = t.dims2()?;
+                let flat = ids.flatten_all()?;
+                let mut shape = ids.dims().to_vec();
+                shape.push(hidden);
+                t.index_select(&flat, 0)?.reshape(shape)?
+            }
+            Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+        })
+    }
+}
+
 /// A Qwen2 causal language model.
 pub struct Qwen2 {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// The output projection reuses the embedding table (no `lm_head.weight` of its own).
+    tied_lm_head: bool,
     inv_freq: Vec<f32>,
     cfg: Qwen2Config,
     dtype: DType,
     device: Device,
 }
 
-fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
+/// Tensor names under a prefix, as Hugging Face writes them (`model.layers.0.self_attn`...).
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    src: &'a dyn WeightSource,
+    prefix: &'a str,
 }
 
-fn rms_norm(vb: &VarBuilder, size: usize, eps: f64) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get(size, "weight")?, eps))
+impl Names<'_> {
+    fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    fn linear(&self, module: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let m = self.name(module);
+        let weight = self.src.matrix(&format!("{m}.weight"), (out_dim, in_dim))?;
+        let bias = if bias {
+            Some(self.src.vector(&format!("{m}.bias"), out_dim)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    fn rms_norm(&self, module: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        let w = self
+            .src
+            .vector(&format!("{}.weight", self.name(module)), size)?;
+        Ok(RmsNorm::new(w, eps))
+    }
 }
 
 impl Attention {
-    fn new(cfg: &Qwen2Config, layer: usize, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Qwen2Config, layer: usize, w: Names) -> Result<Self> {
         let h = cfg.hidden_size;
         let head_dim = cfg.head_dim();
         let kv = cfg.num_key_value_heads * head_dim;
         Ok(Self {
-            q_proj: linear(&vb.pp("q_proj"), h, h, true)?,
-            k_proj: linear(&vb.pp("k_proj"), h, kv, true)?,
-            v_proj: linear(&vb.pp("v_proj"), h, kv, true)?,
-            o_proj: linear(&vb.pp("o_proj"), h, h, false)?,
+            q_proj: w.linear("q_proj", h, h, true)?,
+            k_proj: w.linear("k_proj", h, kv, true)?,
+            v_proj: w.linear("v_proj", h, kv, true)?,
+            o_proj: w.linear("o_proj", h, h, false)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim,
@@ -133,11 +179,18 @@ impl Attention {
         };
         let kv_len = k.dim(2)?;
         let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if s == 1 && b == 1 {
+            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
+            let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
+            if let Some(out) = decode_attention(&q, &k, &v, scale as f32)? {
+                return Ok(self.o_proj.forward(&out)?);
+            }
+        }
         // Heads h*group..(h+1)*group share KV head h: fold them into the query rows of one matmul.
         let q = q
             .contiguous()?
             .reshape((b, self.kv_heads, group * s, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         // Softmax in f32 whatever the model dtype, as the reference implementation does.
         let scores = scores.to_dtype(DType::F32)?;
@@ -165,12 +218,12 @@ fn apply_rope(x: &Tensor, rope: &Rope) -> Result<Tensor> {
 }
 
 impl Mlp {
-    fn new(cfg: &Qwen2Config, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Qwen2Config, w: Names) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(&vb.pp("gate_proj"), h, i, false)?,
-            up_proj: linear(&vb.pp("up_proj"), h, i, false)?,
-            down_proj: linear(&vb.pp("down_proj"), i, h, false)?,
+            gate_proj: w.linear("gate_proj", h, i, false)?,
+            up_proj: w.linear("up_proj", h, i, false)?,
+            down_proj: w.linear("down_proj", i, h, false)?,
         })
     }
 
@@ -182,48 +235,64 @@ impl Mlp {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &Qwen2Config, layer: usize, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Qwen2Config, layer: usize, w: Names) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let attn = w.name("self_attn");
+        let mlp = w.name("mlp");
         Ok(Self {
-            input_layernorm: rms_norm(
-                &vb.pp("input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
-            self_attn: Attention::new(cfg, layer, &vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(
-                &vb.pp("post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
-            mlp: Mlp::new(cfg, &vb.pp("mlp"))?,
+            input_layernorm: w.rms_norm("input_layernorm", h, eps)?,
+            self_attn: Attention::new(cfg, layer, Names { prefix: &attn, ..w })?,
+            post_attention_layernorm: w.rms_norm("post_attention_layernorm", h, eps)?,
+            mlp: Mlp::new(cfg, Names { prefix: &mlp, ..w })?,
         })
     }
 }
 
 impl Qwen2 {
     /// Builds the model from weights with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`
-    /// ...). `progress(done, total)` is called as layers load: with mmapped weights converted to
-    /// another dtype, loading is real work worth showing.
+    /// ...), full precision or quantized as `weights` delivers them. `progress(done, total)` is
+    /// called as layers load: converting or quantizing mmapped weights is real work worth showing.
     pub fn new(
         cfg: &Qwen2Config,
-        vb: VarBuilder,
+        weights: &dyn WeightSource,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let total = cfg.num_hidden_layers + 2;
-        let vbm = vb.pp("model");
-        let embed_weight = vbm.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
-        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let model = Names {
+            src: weights,
+            prefix: "model",
+        };
+        let embed_weight = weights.matrix(
+            "model.embed_tokens.weight",
+            (cfg.vocab_size, cfg.hidden_size),
+        )?;
         progress(1, total);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            layers.push(DecoderLayer::new(cfg, i, &vbm.pp(format!("layers.{i}")))?);
+            let prefix = format!("model.layers.{i}");
+            layers.push(DecoderLayer::new(
+                cfg,
+                i,
+                Names {
+                    prefix: &prefix,
+                    ..model
+                },
+            )?);
             progress(i + 2, total);
         }
-        let norm = rms_norm(&vbm.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed_weight, None)
+        let norm = model.rms_norm("norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let root = Names {
+            src: weights,
+            prefix: "",
+        };
+        let tied_lm_head = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head = if tied_lm_head {
+            Linear::new(embed_weight.clone(), None)
         } else {
-            linear(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            root.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let embed_tokens = TokenEmbedding {
+            table: embed_weight,
         };
         progress(total, total);
         let head_dim = cfg.head_dim();
@@ -236,10 +305,11 @@ impl Qwen2 {
             layers,
             norm,
             lm_head,
+            tied_lm_head,
             inv_freq,
             cfg: cfg.clone(),
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            dtype: weights.dtype(),
+            device: weights.device().clone(),
         })
     }
 
@@ -325,7 +395,7 @@ impl Qwen2 {
         let start = cache.len();
         cache.reserve(seq)?;
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed_tokens.forward(&input)?;
+        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
         let rope = self.rope(start, seq)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -359,6 +429,82 @@ impl Qwen2 {
             Logits::Last => logits.squeeze(0)?.squeeze(0)?,
             Logits::All => logits.squeeze(0)?,
         })
+    }
+
+    /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
+    /// writes. Vectors (norms, biases) come as dense weights.
+    pub fn named_weights(&self) -> Vec<(String, Weight)> {
+        let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.table.clone(),
+        )];
+        let linear = |out: &mut Vec<(String, Weight)>, name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), Weight::Dense(b.clone())));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                norm(&layer.input_layernorm),
+            ));
+            let a = &layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                linear(&mut out, format!("{p}.self_attn.{n}"), l);
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                norm(&layer.post_attention_layernorm),
+            ));
+            let m = &layer.mlp;
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                linear(&mut out, format!("{p}.mlp.{n}"), l);
+            }
+        }
+        out.push(("model.norm.weight".to_string(), norm(&self.norm)));
+        if !self.tied_lm_head {
+            linear(&mut out, "lm_head".to_string(), &self.lm_head);
+        }
+        out
+    }
+
+    /// Bytes the weights occupy in memory.
+    pub fn weights_size_in_bytes(&self) -> usize {
+        self.named_weights()
+            .iter()
+            .map(|(_, w)| w.size_in_bytes())
+            .sum()
+    }
+
+    /// How the projection weights are stored: `"f32"`, `"bf16"`, `"q4k"`, or a mix such as
+    /// `"q4k+q8_0"` when some matrices fell back to another format.
+    pub fn weights_format(&self) -> String {
+        let mut kinds: Vec<String> = Vec::new();
+        for (name, w) in self.named_weights() {
+            if !name.ends_with(".weight") || name.contains("norm") {
+                continue;
+            }
+            let k = match &w {
+                Weight::Dense(t) => crate::device::dtype_name(t.dtype()).to_string(),
+                Weight::Quantized(q) => format!("{:?}", q.dtype()).to_ascii_lowercase(),
+            };
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        kinds.join("+")
     }
 
     /// The logits tensor's width (the config's `vocab_size`).

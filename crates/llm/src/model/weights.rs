@@ -1,0 +1,248 @@
+//! Where a model's tensors come from: safetensors (full precision, or quantized while loading) or a
+//! GGUF file (quantized as stored). The model asks for tensors by their Hugging Face names; each
+//! source maps and converts, so one model implementation serves every format.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::model::linear::Weight;
+use crate::quant::Quantization;
+
+/// A source of named tensors for building a model.
+pub trait WeightSource {
+    /// The dtype activations (and full-precision weights) run in.
+    fn dtype(&self) -> DType;
+    /// The device the tensors are put on.
+    fn device(&self) -> &Device;
+    /// A vector (norm weight, bias) of `len` elements, in [`Self::dtype`].
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor>;
+    /// A matrix `(out, in)` for a projection or an embedding table.
+    fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight>;
+    /// Whether the source has a tensor of this name.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Safetensors with Hugging Face names, optionally quantized as they load.
+pub struct SafetensorsWeights<'a> {
+    vb: VarBuilder<'a>,
+    quantize: Option<Quantization>,
+}
+
+impl<'a> SafetensorsWeights<'a> {
+    /// Wraps a var builder; with `quantize`, every matrix is quantized to that format (rows it
+    /// cannot split fall back as [`Quantization::for_row_length`] says).
+    pub fn new(vb: VarBuilder<'a>, quantize: Option<Quantization>) -> Self {
+        Self { vb, quantize }
+    }
+}
+
+impl WeightSource for SafetensorsWeights<'_> {
+    fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        Ok(self.vb.get(len, name)?)
+    }
+
+    fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight> {
+        let Some(q) = self.quantize else {
+            return Ok(Weight::Dense(self.vb.get(shape, name)?));
+        };
+        let t = self
+            .vb
+            .get_with_hints_dtype(shape, name, Default::default(), DType::F32)?;
+        match q.for_row_length(shape.1) {
+            GgmlDType::F32 => Ok(Weight::Dense(t.to_dtype(self.dtype())?)),
+            ggml => {
+                // Quantizing runs on the CPU; the blocks then move to the device as they are.
+                let t = t.to_device(&Device::Cpu)?;
+                let q = QTensor::quantize_onto(&t, ggml, self.device())?;
+                Ok(Weight::Quantized(Arc::new(q)))
+            }
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+}
+
+/// The GGUF name llama.cpp gives a Qwen2 tensor with this Hugging Face name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{kind}"))
+}
+
+/// A GGUF file's tensors, read on request (each copied into memory, still quantized).
+pub struct GgufWeights {
+    path: PathBuf,
+    content: gguf_file::Content,
+    reader: Mutex<BufReader<File>>,
+    device: Device,
+    dtype: DType,
+}
+
+impl GgufWeights {
+    /// Opens `path` and reads its header; tensors come later, one at a time.
+    pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let (content, reader) = read_gguf(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader: Mutex::new(reader),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The file's header: metadata and tensor directory.
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    fn qtensor(&self, hf: &str) -> Result<QTensor> {
+        let name = gguf_name(hf).ok_or_else(|| self.error(format!("no GGUF name for {hf}")))?;
+        let info = self.content.tensor_infos.get(&name).ok_or_else(|| {
+            self.error(format!(
+                "has no tensor {name} (for {hf}): not a Qwen2 GGUF, or an incomplete one"
+            ))
+        })?;
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| self.error("a previous read failed".into()))?;
+        info.read(&mut *reader, self.content.tensor_data_offset, &self.device)
+            .map_err(|e| self.error(format!("tensor {name}: {e}")))
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Weights {
+            path: self.path.clone(),
+            message,
+        }
+    }
+}
+
+/// Reads a GGUF header, with errors that name the file.
+pub fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        message: format!("not a readable GGUF file ({e})"),
+    })?;
+    Ok((content, reader))
+}
+
+impl WeightSource for GgufWeights {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.qtensor(name)?.dequantize(&self.device)?;
+        if t.elem_count() != len {
+            return Err(self.error(format!(
+                "{name} has {} elements, the model expects {len}",
+                t.elem_count()
+            )));
+        }
+        Ok(t.reshape(len)?.to_dtype(self.dtype)?)
+    }
+
+    fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight> {
+        let q = self.qtensor(name)?;
+        if q.shape().dims() != [shape.0, shape.1] {
+            return Err(self.error(format!(
+                "{name} is {:?}, the model expects {shape:?}",
+                q.shape().dims()
+            )));
+        }
+        Ok(match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::Dense(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
+            }
+            _ => Weight::Quantized(Arc::new(q)),
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hugging_face_names_map_to_llama_cpp_names() {
+        let cases = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("lm_head.weight", "output.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("model.layers.0.self_attn.q_proj.bias", "blk.0.attn_q.bias"),
+            (
+                "model.layers.27.mlp.down_proj.weight",
+                "blk.27.ffn_down.weight",
+            ),
+            (
+                "model.layers.3.input_layernorm.weight",
+                "blk.3.attn_norm.weight",
+            ),
+            (
+                "model.layers.3.post_attention_layernorm.weight",
+                "blk.3.ffn_norm.weight",
+            ),
+            (
+                "model.layers.1.self_attn.o_proj.weight",
+                "blk.1.attn_output.weight",
+            ),
+        ];
+        for (hf, gguf) in cases {
+            assert_eq!(gguf_name(hf).as_deref(), Some(gguf), "{hf}");
+        }
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_name("something.else"), None);
+    }
+}
