@@ -94,7 +94,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!("Language models:");
             for m in thinkrag_llm::ModelManifest::builtin() {
                 println!(
-                    "  {:<34} {} ({}, {})",
+                    "  {:<38} {} ({}, {})",
                     m.name,
                     m.hub.repo,
                     m.architecture,
@@ -104,7 +104,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!("Embedders:");
             for m in thinkrag::embed::EmbedderManifest::builtin() {
                 println!(
-                    "  {:<34} {} ({} dims, {} pooling)",
+                    "  {:<38} {} ({} dims, {} pooling)",
                     m.name,
                     m.hub.repo,
                     m.dim,
