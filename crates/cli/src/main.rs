@@ -58,6 +58,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `thinkrag models | head -1` would panic in println!; restore the
+    // default so a closed pipe ends the program quietly, as it does every Unix filter.
+    #[cfg(unix)]
+    // SAFETY: the first thing main does, before any other thread exists; SIG_DFL is valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
