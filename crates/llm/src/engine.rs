@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Event, Generation, GenerationParams, StopReason, Usage};
 use crate::gguf;
 use crate::manifest::ModelManifest;
-use crate::model::{GgufWeights, SafetensorsWeights, WeightSource};
+use crate::model::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};
 use crate::model::{KvCache, Logits, Qwen2};
 use crate::quant::Quantization;
 use crate::sampling::{Sampler, SamplingParams};
@@ -137,7 +137,7 @@ impl Engine {
                 ))
             }
         };
-        let model = load_weights(&config, &files.weights, opts, &device, progress)?;
+        let model = load_weights(&config, loaded.weights, opts, &device, progress)?;
         Ok(Self {
             model,
             tokenizer,
@@ -587,6 +587,22 @@ struct LoadedConfig {
     generation: GenerationConfig,
     /// `None` when a GGUF file has no tokenizer and no tokenizer.json is beside it.
     tokenizer: Option<TextTokenizer>,
+    weights: OpenWeights,
+}
+
+/// Weights ready to load: safetensors files, or a GGUF file whose header is already read.
+enum OpenWeights {
+    Safetensors(Vec<std::path::PathBuf>),
+    Gguf(GgufFile),
+}
+
+impl OpenWeights {
+    fn open(files: &WeightFiles) -> Result<Self> {
+        Ok(match files {
+            WeightFiles::Safetensors(paths) => Self::Safetensors(paths.clone()),
+            WeightFiles::Gguf(path) => Self::Gguf(GgufFile::open(path)?),
+        })
+    }
 }
 
 impl LoadedConfig {
@@ -597,22 +613,24 @@ impl LoadedConfig {
             Some(p) => Some(GenerationConfig::from_file(p)?),
             None => None,
         };
-        let (config, generation, gguf_tokenizer) = match (&files.weights, &files.config) {
+        let (config, generation, gguf_tokenizer, weights) = match (&files.weights, &files.config) {
             (WeightFiles::Gguf(path), _) => {
-                let (content, _) = crate::model::weights::read_gguf(path)?;
-                let info = gguf::model_info(&content, path)?;
+                let file = GgufFile::open(path)?;
+                let info = gguf::model_info(file.content(), path)?;
                 let tok = if files.tokenizer.is_none() {
-                    gguf::tokenizer_from_metadata(&content, path)?
+                    gguf::tokenizer_from_metadata(file.content(), path)?
                 } else {
                     None
                 };
                 let generation = generation_file.unwrap_or(info.generation);
-                (info.config, generation, tok.map(|t| (t, path.clone())))
+                let tok = tok.map(|t| (t, path.clone()));
+                (info.config, generation, tok, OpenWeights::Gguf(file))
             }
-            (WeightFiles::Safetensors(_), Some(config)) => (
+            (WeightFiles::Safetensors(paths), Some(config)) => (
                 Qwen2Config::from_file(config)?,
                 generation_file.unwrap_or_default(),
                 None,
+                OpenWeights::Safetensors(paths.clone()),
             ),
             (WeightFiles::Safetensors(_), None) => {
                 return Err(Error::MissingFile {
@@ -642,18 +660,15 @@ impl LoadedConfig {
             config,
             generation,
             tokenizer,
+            weights,
         })
     }
 }
 
 /// The activation dtype: what the user asked for, except that quantized weights always compute
 /// in f32 (candle's quantized kernels take f32 input; a T4 never runs pure fp16 this way).
-fn activation_dtype(
-    weights: &WeightFiles,
-    opts: &LoadOptions,
-    device: &candle_core::Device,
-) -> Result<DType> {
-    let quantized = opts.quantize.is_some() || matches!(weights, WeightFiles::Gguf(_));
+fn activation_dtype(gguf: bool, opts: &LoadOptions, device: &candle_core::Device) -> Result<DType> {
+    let quantized = opts.quantize.is_some() || gguf;
     if !quantized {
         return opts.dtype.resolve(device);
     }
@@ -671,17 +686,20 @@ fn activation_dtype(
 /// file) and builds the model.
 fn load_weights(
     config: &Qwen2Config,
-    weights: &WeightFiles,
+    weights: OpenWeights,
     opts: &LoadOptions,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<Qwen2> {
-    let dtype = activation_dtype(weights, opts, device)?;
+    let dtype = activation_dtype(matches!(weights, OpenWeights::Gguf(_)), opts, device)?;
     let mut report = |done, total| progress(LoadProgress::Weights { done, total });
-    let first = weights.first();
+    let first = match &weights {
+        OpenWeights::Safetensors(paths) => paths.first().cloned().unwrap_or_default(),
+        OpenWeights::Gguf(file) => file.path().to_path_buf(),
+    };
     let result = match weights {
-        WeightFiles::Safetensors(paths) => {
-            for path in paths {
+        OpenWeights::Safetensors(paths) => {
+            for path in &paths {
                 // SAFETY: the file is mapped read-only; thinkrag never writes model files while
                 // they are loaded, and the docs tell users not to modify a model in use.
                 unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
@@ -692,16 +710,15 @@ fn load_weights(
                 })?;
             }
             // SAFETY: as above.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(
-                |e| Error::Weights {
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&paths, dtype, device) }
+                .map_err(|e| Error::Weights {
                     path: first.clone(),
                     message: e.to_string(),
-                },
-            )?;
+                })?;
             let src = SafetensorsWeights::new(vb, opts.quantize);
             Qwen2::new(config, &src as &dyn WeightSource, &mut report)
         }
-        WeightFiles::Gguf(path) => {
+        OpenWeights::Gguf(file) => {
             if let Some(q) = opts.quantize {
                 return Err(Error::invalid(
                     "quantize",
@@ -709,7 +726,7 @@ fn load_weights(
                     "nothing for a GGUF file, whose weights are already quantized (--quantize turns safetensors into quantized weights)",
                 ));
             }
-            let src = GgufWeights::open(path, device, dtype)?;
+            let src = GgufWeights::new(file, device, dtype);
             Qwen2::new(config, &src as &dyn WeightSource, &mut report)
         }
     };
@@ -730,9 +747,9 @@ pub fn load_model_only(
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<Qwen2> {
     let (config, weights) = if path.is_file() {
-        let (content, _) = crate::model::weights::read_gguf(path)?;
-        let info = gguf::model_info(&content, path)?;
-        (info.config, WeightFiles::Gguf(path.to_path_buf()))
+        let file = GgufFile::open(path)?;
+        let info = gguf::model_info(file.content(), path)?;
+        (info.config, OpenWeights::Gguf(file))
     } else {
         let config_path = path.join("config.json");
         if !config_path.is_file() {
@@ -745,16 +762,16 @@ pub fn load_model_only(
         }
         let config = Qwen2Config::from_file(&config_path)?;
         let weights = match ModelFiles::from_dir(path) {
-            Ok(files) => files.weights,
+            Ok(files) => OpenWeights::open(&files.weights)?,
             Err(Error::MissingFile { file, .. }) if file == "tokenizer.json" => {
-                WeightFiles::Safetensors(vec![path.join("model.safetensors")])
+                OpenWeights::Safetensors(vec![path.join("model.safetensors")])
             }
             Err(e) => return Err(e),
         };
         (config, weights)
     };
     let device = opts.device.open()?;
-    load_weights(&config, &weights, opts, &device, progress)
+    load_weights(&config, weights, opts, &device, progress)
 }
 
 #[cfg(test)]
@@ -764,8 +781,7 @@ mod tests {
     #[test]
     fn quantized_weights_compute_in_f32_and_refuse_half_precision() {
         let cpu = candle_core::Device::Cpu;
-        let gguf = WeightFiles::Gguf("m.gguf".into());
-        let st = WeightFiles::Safetensors(vec!["m.safetensors".into()]);
+        let (gguf, st) = (true, false);
         let opts = |dtype, quantize| LoadOptions {
             dtype,
             quantize,
@@ -773,25 +789,25 @@ mod tests {
         };
         let q = Some(Quantization::Q4K);
         assert_eq!(
-            activation_dtype(&gguf, &opts(DTypeChoice::Auto, None), &cpu).unwrap(),
+            activation_dtype(gguf, &opts(DTypeChoice::Auto, None), &cpu).unwrap(),
             DType::F32
         );
         assert_eq!(
-            activation_dtype(&st, &opts(DTypeChoice::Auto, q), &cpu).unwrap(),
+            activation_dtype(st, &opts(DTypeChoice::Auto, q), &cpu).unwrap(),
             DType::F32
         );
         assert_eq!(
-            activation_dtype(&st, &opts(DTypeChoice::F32, q), &cpu).unwrap(),
+            activation_dtype(st, &opts(DTypeChoice::F32, q), &cpu).unwrap(),
             DType::F32
         );
         for half in [DTypeChoice::F16, DTypeChoice::Bf16] {
-            let err = activation_dtype(&gguf, &opts(half, None), &cpu).unwrap_err();
+            let err = activation_dtype(gguf, &opts(half, None), &cpu).unwrap_err();
             assert!(err.to_string().contains("f32"), "{err}");
-            assert!(activation_dtype(&st, &opts(half, q), &cpu).is_err());
+            assert!(activation_dtype(st, &opts(half, q), &cpu).is_err());
         }
         // Full precision keeps the user's choice.
         assert_eq!(
-            activation_dtype(&st, &opts(DTypeChoice::Bf16, None), &cpu).unwrap(),
+            activation_dtype(st, &opts(DTypeChoice::Bf16, None), &cpu).unwrap(),
             DType::BF16
         );
     }

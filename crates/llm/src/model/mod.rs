@@ -9,4 +9,4 @@ pub mod weights;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, Weight};
 pub use qwen2::{Logits, Qwen2};
-pub use weights::{GgufWeights, SafetensorsWeights, WeightSource};
+pub use weights::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};

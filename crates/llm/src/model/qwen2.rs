@@ -66,13 +66,7 @@ struct TokenEmbedding {
 impl TokenEmbedding {
     fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match &self.table {
-            Weight::Dense(t) => {
-                let (_, hidden) = t.dims2()?;
-                let flat = ids.flatten_all()?;
-                let mut shape = ids.dims().to_vec();
-                shape.push(hidden);
-                t.index_select(&flat, 0)?.reshape(shape)?
-            }
+            Weight::Dense(t) => candle_nn::Embedding::new(t.clone(), t.dim(1)?).forward(ids)?,
             Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
         })
     }

@@ -109,6 +109,41 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{short}.{kind}"))
 }
 
+/// A GGUF file with its header read (metadata and tensor directory), open for its tensors. The
+/// header of a model with a 150k-token vocabulary is large: it is read once per load.
+pub struct GgufFile {
+    path: PathBuf,
+    content: gguf_file::Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Opens `path` and reads its header, with errors that name the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file ({e})"),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The header: metadata and tensor directory.
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+}
+
 /// A GGUF file's tensors, read on request (each copied into memory, still quantized).
 pub struct GgufWeights {
     path: PathBuf,
@@ -119,21 +154,16 @@ pub struct GgufWeights {
 }
 
 impl GgufWeights {
-    /// Opens `path` and reads its header; tensors come later, one at a time.
-    pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let (content, reader) = read_gguf(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            content,
-            reader: Mutex::new(reader),
+    /// The tensors of an opened file, put on `device`; vectors and full-precision matrices in
+    /// `dtype`.
+    pub fn new(file: GgufFile, device: &Device, dtype: DType) -> Self {
+        Self {
+            path: file.path,
+            content: file.content,
+            reader: Mutex::new(file.reader),
             device: device.clone(),
             dtype,
-        })
-    }
-
-    /// The file's header: metadata and tensor directory.
-    pub fn content(&self) -> &gguf_file::Content {
-        &self.content
+        }
     }
 
     fn qtensor(&self, hf: &str) -> Result<QTensor> {
@@ -157,17 +187,6 @@ impl GgufWeights {
             message,
         }
     }
-}
-
-/// Reads a GGUF header, with errors that name the file.
-pub fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("not a readable GGUF file ({e})"),
-    })?;
-    Ok((content, reader))
 }
 
 impl WeightSource for GgufWeights {
