@@ -12,6 +12,7 @@ mod output;
 mod quantize;
 mod retrieval_args;
 mod search;
+mod serve;
 mod synth;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Command {
     /// Generate a reply to a prompt, streaming the reasoning apart from the answer.
     #[command(args_override_self = true)]
     Generate(Box<generate::GenerateArgs>),
+    /// Serve OpenAI- and Amazon Bedrock-compatible HTTP APIs (many users at once).
+    #[command(args_override_self = true)]
+    Serve(Box<serve::ServeArgs>),
     /// Measure prefill (ppN) and decode (tgN) speed, like llama-bench.
     Bench(bench::BenchArgs),
     /// Write random weights of a built-in model's exact shape (for benchmarks).
@@ -91,6 +95,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Ask(args) => ask::run(*args),
         Command::Chat(args) => chat::run(*args),
         Command::Generate(args) => generate::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Quantize(args) => quantize::run(args),

@@ -137,7 +137,9 @@ pub fn summary(g: &Generation) -> serde_json::Value {
     json!({
         "reasoning": g.reasoning,
         "text": g.text,
-        "stop_reason": g.stop_reason.map(|r| r.as_str()),
+        "stop_reason": g.stop_reason.map(|r| r.finish_reason()),
+        "stop_cause": g.stop_reason.map(|r| r.as_str()),
+        "stop_string": g.stop_string,
         "usage": g.usage,
         "timings": g.timings,
     })

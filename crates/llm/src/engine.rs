@@ -4,7 +4,6 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::DType;
 use candle_nn::VarBuilder;
@@ -13,20 +12,17 @@ use crate::chat::Message;
 use crate::config::{GenerationConfig, Qwen2Config};
 use crate::device::{DTypeChoice, DeviceChoice};
 use crate::error::{Error, Result};
-use crate::generate::{Event, Generation, GenerationParams, StopReason, Usage};
+use crate::generate::{Event, Generation, GenerationParams, OwnedEvent};
 use crate::gguf;
 use crate::manifest::ModelManifest;
 use crate::model::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};
 use crate::model::{KvCache, Logits, Qwen2};
 use crate::quant::Quantization;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
+use crate::sequence::{Phase, Sequence};
 use crate::source::{HubOptions, ModelFiles, ModelSource, WeightFiles};
-use crate::stream::{Segment, StreamEvent, TextStream, TokenText};
+use crate::stream::TokenText;
 use crate::tokenizer::TextTokenizer;
-
-/// Prompts are prefilled in chunks of this many tokens: it bounds the attention scores' memory
-/// (heads x chunk x context) on long RAG prompts without slowing the matmuls down.
-const PREFILL_CHUNK: usize = 512;
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
@@ -226,7 +222,9 @@ impl Engine {
     }
 
     /// Generates a continuation of `prompt` (token ids, BOS included) in `session`, reusing the
-    /// part of its KV cache that `prompt` shares, and streams text through `on_event`.
+    /// part of its KV cache that `prompt` shares, and streams text through `on_event` (a `Break`
+    /// cancels). A thin driver of one [`Sequence`] through the same steps the batching
+    /// [`crate::scheduler::Scheduler`] takes, with a batch of one.
     pub fn generate_in(
         &self,
         session: &mut Session,
@@ -234,185 +232,42 @@ impl Engine {
         params: &GenerationParams,
         on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        params.validate()?;
-        let start = Instant::now();
-        if prompt.is_empty() {
-            return Err(Error::invalid("prompt", "empty", "at least one token"));
-        }
-        if prompt.len() >= self.context_window {
-            return Err(Error::PromptTooLong {
-                prompt_tokens: prompt.len(),
-                context_window: self.context_window,
-            });
-        }
-        let special = self.tokenizer.special().clone();
-        let mut sampler = Sampler::new(params.sampling.clone(), self.tokenizer.size())?;
+        let seq = Sequence::new(self, prompt.to_vec(), params.clone())?;
+        let mut seq = seq.with_session(std::mem::replace(session, self.new_session()));
+        let result = self.drive(&mut seq, on_event);
+        *session = seq.into_session();
+        result
+    }
 
-        // Prefill what the session does not already hold (at least one token: we need its logits).
-        let shared = common_prefix(&session.tokens, prompt).min(prompt.len() - 1);
-        session.truncate(shared);
-        let prefill_start = Instant::now();
-        let mut logits = None;
-        for chunk in prompt[shared..].chunks(PREFILL_CHUNK) {
-            logits = Some(session.feed(&self.model, chunk)?);
-        }
-        let mut logits =
-            logits.ok_or_else(|| Error::invalid("prompt", "empty", "at least one token"))?;
-        let prefill_ms = ms(prefill_start);
-
-        let starts_in_reasoning = self.tokenizer.prompt_opens_reasoning(prompt);
-        let think_close = special.think_close.unwrap_or(u32::MAX);
-        let mut stream = TextStream::new(params.stop.clone(), think_close, starts_in_reasoning);
-        let mut out = Generation {
-            usage: Usage {
-                prompt_tokens: prompt.len(),
-                cached_prompt_tokens: shared,
-                ..Usage::default()
-            },
-            ..Generation::default()
-        };
-        let mut answer_started = false;
-        let mut first_token_at: Option<Instant> = None;
-        let mut in_reasoning = starts_in_reasoning;
-        let forced_close: Vec<u32> = match special.think_close {
-            Some(close) => {
-                let mut v = vec![close];
-                v.extend(self.tokenizer.encode("\n\n")?);
-                v
-            }
-            None => Vec::new(),
-        };
-
-        let stop_reason = 'generation: loop {
-            let budget_spent = params
-                .max_thinking_tokens
-                .is_some_and(|b| in_reasoning && out.usage.reasoning_tokens >= b);
-            let next: Vec<u32> = if budget_spent && !forced_close.is_empty() {
-                forced_close.clone()
-            } else {
-                let window = recent_window(&session.tokens, prompt.len(), &sampler);
-                let v = logits.to_vec1::<f32>()?;
-                vec![sampler.sample(&v, window)?]
+    /// Steps `seq` alone until it finishes, delivering its events.
+    fn drive(
+        &self,
+        seq: &mut Sequence,
+        on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        loop {
+            let events = match seq.phase() {
+                Phase::Prefilling => seq.prefill(self, usize::MAX)?,
+                Phase::Decoding => {
+                    let Some(id) = seq.next_input() else { break };
+                    let logits = self.model.forward_decode(&[id], &mut [seq.cache_mut()])?;
+                    seq.decoded(self, &logits.get(0)?.to_vec1::<f32>()?)?
+                }
+                Phase::Finished => break,
             };
-            if first_token_at.is_none() {
-                first_token_at = Some(Instant::now());
-            }
-            for &id in &next {
-                let is_eos = special.eos.contains(&id);
-                if in_reasoning {
-                    out.usage.reasoning_tokens += 1;
-                } else {
-                    out.usage.answer_tokens += 1;
-                }
-                out.tokens.push(id);
-                if id == think_close {
-                    in_reasoning = false;
-                }
-                if is_eos {
-                    break 'generation StopReason::Stop;
-                }
-                for ev in stream.push(&self.tokenizer, id) {
-                    if deliver(ev, &mut out, &mut answer_started, on_event).is_break() {
-                        // A completed stop string records `Stop`; any other break is the caller's.
-                        break 'generation match out.stop_reason {
-                            Some(StopReason::Stop) => StopReason::Stop,
-                            _ => StopReason::Cancelled,
-                        };
+            for ev in &events {
+                let Some(e) = ev.as_event() else { continue };
+                if on_event(e).is_break() && !matches!(ev, OwnedEvent::Done(_)) {
+                    for done in seq.cancel() {
+                        if let Some(e) = done.as_event() {
+                            let _ = on_event(e);
+                        }
                     }
+                    return Ok(seq.generation().clone());
                 }
             }
-            let generated = out.usage.reasoning_tokens + out.usage.answer_tokens;
-            if generated >= params.max_tokens || session.len() + next.len() >= self.context_window {
-                break StopReason::Length;
-            }
-            logits = session.feed(&self.model, &next)?;
-        };
-        if stop_reason != StopReason::Cancelled {
-            for ev in stream.finish(&self.tokenizer) {
-                // Nothing can be cancelled at the end; a Break here changes nothing.
-                let _ = deliver(ev, &mut out, &mut answer_started, on_event);
-            }
         }
-        out.stop_reason = Some(stop_reason);
-        out.usage.completion_tokens = out.usage.reasoning_tokens + out.usage.answer_tokens;
-        let first = first_token_at.unwrap_or_else(Instant::now);
-        let decoded = out.usage.completion_tokens.saturating_sub(1);
-        let t = &mut out.timings;
-        t.prefill_ms = prefill_ms;
-        let computed = prompt.len() - shared;
-        t.prefill_tokens_per_s = per_second(computed, prefill_ms);
-        t.time_to_first_token_ms = (first - start).as_secs_f64() * 1e3;
-        t.decode_ms = first.elapsed().as_secs_f64() * 1e3;
-        t.decode_tokens_per_s = per_second(decoded, t.decode_ms);
-        t.total_ms = ms(start);
-        // The end cannot be cancelled any more.
-        let _ = on_event(Event::Done(&out));
-        Ok(out)
-    }
-}
-
-/// Hands one stream event to the caller and records its text. `Break` means: stop now (a stop
-/// string completed, recorded as `stop_reason = Stop`, or the caller asked to stop).
-fn deliver(
-    ev: StreamEvent,
-    out: &mut Generation,
-    answer_started: &mut bool,
-    on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
-) -> ControlFlow<()> {
-    match ev {
-        StreamEvent::Stopped => {
-            out.stop_reason = Some(StopReason::Stop);
-            ControlFlow::Break(())
-        }
-        StreamEvent::Text {
-            segment: Segment::Reasoning,
-            text,
-        } => {
-            out.reasoning.push_str(&text);
-            on_event(Event::Reasoning(&text))
-        }
-        StreamEvent::Text {
-            segment: Segment::Answer,
-            text,
-        } => {
-            // The model writes `</think>\n\n` before its answer: drop the blank lines once.
-            let text = if *answer_started {
-                text.as_str()
-            } else {
-                text.trim_start()
-            };
-            if text.is_empty() {
-                return ControlFlow::Continue(());
-            }
-            *answer_started = true;
-            out.text.push_str(text);
-            on_event(Event::Answer(text))
-        }
-    }
-}
-
-/// The tokens the repetition penalty looks at: the last `window` generated ones, or the last
-/// `window` of the whole sequence when the prompt counts too.
-fn recent_window<'a>(tokens: &'a [u32], prompt_len: usize, sampler: &Sampler) -> &'a [u32] {
-    let p = sampler.params();
-    let from = if p.penalize_prompt {
-        0
-    } else {
-        prompt_len.min(tokens.len())
-    };
-    let tail = &tokens[from..];
-    &tail[tail.len().saturating_sub(p.repetition_window)..]
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
-}
-
-fn per_second(tokens: usize, ms: f64) -> f64 {
-    if ms > 0.0 {
-        tokens as f64 / (ms / 1e3)
-    } else {
-        0.0
+        Ok(seq.generation().clone())
     }
 }
 
@@ -450,6 +305,16 @@ impl Session {
         self.cache.truncate(len);
     }
 
+    /// A session holding a copy of the first `len` tokens and their cache in buffers of its own
+    /// (see [`KvCache::copy_prefix`]).
+    pub fn copy_prefix(&self, len: usize) -> Result<Session> {
+        let len = len.min(self.tokens.len());
+        Ok(Session {
+            cache: self.cache.copy_prefix(len)?,
+            tokens: self.tokens[..len].to_vec(),
+        })
+    }
+
     /// Forgets everything.
     pub fn clear(&mut self) {
         self.truncate(0);
@@ -465,6 +330,29 @@ impl Session {
         let logits = model.forward(ids, &mut self.cache, Logits::Last)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
+    }
+
+    /// Runs `ids` after the cached tokens and returns the logits `which` asks for.
+    pub fn feed_logits(
+        &mut self,
+        model: &Qwen2,
+        ids: &[u32],
+        which: Logits,
+    ) -> Result<candle_core::Tensor> {
+        let logits = model.forward(ids, &mut self.cache, which)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(logits)
+    }
+
+    /// The KV cache, for a batched decode step that appends one position to it.
+    pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Records `id` as cached after a batched decode step appended its position.
+    pub(crate) fn push_cached(&mut self, id: u32) {
+        self.tokens.push(id);
+        debug_assert_eq!(self.tokens.len(), self.cache.len());
     }
 
     /// Like [`Self::feed`], returning every position's logits.

@@ -96,6 +96,17 @@ pub enum Error {
         /// Why it cannot be used.
         message: String,
     },
+    /// The scheduler's queue of waiting requests is full: try again later.
+    #[error("{waiting} requests are already waiting (the queue holds {limit}): try again later")]
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+        /// The queue's length limit.
+        limit: usize,
+    },
+    /// The scheduler is shutting down and takes no new requests.
+    #[error("the engine is shutting down and takes no new requests")]
+    ShuttingDown,
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

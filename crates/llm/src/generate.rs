@@ -23,6 +23,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// End the reasoning after this many tokens by feeding `</think>`, so the model answers.
     pub max_thinking_tokens: Option<usize>,
+    /// Never end the turn: end-of-sequence tokens are never sampled, so generation runs to
+    /// `max_tokens` or a stop string (for benchmarks, as llama.cpp's and vLLM's `ignore_eos`).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationParams {
@@ -32,6 +36,7 @@ impl Default for GenerationParams {
             max_tokens: 4096,
             stop: Vec::new(),
             max_thinking_tokens: None,
+            ignore_eos: false,
         }
     }
 }
@@ -78,19 +83,32 @@ impl GenerationParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StopReason {
-    /// The model ended its turn (EOS) or a stop string appeared.
+    /// The model ended its turn (an end-of-sequence token).
+    Eos,
+    /// A stop string appeared ([`Generation::stop_string`] says which).
     Stop,
     /// `max_tokens` or the context window was reached.
     Length,
-    /// The caller stopped it.
+    /// The caller stopped it (or went away).
     Cancelled,
 }
 
 impl StopReason {
-    /// The name used in JSON (`stop`, `length`, `cancelled`).
+    /// The precise name (`eos`, `stop`, `length`, `cancelled`).
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Eos => "eos",
             Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The name hosted APIs use (`finish_reason` of OpenAI, `stop_reason` of Bedrock's DeepSeek
+    /// body): `stop` for the end of the turn and for a stop string alike, `length`, `cancelled`.
+    pub fn finish_reason(self) -> &'static str {
+        match self {
+            Self::Eos | Self::Stop => "stop",
             Self::Length => "length",
             Self::Cancelled => "cancelled",
         }
@@ -139,6 +157,9 @@ pub struct Generation {
     pub text: String,
     /// Why it ended.
     pub stop_reason: Option<StopReason>,
+    /// The stop string that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_string: Option<String>,
     /// Token counts.
     pub usage: Usage,
     /// Timings.
@@ -153,6 +174,32 @@ impl Generation {
     /// template keeps only what follows `</think>`, so reasoning is never fed to the next turn.
     pub fn assistant_content(&self) -> String {
         format!("{}</think>{}", self.reasoning, self.text)
+    }
+}
+
+/// What a streaming caller receives, owned: what a channel carries from the engine's scheduler to
+/// whoever asked (see [`crate::scheduler`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnedEvent {
+    /// More reasoning text.
+    Reasoning(String),
+    /// More answer text.
+    Answer(String),
+    /// The end: everything, with the stop reason, usage and timings.
+    Done(Box<Generation>),
+    /// The generation failed; nothing more follows.
+    Failed(String),
+}
+
+impl OwnedEvent {
+    /// The borrowed form, for callbacks; `None` for [`OwnedEvent::Failed`].
+    pub fn as_event(&self) -> Option<Event<'_>> {
+        Some(match self {
+            Self::Reasoning(t) => Event::Reasoning(t),
+            Self::Answer(t) => Event::Answer(t),
+            Self::Done(g) => Event::Done(g),
+            Self::Failed(_) => return None,
+        })
     }
 }
 

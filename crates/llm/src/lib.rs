@@ -37,6 +37,8 @@ pub mod manifest;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
 pub mod source;
 pub mod stream;
 pub mod synth;
@@ -47,9 +49,13 @@ pub use config::{GenerationConfig, Qwen2Config};
 pub use device::{DTypeChoice, DeviceChoice};
 pub use engine::{load_model_only, Conversation, Engine, LoadOptions, LoadProgress, Session};
 pub use error::{Error, Result};
-pub use generate::{Event, Generation, GenerationParams, StopReason, Timings, Usage};
+pub use generate::{
+    Event, Generation, GenerationParams, OwnedEvent, StopReason, Timings, Usage,
+};
 pub use manifest::ModelManifest;
 pub use quant::Quantization;
 pub use sampling::SamplingParams;
+pub use scheduler::{EventSink, EventStream, Scheduler, SchedulerConfig, SchedulerMetrics};
+pub use sequence::Sequence;
 pub use source::{HubOptions, ModelFiles, ModelSource, WeightFiles};
 pub use tokenizer::TextTokenizer;

@@ -212,6 +212,8 @@ pub struct StopMatcher {
     max_len: usize,
     held: String,
     stopped: bool,
+    /// Index in `stops` of the stop string that ended the text.
+    matched: Option<usize>,
 }
 
 impl StopMatcher {
@@ -226,7 +228,14 @@ impl StopMatcher {
             max_len,
             held: String::new(),
             stopped: false,
+            matched: None,
         }
+    }
+
+    /// The stop string that ended the text, once stopped.
+    #[must_use]
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     /// Adds `chunk` and returns the text that is safe to show; once stopped, returns nothing more.
@@ -280,13 +289,20 @@ impl StopMatcher {
     pub fn reset(&mut self) {
         self.held.clear();
         self.stopped = false;
+        self.matched = None;
     }
 
-    fn earliest_match(&self, text: &str) -> Option<usize> {
-        self.stops
+    /// Where the earliest stop string in `text` starts, remembering which one it is (the first
+    /// listed among those starting there).
+    fn earliest_match(&mut self, text: &str) -> Option<usize> {
+        let (at, i) = self
+            .stops
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
+            .enumerate()
+            .filter_map(|(i, s)| text.find(s.as_str()).map(|at| (at, i)))
+            .min()?;
+        self.matched = Some(i);
+        Some(at)
     }
 
     /// Earliest char boundary before `limit` from which the rest of `text` is a proper prefix of
@@ -485,6 +501,16 @@ impl TextStream {
     #[must_use]
     pub fn is_stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// The stop string that ended the generation, if one did.
+    #[must_use]
+    pub fn stop_string(&self) -> Option<&str> {
+        if self.stopped {
+            self.matcher.matched()
+        } else {
+            None
+        }
     }
 
     /// Releases everything the decoder and the stop matcher hold for `segment`.

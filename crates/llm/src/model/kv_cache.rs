@@ -145,6 +145,32 @@ impl KvCache {
         self.len += n;
     }
 
+    /// A new cache holding a copy of the first `len` positions in buffers of its own: writing to
+    /// either afterwards never changes the other (a derived `Clone` shares the buffers).
+    pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
+        let len = len.min(self.len);
+        let mut copy = KvCache::new(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            self.max_len,
+            self.dtype,
+            &self.device,
+        );
+        if len == 0 {
+            return Ok(copy);
+        }
+        copy.reserve(len)?;
+        for (dst, src) in copy.layers.iter().zip(&self.layers) {
+            if let (Some((dk, dv)), Some((sk, sv))) = (dst, src) {
+                dk.slice_set(&sk.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                dv.slice_set(&sv.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+        }
+        copy.len = len;
+        Ok(copy)
+    }
+
     /// Claims `n` positions filled with arbitrary (zero or stale) values, as if a prompt of that
     /// length had been prefilled. Decode speed does not depend on the cached values, so benchmarks
     /// use this to measure decode at position 4,000 without first spending minutes on a prefill.

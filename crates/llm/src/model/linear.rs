@@ -104,6 +104,183 @@ impl Module for Linear {
     }
 }
 
+/// Most rows [`Linear::forward_rows`] multiplies with its small-batch kernels: a decode step of
+/// that many sequences. Beyond it the rows go through the prefill kernels.
+pub const MAX_SMALL_BATCH: usize = 64;
+
+impl Linear {
+    /// `x W^T + b` for the few rows of a batched decode step (one row per sequence), reading each
+    /// weight once for all rows: every weight row is multiplied by each activation row while it is
+    /// in the L1 cache. Each output element is computed exactly as the single-row kernel computes
+    /// it (the same block dot product or f32 dot on the same inputs), so a sequence decoded in a
+    /// batch gets bit-identical logits to the same sequence decoded alone. Falls back to
+    /// [`Module::forward`] off the CPU, for other dtypes and above [`MAX_SMALL_BATCH`] rows.
+    pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Dense(w) => small_batch_f32(x, w)?,
+            Weight::Quantized(q) => small_batch_quantized(x, q)?,
+        };
+        let Some(y) = y else {
+            return self.forward(x);
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// The rows of `x` (any leading shape, last dim `k`) as one contiguous f32 slice, or `None` when
+/// the small-batch kernels do not apply.
+fn small_batch_input(x: &Tensor, k: usize) -> candle_core::Result<Option<(Tensor, usize)>> {
+    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || x.dims().last() != Some(&k)
+    {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / k.max(1);
+    if rows == 0 || rows > MAX_SMALL_BATCH {
+        return Ok(None);
+    }
+    Ok(Some((x.contiguous()?, rows)))
+}
+
+fn output_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.dims().to_vec();
+    shape.pop();
+    shape.push(n);
+    shape
+}
+
+/// Small-batch `x W^T` for a dense f32 weight: see [`Linear::forward_rows`].
+fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if w.dtype() != DType::F32 || !w.is_contiguous() || !matches!(w.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let Some((x, rows)) = small_batch_input(x, k)? else {
+        return Ok(None);
+    };
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
+    else {
+        return Ok(None);
+    };
+    let xv = &xv[xl.start_offset()..xl.start_offset() + rows * k];
+    let wv = &wv[wl.start_offset()..wl.start_offset() + n * k];
+    let mut y = vec![0f32; rows * n];
+    if rows == 1 {
+        matvec(wv, xv, &mut y);
+    } else {
+        let dot = dot_fn();
+        let out = OutPtr(y.as_mut_ptr());
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_block = (n / (threads * 8)).clamp(16, 1024);
+        (0..n.div_ceil(rows_per_block)).into_par_iter().for_each(|block| {
+            for r in block * rows_per_block..((block + 1) * rows_per_block).min(n) {
+                let wrow = &wv[r * k..(r + 1) * k];
+                for j in 0..rows {
+                    let v = dot(wrow, &xv[j * k..(j + 1) * k]);
+                    // SAFETY: blocks cover disjoint weight rows `r`, so each `j * n + r` is
+                    // written by one thread only, and `y` outlives the parallel loop.
+                    unsafe { out.write(j * n + r, v) };
+                }
+            }
+        });
+    }
+    drop((xs, ws));
+    Ok(Some(Tensor::from_vec(y, output_shape(&x, n), x.device())?))
+}
+
+/// Small-batch `x W^T` for a quantized weight: see [`Linear::forward_rows`].
+fn small_batch_quantized(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
+    if !matches!(w.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (n, k) = w.shape().dims2()?;
+    let Some((x, rows)) = small_batch_input(x, k)? else {
+        return Ok(None);
+    };
+    let (xs, xl) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
+        return Ok(None);
+    };
+    let xv = &xv[xl.start_offset()..xl.start_offset() + rows * k];
+    let data = w.data()?;
+    let y = match w.dtype() {
+        GgmlDType::Q8_0 => gemm_small::<BlockQ8_0>(&data, n, k, xv),
+        GgmlDType::Q4_0 => gemm_small::<BlockQ4_0>(&data, n, k, xv),
+        GgmlDType::Q4_1 => gemm_small::<BlockQ4_1>(&data, n, k, xv),
+        GgmlDType::Q5_0 => gemm_small::<BlockQ5_0>(&data, n, k, xv),
+        GgmlDType::Q5_1 => gemm_small::<BlockQ5_1>(&data, n, k, xv),
+        GgmlDType::Q2K => gemm_small::<BlockQ2K>(&data, n, k, xv),
+        GgmlDType::Q3K => gemm_small::<BlockQ3K>(&data, n, k, xv),
+        GgmlDType::Q4K => gemm_small::<BlockQ4K>(&data, n, k, xv),
+        GgmlDType::Q5K => gemm_small::<BlockQ5K>(&data, n, k, xv),
+        GgmlDType::Q6K => gemm_small::<BlockQ6K>(&data, n, k, xv),
+        _ => None,
+    };
+    drop(xs);
+    y.map(|y| Tensor::from_vec(y, output_shape(&x, n), x.device()))
+        .transpose()
+}
+
+/// `y[j] = W x[j]` for the `x.len() / k` rows of `x` over a weight of `n` rows of blocks `T`: the
+/// weight's blocks stream from memory once, each weight row meeting every activation row (each
+/// quantized once, to the dot product's block type) while it is in L1. With one row this is the
+/// single-row kernel (`gemv`) exactly. `None` as for `gemv`.
+fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Option<Vec<f32>> {
+    let vk = T::VecDotType::BLCK_SIZE;
+    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || !k.is_multiple_of(vk) || x.len() % k != 0 {
+        return None;
+    }
+    let rows = x.len() / k;
+    if rows == 1 {
+        return gemv::<T>(bytes, n, k, x);
+    }
+    let kb = k / T::BLCK_SIZE;
+    let len = n * kb;
+    if bytes.len() != len * std::mem::size_of::<T>()
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return None;
+    }
+    // SAFETY: as in `gemv`: candle's CPU blocks, length and alignment checked above.
+    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), len) };
+    let xq: Vec<Vec<T::VecDotType>> = x
+        .chunks_exact(k)
+        .map(|row| {
+            let mut q = vec![T::VecDotType::zeros(); k / vk];
+            T::VecDotType::from_float(row, &mut q);
+            q
+        })
+        .collect();
+    let mut y = vec![0f32; rows * n];
+    parallel_units(n, rows, &mut y, |r, j| {
+        T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], &xq[j])
+    });
+    Some(y)
+}
+
+/// `y[j * n + r] = cell(r, j)` for every weight row `r < n` and activation row `j < rows`, the
+/// weight rows split across candle's barrier pool (as `parallel_rows`), each weight row visiting
+/// every activation row before the next weight row.
+fn parallel_units(n: usize, rows: usize, y: &mut [f32], cell: impl Fn(usize, usize) -> f32 + Sync) {
+    const ROWS_PER_UNIT: usize = 16;
+    debug_assert_eq!(y.len(), n * rows);
+    let out = OutPtr(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS_PER_UNIT), |units| {
+        for r in units.start * ROWS_PER_UNIT..(units.end * ROWS_PER_UNIT).min(n) {
+            for j in 0..rows {
+                let v = cell(r, j);
+                // SAFETY: units are disjoint ranges of weight rows, so each `j * n + r` is
+                // written by exactly one thread, and `y` outlives the call.
+                unsafe { out.write(j * n + r, v) };
+            }
+        }
+    });
+}
+
 /// `x W^T` for a quantized `W`, in `x`'s dtype.
 fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
@@ -383,6 +560,39 @@ mod tests {
         assert_eq!(fast.dims(), reference.dims());
         let d = max_abs(&(fast - reference).unwrap());
         assert!(d < 1e-4, "{d}");
+    }
+
+    /// Each row of a small batch equals that row multiplied alone, to the bit (the property that
+    /// lets a sequence decode identically in a batch and alone), for dense and quantized weights.
+    #[test]
+    fn small_batch_rows_equal_single_rows_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, k) = (48, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let mut layers = vec![Linear::dense(w.clone(), Some(b))];
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            layers.push(Linear::new(Weight::Quantized(q), None));
+        }
+        for rows in [1, 2, 5, 8] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
+            for layer in &layers {
+                let batch = layer.forward_rows(&x).unwrap();
+                assert_eq!(batch.dims(), &[1, rows, n]);
+                let batch = batch.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+                for (j, got) in batch.iter().enumerate() {
+                    let one = layer.forward_rows(&x.narrow(1, j, 1).unwrap()).unwrap();
+                    let one = one.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(got, &one, "row {j} of {rows}");
+                }
+                // And close to the general path.
+                let reference = layer.forward(&x).unwrap().squeeze(0).unwrap();
+                let d = (Tensor::new(batch.clone(), &dev).unwrap() - &reference).unwrap();
+                let rel = max_abs(&d) / max_abs(&reference);
+                assert!(rel < 0.02, "{rel}");
+            }
+        }
     }
 
     fn max_abs(t: &Tensor) -> f32 {

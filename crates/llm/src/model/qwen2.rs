@@ -138,6 +138,24 @@ impl Attention {
         })
     }
 
+    /// The query, key and value projections of `x` `(b, s, hidden)` as `(b, heads, s, head_dim)`
+    /// and `(b, kv_heads, s, head_dim)`, before RoPE. `rows` picks the small-batch kernels of a
+    /// batched decode step (one row per sequence).
+    fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let run = |l: &Linear| if rows { l.forward_rows(x) } else { l.forward(x) };
+        let q = run(&self.q_proj)?
+            .reshape((b, s, self.heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = run(&self.k_proj)?
+            .reshape((b, s, self.kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = run(&self.v_proj)?
+            .reshape((b, s, self.kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        Ok((q, k, v))
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -146,23 +164,50 @@ impl Attention {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let dtype = x.dtype();
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
-        let q = q
-            .reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b, s, self.kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = v
-            .reshape((b, s, self.kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let q = apply_rope(&q, rope)?;
-        let k = apply_rope(&k, rope)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (q, k, v) = self.project(x, false)?;
+        let out = self.attend(&q, &k, &v, rope, mask, layer, cache)?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// One decode step of several sequences: `x` is `(1, n, hidden)`, row `i` the new token of the
+    /// sequence whose cache is `caches[i]` and whose position's RoPE is `ropes[i]`. Projections run
+    /// once for all rows; attention runs per sequence over its own cache.
+    fn forward_decode(
+        &self,
+        x: &Tensor,
+        ropes: &[Rope],
+        layer: usize,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, true)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let one = |t: &Tensor| t.narrow(2, i, 1);
+            outs.push(self.attend(&one(&q)?, &one(&k)?, &one(&v)?, &ropes[i], None, layer, cache)?);
+        }
+        let out = Tensor::cat(&outs, 1)?;
+        Ok(self.o_proj.forward_rows(&out)?)
+    }
+
+    /// Attention of projected `q` `(b, heads, s, hd)`, `k`, `v` `(b, kv_heads, s, hd)` over the
+    /// cached positions plus these: applies RoPE, appends `k`/`v` to `cache` and returns
+    /// `(b, s, heads * hd)` before the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let dtype = q.dtype();
+        let q = apply_rope(q, rope)?;
+        let k = apply_rope(k, rope)?;
+        let (k, v) = cache.append(layer, &k, v)?;
         let (k, v) = match self.window {
             // Decode with a window only needs its last `w` keys; prefill handles it in the mask.
             Some(w) if s == 1 && k.dim(2)? > w => {
@@ -178,7 +223,7 @@ impl Attention {
             // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
             let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
             if let Some(out) = decode_attention(&q, &k, &v, scale as f32)? {
-                return Ok(self.o_proj.forward(&out)?);
+                return Ok(out);
             }
         }
         // Heads h*group..(h+1)*group share KV head h: fold them into the query rows of one matmul.
@@ -197,11 +242,10 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?; // (b, kv_heads, group * s, head_dim)
-        let out = out
+        Ok(out
             .reshape((b, self.heads, s, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+            .reshape((b, s, self.heads * self.head_dim))?)
     }
 }
 
@@ -225,6 +269,13 @@ impl Mlp {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         let up = self.up_proj.forward(x)?;
         Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+
+    /// As `forward`, with the small-batch kernels of a decode step.
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward_rows(x)?)?;
+        let up = self.up_proj.forward_rows(x)?;
+        Ok(self.down_proj.forward_rows(&(gate * up)?)?)
     }
 }
 
@@ -423,6 +474,52 @@ impl Qwen2 {
             Logits::Last => logits.squeeze(0)?.squeeze(0)?,
             Logits::All => logits.squeeze(0)?,
         })
+    }
+
+    /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
+    /// cached in `caches[i]`. Every weight is read once for the whole batch (the small-batch
+    /// kernels of [`Linear::forward_rows`]), attention runs per sequence over its own cache, and
+    /// each cache grows by one position. Returns the logits `(n, vocab)` in f32; row `i` is
+    /// bit-identical to what a step of sequence `i` alone returns.
+    pub fn forward_decode(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let n = ids.len();
+        if n == 0 || n != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "decode step of {n} tokens for {} caches",
+                caches.len()
+            ))
+            .into());
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(crate::Error::invalid(
+                "token id",
+                bad,
+                format!("below the model's vocab_size {}", self.cfg.vocab_size),
+            ));
+        }
+        for cache in caches.iter_mut() {
+            cache.reserve(1)?;
+        }
+        let ropes = caches
+            .iter()
+            .map(|c| self.rope(c.len(), 1))
+            .collect::<Result<Vec<_>>>()?;
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward_decode(&h, &ropes, i, caches)?;
+            let x1 = (&x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x1)?;
+            let h = layer.mlp.forward_rows(&h)?;
+            x = (x1 + h)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward_rows(&x)?.to_dtype(DType::F32)?;
+        Ok(logits.squeeze(0)?)
     }
 
     /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
