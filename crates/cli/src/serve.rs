@@ -72,8 +72,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         })
         .map_err(|()| anyhow::anyhow!("--host {:?} is not an address to listen on", args.host))?;
     // Fail on a taken port before spending a minute loading the model.
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen on {addr} (is another server using the port? try --port)"))?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("cannot listen on {addr} (is another server using the port? try --port)")
+    })?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
 

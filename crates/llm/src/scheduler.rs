@@ -481,7 +481,10 @@ fn run(shared: &Shared) {
                     None => p.seq,
                 };
                 add(&counters.prompt_tokens_total, seq.prompt().len());
-                add(&counters.cached_prompt_tokens_total, seq.cached_prompt_tokens());
+                add(
+                    &counters.cached_prompt_tokens_total,
+                    seq.cached_prompt_tokens(),
+                );
                 slots.push(Slot { seq, sink: p.sink });
             }
             state.running = slots.len();
@@ -511,9 +514,7 @@ fn run(shared: &Shared) {
 
         // One chunk of the oldest prompt still prefilling: a whole chunk when nobody is
         // decoding, `prefill_chunk` tokens between decode steps otherwise.
-        let decoding = slots
-            .iter()
-            .any(|s| s.seq.phase() == Phase::Decoding);
+        let decoding = slots.iter().any(|s| s.seq.phase() == Phase::Decoding);
         if let Some(slot) = slots
             .iter_mut()
             .find(|s| s.seq.phase() == Phase::Prefilling)

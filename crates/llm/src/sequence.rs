@@ -181,10 +181,15 @@ impl Sequence {
         }
         let t = Instant::now();
         let from = self.session.len();
-        let end = from.saturating_add(max_tokens.max(1)).min(self.prompt.len());
+        let end = from
+            .saturating_add(max_tokens.max(1))
+            .min(self.prompt.len());
         let mut logits = None;
         for chunk in self.prompt[from..end].chunks(PREFILL_CHUNK) {
-            logits = Some(self.session.feed_logits(engine.model(), chunk, Logits::Last)?);
+            logits = Some(
+                self.session
+                    .feed_logits(engine.model(), chunk, Logits::Last)?,
+            );
         }
         self.prefill_ms += t.elapsed().as_secs_f64() * 1e3;
         if end < self.prompt.len() {

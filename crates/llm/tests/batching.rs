@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use thinkrag_llm::{
-    DTypeChoice, Engine, Event, Generation, GenerationParams, Message, OwnedEvent,
-    SamplingParams, Scheduler, SchedulerConfig, Sequence, StopReason,
+    DTypeChoice, Engine, Event, Generation, GenerationParams, Message, OwnedEvent, SamplingParams,
+    Scheduler, SchedulerConfig, Sequence, StopReason,
 };
 
 /// Compile-time: what a server shares between threads is `Send + Sync`, a sequence moves to the
@@ -70,7 +70,10 @@ fn collect(stream: impl Iterator<Item = OwnedEvent>) -> (Generation, String) {
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -129,7 +132,9 @@ macro_rules! batching_tests {
                     assert_eq!(text, format!("{}{}", g.reasoning, g.text));
                 }
                 // `Done` is sent before the step retires the sequence.
-                wait_until("all four retire", || scheduler.metrics().requests_finished == 4);
+                wait_until("all four retire", || {
+                    scheduler.metrics().requests_finished == 4
+                });
                 let m = scheduler.metrics();
                 assert!(
                     m.decode_batch_sum > m.decode_steps_total,
@@ -219,12 +224,17 @@ macro_rules! batching_tests {
                 };
                 let (g1, _) = collect(scheduler.submit_stream(p1.clone(), greedy.clone()).unwrap());
                 assert_eq!(g1.usage.cached_prompt_tokens, 0);
-                wait_until("the first retires", || scheduler.metrics().requests_finished == 1);
+                wait_until("the first retires", || {
+                    scheduler.metrics().requests_finished == 1
+                });
                 let (g2, _) = collect(scheduler.submit_stream(p2.clone(), greedy.clone()).unwrap());
                 assert_eq!(g2.usage.cached_prompt_tokens, shared);
                 let m = scheduler.metrics();
                 assert_eq!(m.cached_prompt_tokens_total, shared as u64);
-                assert!(m.prefix_cache_entries >= 1 && m.prefix_cache_bytes > 0, "{m:?}");
+                assert!(
+                    m.prefix_cache_entries >= 1 && m.prefix_cache_bytes > 0,
+                    "{m:?}"
+                );
             }
 
             #[test]
@@ -296,7 +306,9 @@ macro_rules! batching_tests {
                 )
                 .unwrap();
                 let p = prompt(&e, QUESTIONS[0]);
-                let a = scheduler.submit_stream(p.clone(), endless(1, 4000)).unwrap();
+                let a = scheduler
+                    .submit_stream(p.clone(), endless(1, 4000))
+                    .unwrap();
                 let b = scheduler.submit_stream(p.clone(), endless(2, 4000));
                 // One slot and one queue place: a third request is refused with the facts.
                 let mut refused = None;
@@ -311,7 +323,10 @@ macro_rules! batching_tests {
                     matches!(err, thinkrag_llm::Error::QueueFull { limit: 1, .. }),
                     "{err}"
                 );
-                assert!(!scheduler.drain(Duration::from_millis(300)), "they cannot finish");
+                assert!(
+                    !scheduler.drain(Duration::from_millis(300)),
+                    "they cannot finish"
+                );
                 let (g, _) = collect(a);
                 assert_eq!(g.stop_reason, Some(StopReason::Cancelled));
                 if let Ok(b) = b {
@@ -329,4 +344,3 @@ macro_rules! batching_tests {
 
 batching_tests!(f32_safetensors, engine(DTypeChoice::F32));
 batching_tests!(q8_0_gguf, gguf_engine(thinkrag_llm::Quantization::Q8_0));
-

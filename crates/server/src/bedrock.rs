@@ -100,7 +100,9 @@ pub async fn handle(
     let request_id = uuid_like();
     let result = match op {
         Op::Invoke | Op::InvokeStream => invoke(state, op == Op::InvokeStream, body).await,
-        Op::Converse | Op::ConverseStream => converse(state, op == Op::ConverseStream, model, body).await,
+        Op::Converse | Op::ConverseStream => {
+            converse(state, op == Op::ConverseStream, model, body).await
+        }
     };
     let mut response = result.unwrap_or_else(|e| e.into_response());
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -121,10 +123,21 @@ enum Dialect {
 async fn invoke(state: Arc<AppState>, stream: bool, body: Body) -> Result<Response, ApiError> {
     let obj = request::json_object(body, state.options.max_body_bytes, F).await?;
     let f = Fields::new(&obj, F, "");
-    f.only(&["prompt", "temperature", "top_p", "top_k", "max_tokens", "max_gen_len", "stop"])?;
+    f.only(&[
+        "prompt",
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+        "max_gen_len",
+        "stop",
+    ])?;
     let dialect = if f.get("max_gen_len").is_some() {
         if f.get("max_tokens").is_some() {
-            return Err(f.bad("max_gen_len", "give max_tokens (DeepSeek body) or max_gen_len (Llama body), not both"));
+            return Err(f.bad(
+                "max_gen_len",
+                "give max_tokens (DeepSeek body) or max_gen_len (Llama body), not both",
+            ));
         }
         Dialect::Llama
     } else {
@@ -133,14 +146,20 @@ async fn invoke(state: Arc<AppState>, stream: bool, body: Body) -> Result<Respon
     let prompt_text = f
         .string("prompt")?
         .ok_or_else(|| f.bad("prompt", "required key [prompt] not found"))?;
-    let mut params = sampling(&f, "temperature", "top_p")?;
+    let mut params = sampling(&state, &f, "temperature", "top_p")?;
     if let Some(k) = f.int_in("top_k", 0, 1_000_000)? {
         params.sampling.top_k = k as usize;
     }
     params.stop = f.stops("stop", MAX_STOP_STRINGS)?;
     let (max_field, requested) = match dialect {
-        Dialect::DeepSeek => ("max_tokens", f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT as i64)?),
-        Dialect::Llama => ("max_gen_len", f.int_in("max_gen_len", 1, MAX_TOKENS_LIMIT as i64)?),
+        Dialect::DeepSeek => (
+            "max_tokens",
+            f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT as i64)?,
+        ),
+        Dialect::Llama => (
+            "max_gen_len",
+            f.int_in("max_gen_len", 1, MAX_TOKENS_LIMIT as i64)?,
+        ),
     };
     let prompt = state.encode_raw(F, prompt_text)?;
     params.max_tokens = state.max_tokens(F, prompt.len(), requested, max_field)?;
@@ -152,7 +171,9 @@ async fn invoke(state: Arc<AppState>, stream: bool, body: Body) -> Result<Respon
     let g = job.finish(F).await?;
     let stop = stop_reason(&g);
     let body = match dialect {
-        Dialect::DeepSeek => json!({"choices": [{"text": state.raw_text(&g), "stop_reason": stop}]}),
+        Dialect::DeepSeek => {
+            json!({"choices": [{"text": state.raw_text(&g), "stop_reason": stop}]})
+        }
         Dialect::Llama => json!({
             "generation": g.text,
             "prompt_token_count": g.usage.prompt_tokens,
@@ -165,8 +186,14 @@ async fn invoke(state: Arc<AppState>, stream: bool, body: Body) -> Result<Respon
     let h = r.headers_mut();
     let latency = started.elapsed().as_millis();
     for (name, value) in [
-        ("x-amzn-bedrock-input-token-count", g.usage.prompt_tokens.to_string()),
-        ("x-amzn-bedrock-output-token-count", g.usage.completion_tokens.to_string()),
+        (
+            "x-amzn-bedrock-input-token-count",
+            g.usage.prompt_tokens.to_string(),
+        ),
+        (
+            "x-amzn-bedrock-output-token-count",
+            g.usage.completion_tokens.to_string(),
+        ),
         ("x-amzn-bedrock-invocation-latency", latency.to_string()),
     ] {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -176,15 +203,23 @@ async fn invoke(state: Arc<AppState>, stream: bool, body: Body) -> Result<Respon
     Ok(r)
 }
 
-/// Temperature and top-p in Bedrock's ranges (both at most 1).
-fn sampling(f: &Fields, temperature: &str, top_p: &str) -> Result<GenerationParams, ApiError> {
-    let mut params = GenerationParams::default();
+/// The model's defaults with temperature and top-p in Bedrock's ranges (both at most 1).
+fn sampling(
+    state: &AppState,
+    f: &Fields,
+    temperature: &str,
+    top_p: &str,
+) -> Result<GenerationParams, ApiError> {
+    let mut params = state.engine.default_params();
     if let Some(t) = f.f64_in(temperature, 0.0, 1.0)? {
         params.sampling.temperature = t;
     }
     if let Some(p) = f.f64_in(top_p, 0.0, 1.0)? {
         if p == 0.0 {
-            return Err(f.bad(top_p, "0 is not greater than 0: use temperature 0 for greedy decoding"));
+            return Err(f.bad(
+                top_p,
+                "0 is not greater than 0: use temperature 0 for greedy decoding",
+            ));
         }
         params.sampling.top_p = p;
     }
@@ -202,7 +237,10 @@ fn stream_response(body: Body) -> Response {
     (
         [
             (header::CONTENT_TYPE, "application/vnd.amazon.eventstream"),
-            (HeaderName::from_static("x-amzn-bedrock-content-type"), "application/json"),
+            (
+                HeaderName::from_static("x-amzn-bedrock-content-type"),
+                "application/json",
+            ),
         ],
         body,
     )
@@ -260,7 +298,11 @@ fn invoke_stream(state: Arc<AppState>, job: Job, dialect: Dialect) -> Response {
                     let mut out = Vec::new();
                     let last = match dialect {
                         Dialect::DeepSeek => {
-                            let tail = if !answered && state.closed_thinking(&g) { "</think>\n\n" } else { "" };
+                            let tail = if !answered && state.closed_thinking(&g) {
+                                "</think>\n\n"
+                            } else {
+                                ""
+                            };
                             json!({"choices": [{"text": tail, "stop_reason": stop_reason(&g)}],
                                    "amazon-bedrock-invocationMetrics": metrics})
                         }
@@ -277,7 +319,9 @@ fn invoke_stream(state: Arc<AppState>, job: Job, dialect: Dialect) -> Response {
                 }
                 Err(e) => vec![stream_error(&e)],
             },
-            OwnedEvent::Failed(message) => vec![stream_error(&ApiError::new(F, Kind::Engine, message))],
+            OwnedEvent::Failed(message) => {
+                vec![stream_error(&ApiError::new(F, Kind::Engine, message))]
+            }
         }
     };
     stream_response(relay(job, render, Vec::new(), None))
@@ -289,12 +333,22 @@ fn blocks_text(blocks: &[Value], field: &str) -> Result<String, ApiError> {
     let mut out = String::new();
     for (i, b) in blocks.iter().enumerate() {
         let Value::Object(b) = b else {
-            return Err(request::bad(F, &format!("{field}/{i}"), "expected a content block object"));
+            return Err(request::bad(
+                F,
+                &format!("{field}/{i}"),
+                "expected a content block object",
+            ));
         };
         if let Some(t) = b.get("text") {
             match t {
                 Value::String(t) => out.push_str(t),
-                _ => return Err(request::bad(F, &format!("{field}/{i}/text"), "expected a string")),
+                _ => {
+                    return Err(request::bad(
+                        F,
+                        &format!("{field}/{i}/text"),
+                        "expected a string",
+                    ))
+                }
             }
         } else if b.contains_key("reasoningContent") {
             continue;
@@ -328,11 +382,21 @@ fn converse_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError>
     for (i, m) in list.iter().enumerate() {
         let field = format!("messages/{i}");
         let Value::Object(m) = m else {
-            return Err(request::bad(F, &field, "expected an object with role and content"));
+            return Err(request::bad(
+                F,
+                &field,
+                "expected an object with role and content",
+            ));
         };
         let content = match m.get("content") {
             Some(Value::Array(blocks)) => blocks_text(blocks, &format!("{field}/content"))?,
-            _ => return Err(request::bad(F, &format!("{field}/content"), "expected an array of content blocks")),
+            _ => {
+                return Err(request::bad(
+                    F,
+                    &format!("{field}/content"),
+                    "expected an array of content blocks",
+                ))
+            }
         };
         out.push(match m.get("role").and_then(Value::as_str) {
             Some("user") => Message::user(content),
@@ -350,27 +414,63 @@ fn converse_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError>
     Ok(out)
 }
 
-async fn converse(state: Arc<AppState>, stream: bool, _model: String, body: Body) -> Result<Response, ApiError> {
+async fn converse(
+    state: Arc<AppState>,
+    stream: bool,
+    _model: String,
+    body: Body,
+) -> Result<Response, ApiError> {
     let obj = request::json_object(body, state.options.max_body_bytes, F).await?;
     let f = Fields::new(&obj, F, "");
     if f.get("toolConfig").is_some() {
-        return Err(f.bad("toolConfig", "tool use is not supported by the DeepSeek-R1 distills"));
+        return Err(f.bad(
+            "toolConfig",
+            "tool use is not supported by the DeepSeek-R1 distills",
+        ));
     }
     let msgs = converse_messages(&obj)?;
     let (mut params, requested) = match f.object("inferenceConfig")? {
         Some(cfg) => {
             let c = Fields::new(cfg, F, "inferenceConfig.");
-            let mut p = sampling(&c, "temperature", "topP")?;
+            let mut p = sampling(&state, &c, "temperature", "topP")?;
             p.stop = c.stops("stopSequences", MAX_STOP_STRINGS)?;
             (p, c.int_in("maxTokens", 1, MAX_TOKENS_LIMIT as i64)?)
         }
-        None => (GenerationParams::default(), None),
+        None => (state.engine.default_params(), None),
     };
+    // Model-specific fields, as Bedrock passes them to the model: thinkrag's extras.
+    if let Some(extra) = f.object("additionalModelRequestFields")? {
+        let x = Fields::new(extra, F, "additionalModelRequestFields.");
+        x.only(&[
+            "top_k",
+            "ignore_eos",
+            "max_thinking_tokens",
+            "reasoning_effort",
+        ])?;
+        if let Some(k) = x.int_in("top_k", 0, 1_000_000)? {
+            params.sampling.top_k = k as usize;
+        }
+        if let Some(b) = x.boolean("ignore_eos")? {
+            params.ignore_eos = b;
+        }
+        if let Some(e) = x.string("reasoning_effort")? {
+            params.max_thinking_tokens = crate::generation::effort_budget(e).ok_or_else(|| {
+                x.bad(
+                    "reasoning_effort",
+                    "not one of none, minimal, low, medium, high, xhigh, max",
+                )
+            })?;
+        }
+        if let Some(b) = x.int_in("max_thinking_tokens", 0, MAX_TOKENS_LIMIT as i64)? {
+            params.max_thinking_tokens = Some(b as usize);
+        }
+    }
     let prompt = state
         .engine
         .encode_messages(&msgs)
         .map_err(|e| ApiError::from_engine(F, &e))?;
-    params.max_tokens = state.max_tokens(F, prompt.len(), requested, "inferenceConfig.maxTokens")?;
+    params.max_tokens =
+        state.max_tokens(F, prompt.len(), requested, "inferenceConfig.maxTokens")?;
     let job = state.start(F, prompt, params)?;
     if stream {
         return Ok(converse_stream(job));
@@ -411,33 +511,43 @@ fn converse_stream(job: Job) -> Response {
     // Block 0 is the reasoning, block 1 the answer.
     let mut reasoning_open = false;
     let mut answer_open = false;
-    let render = move |e: OwnedEvent, _: &Job| -> Vec<Bytes> {
-        let mut out = Vec::new();
-        match e {
-            OwnedEvent::Reasoning(t) => {
-                reasoning_open = true;
-                out.push(ev("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": t}}})));
-            }
-            OwnedEvent::Answer(t) => {
-                if reasoning_open {
-                    out.push(ev("contentBlockStop", json!({"contentBlockIndex": 0})));
-                    reasoning_open = false;
+    let render =
+        move |e: OwnedEvent, _: &Job| -> Vec<Bytes> {
+            let mut out = Vec::new();
+            match e {
+                OwnedEvent::Reasoning(t) => {
+                    reasoning_open = true;
+                    out.push(ev(
+                        "contentBlockDelta",
+                        json!({"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": t}}}),
+                    ));
                 }
-                answer_open = true;
-                out.push(ev("contentBlockDelta", json!({"contentBlockIndex": 1, "delta": {"text": t}})));
-            }
-            OwnedEvent::Done(g) => match finished(F, *g) {
-                Ok(g) => {
+                OwnedEvent::Answer(t) => {
                     if reasoning_open {
                         out.push(ev("contentBlockStop", json!({"contentBlockIndex": 0})));
+                        reasoning_open = false;
                     }
-                    if !answer_open {
-                        // Clients assembling content[] find a text block even for an empty answer.
-                        out.push(ev("contentBlockDelta", json!({"contentBlockIndex": 1, "delta": {"text": ""}})));
-                    }
-                    out.push(ev("contentBlockStop", json!({"contentBlockIndex": 1})));
-                    out.push(ev("messageStop", json!({"stopReason": converse_stop(&g)})));
-                    out.push(ev("metadata", json!({
+                    answer_open = true;
+                    out.push(ev(
+                        "contentBlockDelta",
+                        json!({"contentBlockIndex": 1, "delta": {"text": t}}),
+                    ));
+                }
+                OwnedEvent::Done(g) => match finished(F, *g) {
+                    Ok(g) => {
+                        if reasoning_open {
+                            out.push(ev("contentBlockStop", json!({"contentBlockIndex": 0})));
+                        }
+                        if !answer_open {
+                            // Clients assembling content[] find a text block even for an empty answer.
+                            out.push(ev(
+                                "contentBlockDelta",
+                                json!({"contentBlockIndex": 1, "delta": {"text": ""}}),
+                            ));
+                        }
+                        out.push(ev("contentBlockStop", json!({"contentBlockIndex": 1})));
+                        out.push(ev("messageStop", json!({"stopReason": converse_stop(&g)})));
+                        out.push(ev("metadata", json!({
                         "usage": {
                             "inputTokens": g.usage.prompt_tokens,
                             "outputTokens": g.usage.completion_tokens,
@@ -445,13 +555,15 @@ fn converse_stream(job: Job) -> Response {
                         },
                         "metrics": {"latencyMs": started.elapsed().as_millis()},
                     })));
+                    }
+                    Err(e) => out.push(stream_error(&e)),
+                },
+                OwnedEvent::Failed(message) => {
+                    out.push(stream_error(&ApiError::new(F, Kind::Engine, message)))
                 }
-                Err(e) => out.push(stream_error(&e)),
-            },
-            OwnedEvent::Failed(message) => out.push(stream_error(&ApiError::new(F, Kind::Engine, message))),
-        }
-        out
-    };
+            }
+            out
+        };
     stream_response(relay(job, render, first, None))
 }
 
@@ -459,7 +571,14 @@ fn converse_stream(job: Job) -> Response {
 fn uuid_like() -> String {
     let x: u128 = rand::random();
     let h = format!("{x:032x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 #[cfg(test)]

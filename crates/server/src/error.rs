@@ -192,7 +192,8 @@ impl IntoResponse for ApiError {
                 r
             }
             Flavor::Bedrock => {
-                let mut r = (status, axum::Json(json!({ "message": self.message }))).into_response();
+                let mut r =
+                    (status, axum::Json(json!({ "message": self.message }))).into_response();
                 let ty = format!(
                     "{}:http://internal.amazon.com/coral/com.amazon.bedrock/",
                     self.bedrock_type()

@@ -53,7 +53,9 @@ pub fn exception(exception_type: &str, message: &str) -> Vec<u8> {
             (":content-type", "application/json"),
             (":message-type", "exception"),
         ],
-        serde_json::json!({ "message": message }).to_string().as_bytes(),
+        serde_json::json!({ "message": message })
+            .to_string()
+            .as_bytes(),
     )
 }
 
@@ -93,7 +95,8 @@ mod tests {
     /// The InvokeModelWithResponseStream chunk of the reference: lengths and both CRCs.
     #[test]
     fn an_invoke_stream_chunk_has_the_reference_lengths_and_crcs() {
-        let payload = br#"{"bytes":"eyJjaG9pY2VzIjpbeyJ0ZXh0IjoiSGkiLCJzdG9wX3JlYXNvbiI6bnVsbH1dfQ=="}"#;
+        let payload =
+            br#"{"bytes":"eyJjaG9pY2VzIjpbeyJ0ZXh0IjoiSGkiLCJzdG9wX3JlYXNvbiI6bnVsbH1dfQ=="}"#;
         let got = frame(
             &[
                 (":event-type", "chunk"),

@@ -138,9 +138,7 @@ pub async fn serve(
         // scheduler refuses new requests at once and cancels the rest after the grace period,
         // which ends their streams and so their connections.
         tokio::task::spawn_blocking(move || {
-            draining
-                .scheduler
-                .drain(draining.options.shutdown_grace)
+            draining.scheduler.drain(draining.options.shutdown_grace)
         });
     };
     axum::serve(listener, router(state))
@@ -188,11 +186,15 @@ async fn authenticate_and_count(
                 flavor,
                 Kind::Unauthorized,
                 match flavor {
-                    Flavor::OpenAi => "invalid or missing API key: send `Authorization: Bearer KEY` \
-                                       (the openai client's api_key) or `x-api-key: KEY`",
-                    Flavor::Bedrock => "invalid or missing API key: use the server's key as the AWS \
+                    Flavor::OpenAi => {
+                        "invalid or missing API key: send `Authorization: Bearer KEY` \
+                                       (the openai client's api_key) or `x-api-key: KEY`"
+                    }
+                    Flavor::Bedrock => {
+                        "invalid or missing API key: use the server's key as the AWS \
                                         access key id (aws_access_key_id=KEY), or send \
-                                        `x-api-key: KEY`",
+                                        `x-api-key: KEY`"
+                    }
                 },
             )
             .into_response()
@@ -245,29 +247,114 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP thinkrag_{name} {help}\n# TYPE thinkrag_{name} {kind}\nthinkrag_{name} {value}\n"
         ));
     };
-    metric("requests_total", "counter", "Generation requests accepted.", m.requests_total as f64);
-    metric("requests_finished_total", "counter", "Generation requests finished.", m.requests_finished as f64);
-    metric("requests_cancelled_total", "counter", "Generation requests cancelled (client gone or shutdown).", m.requests_cancelled as f64);
-    metric("requests_rejected_total", "counter", "Generation requests refused because the queue was full.", m.requests_rejected as f64);
-    metric("requests_running", "gauge", "Sequences being generated.", m.running as f64);
-    metric("requests_waiting", "gauge", "Requests waiting for a slot.", m.waiting as f64);
-    metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", m.prompt_tokens_total as f64);
-    metric("prompt_tokens_cached_total", "counter", "Prompt tokens taken from the prefix cache.", m.cached_prompt_tokens_total as f64);
-    metric("generated_tokens_total", "counter", "Tokens generated.", m.generated_tokens_total as f64);
-    metric("decode_steps_total", "counter", "Batched decode steps.", m.decode_steps_total as f64);
-    metric("decode_batch_size_sum", "counter", "Sum of the batch sizes of all decode steps.", m.decode_batch_sum as f64);
+    metric(
+        "requests_total",
+        "counter",
+        "Generation requests accepted.",
+        m.requests_total as f64,
+    );
+    metric(
+        "requests_finished_total",
+        "counter",
+        "Generation requests finished.",
+        m.requests_finished as f64,
+    );
+    metric(
+        "requests_cancelled_total",
+        "counter",
+        "Generation requests cancelled (client gone or shutdown).",
+        m.requests_cancelled as f64,
+    );
+    metric(
+        "requests_rejected_total",
+        "counter",
+        "Generation requests refused because the queue was full.",
+        m.requests_rejected as f64,
+    );
+    metric(
+        "requests_running",
+        "gauge",
+        "Sequences being generated.",
+        m.running as f64,
+    );
+    metric(
+        "requests_waiting",
+        "gauge",
+        "Requests waiting for a slot.",
+        m.waiting as f64,
+    );
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens of admitted requests.",
+        m.prompt_tokens_total as f64,
+    );
+    metric(
+        "prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens taken from the prefix cache.",
+        m.cached_prompt_tokens_total as f64,
+    );
+    metric(
+        "generated_tokens_total",
+        "counter",
+        "Tokens generated.",
+        m.generated_tokens_total as f64,
+    );
+    metric(
+        "decode_steps_total",
+        "counter",
+        "Batched decode steps.",
+        m.decode_steps_total as f64,
+    );
+    metric(
+        "decode_batch_size_sum",
+        "counter",
+        "Sum of the batch sizes of all decode steps.",
+        m.decode_batch_sum as f64,
+    );
     let mean = if m.decode_steps_total > 0 {
         m.decode_batch_sum as f64 / m.decode_steps_total as f64
     } else {
         0.0
     };
-    metric("decode_batch_size_mean", "gauge", "Mean sequences per decode step since start.", mean);
-    metric("kv_cache_bytes", "gauge", "KV cache bytes held by running sequences.", m.kv_cache_bytes as f64);
-    metric("prefix_cache_bytes", "gauge", "KV cache bytes kept for prefix reuse.", m.prefix_cache_bytes as f64);
-    metric("prefix_cache_entries", "gauge", "Sequences kept for prefix reuse.", m.prefix_cache_entries as f64);
+    metric(
+        "decode_batch_size_mean",
+        "gauge",
+        "Mean sequences per decode step since start.",
+        mean,
+    );
+    metric(
+        "kv_cache_bytes",
+        "gauge",
+        "KV cache bytes held by running sequences.",
+        m.kv_cache_bytes as f64,
+    );
+    metric(
+        "prefix_cache_bytes",
+        "gauge",
+        "KV cache bytes kept for prefix reuse.",
+        m.prefix_cache_bytes as f64,
+    );
+    metric(
+        "prefix_cache_entries",
+        "gauge",
+        "Sequences kept for prefix reuse.",
+        m.prefix_cache_entries as f64,
+    );
     let cfg = state.scheduler.config();
-    metric("max_sequences", "gauge", "Sequences decoded at once at most.", cfg.max_sequences as f64);
-    metric("max_queue", "gauge", "Requests that may wait.", cfg.max_queue as f64);
+    metric(
+        "max_sequences",
+        "gauge",
+        "Sequences decoded at once at most.",
+        cfg.max_sequences as f64,
+    );
+    metric(
+        "max_queue",
+        "gauge",
+        "Requests that may wait.",
+        cfg.max_queue as f64,
+    );
     out.push_str("# HELP thinkrag_http_requests_total HTTP responses by route and status.\n");
     out.push_str("# TYPE thinkrag_http_requests_total counter\n");
     for ((route, status), n) in state.http.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -275,11 +362,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "thinkrag_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
         ));
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// Bedrock's routes (their model ids may hold `%2F`, and `endpoint_url` may add a path prefix, so

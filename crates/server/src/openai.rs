@@ -68,14 +68,22 @@ fn options(f: &Fields, state: &AppState, chat: bool) -> Result<Options, ApiError
     let mut params = state.engine.default_params();
     let model = f
         .string("model")?
-        .ok_or_else(|| f.bad("model", "required: name the model (any name maps to the loaded one)"))?
+        .ok_or_else(|| {
+            f.bad(
+                "model",
+                "required: name the model (any name maps to the loaded one)",
+            )
+        })?
         .to_string();
     if let Some(t) = f.f64_in("temperature", 0.0, 2.0)? {
         params.sampling.temperature = t;
     }
     if let Some(p) = f.f64_in("top_p", 0.0, 1.0)? {
         if p == 0.0 {
-            return Err(f.bad("top_p", "0 is not in the range (0, 1]: use temperature 0 for greedy decoding"));
+            return Err(f.bad(
+                "top_p",
+                "0 is not in the range (0, 1]: use temperature 0 for greedy decoding",
+            ));
         }
         params.sampling.top_p = p;
     }
@@ -114,13 +122,19 @@ fn options(f: &Fields, state: &AppState, chat: bool) -> Result<Options, ApiError
     if chat {
         for key in ["tools", "functions"] {
             if f.array(key)?.is_some_and(|a| !a.is_empty()) {
-                return Err(f.bad(key, "tool calling is not supported by the DeepSeek-R1 distills"));
+                return Err(f.bad(
+                    key,
+                    "tool calling is not supported by the DeepSeek-R1 distills",
+                ));
             }
         }
         if let Some(rf) = f.object("response_format")? {
             let ty = rf.get("type").and_then(Value::as_str).unwrap_or("text");
             if ty != "text" {
-                return Err(f.bad("response_format", format!("{ty:?} is not supported: only \"text\"")));
+                return Err(f.bad(
+                    "response_format",
+                    format!("{ty:?} is not supported: only \"text\""),
+                ));
             }
         }
     }
@@ -141,7 +155,11 @@ fn options(f: &Fields, state: &AppState, chat: bool) -> Result<Options, ApiError
             )
         })?;
     }
-    for key in ["thinking_budget_tokens", "thinking_token_budget", "max_thinking_tokens"] {
+    for key in [
+        "thinking_budget_tokens",
+        "thinking_token_budget",
+        "max_thinking_tokens",
+    ] {
         if let Some(b) = f.int_in(key, 0, MAX_TOKENS_LIMIT as i64)? {
             params.max_thinking_tokens = Some(b as usize);
         }
@@ -149,10 +167,14 @@ fn options(f: &Fields, state: &AppState, chat: bool) -> Result<Options, ApiError
     if let Some(b) = f.boolean("ignore_eos")? {
         params.ignore_eos = b;
     }
-    let (requested_max, max_field) = match f.int_in("max_completion_tokens", 1, MAX_TOKENS_LIMIT as i64)? {
-        Some(n) => (Some(n), "max_completion_tokens"),
-        None => (f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT as i64)?, "max_tokens"),
-    };
+    let (requested_max, max_field) =
+        match f.int_in("max_completion_tokens", 1, MAX_TOKENS_LIMIT as i64)? {
+            Some(n) => (Some(n), "max_completion_tokens"),
+            None => (
+                f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT as i64)?,
+                "max_tokens",
+            ),
+        };
     let stream = f.boolean("stream")?.unwrap_or(false);
     let include_usage = match f.object("stream_options")? {
         Some(o) => Fields::new(o, F, "stream_options.")
@@ -184,13 +206,19 @@ fn content_text(v: Option<&Value>, field: &str) -> Result<String, ApiError> {
                 match (ty, part.get("text")) {
                     ("text", Some(Value::String(t))) => out.push_str(t),
                     ("text", _) => {
-                        return Err(request::bad(F, &format!("{field}[{i}].text"), "a text part needs a string `text`"))
+                        return Err(request::bad(
+                            F,
+                            &format!("{field}[{i}].text"),
+                            "a text part needs a string `text`",
+                        ))
                     }
                     (other, _) => {
                         return Err(request::bad(
                             F,
                             &format!("{field}[{i}].type"),
-                            format!("{other:?} parts are not supported: this model reads text only"),
+                            format!(
+                                "{other:?} parts are not supported: this model reads text only"
+                            ),
                         ))
                     }
                 }
@@ -200,7 +228,10 @@ fn content_text(v: Option<&Value>, field: &str) -> Result<String, ApiError> {
         Some(other) => Err(request::bad(
             F,
             field,
-            format!("expected a string or an array of text parts, got {}", request::type_name(other)),
+            format!(
+                "expected a string or an array of text parts, got {}",
+                request::type_name(other)
+            ),
         )),
     }
 }
@@ -220,7 +251,11 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     for (i, m) in list.iter().enumerate() {
         let field = format!("messages[{i}]");
         let Value::Object(m) = m else {
-            return Err(request::bad(F, &field, "expected an object with `role` and `content`"));
+            return Err(request::bad(
+                F,
+                &field,
+                "expected an object with `role` and `content`",
+            ));
         };
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let text = content_text(m.get("content"), &format!("{field}.content"))?;
@@ -316,7 +351,8 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
         .engine
         .encode_messages(&msgs)
         .map_err(|e| ApiError::from_engine(F, &e))?;
-    opts.params.max_tokens = state.max_tokens(F, prompt.len(), opts.requested_max, opts.max_field)?;
+    opts.params.max_tokens =
+        state.max_tokens(F, prompt.len(), opts.requested_max, opts.max_field)?;
     let job = state.start(F, prompt, opts.params.clone())?;
     let id = new_id("chatcmpl");
     let created = now();
@@ -346,11 +382,17 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
                    "system_fingerprint": fingerprint(), "choices": choices})
         }
     };
-    let first = vec![sse(&chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": null, "logprobs": null}])))];
+    let first = vec![sse(&chunk(
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": null, "logprobs": null}]),
+    ))];
     let (include_reasoning, include_usage) = (opts.include_reasoning, opts.include_usage);
     let render = move |ev: OwnedEvent, _: &Job| -> Vec<Bytes> {
-        let delta = |d: Value| sse(&chunk(json!([{"index": 0, "delta": d, "finish_reason": null, "logprobs": null}])));
+        let delta = |d: Value| {
+            sse(&chunk(
+                json!([{"index": 0, "delta": d, "finish_reason": null, "logprobs": null}]),
+            ))
+        };
         match ev {
             OwnedEvent::Reasoning(t) if include_reasoning => {
                 vec![delta(json!({"reasoning_content": t, "reasoning": t}))]
@@ -359,7 +401,9 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
             OwnedEvent::Answer(t) => vec![delta(json!({"content": t}))],
             OwnedEvent::Done(g) => match finished(F, *g) {
                 Ok(g) => {
-                    let mut last = chunk(json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&g), "logprobs": null}]));
+                    let mut last = chunk(
+                        json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&g), "logprobs": null}]),
+                    );
                     last["timings"] = timings(&g);
                     let mut out = vec![sse(&last)];
                     if include_usage {
@@ -377,7 +421,12 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
             }
         }
     };
-    Ok(sse_response(relay(job, render, first, Some(Bytes::from_static(b": keep-alive\n\n")))))
+    Ok(sse_response(relay(
+        job,
+        render,
+        first,
+        Some(Bytes::from_static(b": keep-alive\n\n")),
+    )))
 }
 
 /// `POST /v1/completions`: the prompt as written (control tokens included; see
@@ -395,9 +444,18 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     let mut opts = options(&f, &state, false)?;
     let prompt_text = match f.get("prompt") {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Some(Value::Array(_)) => return Err(f.bad("prompt", "only one prompt string per request is supported")),
-        Some(other) => return Err(f.bad("prompt", format!("expected a string, got {}", request::type_name(other)))),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(Value::Array(_)) => {
+            return Err(f.bad("prompt", "only one prompt string per request is supported"))
+        }
+        Some(other) => {
+            return Err(f.bad(
+                "prompt",
+                format!("expected a string, got {}", request::type_name(other)),
+            ))
+        }
         None => return Err(f.bad("prompt", "required")),
     };
     let prompt = state.encode_raw(F, &prompt_text)?;
@@ -421,8 +479,10 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     let chunk = {
         let (id, model) = (id.clone(), opts.model.clone());
         move |text: &str, finish: Option<&str>| {
-            sse(&json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]}))
+            sse(
+                &json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]}),
+            )
         }
     };
     let include_usage = opts.include_usage;
@@ -432,7 +492,11 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
         match ev {
             OwnedEvent::Reasoning(t) => vec![chunk(&t, None)],
             OwnedEvent::Answer(t) => {
-                let text = if answered { t } else { format!("</think>\n\n{t}") };
+                let text = if answered {
+                    t
+                } else {
+                    format!("</think>\n\n{t}")
+                };
                 answered = true;
                 vec![chunk(&text, None)]
             }
@@ -452,10 +516,17 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
                 }
                 Err(e) => vec![sse(&e.openai_body())],
             },
-            OwnedEvent::Failed(message) => vec![sse(&ApiError::new(F, Kind::Engine, message).openai_body())],
+            OwnedEvent::Failed(message) => {
+                vec![sse(&ApiError::new(F, Kind::Engine, message).openai_body())]
+            }
         }
     };
-    Ok(sse_response(relay(job, render, Vec::new(), Some(Bytes::from_static(b": keep-alive\n\n")))))
+    Ok(sse_response(relay(
+        job,
+        render,
+        Vec::new(),
+        Some(Bytes::from_static(b": keep-alive\n\n")),
+    )))
 }
 
 /// `POST /v1/embeddings`: text inputs (a string or an array of strings), vectors as floats or as
@@ -494,14 +565,29 @@ async fn embeddings_inner(state: Arc<AppState>, body: Body) -> Result<Response, 
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.clone()),
                 Value::Number(_) | Value::Array(_) => Err(token_ids()),
-                other => Err(request::bad(F, &format!("input[{i}]"), format!("expected a string, got {}", request::type_name(other)))),
+                other => Err(request::bad(
+                    F,
+                    &format!("input[{i}]"),
+                    format!("expected a string, got {}", request::type_name(other)),
+                )),
             })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(f.bad("input", format!("expected a string or an array of strings, got {}", request::type_name(other)))),
+        Some(other) => {
+            return Err(f.bad(
+                "input",
+                format!(
+                    "expected a string or an array of strings, got {}",
+                    request::type_name(other)
+                ),
+            ))
+        }
         None => return Err(f.bad("input", "required")),
     };
     if inputs.len() > 2048 {
-        return Err(f.bad("input", format!("{} inputs, at most 2048 per request", inputs.len())));
+        return Err(f.bad(
+            "input",
+            format!("{} inputs, at most 2048 per request", inputs.len()),
+        ));
     }
     if let Some(i) = inputs.iter().position(String::is_empty) {
         return Err(request::bad(F, &format!("input[{i}]"), "must not be empty"));
@@ -509,12 +595,20 @@ async fn embeddings_inner(state: Arc<AppState>, body: Body) -> Result<Response, 
     let base64 = match f.string("encoding_format")? {
         None | Some("float") => false,
         Some("base64") => true,
-        Some(other) => return Err(f.bad("encoding_format", format!("{other:?} is not float or base64"))),
+        Some(other) => {
+            return Err(f.bad(
+                "encoding_format",
+                format!("{other:?} is not float or base64"),
+            ))
+        }
     };
     let dim = embedder.dim();
     if let Some(d) = f.int_in("dimensions", 1, 1 << 16)? {
         if d as usize != dim {
-            return Err(f.bad("dimensions", format!("{d} differs from this model's {dim}: omit it or send {dim}")));
+            return Err(f.bad(
+                "dimensions",
+                format!("{d} differs from this model's {dim}: omit it or send {dim}"),
+            ));
         }
     }
     // Embedding is CPU work: off the async threads.
@@ -523,7 +617,9 @@ async fn embeddings_inner(state: Arc<AppState>, body: Body) -> Result<Response, 
             .iter()
             .map(|t| embedder.count_tokens(t).unwrap_or(0))
             .sum();
-        let out = embedder.embed_passages(&inputs).map_err(|e| e.to_string())?;
+        let out = embedder
+            .embed_passages(&inputs)
+            .map_err(|e| e.to_string())?;
         Ok((out.vectors, tokens))
     })
     .await

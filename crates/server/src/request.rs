@@ -143,12 +143,7 @@ impl<'a> Fields<'a> {
             (Some(x), _) => x,
             // 512.0 is an integer too; 1e30 and 0.5 are not.
             (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9e15 => f as i64,
-            _ => {
-                return Err(self.bad(
-                    key,
-                    format!("expected an integer, got {}", describe(v)),
-                ))
-            }
+            _ => return Err(self.bad(key, format!("expected an integer, got {}", describe(v)))),
         };
         if !(lo..=hi).contains(&x) {
             return Err(self.bad(key, format!("{x} is not in the range {lo}..={hi}")));
@@ -207,24 +202,27 @@ impl<'a> Fields<'a> {
             Some(v) => {
                 return Err(self.bad(
                     key,
-                    format!("expected a string or an array of strings, got {}", type_name(v)),
+                    format!(
+                        "expected a string or an array of strings, got {}",
+                        type_name(v)
+                    ),
                 ))
             }
         };
         if list.len() > max {
             return Err(self.bad(
                 key,
-                format!("{} stop strings given, at most {max} are allowed", list.len()),
+                format!(
+                    "{} stop strings given, at most {max} are allowed",
+                    list.len()
+                ),
             ));
         }
         list.into_iter()
             .map(|v| match v {
                 Value::String(s) if !s.is_empty() && s.len() <= 1000 => Ok(s.clone()),
                 Value::String(_) => Err(self.bad(key, "stop strings must be 1 to 1000 bytes")),
-                other => Err(self.bad(
-                    key,
-                    format!("expected strings, got {}", type_name(other)),
-                )),
+                other => Err(self.bad(key, format!("expected strings, got {}", type_name(other)))),
             })
             .collect()
     }

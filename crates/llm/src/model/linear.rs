@@ -176,17 +176,19 @@ fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>
         let out = OutPtr(y.as_mut_ptr());
         let threads = rayon::current_num_threads().max(1);
         let rows_per_block = (n / (threads * 8)).clamp(16, 1024);
-        (0..n.div_ceil(rows_per_block)).into_par_iter().for_each(|block| {
-            for r in block * rows_per_block..((block + 1) * rows_per_block).min(n) {
-                let wrow = &wv[r * k..(r + 1) * k];
-                for j in 0..rows {
-                    let v = dot(wrow, &xv[j * k..(j + 1) * k]);
-                    // SAFETY: blocks cover disjoint weight rows `r`, so each `j * n + r` is
-                    // written by one thread only, and `y` outlives the parallel loop.
-                    unsafe { out.write(j * n + r, v) };
+        (0..n.div_ceil(rows_per_block))
+            .into_par_iter()
+            .for_each(|block| {
+                for r in block * rows_per_block..((block + 1) * rows_per_block).min(n) {
+                    let wrow = &wv[r * k..(r + 1) * k];
+                    for j in 0..rows {
+                        let v = dot(wrow, &xv[j * k..(j + 1) * k]);
+                        // SAFETY: blocks cover disjoint weight rows `r`, so each `j * n + r` is
+                        // written by one thread only, and `y` outlives the parallel loop.
+                        unsafe { out.write(j * n + r, v) };
+                    }
                 }
-            }
-        });
+            });
     }
     drop((xs, ws));
     Ok(Some(Tensor::from_vec(y, output_shape(&x, n), x.device())?))
@@ -231,7 +233,11 @@ fn small_batch_quantized(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<
 /// single-row kernel (`gemv`) exactly. `None` as for `gemv`.
 fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Option<Vec<f32>> {
     let vk = T::VecDotType::BLCK_SIZE;
-    if k == 0 || !k.is_multiple_of(T::BLCK_SIZE) || !k.is_multiple_of(vk) || x.len() % k != 0 {
+    if k == 0
+        || !k.is_multiple_of(T::BLCK_SIZE)
+        || !k.is_multiple_of(vk)
+        || !x.len().is_multiple_of(k)
+    {
         return None;
     }
     let rows = x.len() / k;
@@ -571,7 +577,12 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let mut layers = vec![Linear::dense(w.clone(), Some(b))];
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q4_0] {
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+        ] {
             let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
             layers.push(Linear::new(Weight::Quantized(q), None));
         }

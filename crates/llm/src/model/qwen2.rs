@@ -143,7 +143,13 @@ impl Attention {
     /// batched decode step (one row per sequence).
     fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let run = |l: &Linear| if rows { l.forward_rows(x) } else { l.forward(x) };
+        let run = |l: &Linear| {
+            if rows {
+                l.forward_rows(x)
+            } else {
+                l.forward(x)
+            }
+        };
         let q = run(&self.q_proj)?
             .reshape((b, s, self.heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -183,7 +189,15 @@ impl Attention {
         let mut outs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
             let one = |t: &Tensor| t.narrow(2, i, 1);
-            outs.push(self.attend(&one(&q)?, &one(&k)?, &one(&v)?, &ropes[i], None, layer, cache)?);
+            outs.push(self.attend(
+                &one(&q)?,
+                &one(&k)?,
+                &one(&v)?,
+                &ropes[i],
+                None,
+                layer,
+                cache,
+            )?);
         }
         let out = Tensor::cat(&outs, 1)?;
         Ok(self.o_proj.forward_rows(&out)?)
