@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use thinkrag_llm::bench::{decode, prefill, BenchResult};
+use thinkrag_llm::bench::{admission_ttft, batched_decode, decode, prefill, BenchResult};
 use thinkrag_llm::load_model_only;
 
 use crate::load::{init_threads, progress_bar, RuntimeArgs};
@@ -30,6 +30,15 @@ pub struct BenchArgs {
     /// Runs of each test (the median is reported).
     #[arg(short, long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Decode several sequences at once: aggregate tokens/s of one batched step per token for each
+    /// count (e.g. 1,2,4,8), at each position.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Also measure the time to first token of a short request admitted while 3 long ones decode,
+    /// against the same request alone (needs the model's tokenizer: a GGUF with one, or a
+    /// directory with tokenizer.json).
+    #[arg(long)]
+    pub admission: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -58,8 +67,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.gen_tokens > 0 {
         for &pos in &args.positions {
-            results.push(decode(&model, args.gen_tokens, pos, args.repetitions)?);
+            if pos + args.gen_tokens >= cfg.max_position_embeddings {
+                eprintln!(
+                    "skipping decode at position {pos}: past the model's context window of {}",
+                    cfg.max_position_embeddings
+                );
+                continue;
+            }
+            if args.batch.is_empty() {
+                results.push(decode(&model, args.gen_tokens, pos, args.repetitions)?);
+            }
+            for &n in &args.batch {
+                results.push(batched_decode(
+                    &model,
+                    n,
+                    args.gen_tokens,
+                    pos,
+                    args.repetitions,
+                )?);
+            }
         }
+    }
+    let mut admission = None;
+    if args.admission {
+        drop(model);
+        let source = thinkrag_llm::ModelSource::parse(&args.model.to_string_lossy())?;
+        let engine = thinkrag_llm::Engine::load(&source, &rt.load_options(), &mut |_| {})
+            .with_context(|| format!("cannot load {} with its tokenizer", args.model.display()))?;
+        let (alone, busy) =
+            admission_ttft(std::sync::Arc::new(engine), 3, 512, 32, args.repetitions)?;
+        admission = Some((alone, busy));
     }
     if args.json {
         let v = serde_json::json!({
@@ -71,6 +108,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "weights_gib": weights_gib,
             "threads": threads,
             "results": results,
+            "admission": admission.map(|(alone, busy)| serde_json::json!({
+                "short_prompt_tokens": 32, "busy_sequences": 3, "long_prompt_tokens": 512,
+                "ttft_alone_ms": alone, "ttft_busy_ms": busy, "ratio": busy / alone,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -95,6 +136,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             params as f64 / 1e9,
             r.test,
             r.tokens_per_s
+        );
+    }
+    if let Some((alone, busy)) = admission {
+        println!(
+            "\ntime to first token of a 32-token request: {alone:.0} ms alone, {busy:.0} ms while 3 \
+             requests (512-token prompts) decode: {:.2}x",
+            busy / alone
         );
     }
     Ok(())

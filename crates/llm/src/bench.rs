@@ -7,7 +7,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{Logits, Qwen2};
+use std::sync::Arc;
+
+use crate::engine::Engine;
+use crate::generate::{GenerationParams, OwnedEvent, MAX_TOKENS_LIMIT};
+use crate::model::{KvCache, Logits, Qwen2};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// One measured test.
 #[derive(Debug, Clone, Serialize)]
@@ -74,28 +79,111 @@ pub fn prefill(model: &Qwen2, tokens: usize, runs: usize) -> Result<BenchResult>
 }
 
 /// Times `tokens` decode steps (one token each, logits read back as generation does) starting with
-/// `position` positions in the cache, `runs` times.
+/// `position` positions in the cache, `runs` times. Runs the decode step generation runs
+/// ([`Qwen2::forward_decode`]) with a batch of one.
 pub fn decode(model: &Qwen2, tokens: usize, position: usize, runs: usize) -> Result<BenchResult> {
-    let ids = bench_tokens(tokens, model.vocab_size(), 2);
-    let mut cache = model.new_cache(position + tokens + 1);
-    cache.fill_for_benchmark(position)?;
-    model.forward(&ids[..1], &mut cache, Logits::Last)?; // warm-up, untimed
+    let mut r = batched_decode(model, 1, tokens, position, runs)?;
+    r.test = format!("tg{tokens}@{position}");
+    Ok(r)
+}
+
+/// Times `tokens` batched decode steps of `sequences` sequences, each with `position` positions
+/// in its own cache: one forward per step for all of them, as the scheduler runs it. Reports the
+/// aggregate tokens per second (`sequences * tokens / time`), `runs` times after a warm-up step.
+pub fn batched_decode(
+    model: &Qwen2,
+    sequences: usize,
+    tokens: usize,
+    position: usize,
+    runs: usize,
+) -> Result<BenchResult> {
+    let n = sequences.max(1);
+    let tokens = tokens.max(1);
+    let ids: Vec<Vec<u32>> = (0..n)
+        .map(|i| bench_tokens(tokens, model.vocab_size(), 2 + i as u64))
+        .collect();
+    let mut caches: Vec<_> = (0..n)
+        .map(|_| model.new_cache(position + tokens + 2))
+        .collect();
     let mut rates = Vec::new();
-    for _ in 0..runs.max(1) {
-        cache.clear();
-        cache.fill_for_benchmark(position)?;
-        let t = Instant::now();
-        for &id in &ids {
-            let logits = model.forward(&[id], &mut cache, Logits::Last)?;
-            logits.to_vec1::<f32>()?;
+    for run in 0..=runs.max(1) {
+        for c in caches.iter_mut() {
+            c.clear();
+            c.fill_for_benchmark(position)?;
         }
-        rates.push(tokens as f64 / t.elapsed().as_secs_f64());
+        // Run 0 is one untimed warm-up step.
+        let steps = if run == 0 { 1 } else { tokens };
+        let t = Instant::now();
+        for step in 0..steps {
+            let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            model.forward_decode(&step_ids, &mut refs)?.to_vec2::<f32>()?;
+        }
+        if run > 0 {
+            rates.push((n * tokens) as f64 / t.elapsed().as_secs_f64());
+        }
     }
     Ok(BenchResult {
-        test: format!("tg{tokens}@{position}"),
-        tokens,
+        test: format!("tg{tokens}@{position} x{n}"),
+        tokens: n * tokens,
         position,
         tokens_per_s: median(&rates),
         runs: rates,
     })
+}
+
+/// Time to first token of a short request admitted while `busy` long requests decode, against
+/// the same kind of request alone, through the engine's [`Scheduler`] (chunked prefill
+/// interleaved with batched decode steps). Returns `(alone_ms, busy_ms)`, medians of `runs`.
+pub fn admission_ttft(
+    engine: Arc<Engine>,
+    busy: usize,
+    long_prompt: usize,
+    short_prompt: usize,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let vocab = engine.tokenizer().size().min(engine.model().vocab_size());
+    let scheduler = Scheduler::new(
+        Arc::clone(&engine),
+        SchedulerConfig {
+            max_sequences: busy + 1,
+            prefix_cache_bytes: 0,
+            ..SchedulerConfig::default()
+        },
+    )?;
+    let params = |max_tokens| GenerationParams {
+        max_tokens,
+        ignore_eos: true,
+        ..GenerationParams::default()
+    };
+    let ttft = |seed: u64| -> Result<f64> {
+        let prompt = bench_tokens(short_prompt.max(1), vocab, 100 + seed);
+        for ev in scheduler.submit_stream(prompt, params(1))? {
+            if let OwnedEvent::Done(g) = ev {
+                return Ok(g.timings.time_to_first_token_ms);
+            }
+        }
+        Ok(f64::NAN)
+    };
+    ttft(0)?; // warm-up
+    let alone: Vec<f64> = (0..runs.max(1))
+        .map(|i| ttft(1 + i as u64))
+        .collect::<Result<_>>()?;
+    // The long requests: prefilled, then decoding for longer than the measurement takes.
+    let mut streams = Vec::new();
+    for i in 0..busy {
+        let prompt = bench_tokens(long_prompt.max(1), vocab, 10 + i as u64);
+        let mut s = scheduler.submit_stream(prompt, params(MAX_TOKENS_LIMIT))?;
+        for ev in s.by_ref() {
+            if matches!(ev, OwnedEvent::Reasoning(_) | OwnedEvent::Answer(_)) {
+                break; // it is decoding
+            }
+        }
+        streams.push(s);
+    }
+    let busy_ms: Vec<f64> = (0..runs.max(1))
+        .map(|i| ttft(50 + i as u64))
+        .collect::<Result<_>>()?;
+    drop(streams);
+    Ok((median(&alone), median(&busy_ms)))
 }
