@@ -95,6 +95,46 @@ fn engine(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // Batched decode: one forward per step for N sequences (what `thinkrag serve` runs), the
+    // aggregate throughput in tokens of all sequences.
+    let mut g = c.benchmark_group("batched_decode");
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .warm_up_time(Duration::from_secs(3));
+    let steps: usize = env_or("THINKRAG_BENCH_BATCH_STEPS", 16);
+    for n in [1usize, 2, 4, 8] {
+        let ids: Vec<Vec<u32>> = (0..n)
+            .map(|i| bench_tokens(steps, model.vocab_size(), 3 + i as u64))
+            .collect();
+        g.throughput(Throughput::Elements((n * steps) as u64));
+        g.bench_function(format!("{n}_sequences_{steps}_steps_at_100"), |b| {
+            b.iter_batched(
+                || {
+                    (0..n)
+                        .map(|_| {
+                            let mut cache = model.new_cache(100 + steps + 1);
+                            cache.fill_for_benchmark(100).unwrap();
+                            cache
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |mut caches| {
+                    for step in 0..steps {
+                        let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
+                        let mut refs: Vec<_> = caches.iter_mut().collect();
+                        model
+                            .forward_decode(&step_ids, &mut refs)
+                            .unwrap()
+                            .to_vec2::<f32>()
+                            .unwrap();
+                    }
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, engine);

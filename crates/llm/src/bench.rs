@@ -117,7 +117,9 @@ pub fn batched_decode(
         for step in 0..steps {
             let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            model.forward_decode(&step_ids, &mut refs)?.to_vec2::<f32>()?;
+            model
+                .forward_decode(&step_ids, &mut refs)?
+                .to_vec2::<f32>()?;
         }
         if run > 0 {
             rates.push((n * tokens) as f64 / t.elapsed().as_secs_f64());

@@ -66,7 +66,7 @@ impl DeviceChoice {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(Error::Device {
                         device: self.to_string(),
-                        message: "this build of thinkrag has no CUDA support: rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu".into(),
+                        message: "this build of thinkrag has no CUDA support: rebuild with the `cuda` feature (needs the CUDA toolkit), or run on the CPU".into(),
                     });
                 }
                 Device::new_cuda(n).map_err(|e| Error::Device {
@@ -132,7 +132,7 @@ impl DTypeChoice {
             Self::Bf16 if device.is_cuda() && !bf16_ok => Err(Error::Device {
                 device: "cuda".into(),
                 message: format!(
-                    "bf16 needs compute capability 8.0 or newer; this GPU has {}. Use --dtype f32 (or auto)",
+                    "bf16 needs compute capability 8.0 or newer; this GPU has {}. Use f32 (or auto)",
                     capability.map_or("an unknown one".to_string(), |(a, b)| format!("{a}.{b}"))
                 ),
             }),

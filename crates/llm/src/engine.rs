@@ -565,7 +565,7 @@ fn activation_dtype(gguf: bool, opts: &LoadOptions, device: &candle_core::Device
         other => Err(Error::invalid(
             "dtype",
             format!("{other:?}").to_ascii_lowercase(),
-            "auto or f32 with quantized weights (GGUF or --quantize): they compute in f32",
+            "auto or f32 with quantized weights (a GGUF file or quantize-at-load): they compute in f32",
         )),
     }
 }
@@ -611,7 +611,7 @@ fn load_weights(
                 return Err(Error::invalid(
                     "quantize",
                     q,
-                    "nothing for a GGUF file, whose weights are already quantized (--quantize turns safetensors into quantized weights)",
+                    "nothing for a GGUF file, whose weights are already quantized (quantizing at load applies to safetensors weights)",
                 ));
             }
             let src = GgufWeights::new(file, device, dtype);

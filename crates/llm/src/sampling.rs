@@ -161,7 +161,7 @@ impl Sampler {
             .extend(logits.enumerate().map(|(i, x)| (x, i as u32)));
         if self.probs.iter().any(|(x, _)| x.is_nan()) {
             return Err(Error::Candle(candle_core::Error::Msg(
-                "the model produced NaN logits (with f16 this model overflows: use --dtype f32 or bf16)".into(),
+                "the model produced NaN logits (with f16 this model overflows: load it in f32 or bf16)".into(),
             )));
         }
         if p.temperature == 0.0 {

@@ -14,6 +14,17 @@ use thinkrag::llm::{
 };
 use thinkrag::{AskEvent, AskOptions, IngestOptions, Pipeline, PromptOptions, Retriever};
 
+/// Compile-time: what a server shares between threads is `Send + Sync`.
+#[allow(dead_code)]
+fn shared_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Pipeline>();
+    send_sync::<Retriever>();
+    send_sync::<Embedder>();
+    send_sync::<Engine>();
+    send_sync::<thinkrag::llm::Scheduler>();
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

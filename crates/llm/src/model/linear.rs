@@ -110,11 +110,12 @@ pub const MAX_SMALL_BATCH: usize = 64;
 
 impl Linear {
     /// `x W^T + b` for the few rows of a batched decode step (one row per sequence), reading each
-    /// weight once for all rows: every weight row is multiplied by each activation row while it is
-    /// in the L1 cache. Each output element is computed exactly as the single-row kernel computes
-    /// it (the same block dot product or f32 dot on the same inputs), so a sequence decoded in a
-    /// batch gets bit-identical logits to the same sequence decoded alone. Falls back to
-    /// [`Module::forward`] off the CPU, for other dtypes and above [`MAX_SMALL_BATCH`] rows.
+    /// weight once for all rows: candle's tiled kernels where they apply, else every weight row
+    /// multiplied by each activation row while it is in the L1 cache. Each row's result does not
+    /// depend on the others (see `small_batch_tiles`; the block dot product and the f32 dot run on
+    /// the same inputs either way), so a sequence decoded in a batch gets bit-identical logits to
+    /// the same sequence decoded alone. Falls back to [`Module::forward`] off the CPU, for other
+    /// dtypes and above [`MAX_SMALL_BATCH`] rows.
     pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             Weight::Dense(w) => small_batch_f32(x, w)?,
@@ -195,7 +196,7 @@ fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>
 }
 
 /// Small-batch `x W^T` for a quantized weight: see [`Linear::forward_rows`].
-fn small_batch_quantized(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
+fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Option<Tensor>> {
     if !matches!(w.device(), Device::Cpu) {
         return Ok(None);
     }
@@ -203,6 +204,9 @@ fn small_batch_quantized(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<
     let Some((x, rows)) = small_batch_input(x, k)? else {
         return Ok(None);
     };
+    if candle_tiles_rows(w.dtype(), n, k) {
+        return small_batch_tiles(&x, w, rows, n, k).map(Some);
+    }
     let (xs, xl) = x.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
         return Ok(None);
@@ -225,6 +229,31 @@ fn small_batch_quantized(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<
     drop(xs);
     y.map(|y| Tensor::from_vec(y, output_shape(&x, n), x.device()))
         .transpose()
+}
+
+/// Small-batch `x W^T` through candle's tiled, repacked kernels (Q4_K, Q6_K, and Q8_0 with VNNI):
+/// they unpack each weight tile once for all rows and multiply with `vpdpbusd`, which measured
+/// 2.6x faster than one block dot product per (weight row, activation row) at 4 rows on the
+/// Sapphire Rapids development machine (and 1.5x at one row). Their result for a row does not
+/// depend on the other rows as long as there are at least two; a single row takes another kernel
+/// whose rounding differs, so a lone row is paired with a copy of itself: a sequence decoded alone
+/// and in a batch then gets bit-identical logits.
+fn small_batch_tiles(
+    x: &Tensor,
+    w: &Arc<QTensor>,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> candle_core::Result<Tensor> {
+    let flat = x.reshape((rows, k))?;
+    let input = if rows == 1 {
+        Tensor::cat(&[&flat, &flat], 0)?
+    } else {
+        flat
+    };
+    let y = QMatMul::from_arc(w.clone())?.forward(&input)?;
+    let y = if rows == 1 { y.narrow(0, 0, 1)? } else { y };
+    y.reshape(output_shape(x, n))
 }
 
 /// `y[j] = W x[j]` for the `x.len() / k` rows of `x` over a weight of `n` rows of blocks `T`: the
