@@ -42,6 +42,7 @@ def one_request(base, body, timeout):
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
     ttft = None
     tokens = None
+    deltas = 0
     for raw in resp:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
@@ -56,11 +57,14 @@ def one_request(base, body, timeout):
             tokens = chunk["usage"]["completion_tokens"]
         for c in chunk.get("choices") or []:
             d = c.get("delta") or {}
-            if ttft is None and (d.get("content") or d.get("reasoning_content") or d.get("reasoning")):
-                ttft = time.perf_counter() - start
+            if d.get("content") or d.get("reasoning_content") or d.get("reasoning"):
+                deltas += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
     latency = time.perf_counter() - start
     conn.close()
-    return ttft if ttft is not None else latency, latency, tokens or 0
+    # Servers that send no usage chunk stream one token per delta (llama.cpp's does).
+    return ttft if ttft is not None else latency, latency, tokens if tokens is not None else deltas
 
 
 def run_level(base, concurrency, requests_each, body, timeout):
