@@ -5,6 +5,7 @@ mod ask;
 mod bench;
 mod chat;
 mod generate;
+mod hint;
 mod index_cmd;
 mod ingest;
 mod load;
@@ -83,6 +84,9 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = hint::for_error(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(1)
         }
     }

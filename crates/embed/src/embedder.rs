@@ -311,7 +311,7 @@ impl Embedder {
                         return Err(EmbedError::Unsupported {
                             model: files.identity.clone(),
                             message: format!(
-                                "{} has no 1_Pooling/config.json and is not a built-in model, so its pooling is unknown: pass --pooling cls (BGE-style) or --pooling mean (sentence-transformers style)",
+                                "{} has no 1_Pooling/config.json and is not a built-in model, so its pooling is unknown: choose cls (BGE-style) or mean (sentence-transformers style)",
                                 files.dir.display()
                             ),
                         })

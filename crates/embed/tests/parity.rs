@@ -167,7 +167,10 @@ fn bad_model_directories_are_clear_errors() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("--pooling"), "{err}");
+    assert!(
+        err.contains("pooling is unknown") && err.contains("cls"),
+        "{err}"
+    );
 
     // Not a BERT.
     std::fs::write(dir.join("config.json"), r#"{"model_type": "qwen2"}"#).unwrap();

@@ -9,7 +9,7 @@ use crate::EmbedderInfo;
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     /// There is no index in the directory (no manifest).
-    #[error("no index found in {dir}; run `thinkrag ingest` to build one")]
+    #[error("no index found in {dir}; ingest documents to build one")]
     NotFound {
         /// The directory that was searched.
         dir: PathBuf,
@@ -29,7 +29,7 @@ pub enum IndexError {
     },
 
     /// A file of the index is unreadable, truncated or inconsistent with the manifest.
-    #[error("index file {path} is corrupt: {message}; re-ingest into a fresh --index directory")]
+    #[error("index file {path} is corrupt: {message}; re-ingest into a fresh index directory")]
     Corrupt {
         /// The file (or directory) at fault.
         path: PathBuf,
@@ -39,7 +39,7 @@ pub enum IndexError {
 
     /// The index was built by another embedder than the one requested.
     #[error(
-        "the index was built with embedder {index_model} (dim {index_dim}, {index_pooling} pooling), but {wanted_model} (dim {wanted_dim}, {wanted_pooling} pooling) was requested; re-ingest into a new --index directory or use --embedder {index_model}",
+        "the index was built with embedder {index_model} (dim {index_dim}, {index_pooling} pooling), but {wanted_model} (dim {wanted_dim}, {wanted_pooling} pooling) was requested; re-ingest into a new index directory or use embedder {index_model}",
         index_model = index.model, index_dim = index.dim, index_pooling = index.pooling,
         wanted_model = wanted.model, wanted_dim = wanted.dim, wanted_pooling = wanted.pooling
     )]

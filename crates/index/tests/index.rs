@@ -333,7 +333,7 @@ fn errors_are_typed_and_helpful() {
     let missing = dir.path().join("nope");
     let err = Index::open(&missing).unwrap_err();
     assert!(matches!(err, IndexError::NotFound { .. }));
-    assert!(err.to_string().contains("thinkrag ingest"), "{err}");
+    assert!(err.to_string().contains("ingest documents"), "{err}");
     assert!(matches!(
         Index::open(dir.path()),
         Err(IndexError::NotFound { .. })
@@ -471,10 +471,10 @@ fn errors_are_typed_and_helpful() {
     assert!(matches!(err, IndexError::EmbedderMismatch { .. }));
     let msg = err.to_string();
     assert!(
-        msg.contains("--embedder sentence-transformers/all-MiniLM-L6-v2"),
+        msg.contains("use embedder sentence-transformers/all-MiniLM-L6-v2"),
         "{msg}"
     );
-    assert!(msg.contains("new --index"), "{msg}");
+    assert!(msg.contains("new index directory"), "{msg}");
     assert!(msg.contains("BAAI/bge-base-en-v1.5"), "{msg}");
     let mut longer = common::embedder(DIM);
     longer.max_tokens = 512;

@@ -16,8 +16,8 @@ pub enum Error {
     /// The question (with the earlier turns) leaves no room in the context window.
     #[error(
         "the question takes {prompt_tokens} tokens of the prompt, but the context window of \
-         {window} tokens keeps {reserve} for the answer: shorten the question, lower --max-tokens \
-         or raise --context-window"
+         {window} tokens keeps {reserve} for the answer: shorten the question, allow fewer answer \
+         tokens or use a larger context window"
     )]
     PromptTooLong {
         /// Tokens of the prompt without any source.
@@ -41,13 +41,13 @@ pub enum Error {
         expected: String,
     },
     /// There is no index to search.
-    #[error("no index at {dir}: build one with `thinkrag ingest PATH...` (add `--index {dir}` if that is where it should live)")]
+    #[error("no index at {dir}: ingest documents into it first")]
     NoIndex {
         /// Where it was looked for.
         dir: std::path::PathBuf,
     },
     /// The index holds no chunks.
-    #[error("the index at {dir} is empty: add documents with `thinkrag ingest PATH...`")]
+    #[error("the index at {dir} is empty: ingest documents into it first")]
     EmptyIndex {
         /// The index directory.
         dir: std::path::PathBuf,
