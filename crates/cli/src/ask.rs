@@ -14,7 +14,7 @@ use thinkrag_llm::DeviceChoice;
 
 use crate::generate::SamplingArgs;
 use crate::load::{init_threads, load_engine, ModelArgs};
-use crate::output::{arg_or_stdin, finish_writes, keep_writing, summary, Output, Printer};
+use crate::output::{arg_or_stdin, finish_writes, keep_writing, Output, Printer};
 use crate::retrieval_args::{EmbedderChoice, IndexArgs};
 use crate::search::{hits_json, snippet};
 
@@ -316,32 +316,12 @@ fn hits_value(pipeline: &Pipeline, hits: &[thinkrag::SearchHit]) -> serde_json::
 /// The `--json` object: the hits (as `search --json`), the sources given to the model, and
 /// the generated part.
 pub fn answer_json(pipeline: &Pipeline, answer: &Answer) -> serde_json::Value {
-    let g = &answer.generation;
-    let mut generated = summary(g);
-    json!({
-        "question": answer.question,
-        "model": pipeline.engine().name(),
-        "hits": hits_value(pipeline, &answer.hits),
-        "sources": answer.prompt.sources.iter().map(|s| json!({
-            "number": s.number,
-            "rank": s.rank,
-            "_id": s.hit.id.to_string(),
-            "score": s.hit.score,
-            "source": s.hit.source,
-            "page": s.hit.page,
-            "cut": s.cut,
-            "cited": answer.citations.contains(&s.number),
-            "snippet": snippet(&s.hit.text, 160),
-        })).collect::<Vec<_>>(),
-        "left_out": answer.prompt.left_out,
-        "prompt_tokens": answer.prompt.prompt_tokens,
-        "context_tokens": answer.prompt.context_tokens,
-        "reasoning": g.reasoning,
-        "answer": g.text,
-        "citations": answer.citations,
-        "stop_reason": generated["stop_reason"].take(),
-        "usage": g.usage,
-        "timings": answer.timings,
-        "generation_timings": g.timings,
-    })
+    let index = pipeline
+        .retriever()
+        .map(|r| r.dir().display().to_string())
+        .unwrap_or_default();
+    let report = thinkrag::json::AnswerReport::new(answer, pipeline.engine().name(), &index, |t| {
+        snippet(t, 160)
+    });
+    serde_json::to_value(report).unwrap_or_default()
 }

@@ -134,15 +134,7 @@ impl Printer {
 
 /// The generation as JSON (`--json`, and the body of the final `--jsonl` event).
 pub fn summary(g: &Generation) -> serde_json::Value {
-    json!({
-        "reasoning": g.reasoning,
-        "text": g.text,
-        "stop_reason": g.stop_reason.map(|r| r.finish_reason()),
-        "stop_cause": g.stop_reason.map(|r| r.as_str()),
-        "stop_string": g.stop_string,
-        "usage": g.usage,
-        "timings": g.timings,
-    })
+    serde_json::to_value(thinkrag_llm::GenerationReport::from(g)).unwrap_or_default()
 }
 
 /// `arg` itself, or standard input when it is `-` (`what` names it in the error).

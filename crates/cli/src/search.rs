@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::json;
 use thinkrag::SearchHit;
 
 use crate::retrieval_args::{EmbedderArgs, IndexArgs};
@@ -60,26 +59,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
 
 /// The hits as a search engine's response: `hits.hits[]` with `_id`, `_score`, `_source`.
 pub fn hits_json(index: &str, hits: &[SearchHit], took_ms: u64) -> serde_json::Value {
-    json!({
-        "took": took_ms,
-        "timed_out": false,
-        "hits": {
-            "total": { "value": hits.len(), "relation": "eq" },
-            "max_score": hits.first().map(|h| h.score),
-            "hits": hits.iter().map(|h| json!({
-                "_index": index,
-                "_id": h.id.to_string(),
-                "_score": h.score,
-                "_source": {
-                    "text": h.text,
-                    "source": h.source,
-                    "page": h.page,
-                    "start": h.start,
-                    "end": h.end,
-                },
-            })).collect::<Vec<_>>(),
-        },
-    })
+    serde_json::to_value(thinkrag::json::SearchResponse::new(index, hits, took_ms))
+        .unwrap_or_default()
 }
 
 /// The text on one line, cut at a character boundary near `max` bytes.

@@ -177,6 +177,41 @@ impl Generation {
     }
 }
 
+/// A generation as thinkrag's JSON reports it (`thinkrag generate --json`, the `done` event of
+/// `--jsonl`, the generated part of `ask --json`): the reasoning and the answer apart, the stop
+/// reason both as hosted APIs name it and precisely, usage and timings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationReport {
+    /// The reasoning, without the tags.
+    pub reasoning: String,
+    /// The answer.
+    pub text: String,
+    /// `stop` (end of turn or a stop string), `length` or `cancelled`, as hosted APIs say.
+    pub stop_reason: Option<String>,
+    /// `eos`, `stop`, `length` or `cancelled`.
+    pub stop_cause: Option<String>,
+    /// The stop string that ended the text.
+    pub stop_string: Option<String>,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+}
+
+impl From<&Generation> for GenerationReport {
+    fn from(g: &Generation) -> Self {
+        Self {
+            reasoning: g.reasoning.clone(),
+            text: g.text.clone(),
+            stop_reason: g.stop_reason.map(|r| r.finish_reason().to_string()),
+            stop_cause: g.stop_reason.map(|r| r.as_str().to_string()),
+            stop_string: g.stop_string.clone(),
+            usage: g.usage,
+            timings: g.timings,
+        }
+    }
+}
+
 /// What a streaming caller receives, owned: what a channel carries from the engine's scheduler to
 /// whoever asked (see [`crate::scheduler`]).
 #[derive(Debug, Clone, PartialEq)]

@@ -49,7 +49,9 @@ pub use config::{GenerationConfig, Qwen2Config};
 pub use device::{DTypeChoice, DeviceChoice};
 pub use engine::{load_model_only, Conversation, Engine, LoadOptions, LoadProgress, Session};
 pub use error::{Error, Result};
-pub use generate::{Event, Generation, GenerationParams, OwnedEvent, StopReason, Timings, Usage};
+pub use generate::{
+    Event, Generation, GenerationParams, GenerationReport, OwnedEvent, StopReason, Timings, Usage,
+};
 pub use manifest::ModelManifest;
 pub use quant::Quantization;
 pub use sampling::SamplingParams;
