@@ -336,10 +336,9 @@ fn sse_response(body: Body) -> Response {
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    match chat_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    chat_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
@@ -432,10 +431,9 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
 /// `POST /v1/completions`: the prompt as written (control tokens included; see
 /// [`AppState::encode_raw`]), the raw continuation back (reasoning, `</think>`, answer).
 pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    match completions_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    completions_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
@@ -532,10 +530,9 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
 /// `POST /v1/embeddings`: text inputs (a string or an array of strings), vectors as floats or as
 /// base64 of little-endian f32 (what the openai client asks for by default).
 pub async fn embeddings(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    match embeddings_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    embeddings_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn embeddings_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {

@@ -212,20 +212,7 @@ fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Op
         return Ok(None);
     };
     let xv = &xv[xl.start_offset()..xl.start_offset() + rows * k];
-    let data = w.data()?;
-    let y = match w.dtype() {
-        GgmlDType::Q8_0 => gemm_small::<BlockQ8_0>(&data, n, k, xv),
-        GgmlDType::Q4_0 => gemm_small::<BlockQ4_0>(&data, n, k, xv),
-        GgmlDType::Q4_1 => gemm_small::<BlockQ4_1>(&data, n, k, xv),
-        GgmlDType::Q5_0 => gemm_small::<BlockQ5_0>(&data, n, k, xv),
-        GgmlDType::Q5_1 => gemm_small::<BlockQ5_1>(&data, n, k, xv),
-        GgmlDType::Q2K => gemm_small::<BlockQ2K>(&data, n, k, xv),
-        GgmlDType::Q3K => gemm_small::<BlockQ3K>(&data, n, k, xv),
-        GgmlDType::Q4K => gemm_small::<BlockQ4K>(&data, n, k, xv),
-        GgmlDType::Q5K => gemm_small::<BlockQ5K>(&data, n, k, xv),
-        GgmlDType::Q6K => gemm_small::<BlockQ6K>(&data, n, k, xv),
-        _ => None,
-    };
+    let y = block_products(w, n, k, xv)?;
     drop(xs);
     y.map(|y| Tensor::from_vec(y, output_shape(&x, n), x.device()))
         .transpose()
@@ -254,6 +241,30 @@ fn small_batch_tiles(
     let y = QMatMul::from_arc(w.clone())?.forward(&input)?;
     let y = if rows == 1 { y.narrow(0, 0, 1)? } else { y };
     y.reshape(output_shape(x, n))
+}
+
+/// `x W^T` for the rows of `x` (`k` values each) over `w`'s blocks as stored, dispatched on the
+/// block type (`gemm_small`, which is `gemv` for one row); `None` for types without a kernel here.
+fn block_products(
+    w: &QTensor,
+    n: usize,
+    k: usize,
+    x: &[f32],
+) -> candle_core::Result<Option<Vec<f32>>> {
+    let data = w.data()?;
+    Ok(match w.dtype() {
+        GgmlDType::Q8_0 => gemm_small::<BlockQ8_0>(&data, n, k, x),
+        GgmlDType::Q4_0 => gemm_small::<BlockQ4_0>(&data, n, k, x),
+        GgmlDType::Q4_1 => gemm_small::<BlockQ4_1>(&data, n, k, x),
+        GgmlDType::Q5_0 => gemm_small::<BlockQ5_0>(&data, n, k, x),
+        GgmlDType::Q5_1 => gemm_small::<BlockQ5_1>(&data, n, k, x),
+        GgmlDType::Q2K => gemm_small::<BlockQ2K>(&data, n, k, x),
+        GgmlDType::Q3K => gemm_small::<BlockQ3K>(&data, n, k, x),
+        GgmlDType::Q4K => gemm_small::<BlockQ4K>(&data, n, k, x),
+        GgmlDType::Q5K => gemm_small::<BlockQ5K>(&data, n, k, x),
+        GgmlDType::Q6K => gemm_small::<BlockQ6K>(&data, n, k, x),
+        _ => None,
+    })
 }
 
 /// `y[j] = W x[j]` for the `x.len() / k` rows of `x` over a weight of `n` rows of blocks `T`: the
@@ -361,20 +372,7 @@ fn single_row_quantized(
         return Ok(None);
     };
     let xv = &xv[xl.start_offset()..xl.start_offset() + k];
-    let data = w.data()?;
-    let y = match w.dtype() {
-        GgmlDType::Q8_0 => gemv::<BlockQ8_0>(&data, n, k, xv),
-        GgmlDType::Q4_0 => gemv::<BlockQ4_0>(&data, n, k, xv),
-        GgmlDType::Q4_1 => gemv::<BlockQ4_1>(&data, n, k, xv),
-        GgmlDType::Q5_0 => gemv::<BlockQ5_0>(&data, n, k, xv),
-        GgmlDType::Q5_1 => gemv::<BlockQ5_1>(&data, n, k, xv),
-        GgmlDType::Q2K => gemv::<BlockQ2K>(&data, n, k, xv),
-        GgmlDType::Q3K => gemv::<BlockQ3K>(&data, n, k, xv),
-        GgmlDType::Q4K => gemv::<BlockQ4K>(&data, n, k, xv),
-        GgmlDType::Q5K => gemv::<BlockQ5K>(&data, n, k, xv),
-        GgmlDType::Q6K => gemv::<BlockQ6K>(&data, n, k, xv),
-        _ => None,
-    };
+    let y = block_products(w, n, k, xv)?;
     drop(xs);
     let mut shape = x.dims().to_vec();
     shape.pop();
