@@ -221,10 +221,10 @@ fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Op
 /// Small-batch `x W^T` through candle's tiled, repacked kernels (Q4_K, Q6_K, and Q8_0 with VNNI):
 /// they unpack each weight tile once for all rows and multiply with `vpdpbusd`, which measured
 /// 2.6x faster than one block dot product per (weight row, activation row) at 4 rows on the
-/// Sapphire Rapids development machine (and 1.5x at one row). Their result for a row does not
-/// depend on the other rows as long as there are at least two; a single row takes another kernel
-/// whose rounding differs, so a lone row is paired with a copy of itself: a sequence decoded alone
-/// and in a batch then gets bit-identical logits.
+/// Sapphire Rapids development machine (and 1.5x at one row). A row's result does not depend on
+/// the other rows, and one row alone takes the same kernel, except for Q6_K: candle keeps a single
+/// Q6_K row on its compact-weight GEMV, whose rounding differs, so a lone Q6_K row is paired with a
+/// copy of itself. A sequence decoded alone and in a batch then gets bit-identical logits.
 fn small_batch_tiles(
     x: &Tensor,
     w: &Arc<QTensor>,
@@ -233,13 +233,14 @@ fn small_batch_tiles(
     k: usize,
 ) -> candle_core::Result<Tensor> {
     let flat = x.reshape((rows, k))?;
-    let input = if rows == 1 {
+    let pad = rows == 1 && w.dtype() == GgmlDType::Q6K;
+    let input = if pad {
         Tensor::cat(&[&flat, &flat], 0)?
     } else {
         flat
     };
     let y = QMatMul::from_arc(w.clone())?.forward(&input)?;
-    let y = if rows == 1 { y.narrow(0, 0, 1)? } else { y };
+    let y = if pad { y.narrow(0, 0, 1)? } else { y };
     y.reshape(output_shape(x, n))
 }
 
