@@ -113,6 +113,10 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=60, help="length of the question")
+    ap.add_argument("--top-k", type=int, default=40,
+                    help="sent to every server: llama-server samples with top_k 40 unless told otherwise, "
+                         "thinkrag (as the R1 generation_config) with none, which over random weights' "
+                         "flat distribution sorts all 152k logits per token")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--label", default="server")
     ap.add_argument("--json", help="write the results here too")
@@ -123,6 +127,7 @@ def main():
         "messages": [{"role": "user", "content": " ".join(question[: args.prompt_words])}],
         "max_tokens": args.max_tokens,
         "temperature": 0.6,
+        "top_k": args.top_k,
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},

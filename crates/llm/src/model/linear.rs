@@ -224,7 +224,10 @@ fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Op
 /// Sapphire Rapids development machine (and 1.5x at one row). A row's result does not depend on
 /// the other rows, and one row alone takes the same kernel, except for Q6_K: candle keeps a single
 /// Q6_K row on its compact-weight GEMV, whose rounding differs, so a lone Q6_K row is paired with a
-/// copy of itself. A sequence decoded alone and in a batch then gets bit-identical logits.
+/// copy of itself. A sequence decoded alone and in a batch then gets bit-identical logits. (On the
+/// AMD Zen 5 machine of an earlier session, streaming Q4_K blocks through `gemv` decoded one
+/// sequence faster than candle's 1-row tile path, 23 against 18 tokens/s; on this Intel machine
+/// the tiles win, 17.4 against 11.2: measure before changing the choice.)
 fn small_batch_tiles(
     x: &Tensor,
     w: &Arc<QTensor>,
@@ -334,10 +337,10 @@ fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor>
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (n, k) = w.shape().dims2()?;
     let rows = x.elem_count() / k.max(1);
-    // candle's single-row path is faster only for Q8_0 with VNNI (its tiles keep Q8_0's size and
-    // vpdpbusd halves the work); for the other formats streaming the blocks as stored wins.
-    if rows == 1 && !(w.dtype() == GgmlDType::Q8_0 && candle_tiles_rows(w.dtype(), n, k)) {
-        if let Some(y) = single_row_quantized(&x, w, n, k)? {
+    // One row (a one-token prompt chunk) takes the decode step's kernels: the same numbers as a
+    // decode step, and candle's tiles where they apply.
+    if rows == 1 {
+        if let Some(y) = small_batch_quantized(&x, w)? {
             return y.to_dtype(dtype);
         }
     }
@@ -351,35 +354,6 @@ fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor>
         QMatMul::from_arc(w.clone())?.forward(&x)?
     };
     y.to_dtype(dtype)
-}
-
-/// One activation row times a quantized weight on the CPU: the weight's blocks stream from memory
-/// as stored, rows split across candle's barrier pool, each a SIMD block dot product (candle's
-/// `vec_dot`). candle's own single-row path goes through its repacked tiles, which for Q4_K hold
-/// f32 scales (6 bits per weight instead of 4.5) and so read a third more bytes per decoded token
-/// (measured: 23 against 18 tokens/s for Q4_K_M 1.5B on 2 cores); for Q6_K it takes candle's
-/// generic row loop. `None` when this does not apply.
-fn single_row_quantized(
-    x: &Tensor,
-    w: &QTensor,
-    n: usize,
-    k: usize,
-) -> candle_core::Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) || !matches!(w.device(), Device::Cpu) {
-        return Ok(None);
-    }
-    let (xs, xl) = x.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
-        return Ok(None);
-    };
-    let xv = &xv[xl.start_offset()..xl.start_offset() + k];
-    let y = block_products(w, n, k, xv)?;
-    drop(xs);
-    let mut shape = x.dims().to_vec();
-    shape.pop();
-    shape.push(n);
-    y.map(|y| Tensor::from_vec(y, shape, x.device()))
-        .transpose()
 }
 
 /// `y = W x` over `n` rows of `k / T::BLCK_SIZE` blocks each. `None` when the bytes are not such
