@@ -515,9 +515,10 @@ fn run(shared: &Shared) {
         // One chunk of the oldest prompt still prefilling: a whole chunk when nobody is
         // decoding, `prefill_chunk` tokens between decode steps otherwise.
         let decoding = slots.iter().any(|s| s.seq.phase() == Phase::Decoding);
+        // (A prompt with one token left joins the decode batch below instead.)
         if let Some(slot) = slots
             .iter_mut()
-            .find(|s| s.seq.phase() == Phase::Prefilling)
+            .find(|s| s.seq.phase() == Phase::Prefilling && s.seq.prefill_remaining() > 1)
         {
             let budget = if decoding {
                 config.prefill_chunk
@@ -533,7 +534,7 @@ fn run(shared: &Shared) {
 
         // One decode step for every sequence that has a token to feed.
         let batch: Vec<usize> = (0..slots.len())
-            .filter(|&i| slots[i].seq.next_input().is_some())
+            .filter(|&i| slots[i].seq.step_input().is_some())
             .collect();
         if !batch.is_empty() {
             decode_step(engine, &mut slots, &batch, counters);
@@ -587,7 +588,7 @@ fn run(shared: &Shared) {
 fn decode_step(engine: &Engine, slots: &mut [Slot], batch: &[usize], counters: &Counters) {
     let ids: Vec<u32> = batch
         .iter()
-        .filter_map(|&i| slots[i].seq.next_input())
+        .filter_map(|&i| slots[i].seq.step_input())
         .collect();
     add(&counters.decode_steps_total, 1);
     add(&counters.decode_batch_sum, batch.len());
@@ -611,7 +612,7 @@ fn decode_step(engine: &Engine, slots: &mut [Slot], batch: &[usize], counters: &
         Ok(rows) => {
             for (&i, row) in batch.iter().zip(rows) {
                 let slot = &mut slots[i];
-                let events = match slot.seq.decoded(engine, &row) {
+                let events = match slot.seq.stepped(engine, &row) {
                     Ok(events) => events,
                     Err(e) => slot.seq.fail(e.to_string()),
                 };

@@ -211,6 +211,35 @@ impl Sequence {
         }
     }
 
+    /// What a batched decode step may compute for this sequence: its next token while decoding,
+    /// or the last prompt token when only that one is left to prefill (a prefix-cache hit leaves
+    /// exactly that), so it joins the batch instead of taking a forward of its own.
+    pub fn step_input(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Decoding => self.next_input,
+            Phase::Prefilling if self.prefill_remaining() == 1 => {
+                self.prompt.get(self.session.len()).copied()
+            }
+            _ => None,
+        }
+    }
+
+    /// After a decode step fed [`Self::step_input`]: records it and takes the step's `logits`.
+    pub fn stepped(&mut self, engine: &Engine, logits: &[f32]) -> Result<Vec<OwnedEvent>> {
+        match self.phase {
+            Phase::Prefilling => {
+                let Some(id) = self.step_input() else {
+                    return Ok(Vec::new());
+                };
+                self.session.push_cached(id);
+                self.phase = Phase::Decoding;
+                self.advance(engine, logits)
+            }
+            Phase::Decoding => self.decoded(engine, logits),
+            Phase::Finished => Ok(Vec::new()),
+        }
+    }
+
     /// The cache the next decode step appends to.
     pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
         self.session.cache_mut()

@@ -231,6 +231,23 @@ macro_rules! batching_tests {
                 assert_eq!(g2.usage.cached_prompt_tokens, shared);
                 let m = scheduler.metrics();
                 assert_eq!(m.cached_prompt_tokens_total, shared as u64);
+                // The same prompt again: all but its last token come from the cache, and that one
+                // rides along in a decode step.
+                wait_until("the second retires", || {
+                    scheduler.metrics().requests_finished == 2
+                });
+                let steps = scheduler.metrics().decode_steps_total;
+                let (g3, _) = collect(scheduler.submit_stream(p1.clone(), greedy.clone()).unwrap());
+                assert_eq!(g3.usage.cached_prompt_tokens, p1.len() - 1);
+                assert_eq!(g3.usage.completion_tokens, g1.usage.completion_tokens);
+                wait_until("the third retires", || {
+                    scheduler.metrics().requests_finished == 3
+                });
+                assert_eq!(
+                    scheduler.metrics().decode_steps_total - steps,
+                    g3.usage.completion_tokens as u64,
+                    "one step per token, the last prompt token's included"
+                );
                 assert!(
                     m.prefix_cache_entries >= 1 && m.prefix_cache_bytes > 0,
                     "{m:?}"
