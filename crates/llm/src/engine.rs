@@ -249,9 +249,9 @@ impl Engine {
             let events = match seq.phase() {
                 Phase::Prefilling => seq.prefill(self, usize::MAX)?,
                 Phase::Decoding => {
-                    let Some(id) = seq.next_input() else { break };
+                    let Some(id) = seq.step_input() else { break };
                     let logits = self.model.forward_decode(&[id], &mut [seq.cache_mut()])?;
-                    seq.decoded(self, &logits.get(0)?.to_vec1::<f32>()?)?
+                    seq.stepped(self, &logits.get(0)?.to_vec1::<f32>()?)?
                 }
                 Phase::Finished => break,
             };

@@ -593,16 +593,13 @@ fn decode_step(engine: &Engine, slots: &mut [Slot], batch: &[usize], counters: &
     add(&counters.decode_steps_total, 1);
     add(&counters.decode_batch_sum, batch.len());
     let logits = {
-        let mut caches: Vec<&mut crate::model::KvCache> = Vec::with_capacity(batch.len());
-        let mut rest: &mut [Slot] = slots;
-        let mut offset = 0;
-        for &i in batch {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
-            let (one, tail) = tail.split_at_mut(1);
-            caches.push(one[0].seq.cache_mut());
-            rest = tail;
-            offset = i + 1;
-        }
+        // `batch` lists, in order, the slots with a step input: the same filter gives their caches.
+        let mut caches: Vec<&mut crate::model::KvCache> = slots
+            .iter_mut()
+            .filter(|s| s.seq.step_input().is_some())
+            .map(|s| s.seq.cache_mut())
+            .collect();
+        debug_assert_eq!(caches.len(), batch.len());
         engine
             .model()
             .forward_decode(&ids, &mut caches)

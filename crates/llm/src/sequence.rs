@@ -48,7 +48,7 @@ pub struct Sequence {
     /// `</think>\n\n`, fed one token per step when the thinking budget is spent.
     forced_close: Vec<u32>,
     forced: VecDeque<u32>,
-    /// The token the next decode step feeds.
+    /// The token the next decode step feeds, while decoding.
     next_input: Option<u32>,
     context_window: usize,
     start: Instant,
@@ -203,14 +203,6 @@ impl Sequence {
         self.advance(engine, &logits)
     }
 
-    /// The token the next decode step feeds, while decoding.
-    pub fn next_input(&self) -> Option<u32> {
-        match self.phase {
-            Phase::Decoding => self.next_input,
-            _ => None,
-        }
-    }
-
     /// What a batched decode step may compute for this sequence: its next token while decoding,
     /// or the last prompt token when only that one is left to prefill (a prefix-cache hit leaves
     /// exactly that), so it joins the batch instead of taking a forward of its own.
@@ -224,35 +216,21 @@ impl Sequence {
         }
     }
 
-    /// After a decode step fed [`Self::step_input`]: records it and takes the step's `logits`.
+    /// After a decode step fed [`Self::step_input`]: records it as cached and picks the next
+    /// token from `logits` (the step's row for this sequence). Returns the events it makes.
     pub fn stepped(&mut self, engine: &Engine, logits: &[f32]) -> Result<Vec<OwnedEvent>> {
-        match self.phase {
-            Phase::Prefilling => {
-                let Some(id) = self.step_input() else {
-                    return Ok(Vec::new());
-                };
-                self.session.push_cached(id);
-                self.phase = Phase::Decoding;
-                self.advance(engine, logits)
-            }
-            Phase::Decoding => self.decoded(engine, logits),
-            Phase::Finished => Ok(Vec::new()),
-        }
+        let Some(id) = self.step_input() else {
+            return Ok(Vec::new());
+        };
+        self.session.push_cached(id);
+        self.next_input = None;
+        self.phase = Phase::Decoding;
+        self.advance(engine, logits)
     }
 
     /// The cache the next decode step appends to.
     pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
         self.session.cache_mut()
-    }
-
-    /// After a decode step fed [`Self::next_input`]: records it as cached and picks the next
-    /// token from `logits` (the step's row for this sequence). Returns the events it makes.
-    pub fn decoded(&mut self, engine: &Engine, logits: &[f32]) -> Result<Vec<OwnedEvent>> {
-        let Some(id) = self.next_input.take() else {
-            return Ok(Vec::new());
-        };
-        self.session.push_cached(id);
-        self.advance(engine, logits)
     }
 
     /// Ends the sequence as cancelled (the caller went away or asked); returns its `Done`.

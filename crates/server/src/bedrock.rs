@@ -262,10 +262,9 @@ fn invoke_stream(state: Arc<AppState>, job: Job, dialect: Dialect) -> Response {
     let mut answered = false;
     let render = move |ev: OwnedEvent, _: &Job| -> Vec<Bytes> {
         let mut first = || *first_byte.get_or_insert_with(|| started.elapsed().as_millis());
-        let text = |t: String, answered: &mut bool| match dialect {
+        let text = |t: String| match dialect {
             Dialect::DeepSeek => json!({"choices": [{"text": t, "stop_reason": null}]}),
             Dialect::Llama => {
-                *answered = true;
                 json!({"generation": t, "prompt_token_count": null, "generation_token_count": null, "stop_reason": null})
             }
         };
@@ -273,7 +272,7 @@ fn invoke_stream(state: Arc<AppState>, job: Job, dialect: Dialect) -> Response {
             OwnedEvent::Reasoning(t) => {
                 first();
                 match dialect {
-                    Dialect::DeepSeek => vec![chunk(text(t, &mut answered))],
+                    Dialect::DeepSeek => vec![chunk(text(t))],
                     // The Llama body's `generation` is the answer only.
                     Dialect::Llama => Vec::new(),
                 }
@@ -285,7 +284,7 @@ fn invoke_stream(state: Arc<AppState>, job: Job, dialect: Dialect) -> Response {
                     _ => t,
                 };
                 answered = true;
-                vec![chunk(text(t, &mut answered))]
+                vec![chunk(text(t))]
             }
             OwnedEvent::Done(g) => match finished(F, *g) {
                 Ok(g) => {

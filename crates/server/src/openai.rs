@@ -323,7 +323,19 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-fn sse_response(body: Body) -> Response {
+/// A job's events as an SSE response through `render`, after `first`, with a keep-alive comment
+/// while nothing arrives (as DeepSeek's API sends while a request waits).
+fn sse_stream(
+    job: Job,
+    render: impl FnMut(OwnedEvent, &Job) -> Vec<Bytes> + Send + 'static,
+    first: Vec<Bytes>,
+) -> Response {
+    let body = relay(
+        job,
+        render,
+        first,
+        Some(Bytes::from_static(b": keep-alive\n\n")),
+    );
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -420,12 +432,7 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
             }
         }
     };
-    Ok(sse_response(relay(
-        job,
-        render,
-        first,
-        Some(Bytes::from_static(b": keep-alive\n\n")),
-    )))
+    Ok(sse_stream(job, render, first))
 }
 
 /// `POST /v1/completions`: the prompt as written (control tokens included; see
@@ -519,12 +526,7 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
             }
         }
     };
-    Ok(sse_response(relay(
-        job,
-        render,
-        Vec::new(),
-        Some(Bytes::from_static(b": keep-alive\n\n")),
-    )))
+    Ok(sse_stream(job, render, Vec::new()))
 }
 
 /// `POST /v1/embeddings`: text inputs (a string or an array of strings), vectors as floats or as

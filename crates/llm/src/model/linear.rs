@@ -225,7 +225,7 @@ fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Op
 /// the other rows, and one row alone takes the same kernel, except for Q6_K: candle keeps a single
 /// Q6_K row on its compact-weight GEMV, whose rounding differs, so a lone Q6_K row is paired with a
 /// copy of itself. A sequence decoded alone and in a batch then gets bit-identical logits. (On the
-/// AMD Zen 5 machine of an earlier session, streaming Q4_K blocks through `gemv` decoded one
+/// AMD Zen 5 machine of an earlier session, streaming Q4_K blocks through `gemm_small` decoded one
 /// sequence faster than candle's 1-row tile path, 23 against 18 tokens/s; on this Intel machine
 /// the tiles win, 17.4 against 11.2: measure before changing the choice.)
 fn small_batch_tiles(
@@ -248,7 +248,7 @@ fn small_batch_tiles(
 }
 
 /// `x W^T` for the rows of `x` (`k` values each) over `w`'s blocks as stored, dispatched on the
-/// block type (`gemm_small`, which is `gemv` for one row); `None` for types without a kernel here.
+/// block type (`gemm_small`); `None` for types without a kernel here.
 fn block_products(
     w: &QTensor,
     n: usize,
@@ -272,9 +272,13 @@ fn block_products(
 }
 
 /// `y[j] = W x[j]` for the `x.len() / k` rows of `x` over a weight of `n` rows of blocks `T`: the
-/// weight's blocks stream from memory once, each weight row meeting every activation row (each
-/// quantized once, to the dot product's block type) while it is in L1. With one row this is the
-/// single-row kernel (`gemv`) exactly. `None` as for `gemv`.
+/// weight's blocks stream from memory as stored, once, each weight row meeting every activation row
+/// (each quantized once, to the dot product's block type) while it is in L1. `None` when the bytes
+/// are not such blocks (wrong length or alignment) or `k` does not split into the activation's
+/// blocks.
+///
+/// An AVX-512 VNNI Q4_K dot product written for one row was no faster than candle's AVX2 one on the
+/// AMD machine of an earlier session: there the single-row step is bound by memory.
 fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Option<Vec<f32>> {
     let vk = T::VecDotType::BLCK_SIZE;
     if k == 0
@@ -285,9 +289,6 @@ fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Optio
         return None;
     }
     let rows = x.len() / k;
-    if rows == 1 {
-        return gemv::<T>(bytes, n, k, x);
-    }
     let kb = k / T::BLCK_SIZE;
     let len = n * kb;
     if bytes.len() != len * std::mem::size_of::<T>()
@@ -295,7 +296,8 @@ fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Optio
     {
         return None;
     }
-    // SAFETY: as in `gemv`: candle's CPU blocks, length and alignment checked above.
+    // SAFETY: candle keeps a CPU QTensor's blocks in a `Vec<T>` whose bytes these are; length and
+    // alignment are checked above, and the blocks are plain integers and f16s.
     let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), len) };
     let xq: Vec<Vec<T::VecDotType>> = x
         .chunks_exact(k)
@@ -313,8 +315,9 @@ fn gemm_small<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Optio
 }
 
 /// `y[j * n + r] = cell(r, j)` for every weight row `r < n` and activation row `j < rows`, the
-/// weight rows split across candle's barrier pool (as `parallel_rows`), each weight row visiting
-/// every activation row before the next weight row.
+/// weight rows split across candle's barrier pool (the calling thread works too, and the same
+/// workers run candle's own quantized kernels, so no third thread competes for two cores), each
+/// weight row visiting every activation row before the next weight row.
 fn parallel_units(n: usize, rows: usize, y: &mut [f32], cell: impl Fn(usize, usize) -> f32 + Sync) {
     const ROWS_PER_UNIT: usize = 16;
     debug_assert_eq!(y.len(), n * rows);
@@ -356,36 +359,7 @@ fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor>
     y.to_dtype(dtype)
 }
 
-/// `y = W x` over `n` rows of `k / T::BLCK_SIZE` blocks each. `None` when the bytes are not such
-/// blocks (wrong length or alignment) or `k` does not split into the activation's blocks.
-///
-/// An AVX-512 VNNI Q4_K dot product written for this was no faster than candle's AVX2 one: at
-/// about 29 GB/s on 2 cores the step is bound by memory, not by the multiply-adds.
-fn gemv<T: GgmlType>(bytes: &[u8], n: usize, k: usize, x: &[f32]) -> Option<Vec<f32>> {
-    let vk = T::VecDotType::BLCK_SIZE;
-    if !k.is_multiple_of(T::BLCK_SIZE) || !k.is_multiple_of(vk) || x.len() != k {
-        return None;
-    }
-    let kb = k / T::BLCK_SIZE;
-    let len = n * kb;
-    if bytes.len() != len * std::mem::size_of::<T>()
-        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-    {
-        return None;
-    }
-    // SAFETY: candle keeps a CPU QTensor's blocks in a `Vec<T>` whose bytes these are; length and
-    // alignment are checked above, and the blocks are plain integers and f16s.
-    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), len) };
-    let mut xq = vec![T::VecDotType::zeros(); k / vk];
-    T::VecDotType::from_float(x, &mut xq);
-    let mut y = vec![0f32; n];
-    parallel_rows(&mut y, |r| {
-        T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], &xq)
-    });
-    Some(y)
-}
-
-/// The output of a parallel gemv, shared by the threads that each write their own rows.
+/// The output of a parallel product, shared by the threads that each write their own elements.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);
 impl OutPtr {
@@ -397,7 +371,7 @@ impl OutPtr {
     }
 }
 
-// SAFETY: only used to write disjoint rows from the barrier pool's threads (see `gemv`).
+// SAFETY: only used to write disjoint elements from the pool threads (see `parallel_units`).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -486,23 +460,6 @@ pub fn matvec(w: &[f32], x: &[f32], y: &mut [f32]) {
                 *yi = dot(row, x);
             }
         });
-}
-
-/// `y[r] = row(r)` for every row, in parallel on candle's barrier pool: the calling thread works
-/// too, and the same workers run candle's own quantized kernels, so no third thread competes for
-/// two cores between kernels (rayon's idle workers spin and yield while another pool works).
-fn parallel_rows(y: &mut [f32], row: impl Fn(usize) -> f32 + Sync) {
-    const ROWS_PER_UNIT: usize = 16;
-    let n = y.len();
-    let out = OutPtr(y.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS_PER_UNIT), |units| {
-        for r in units.start * ROWS_PER_UNIT..(units.end * ROWS_PER_UNIT).min(n) {
-            let v = row(r);
-            // SAFETY: `execute_chunked` hands out disjoint unit ranges, so each row `r < n` is
-            // written by exactly one thread, and `y` outlives the call.
-            unsafe { out.write(r, v) };
-        }
-    });
 }
 
 /// Sixteen independent lanes: written so that LLVM vectorises it without reassociating floats.
