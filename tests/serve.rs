@@ -47,12 +47,19 @@ fn client_python() -> PathBuf {
 struct Server {
     child: Child,
     base: String,
+    /// The data directory (a fresh one unless the test names its own with --data-dir).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_thinkrag"))
-            .args(["serve", "--port", "0", "--device", "cpu", "--threads", "2"])
+        let data = (!extra.contains(&"--data-dir")).then(|| tempfile::tempdir().unwrap());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_thinkrag"));
+        command.args(["serve", "--port", "0", "--device", "cpu", "--threads", "2"]);
+        if let Some(d) = &data {
+            command.arg("--data-dir").arg(d.path());
+        }
+        let mut child = command
             .arg("--model")
             .arg(root().join("tests/fixtures/tiny-qwen2"))
             .arg("--embedder")
@@ -60,6 +67,7 @@ impl Server {
             .args(extra)
             .env_remove("THINKRAG_API_KEY")
             .env_remove("THINKRAG_MODEL")
+            .env_remove("THINKRAG_DATA_DIR")
             .env("HF_HUB_OFFLINE", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -83,7 +91,11 @@ impl Server {
             .find(|w| w.starts_with("http://"))
             .expect("a URL on the first line")
             .to_string();
-        Server { child, base }
+        Server {
+            child,
+            base,
+            _data: data,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -557,4 +569,181 @@ fn serve_refuses_a_taken_port_and_a_bad_model_clearly() {
         err.contains("/nonexistent/model") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+fn put(url: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    response(
+        agent()
+            .put(url)
+            .set("Content-Type", "application/json")
+            .send_string(body),
+    )
+}
+
+fn tutorial(file: &str) -> String {
+    std::fs::read_to_string(root().join("tests/fixtures/opensearch-tutorial").join(file)).unwrap()
+}
+
+#[test]
+fn opensearch_py_sends_the_seed_tutorial_and_every_route_works() {
+    let server = Server::start(&["--prefix-cache-mib", "0"]);
+    run_client("opensearch_client.py", &[&server.base]);
+}
+
+#[test]
+fn the_langchain_example_runs_against_the_server() {
+    let server = Server::start(&[]);
+    let out = Command::new(client_python())
+        .arg(root().join("examples/langchain_rag.py"))
+        .args(["--base-url", &server.url("/v1"), "--max-tokens", "32"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Retrieved 3 of 4 chunks"), "{stdout}");
+    // MiniLM through /v1/embeddings ranks the chunk about intestinal pH first.
+    let first = stdout.lines().nth(1).unwrap_or_default();
+    assert!(first.contains("dietary fibre"), "{stdout}");
+    assert!(stdout.contains("\nAnswer:"), "{stdout}");
+    // Both the embeddings and the chat went through this server.
+    assert!(server.metric("http_requests_total{route=\"embeddings\",status=\"200\"}") >= 2.0);
+    assert!(server.metric("http_requests_total{route=\"chat_completions\",status=\"200\"}") >= 1.0);
+}
+
+/// The ids of a search's hits.
+fn hit_ids(body: &str) -> Vec<String> {
+    json_of(body)["hits"]["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn acknowledged_writes_survive_a_kill_and_everything_survives_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap();
+    let question = r#"{"query":{"neural":{"passage_embedding":{"query_text":"What's the population increase of New York City from 2021 to 2023? How is the trending comparing with Miami?","k":2}}}}"#;
+
+    let server = Server::start(&["--data-dir", d]);
+    let pipeline = "/_search/pipeline/my-conversation-search-pipeline-deepseek";
+    assert_eq!(
+        put(
+            &server.url(pipeline),
+            &tutorial("step-5.1-search-pipeline.json")
+        )
+        .0,
+        200
+    );
+    let (status, _, body) = post(&server.url("/_bulk"), &tutorial("step-5.2-bulk.ndjson"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_of(&body)["errors"], false, "{body}");
+    let (_, _, body) = post(&server.url("/_plugins/_ml/memory"), r#"{"name":"m"}"#);
+    let memory = json_of(&body)["memory_id"].as_str().unwrap().to_string();
+    let (status, _, _) = post(
+        &server.url(&format!("/_plugins/_ml/memory/{memory}/messages")),
+        r#"{"input":"q","response":"a","origin":"test"}"#,
+    );
+    assert_eq!(status, 200);
+    let before = hit_ids(&post(&server.url("/my-nlp-index/_search"), question).2);
+    assert_eq!(before, ["4", "2"]);
+    // SIGKILL: no shutdown, no checkpoint; the bulk lives only in the write-ahead log.
+    drop(server);
+    let wal = data.path().join("indices/my-nlp-index/wal.jsonl");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "the log holds the bulk"
+    );
+
+    let server = Server::start(&["--data-dir", d]);
+    let (_, _, cat) = get(&server.url("/_cat/indices?format=json"));
+    assert_eq!(json_of(&cat)[0]["docs.count"], "6", "{cat}");
+    let (status, _, doc) = get(&server.url("/my-nlp-index/_doc/4"));
+    assert_eq!(status, 200);
+    assert!(json_of(&doc)["_source"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("Miami"));
+    assert_eq!(
+        hit_ids(&post(&server.url("/my-nlp-index/_search"), question).2),
+        before
+    );
+    assert_eq!(get(&server.url(pipeline)).0, 200, "the pipeline survived");
+    let (_, _, msgs) = get(&server.url(&format!("/_plugins/_ml/memory/{memory}/messages")));
+    assert_eq!(json_of(&msgs)["messages"][0]["response"], "a", "{msgs}");
+    // Replayed into a generation on open: the log starts empty.
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+
+    // A delete, then a clean stop: the shutdown checkpoint leaves nothing to replay.
+    let (status, _, body) = post(
+        &server.url("/my-nlp-index/_bulk?refresh=true"),
+        "{\"delete\":{\"_id\":\"1\"}}\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    assert!(server.terminate().success());
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        0,
+        "checkpointed at shutdown"
+    );
+    let server = Server::start(&["--data-dir", d]);
+    let (_, _, count) = get(&server.url("/my-nlp-index/_count"));
+    assert_eq!(json_of(&count)["count"], 5, "{count}");
+    assert_eq!(get(&server.url("/my-nlp-index/_doc/1")).0, 404);
+}
+
+#[test]
+fn opensearch_routes_answer_bad_requests_in_opensearch_shape() {
+    let server = Server::start(&[]);
+    let shape = |status: u16, body: &str, want: u16, ty: &str| {
+        assert_eq!(status, want, "{body}");
+        let v = json_of(body);
+        assert_eq!(v["status"], want, "{body}");
+        assert_eq!(v["error"]["type"], ty, "{body}");
+        assert_eq!(v["error"]["root_cause"][0]["type"], ty, "{body}");
+    };
+    let (s, _, b) = post(&server.url("/x/_search"), "{not json");
+    shape(s, &b, 404, "index_not_found_exception");
+    assert_eq!(put(&server.url("/x"), "").0, 200);
+    let (s, _, b) = post(&server.url("/x/_search"), "{not json");
+    shape(s, &b, 400, "parse_exception");
+    let (s, _, b) = post(
+        &server.url("/x/_search"),
+        r#"{"query":{"neural":{"f":{"query_text":"q","k":10001}}}}"#,
+    );
+    shape(s, &b, 400, "illegal_argument_exception");
+    let (s, _, b) = post(&server.url("/x/_search"), r#"{"size":-1}"#);
+    shape(s, &b, 400, "illegal_argument_exception");
+    let (s, _, b) = post(&server.url("/x/_search"), r#"{"frm":1}"#);
+    shape(s, &b, 400, "parse_exception");
+    let (s, _, b) = post(&server.url("/_bulk"), "");
+    shape(s, &b, 400, "action_request_validation_exception");
+    let (s, _, b) = post(
+        &server.url("/_bulk"),
+        "{\"index\":{\"_id\":\"1\"}}\n{\"a\":\"b\"}\n",
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        json_of(&b)["items"][0]["index"]["status"],
+        400,
+        "no index named: {b}"
+    );
+    let (s, _, b) = get(&server.url("/_nothing_here"));
+    shape(s, &b, 400, "illegal_argument_exception");
+    let (s, _, b) = put(&server.url("/UPPER"), "{}");
+    shape(s, &b, 400, "invalid_index_name_exception");
+    let (s, _, b) = put(
+        &server.url("/y"),
+        r#"{"mappings":{"properties":{"v":{"type":"knn_vector","dimension":768}}}}"#,
+    );
+    shape(s, &b, 400, "mapper_parsing_exception");
+    assert!(b.contains("768") && b.contains("384"), "{b}");
+    // The other APIs keep their own shapes beside these routes.
+    let (s, _, b) = get(&server.url("/v1/nothing"));
+    assert_eq!(s, 404);
+    assert!(json_of(&b)["error"]["message"].is_string(), "{b}");
+    assert_eq!(get(&server.url("/health")).0, 200);
 }

@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// An index whose embedder /v1/embeddings serves.
     #[arg(long, value_name = "DIR")]
     pub index: Option<PathBuf>,
+    /// Where the OpenSearch-compatible routes keep their indices, search pipelines and
+    /// conversation memories (default: thinkrag/serve in the user's data directory). Used when
+    /// an embedder is loaded.
+    #[arg(long, value_name = "DIR", env = "THINKRAG_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Where the embedder runs (default: cpu; the model takes the GPU).
     #[arg(long, default_value = "cpu")]
     pub embedder_device: DeviceChoice,
@@ -112,7 +117,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref() == Some("") {
         bail!("--api-key is empty: give a key, or leave the flag out to serve without one");
     }
-    let state = Arc::new(AppState::new(
+    let opensearch = match &embedder {
+        Some((_, e)) => {
+            let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+            let os = thinkrag_server::opensearch::OpenSearch::open(&dir, Arc::clone(e))
+                .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+            eprintln!(
+                "OpenSearch-compatible indices in {} ({} open)",
+                dir.display(),
+                os.store.list().len()
+            );
+            Some(Arc::new(os))
+        }
+        None => None,
+    };
+    let mut state = AppState::new(
         engine,
         embedder,
         SchedulerConfig {
@@ -128,18 +147,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_body_bytes: args.max_body_bytes,
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
         },
-    )?);
+    )?;
+    state.opensearch = opensearch;
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("thinkrag-http")
         .build()
         .context("cannot start the async runtime")?;
+    let has_indices = state.opensearch.is_some();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("thinkrag serving {model_id} on http://{addr}");
         println!("  OpenAI:  base_url=\"http://{addr}/v1\"");
         println!("  Bedrock: endpoint_url=\"http://{addr}\"");
+        if has_indices {
+            println!("  OpenSearch: hosts=[\"http://{addr}\"]");
+        }
         use std::io::Write;
         std::io::stdout().flush()?;
         thinkrag_server::serve(listener, state, shutdown_signal()).await
@@ -180,4 +205,12 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     eprintln!("thinkrag serve: shutting down (in-flight requests may finish)");
+}
+
+/// `thinkrag/serve` in the user's data directory (`~/.local/share` on Linux), else
+/// `.thinkrag-serve` here.
+fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .map(|d| d.join("thinkrag").join("serve"))
+        .unwrap_or_else(|| PathBuf::from(".thinkrag-serve"))
 }

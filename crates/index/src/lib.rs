@@ -113,6 +113,10 @@ pub struct DocumentRecord {
     pub pages: u32,
     /// When the document was (re)ingested, in seconds since the Unix epoch.
     pub ingested_at: u64,
+    /// The caller's own data about the document (a search engine's `_source`, a version), kept
+    /// with it and saved in the same generation; set with [`Index::set_document_fields`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<serde_json::Value>,
 }
 
 /// Summary of an index, for `thinkrag info`-style output.
@@ -365,9 +369,22 @@ impl Index {
                 chunk_ids,
                 pages,
                 ingested_at: now_unix(),
+                fields: None,
             },
         );
         Ok(())
+    }
+
+    /// Attaches the caller's data to a stored document (replacing what was there); returns
+    /// whether the document exists.
+    pub fn set_document_fields(&mut self, source: &str, fields: serde_json::Value) -> bool {
+        match self.documents.get_mut(source) {
+            Some(doc) => {
+                doc.fields = Some(fields);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Drops a document and its chunks; returns whether it was there.

@@ -70,7 +70,7 @@ pub fn parse_path(path: &str) -> Option<(String, Op)> {
 }
 
 /// Decodes `%XX` escapes (invalid ones are kept as written).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

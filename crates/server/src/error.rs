@@ -14,6 +14,8 @@ pub enum Flavor {
     OpenAi,
     /// Amazon Bedrock runtime (`/model/{id}/...`).
     Bedrock,
+    /// OpenSearch's REST API (indices, `_bulk`, `_search`, search pipelines, ml-commons memory).
+    OpenSearch,
 }
 
 /// What went wrong, in terms both APIs can express.
@@ -48,6 +50,11 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault (OpenAI's `param`).
     pub param: Option<String>,
+    /// OpenSearch's exception type when it is more precise than the kind's
+    /// (`index_not_found_exception`, `resource_already_exists_exception`, ...).
+    pub opensearch_type: Option<&'static str>,
+    /// The OpenSearch index the error is about.
+    pub index: Option<String>,
 }
 
 impl ApiError {
@@ -58,7 +65,23 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            opensearch_type: None,
+            index: None,
         }
+    }
+
+    /// An OpenSearch error of `kind` with OpenSearch's exception type `ty`.
+    pub fn opensearch(kind: Kind, ty: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            opensearch_type: Some(ty),
+            ..Self::new(Flavor::OpenSearch, kind, message)
+        }
+    }
+
+    /// The same error, about `index`.
+    pub fn with_index(mut self, index: &str) -> Self {
+        self.index = Some(index.to_string());
+        self
     }
 
     /// A bad request naming the field at fault.
@@ -73,7 +96,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match (self.kind, self.flavor) {
             (Kind::Invalid | Kind::ContextLength, _) => StatusCode::BAD_REQUEST,
-            (Kind::Unauthorized, Flavor::OpenAi) => StatusCode::UNAUTHORIZED,
+            (Kind::Unauthorized, Flavor::OpenAi | Flavor::OpenSearch) => StatusCode::UNAUTHORIZED,
             (Kind::Unauthorized, Flavor::Bedrock) => StatusCode::FORBIDDEN,
             (Kind::NotFound, _) => StatusCode::NOT_FOUND,
             (Kind::TooLarge, _) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -82,7 +105,9 @@ impl ApiError {
             // Bedrock's ModelErrorException (424) is not retried by botocore; a generation that
             // failed once will fail again.
             (Kind::Engine, Flavor::Bedrock) => StatusCode::FAILED_DEPENDENCY,
-            (Kind::Engine, Flavor::OpenAi) => StatusCode::INTERNAL_SERVER_ERROR,
+            (Kind::Engine, Flavor::OpenAi | Flavor::OpenSearch) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -108,6 +133,33 @@ impl ApiError {
             Kind::Unavailable => "ServiceUnavailableException",
             Kind::Engine => "ModelErrorException",
         }
+    }
+
+    /// OpenSearch's exception type.
+    pub fn opensearch_type(&self) -> &'static str {
+        if let Some(t) = self.opensearch_type {
+            return t;
+        }
+        match self.kind {
+            Kind::Invalid | Kind::ContextLength => "illegal_argument_exception",
+            Kind::TooLarge => "content_too_long_exception",
+            Kind::Unauthorized => "security_exception",
+            Kind::NotFound => "resource_not_found_exception",
+            Kind::Busy => "rejected_execution_exception",
+            Kind::Unavailable => "node_closed_exception",
+            Kind::Engine => "exception",
+        }
+    }
+
+    /// OpenSearch's error body: `{"error":{"root_cause":[..],"type","reason"},"status"}`.
+    pub fn opensearch_body(&self) -> serde_json::Value {
+        let mut cause = json!({"type": self.opensearch_type(), "reason": self.message});
+        if let Some(index) = &self.index {
+            cause["index"] = json!(index);
+        }
+        let mut error = cause.clone();
+        error["root_cause"] = json!([cause]);
+        json!({"error": error, "status": self.status().as_u16()})
     }
 
     /// The lowerCamel member name of an exception inside a Bedrock event stream.
@@ -191,6 +243,7 @@ impl IntoResponse for ApiError {
                 );
                 r
             }
+            Flavor::OpenSearch => (status, axum::Json(self.opensearch_body())).into_response(),
             Flavor::Bedrock => {
                 let mut r =
                     (status, axum::Json(json!({ "message": self.message }))).into_response();

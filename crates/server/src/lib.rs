@@ -12,6 +12,8 @@ pub mod error;
 pub mod eventstream;
 pub mod generation;
 pub mod openai;
+pub mod opensearch;
+pub mod rag;
 pub mod request;
 
 use std::collections::BTreeMap;
@@ -67,6 +69,8 @@ pub struct AppState {
     pub embedder: Option<Arc<Embedder>>,
     /// The embedder's name in `/v1/models`.
     pub embedder_id: Option<String>,
+    /// The OpenSearch-compatible indices, pipelines and memories (needs the embedder).
+    pub opensearch: Option<Arc<opensearch::OpenSearch>>,
     /// Server behaviour.
     pub options: ServerOptions,
     /// Unix time the server started (OpenAI's `created`).
@@ -91,6 +95,7 @@ impl AppState {
             engine,
             embedder,
             embedder_id,
+            opensearch: None,
             options,
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -141,15 +146,29 @@ pub async fn serve(
             draining.scheduler.drain(draining.options.shutdown_grace)
         });
     };
+    let after = Arc::clone(&state);
     axum::serve(listener, router(state))
         .with_graceful_shutdown(signal)
+        .await?;
+    // Fold the write-ahead logs into index generations, so the next start replays nothing.
+    if let Some(os) = after.opensearch.clone() {
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = os.store.checkpoint_all() {
+                tracing::warn!(error = %e, "checkpoint at shutdown failed (the logs keep every write)");
+            }
+        })
         .await
+        .ok();
+    }
+    Ok(())
 }
 
 /// The API a path belongs to, for its error shape.
 pub fn flavor_of(path: &str) -> Flavor {
     if bedrock::parse_path(path).is_some() || path.contains("/model/") {
         Flavor::Bedrock
+    } else if opensearch::owns(path) {
+        Flavor::OpenSearch
     } else {
         Flavor::OpenAi
     }
@@ -167,6 +186,7 @@ fn route_label(path: &str) -> &'static str {
         "/health" | "/v1/health" => "health",
         "/metrics" => "metrics",
         p if p.starts_with("/v1/models") => "models",
+        p if opensearch::owns(p) => opensearch::label(p),
         _ => "other",
     }
 }
@@ -195,6 +215,11 @@ async fn authenticate_and_count(
                                         access key id (aws_access_key_id=KEY), or send \
                                         `x-api-key: KEY`"
                     }
+                    Flavor::OpenSearch => {
+                        "invalid or missing API key: send it as the password of HTTP basic \
+                         auth (opensearch-py: http_auth=(\"any-user\", KEY)), or as \
+                         `Authorization: Bearer KEY` or `x-api-key: KEY`"
+                    }
                 },
             )
             .into_response()
@@ -218,6 +243,16 @@ fn authorized(headers: &HeaderMap, key: &str) -> bool {
     };
     if let Some(token) = auth.strip_prefix("Bearer ") {
         return token.trim() == key;
+    }
+    // OpenSearch clients send HTTP basic auth: the key is the password, any user name.
+    if let Some(basic) = auth.strip_prefix("Basic ") {
+        use base64::Engine as _;
+        return base64::engine::general_purpose::STANDARD
+            .decode(basic.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|pair| pair.split_once(':').map(|(_, pw)| pw == key))
+            .unwrap_or(false);
     }
     if auth.starts_with("AWS4-HMAC-SHA256") {
         let akid = auth
@@ -386,14 +421,18 @@ async fn fallback(
         }
         return bedrock::handle(state, op, model, headers, body).await;
     }
+    if opensearch::owns(path) {
+        return opensearch::dispatch(state, method, uri, body).await;
+    }
     let flavor = flavor_of(path);
     ApiError::new(
         flavor,
         Kind::NotFound,
         format!(
             "no route {method} {path}: this server has /v1/chat/completions, /v1/completions, \
-             /v1/embeddings, /v1/models, /health, /metrics and Bedrock's \
-             /model/{{modelId}}/{{invoke,invoke-with-response-stream,converse,converse-stream}}"
+             /v1/embeddings, /v1/models, /health, /metrics, Bedrock's \
+             /model/{{modelId}}/{{invoke,invoke-with-response-stream,converse,converse-stream}} \
+             and OpenSearch's /{{index}}, /_bulk, /{{index}}/_search, /_search/pipeline"
         ),
     )
     .into_response()

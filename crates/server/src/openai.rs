@@ -17,6 +17,7 @@ use thinkrag_llm::{Generation, GenerationParams, Message, OwnedEvent, StopReason
 
 use crate::error::{ApiError, Flavor, Kind};
 use crate::generation::{effort_budget, finished, relay, Job};
+use crate::rag;
 use crate::request::{self, Fields};
 use crate::AppState;
 
@@ -304,7 +305,7 @@ fn usage(g: &Generation) -> Value {
 }
 
 /// llama.cpp's `timings` object.
-fn timings(g: &Generation) -> Value {
+pub(crate) fn timings(g: &Generation) -> Value {
     let (u, t) = (&g.usage, &g.timings);
     let computed = u.prompt_tokens - u.cached_prompt_tokens;
     json!({
@@ -358,10 +359,14 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
     let f = Fields::new(&obj, F, "");
     let mut opts = options(&f, &state, true)?;
     let msgs = messages(&obj)?;
-    let prompt = state
-        .engine
-        .encode_messages(&msgs)
-        .map_err(|e| ApiError::from_engine(F, &e))?;
+    let rag = rag_for_chat(&state, &obj, &opts.model, &msgs).await?;
+    let prompt = match &rag {
+        Some(p) => p.prompt.clone(),
+        None => state
+            .engine
+            .encode_messages(&msgs)
+            .map_err(|e| ApiError::from_engine(F, &e))?,
+    };
     opts.params.max_tokens =
         state.max_tokens(F, prompt.len(), opts.requested_max, opts.max_field)?;
     let job = state.start(F, prompt, opts.params.clone())?;
@@ -374,7 +379,13 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
             message["reasoning_content"] = json!(g.reasoning);
             message["reasoning"] = json!(g.reasoning);
         }
-        return Ok(axum::Json(json!({
+        let mut extra = json!({});
+        if let Some(p) = &rag {
+            let mut r = rag_sources(p);
+            r["citations"] = p.citations_json(&g.text);
+            extra["rag"] = r;
+        }
+        return Ok(axum::Json(merge(extra, json!({
             "id": id,
             "object": "chat.completion",
             "created": created,
@@ -383,7 +394,7 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(&g), "logprobs": null}],
             "usage": usage(&g),
             "timings": timings(&g),
-        }))
+        })))
         .into_response());
     }
     let chunk = {
@@ -393,10 +404,16 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
                    "system_fingerprint": fingerprint(), "choices": choices})
         }
     };
-    let first = vec![sse(&chunk(
+    let mut opening = chunk(
         json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": null, "logprobs": null}]),
-    ))];
+                                    "finish_reason": null, "logprobs": null}]),
+    );
+    if let Some(p) = &rag {
+        // The sources come first, before any token: the client knows what the answer rests on.
+        opening["rag"] = rag_sources(p);
+    }
+    let first = vec![sse(&opening)];
+    let mut answer_text = String::new();
     let (include_reasoning, include_usage) = (opts.include_reasoning, opts.include_usage);
     let render = move |ev: OwnedEvent, _: &Job| -> Vec<Bytes> {
         let delta = |d: Value| {
@@ -409,13 +426,21 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
                 vec![delta(json!({"reasoning_content": t, "reasoning": t}))]
             }
             OwnedEvent::Reasoning(_) => Vec::new(),
-            OwnedEvent::Answer(t) => vec![delta(json!({"content": t}))],
+            OwnedEvent::Answer(t) => {
+                if rag.is_some() {
+                    answer_text.push_str(&t);
+                }
+                vec![delta(json!({"content": t}))]
+            }
             OwnedEvent::Done(g) => match finished(F, *g) {
                 Ok(g) => {
                     let mut last = chunk(
                         json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&g), "logprobs": null}]),
                     );
                     last["timings"] = timings(&g);
+                    if let Some(p) = &rag {
+                        last["rag"] = json!({"citations": p.citations_json(&answer_text)});
+                    }
                     let mut out = vec![sse(&last)];
                     if include_usage {
                         let mut u = chunk(json!([]));
@@ -433,6 +458,152 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
         }
     };
     Ok(sse_stream(job, render, first))
+}
+
+/// `a` with `b`'s keys added.
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        for (k, v) in b {
+            a.entry(k).or_insert(v);
+        }
+    }
+    a
+}
+
+/// The `rag` extra of a response: the index, the numbered sources (with their text) and those
+/// left out.
+fn rag_sources(p: &rag::Prepared) -> Value {
+    let mut sources = p.sources_json();
+    if let Some(list) = sources.as_array_mut() {
+        for (s, used) in list.iter_mut().zip(&p.built.sources) {
+            s["text"] = json!(p.offered[used.rank - 1].text);
+        }
+    }
+    json!({
+        "index": p.offered.first().map(|o| o.index.clone()),
+        "sources": sources,
+        "left_out": p.left_out_json(),
+    })
+}
+
+/// RAG through the chat API: asked for with `"rag": {"index": NAME, ...}` in the body (the
+/// openai client's `extra_body`) or a model named `rag/NAME`. The last user message is the
+/// question and the search query; earlier turns are the history. `None` for a plain chat.
+async fn rag_for_chat(
+    state: &Arc<AppState>,
+    obj: &Map<String, Value>,
+    model: &str,
+    msgs: &[Message],
+) -> Result<Option<rag::Prepared>, ApiError> {
+    let from_model = model.strip_prefix("rag/").filter(|s| !s.is_empty());
+    let cfg = match obj.get("rag") {
+        None | Some(Value::Null) if from_model.is_none() => return Ok(None),
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(other) => {
+            return Err(request::bad(
+                F,
+                "rag",
+                format!(
+                    "expected an object like {{\"index\": \"docs\", \"k\": 4}}, got {}",
+                    request::type_name(other)
+                ),
+            ))
+        }
+    };
+    let f = Fields::new(&cfg, F, "rag.");
+    f.only(&["index", "k", "fields", "search_pipeline", "context_size"])?;
+    let index = match (f.string("index")?, from_model) {
+        (Some(i), _) => i.to_string(),
+        (None, Some(m)) => m.to_string(),
+        (None, None) => {
+            return Err(f.bad(
+                "index",
+                "required: the index to answer from (or use the model name rag/INDEX)",
+            ))
+        }
+    };
+    let k = f.int_in("k", 1, 100)?.unwrap_or(4) as usize;
+    let context_size = f.int_in("context_size", 1, 100)?.map(|n| n as usize);
+    let mut fields: Option<Vec<String>> = match f.array("fields")? {
+        Some(a) => Some(
+            a.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| f.bad("fields", "expected an array of field names"))?,
+        ),
+        None => None,
+    };
+    let Some(os) = state.opensearch.clone() else {
+        return Err(ApiError::new(
+            F,
+            Kind::Invalid,
+            "RAG needs the server's indices: start `thinkrag serve` with --embedder",
+        ));
+    };
+    let (mut system, mut instructions) = (None, None);
+    if let Some(name) = f.string("search_pipeline")? {
+        let body = os
+            .meta
+            .pipeline(name)
+            .ok_or_else(|| f.bad("search_pipeline", format!("no search pipeline {name:?}")))?;
+        if let Some(cfg) = crate::opensearch::rag_processor(&body) {
+            system = cfg
+                .get("system_prompt")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            instructions = cfg
+                .get("user_instructions")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if fields.is_none() {
+                fields = cfg
+                    .get("context_field_list")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    });
+            }
+        }
+    }
+    let Some((last, history)) = msgs.split_last() else {
+        return Err(request::bad(
+            F,
+            "messages",
+            "must hold at least one message",
+        ));
+    };
+    if last.role != thinkrag_llm::Role::User || last.content.trim().is_empty() {
+        return Err(request::bad(
+            F,
+            "messages",
+            "with rag, the last message must be the user's question",
+        ));
+    }
+    let question = last.content.clone();
+    let os2 = Arc::clone(&os);
+    let q = question.clone();
+    let sources = tokio::task::spawn_blocking(move || {
+        crate::opensearch::retrieve(&os2, &index, &q, k, fields.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(F, Kind::Engine, e.to_string()))?
+    .map_err(|mut e| {
+        e.flavor = F;
+        e.param = Some("rag.index".into());
+        e
+    })?;
+    let req = rag::RagRequest {
+        question,
+        sources,
+        system,
+        instructions,
+        context_size,
+        history: history.to_vec(),
+    };
+    rag::prepare(state, F, req).map(Some)
 }
 
 /// `POST /v1/completions`: the prompt as written (control tokens included; see

@@ -15,6 +15,7 @@ pub fn bad(flavor: Flavor, field: &str, problem: impl std::fmt::Display) -> ApiE
             field.replace('.', "/")
         ),
         Flavor::OpenAi => format!("Invalid value for '{field}': {problem}."),
+        Flavor::OpenSearch => format!("[{field}] {problem}"),
     };
     ApiError::invalid(flavor, field, message)
 }
@@ -243,6 +244,9 @@ impl<'a> Fields<'a> {
                         "Unrecognized request argument supplied: {k} (accepted: {})",
                         known.join(", ")
                     ),
+                    Flavor::OpenSearch => {
+                        format!("unknown field [{k}] (accepted: {})", known.join(", "))
+                    }
                 },
             ));
         }

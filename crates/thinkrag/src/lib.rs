@@ -64,7 +64,7 @@ pub use pipeline::{
 };
 pub use prompt::{BuiltPrompt, LeftOut, PromptOptions, PromptSource, SourceField};
 pub use retrieval::{
-    default_index_dir, embedder_info, ingest, open_index, search, Chunking, FailureReport,
+    chunker, default_index_dir, embedder_info, ingest, open_index, search, Chunking, FailureReport,
     IngestEvent, IngestOptions, IngestReport, SearchHit,
 };
 /// The embedding models.

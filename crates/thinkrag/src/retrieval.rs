@@ -176,7 +176,9 @@ pub fn open_index(dir: &Path) -> Result<Index> {
     }
 }
 
-fn chunker(embedder: &Embedder, chunking: Chunking) -> Result<Chunker> {
+/// The chunker `ingest` uses for `chunking` with this embedder (token sizes are checked against
+/// the longest input it reads).
+pub fn chunker(embedder: &Embedder, chunking: Chunking) -> Result<Chunker> {
     Ok(match chunking {
         Chunking::Tokens { max, overlap } => {
             let limit = embedder.max_tokens();
