@@ -519,6 +519,25 @@ fn an_api_key_guards_every_route_but_health() {
         .starts_with("AccessDeniedException"));
     assert_eq!(get(&server.url("/health")).0, 200);
     assert_eq!(get(&server.url("/metrics")).0, 401);
+    // OpenSearch clients send the key as the basic-auth password.
+    let (s, _, body) = get(&server.url("/_cat/indices?format=json"));
+    assert_eq!(s, 401);
+    assert_eq!(
+        json_of(&body)["error"]["type"],
+        "security_exception",
+        "{body}"
+    );
+    let cat = |auth: &str| {
+        response(
+            agent()
+                .get(&server.url("/_cat/indices?format=json"))
+                .set("Authorization", auth)
+                .call(),
+        )
+        .0
+    };
+    assert_eq!(cat("Basic YWRtaW46czNjcmV0"), 200, "admin:s3cret");
+    assert_eq!(cat("Basic YWRtaW46d3Jvbmc="), 401, "admin:wrong");
 }
 
 #[test]

@@ -9,9 +9,12 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
-use thinkrag_docstore::{validate_name, Collection, DocOp, OpOutcome};
+use thinkrag_docstore::{Collection, DocOp, OpOutcome};
 
-use super::{body_bytes, collection, json_body, parse_error, shards, store_error, OpenSearch, Req};
+use super::{
+    body_bytes, check_name, collection, json_body, parse_error, shards, store_error, OpenSearch,
+    Req,
+};
 use crate::error::{ApiError, Kind};
 use crate::AppState;
 
@@ -289,7 +292,7 @@ pub(super) async fn bulk(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     if let Some(name) = &default_index {
-        validate_name(name).map_err(|e| store_error(&e))?;
+        check_name(name)?;
     }
     let limit = state.options.max_body_bytes.max(BULK_MIN_LIMIT);
     let bytes = body_bytes(req.body, limit).await?;
@@ -310,8 +313,7 @@ pub(super) async fn bulk(
         match &item.op {
             Err(e) => outcomes[pos] = Some(failed(item.id.clone(), e.clone())),
             Ok(op) => {
-                if let Err(e) = validate_name(&item.index) {
-                    let err = store_error(&e);
+                if let Err(err) = check_name(&item.index) {
                     outcomes[pos] = Some(failed(
                         item.id.clone(),
                         (400, "invalid_index_name_exception", err.message),
@@ -399,7 +401,7 @@ pub(super) async fn put_doc(
     id: Option<String>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    validate_name(index).map_err(|e| store_error(&e))?;
+    check_name(index)?;
     let create = req.segs.get(1).map(String::as_str) == Some("_create")
         || req.param("op_type") == Some("create");
     let source = json_body(req.body, state.options.max_body_bytes)

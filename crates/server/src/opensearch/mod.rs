@@ -56,14 +56,33 @@ impl OpenSearch {
     }
 }
 
-/// Whether a path belongs to the OpenSearch API (everything but the OpenAI and Bedrock routes,
-/// `/health` and `/metrics`).
+/// Index names whose paths the other APIs own (`/v1/...`, `/health`, `/metrics`, Bedrock's
+/// `/model/...`).
+const RESERVED: &[&str] = &["v1", "health", "metrics", "model"];
+
+/// OpenSearch's index-name rules, plus the names the server's other routes take.
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
+    thinkrag_docstore::validate_name(name).map_err(|e| store_error(&e))?;
+    if RESERVED.contains(&name) {
+        return Err(ApiError::opensearch(
+            Kind::Invalid,
+            "invalid_index_name_exception",
+            format!("index name [{name}] is taken by this server's other routes: choose another"),
+        )
+        .with_index(name));
+    }
+    Ok(())
+}
+
+/// Whether a path belongs to the OpenSearch API: everything but the OpenAI routes, anything
+/// under a `/model/` segment (Bedrock's, which may sit under an `endpoint_url` prefix), `/health`
+/// and `/metrics`.
 pub fn owns(path: &str) -> bool {
     !(path.starts_with("/v1/")
         || path == "/v1"
         || path == "/health"
         || path == "/metrics"
-        || crate::bedrock::parse_path(path).is_some())
+        || path.contains("/model/"))
 }
 
 /// The request counter label of a path.
@@ -397,6 +416,7 @@ async fn create_index(
             return Err(parse_error(format!("[{what}] must be an object")));
         }
     }
+    check_name(name)?;
     let os = Arc::clone(os);
     let owned = name.to_string();
     let created = tokio::task::spawn_blocking(move || os.store.create(&owned, settings, mappings))

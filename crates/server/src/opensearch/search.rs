@@ -152,6 +152,9 @@ fn parse_query(q: Option<&Value>, c: &Collection, dim: usize) -> Result<Query, A
                 .map(|v| v.as_f64().map(|x| x as f32))
                 .collect::<Option<_>>()
                 .ok_or_else(|| parse_error("[knn.vector] must hold numbers only"))?;
+            if vector.iter().all(|x| *x == 0.0) || vector.iter().any(|x| !x.is_finite()) {
+                return Err(invalid("[knn.vector] must be finite and not all zeros"));
+            }
             if vector.len() != dim {
                 return Err(invalid(format!(
                     "[knn.vector] has dimension {}, but index [{}] holds vectors of dimension {dim} (the server's embedder)",
