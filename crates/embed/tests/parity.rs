@@ -56,10 +56,19 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn minilm() -> Embedder {
-    let opts = EmbedderOptions {
+    let mut opts = EmbedderOptions {
         batch_size: 5,
         ..EmbedderOptions::default()
     };
+    // scripts/gpu-check.sh runs these on a GPU.
+    if let Ok(d) = std::env::var("THINKRAG_TEST_DEVICE") {
+        opts.device = match d.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => candle_core::Device::new_cuda(n),
+            _ if d == "cuda" => candle_core::Device::new_cuda(0),
+            _ => Ok(candle_core::Device::Cpu),
+        }
+        .unwrap_or_else(|e| panic!("THINKRAG_TEST_DEVICE={d}: {e}"));
+    }
     Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).expect("MiniLM loads")
 }
 

@@ -37,11 +37,22 @@ pub fn ids(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-/// The tiny model, loaded in `dtype` on the CPU.
+/// The device the tests run on: the CPU, or `THINKRAG_TEST_DEVICE` (`cuda`, `cuda:N`), which
+/// scripts/gpu-check.sh sets to run the parity tests on a GPU.
+pub fn test_device() -> DeviceChoice {
+    match std::env::var("THINKRAG_TEST_DEVICE") {
+        Ok(d) => d
+            .parse()
+            .unwrap_or_else(|e| panic!("THINKRAG_TEST_DEVICE={d}: {e}")),
+        Err(_) => DeviceChoice::Cpu,
+    }
+}
+
+/// The tiny model, loaded in `dtype` on the test device.
 pub fn engine(dtype: DTypeChoice) -> Engine {
     let files = ModelFiles::from_dir(&fixture_dir()).unwrap();
     let opts = LoadOptions {
-        device: DeviceChoice::Cpu,
+        device: test_device(),
         dtype,
         ..LoadOptions::default()
     };
@@ -63,6 +74,11 @@ pub fn max_abs(t: &Tensor) -> f32 {
 /// Largest absolute difference between two f32 tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
+    // Results of a GPU run are compared on the CPU, where the references are.
+    let (a, b) = (
+        a.to_device(&Device::Cpu).unwrap(),
+        b.to_device(&Device::Cpu).unwrap(),
+    );
     max_abs(&(a - b).unwrap())
 }
 
@@ -70,7 +86,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn quantized_engine(q: thinkrag_llm::Quantization) -> Engine {
     let files = ModelFiles::from_dir(&fixture_dir()).unwrap();
     let opts = LoadOptions {
-        device: DeviceChoice::Cpu,
+        device: test_device(),
         quantize: Some(q),
         ..LoadOptions::default()
     };
@@ -104,7 +120,7 @@ pub fn gguf_engine(q: thinkrag_llm::Quantization) -> Engine {
     let path = gguf_file(q);
     let source = thinkrag_llm::ModelSource::parse(path.to_str().unwrap()).unwrap();
     let opts = LoadOptions {
-        device: DeviceChoice::Cpu,
+        device: test_device(),
         ..LoadOptions::default()
     };
     Engine::load(&source, &opts, &mut |_| {}).unwrap()
