@@ -305,7 +305,12 @@ fn chat_from_a_script_reuses_the_cache_and_keeps_its_session() {
     assert_eq!(turns[0].1, 0, "nothing cached on the first turn");
     for i in 1..3 {
         let (prompt, cached, computed) = turns[i];
-        assert_eq!(prompt, cached + computed);
+        // Checked against the previous turn's own figures, not against the sum the CLI prints:
+        // this turn computes only its new part, and reuses at least the previous prompt.
+        assert!(
+            computed > 0 && computed < (prompt + 3).saturating_sub(turns[i - 1].0),
+            "{turns:?}"
+        );
         assert!(
             cached + 3 >= turns[i - 1].0,
             "turn {} reuses the previous prompt: {turns:?}",

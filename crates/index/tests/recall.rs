@@ -106,3 +106,44 @@ fn hnsw_recall_and_self_retrieval_on_random_vectors() {
         "recall@{K} at ef {RANDOM_DATA_EF} = {recall_wide}"
     );
 }
+
+/// The graph itself, through `Index::search` at its default settings, on vectors shaped like
+/// real embeddings: exact scanning is switched off so the graph answers, and recall@10 against
+/// exact search must reach 0.95.
+#[test]
+fn the_graph_at_default_settings_finds_the_true_neighbours_of_clustered_vectors() {
+    const N: usize = 10_000;
+    let all = common::lowrank_vectors(N + QUERIES, DIM, 7);
+    let (vectors, queries) = all.split_at(N);
+    let mut index = Index::new(common::embedder(DIM));
+    for d in 0..10 {
+        let source = format!("doc{d}.txt");
+        let part = vectors[d * 1000..(d + 1) * 1000].to_vec();
+        index
+            .upsert_document(&source, "h", 1, common::chunks(&source, 1000), part)
+            .unwrap();
+    }
+    index.set_exact_scan_limit(0);
+    let found: usize = queries
+        .par_iter()
+        .map(|q| {
+            let exact: Vec<u64> = index
+                .search_exact(q, K)
+                .unwrap()
+                .iter()
+                .map(|h| h.chunk.id)
+                .collect();
+            let graph: Vec<u64> = index
+                .search(q, K)
+                .unwrap()
+                .iter()
+                .map(|h| h.chunk.id)
+                .collect();
+            assert_eq!(graph.len(), K);
+            graph.iter().filter(|id| exact.contains(id)).count()
+        })
+        .sum();
+    let recall = found as f64 / (QUERIES * K) as f64;
+    println!("recall@{K} through the graph at default settings: {recall:.4}");
+    assert!(recall >= 0.95, "recall@{K} = {recall}");
+}

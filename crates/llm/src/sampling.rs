@@ -388,9 +388,23 @@ mod tests {
                 ..Default::default()
             },
         ];
-        for c in cases {
+        // Each names its parameter, the value given and the valid range.
+        let want = [
+            ("temperature", "-0.1", "0.0..=2.0"),
+            ("temperature", "NaN", "0.0..=2.0"),
+            ("top_p", "0", "greater than 0 and at most 1.0"),
+            ("top_p", "1.5", "greater than 0 and at most 1.0"),
+            ("min_p", "1", "up to but excluding 1.0"),
+            ("repetition_penalty", "0", "0.1..=10.0"),
+            ("repetition_window", "0", "1..=32768"),
+        ];
+        assert_eq!(cases.len(), want.len());
+        for (c, (name, value, range)) in cases.iter().zip(want) {
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains("invalid"), "{e}");
+            assert!(
+                e.contains(name) && e.contains(value) && e.contains(range),
+                "{e} should name {name}, {value} and {range}"
+            );
         }
     }
 

@@ -36,7 +36,14 @@ pub struct TextTokenizer {
     special: SpecialTokens,
     size: usize,
     path: PathBuf,
+    /// The texts of the added tokens (`<｜User｜>`, `</think>`...), longest first: inside message
+    /// text they must stay text.
+    added: Vec<String>,
 }
+
+/// Wraps control-token text found in message content while the template renders; never in real
+/// text (a private-use character, removed from content first).
+const MARK: char = '\u{E000}';
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,6 +180,14 @@ impl TextTokenizer {
             .as_deref()
             .map(|src| ChatTemplate::new(src, &bos_string, &eos_string))
             .transpose()?;
+        let mut added: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .filter(|c| c.chars().count() > 1)
+            .collect();
+        added.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        added.dedup();
         Ok(Self {
             inner,
             template,
@@ -180,6 +195,7 @@ impl TextTokenizer {
             special,
             size,
             path: path.to_path_buf(),
+            added,
         })
     }
 
@@ -240,14 +256,91 @@ impl TextTokenizer {
         }
     }
 
-    /// Renders and encodes a conversation, with exactly one BOS at the start.
+    /// Renders and encodes a conversation, with exactly one BOS at the start. Only the template's
+    /// own markup becomes control tokens: text in the messages that spells one (`<｜User｜>`,
+    /// `</think>`, `<｜end▁of▁sentence｜>` in a document, a question or a chat message) is encoded
+    /// as the characters it holds, so retrieved text cannot forge turns or end the reasoning.
     pub fn encode_chat(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let text = self.render_chat(messages, add_generation_prompt)?;
-        Ok(self.with_single_bos(self.encode(&text)?))
+        let mut any = false;
+        let marked: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                // Reasoning echoed back in an assistant turn goes, as R1's template drops it, before
+                // marking (the template would otherwise split inside a mark).
+                let content = match (m.role, m.content.rfind(THINK_CLOSE)) {
+                    (crate::chat::Role::Assistant, Some(at)) => {
+                        &m.content[at + THINK_CLOSE.len()..]
+                    }
+                    _ => m.content.as_str(),
+                };
+                let (content, found) = self.mark_control_text(content);
+                any |= found;
+                Message {
+                    content,
+                    ..m.clone()
+                }
+            })
+            .collect();
+        let text = self.render_chat(&marked, add_generation_prompt)?;
+        if !any {
+            return Ok(self.with_single_bos(self.encode(&text)?));
+        }
+        // Pieces alternate: template and plain text, then one marked control-token text, ...
+        let mut ids = Vec::new();
+        for (i, piece) in text.split(MARK).enumerate() {
+            if i % 2 == 0 {
+                ids.extend(self.encode(piece)?);
+            } else {
+                ids.extend(self.encode_control_text(piece)?);
+            }
+        }
+        Ok(self.with_single_bos(ids))
+    }
+
+    /// `text` without private-use marks, with each added-token text in it wrapped in [`MARK`]s;
+    /// and whether there was any.
+    fn mark_control_text(&self, text: &str) -> (String, bool) {
+        let text = text.replace(MARK, "");
+        if !self.added.iter().any(|a| text.contains(a.as_str())) {
+            return (text, false);
+        }
+        let mut out = String::with_capacity(text.len() + 16);
+        let mut rest = text.as_str();
+        'scan: while let Some(c) = rest.chars().next() {
+            for a in &self.added {
+                if let Some(after) = rest.strip_prefix(a.as_str()) {
+                    out.push(MARK);
+                    out.push_str(a);
+                    out.push(MARK);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        (out, true)
+    }
+
+    /// Encodes the text of a control token as ordinary text: its first character apart from the
+    /// rest (added tokens only match whole), the rest likewise while it still spells one.
+    fn encode_control_text(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            if !self.added.iter().any(|a| rest.contains(a.as_str())) {
+                ids.extend(self.encode(rest)?);
+                break;
+            }
+            let first = rest.chars().next().map_or(0, char::len_utf8);
+            ids.extend(self.encode(&rest[..first])?);
+            rest = &rest[first..];
+        }
+        Ok(ids)
     }
 
     /// Ensures the sequence starts with exactly one BOS: templates that write it themselves must not

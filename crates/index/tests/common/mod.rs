@@ -42,3 +42,28 @@ pub fn chunks(source: &str, n: usize) -> Vec<NewChunk> {
         })
         .collect()
 }
+
+/// `n` seeded unit vectors with the structure of real embeddings (the "lowrank" set of
+/// shared/reference/ann-bench): a random rank-32 signal plus isotropic noise of 0.3.
+pub fn lowrank_vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rank = 32;
+    let basis: Vec<Vec<f32>> = (0..rank)
+        .map(|_| (0..dim).map(|_| StandardNormal.sample(&mut rng)).collect())
+        .collect();
+    let scale = 1.0 / (rank as f32).sqrt();
+    (0..n)
+        .map(|_| {
+            let z: Vec<f32> = (0..rank).map(|_| StandardNormal.sample(&mut rng)).collect();
+            let v: Vec<f32> = (0..dim)
+                .map(|j| {
+                    let signal: f32 = z.iter().zip(&basis).map(|(zi, b)| zi * b[j]).sum();
+                    let noise: f32 = StandardNormal.sample(&mut rng);
+                    signal * scale + 0.3 * noise
+                })
+                .collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / norm).collect()
+        })
+        .collect()
+}
