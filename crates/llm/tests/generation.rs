@@ -88,6 +88,26 @@ macro_rules! generation_tests {
             }
 
             #[test]
+            fn a_forced_close_at_the_budget_never_exceeds_max_tokens() {
+                let e = subject();
+                let close = e.tokenizer().special().think_close.unwrap();
+                // The budget runs out on the last allowed token or the one before: the forced
+                // `</think>` (and what follows it) still counts against max_tokens.
+                for budget in [7, 8, 9] {
+                    let params = GenerationParams {
+                        max_thinking_tokens: Some(budget),
+                        ..greedy(8)
+                    };
+                    let (g, ..) = run(&params, "What is 2 + 2?");
+                    assert!(g.tokens.len() <= 8, "budget {budget}: {:?}", g.tokens);
+                    assert_eq!(g.usage.completion_tokens, g.tokens.len());
+                    if budget < 8 {
+                        assert_eq!(g.tokens[budget], close, "budget {budget}: {:?}", g.tokens);
+                    }
+                }
+            }
+
+            #[test]
             fn length_stop_without_think_close_is_all_reasoning() {
                 let e = subject();
                 let close = e.tokenizer().special().think_close.unwrap();
