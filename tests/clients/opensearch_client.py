@@ -196,6 +196,9 @@ fails(lambda: client.search_pipeline.put(id="p", body={"response_processors": [{
 fails(lambda: client.search_pipeline.put(id="p", body={"response_processors": [{"retrieval_augmented_generation": {"model_id": "m"}}]}), RequestError, 400, "parse_exception", "context_field_list")
 client.search_pipeline.put(id="wrong-field", body={"response_processors": [{"retrieval_augmented_generation": {"model_id": "m", "context_field_list": ["body"]}}]})
 fails(lambda: client.search(index=nlp, body=search, params={"search_pipeline": "wrong-field"}), RequestError, 400, "illegal_argument_exception", "Context body not found")
+bad_timeout = json.loads(json.dumps(search))
+bad_timeout["ext"]["generative_qa_parameters"]["timeout"] = 0
+fails(lambda: client.search(index=nlp, body=bad_timeout, params={"search_pipeline": pipeline_name}), RequestError, 400, "illegal_argument_exception", "timeout")
 no_question = json.loads(json.dumps(search))
 del no_question["ext"]["generative_qa_parameters"]["llm_question"]
 fails(lambda: client.search(index=nlp, body=no_question, params={"search_pipeline": pipeline_name}), RequestError, 400, "illegal_argument_exception", "llm_question")
