@@ -15,10 +15,10 @@
 # GPU driver, so the link uses a stub (Debian's for 12, one generated from cudarc's declarations
 # for 13), as NVIDIA's own toolkits do. The binaries run where a driver is installed.
 #
-# Every arch builds the `thinkrag` binary and the libraries; with tests on (the default), the last
-# arch of each toolkit also builds every test, bench and example of the workspace, so every
-# CUDA-only path is compiled. The arch changes only candle's kernels (PTX and the fat static
-# library of its quantized kernels); the Rust code is the same for all archs.
+# The first arch of each toolkit builds the whole workspace (every test, bench and example too,
+# unless --no-tests: then the binary and the libraries), so every CUDA-only path is compiled; the
+# other archs build candle-kernels, the one crate the arch changes (PTX and the static library of
+# candle's quantized kernels). A build that prints a warning fails like one with an error.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cudas="13,12"
@@ -130,28 +130,40 @@ for cuda in ${cudas//,/ }; do
   fi
   libdir="$home/lib"; [ -d "$home/lib64" ] && libdir="$home/lib64"
   version="$("$home/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
-  last="${archs##*,}"
+  first="${archs%%,*}"
   for arch in ${archs//,/ }; do
-    what=(--release --features cuda --locked)
-    label="bin + libs"
-    if [ "$tests" = 1 ] && [ "$arch" = "$last" ]; then
-      what+=(--workspace --all-targets); label="workspace, all targets"
+    # The arch changes only candle's kernels (their PTX and the static library of its quantized
+    # kernels), not a line of Rust: the first arch builds everything, the others that crate.
+    if [ "$arch" = "$first" ]; then
+      what=(--release --features cuda --locked)
+      label="bin + libs"
+      if [ "$tests" = 1 ]; then
+        what+=(--workspace --all-targets); label="workspace, all targets"
+      fi
+    else
+      what=(--release --locked -p candle-kernels)
+      label="candle-kernels"
     fi
     log="$dir/build-cuda$cuda-sm$arch.log"
     say "CUDA $version, sm_$arch: cargo build ${what[*]} (log: $log)"
     start=$(date +%s)
     # One target directory: switching arch or toolkit rebuilds candle's kernels and what depends
     # on them, and reuses the rest. RUSTFLAGS replaces .cargo/config.toml's flags, so they are
-    # repeated; -D warnings applies to the workspace's crates only (cargo caps dependencies' lints).
+    # repeated, and stays the same for every toolkit (library paths go in LIBRARY_PATH) so that
+    # nothing else rebuilds; -D warnings applies to the workspace's crates only (cargo caps
+    # dependencies' lints).
     env CUDA_HOME="$home" CUDA_PATH="$home" PATH="$home/bin:$PATH" CUDA_COMPUTE_CAP="$arch" \
-      CARGO_TARGET_DIR="$root/target/cuda" \
-      RUSTFLAGS="-C target-cpu=native -D warnings -L native=$libdir -L native=$libdir/stubs" \
+      CARGO_TARGET_DIR="$root/target/cuda" LIBRARY_PATH="$libdir:$libdir/stubs" \
+      RUSTFLAGS="-C target-cpu=native -D warnings" \
       cargo build "${what[@]}" --manifest-path "$root/Cargo.toml" > "$log" 2>&1
     rc=$?
     secs=$(( $(date +%s) - start ))
     if [ $rc -ne 0 ]; then
       tail -40 "$log" >&2
       results+=("CUDA $version sm_$arch ($label): FAILED after ${secs}s, see $log"); status=1
+    elif grep -q "^warning" "$log"; then
+      grep -A5 "^warning" "$log" | head -40 >&2
+      results+=("CUDA $version sm_$arch ($label): warnings, see $log"); status=1
     else
       results+=("CUDA $version sm_$arch ($label): ok in ${secs}s")
     fi
