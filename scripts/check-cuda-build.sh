@@ -133,7 +133,8 @@ for cuda in ${cudas//,/ }; do
   first="${archs%%,*}"
   for arch in ${archs//,/ }; do
     # The arch changes only candle's kernels (their PTX and the static library of its quantized
-    # kernels), not a line of Rust: the first arch builds everything, the others that crate.
+    # kernels), not a line of Rust: the first arch builds everything, the others the kernels and
+    # the engine crate over them.
     if [ "$arch" = "$first" ]; then
       what=(--release --features cuda --locked)
       label="bin + libs"
@@ -141,8 +142,10 @@ for cuda in ${cudas//,/ }; do
         what+=(--workspace --all-targets); label="workspace, all targets"
       fi
     else
-      what=(--release --locked -p candle-kernels)
-      label="candle-kernels"
+      # candle-kernels is an optional dependency: it is in the build only through a package
+      # whose `cuda` feature pulls it in, and thinkrag-llm is the nearest.
+      what=(--release --locked -p thinkrag-llm --features thinkrag-llm/cuda)
+      label="candle-kernels and thinkrag-llm"
     fi
     log="$dir/build-cuda$cuda-sm$arch.log"
     say "CUDA $version, sm_$arch: cargo build ${what[*]} (log: $log)"
