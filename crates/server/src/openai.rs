@@ -557,14 +557,7 @@ async fn rag_for_chat(
                 .and_then(Value::as_str)
                 .map(str::to_string);
             if fields.is_none() {
-                fields = cfg
-                    .get("context_field_list")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(str::to_string))
-                            .collect()
-                    });
+                fields = crate::opensearch::context_fields(&cfg);
             }
         }
     }

@@ -45,6 +45,21 @@ fn looks_like_action(v: &Value) -> bool {
         .is_some_and(|o| o.len() == 1 && o.keys().all(|k| action_name(k).is_some()))
 }
 
+/// After a bad action line: skips the next line too when it is a document, not an action.
+fn skip_source_line<'a>(
+    lines: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>,
+    number: &mut usize,
+) {
+    let is_document = lines
+        .peek()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .is_some_and(|v| !looks_like_action(&v));
+    if is_document {
+        lines.next();
+        *number += 1;
+    }
+}
+
 /// Parses the NDJSON body into items; a malformed line fails its item only.
 fn parse_items(text: &str, default_index: Option<&str>) -> Vec<Item> {
     let mut lines = text
@@ -82,14 +97,7 @@ fn parse_items(text: &str, default_index: Option<&str>) -> Vec<Item> {
                             "action line {number}: unknown action [{k}]: expected index, create, update or delete"
                         )));
                         // Its source line (if any) is not an action: skip it too.
-                        if lines
-                            .peek()
-                            .and_then(|l| serde_json::from_str::<Value>(l).ok())
-                            .is_some_and(|v| !looks_like_action(&v))
-                        {
-                            lines.next();
-                            number += 1;
-                        }
+                        skip_source_line(&mut lines, &mut number);
                         continue;
                     }
                 }
@@ -100,14 +108,7 @@ fn parse_items(text: &str, default_index: Option<&str>) -> Vec<Item> {
                     Ok(_) => format!("action line {number} must be an object with one action"),
                 };
                 items.push(fail("index", String::new(), None, reason));
-                if lines
-                    .peek()
-                    .and_then(|l| serde_json::from_str::<Value>(l).ok())
-                    .is_some_and(|v| !looks_like_action(&v))
-                {
-                    lines.next();
-                    number += 1;
-                }
+                skip_source_line(&mut lines, &mut number);
                 continue;
             }
         };

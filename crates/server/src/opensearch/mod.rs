@@ -12,7 +12,7 @@ mod bulk;
 pub mod meta;
 mod search;
 
-pub(crate) use search::{rag_processor, retrieve};
+pub(crate) use search::{context_fields, rag_processor, retrieve};
 
 use std::collections::BTreeMap;
 use std::path::Path;

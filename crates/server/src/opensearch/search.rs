@@ -307,6 +307,16 @@ pub(crate) fn rag_processor(body: &Value) -> Option<Map<String, Value>> {
     found
 }
 
+/// A RAG processor's `context_field_list`.
+pub(crate) fn context_fields(cfg: &Map<String, Value>) -> Option<Vec<String>> {
+    let list = cfg.get("context_field_list")?.as_array()?;
+    Some(
+        list.iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
 /// Checks a pipeline body: only the RAG response processor is implemented, and an unknown
 /// processor is refused rather than silently skipped.
 fn validate_pipeline(body: &Map<String, Value>) -> Result<(), ApiError> {
@@ -697,15 +707,7 @@ fn rag_settings(
         int_in(v, "generative_qa_parameters.timeout", 1, 86_400)?;
     }
     Ok(RagSettings {
-        context_fields: cfg
-            .get("context_field_list")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        context_fields: context_fields(cfg).unwrap_or_default(),
         system_prompt: pick("system_prompt")?,
         user_instructions: pick("user_instructions")?,
         question,
