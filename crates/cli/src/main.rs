@@ -25,8 +25,25 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "thinkrag", version, about, long_about = None, propagate_version = true)]
 struct Cli {
+    /// More messages on stderr: -v adds thinkrag's progress details and the warnings of the
+    /// parsers it uses (lopdf, pdf-extract: font encodings, damaged objects), -vv debug output.
+    /// THINKRAG_LOG (a tracing filter such as `info,lopdf=debug`) overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The log filter for a `-v` count. By default the PDF parsers' own log lines are off: on a
+/// large corpus they print hundreds of thousands of warnings (glyph names, font encodings,
+/// objects they skip) that tell the user nothing they can act on; ingest reports each file's
+/// problems itself.
+fn log_filter(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "warn,lopdf=off,pdf_extract=off",
+        1 => "info,lopdf=warn,pdf_extract=warn",
+        _ => "debug",
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,7 +91,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THINKRAG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(cli.verbose))),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -7,9 +7,11 @@
 //! ```text
 //! dir/
 //!   index.json          manifest: format, version, generation, embedder, counts, next_id,
-//!                       HNSW params, graph basename and checksums (replaced by atomic rename)
+//!                       HNSW params, SHA-256 of every file (replaced by atomic rename)
 //!   .lock               advisory lock: exclusive while saving, shared while opening
+//!   gen-000006/         the previous version, kept as the fallback
 //!   gen-000007/         one complete version ("generation"), never modified once written
+//!     manifest.json     this generation's manifest (written last: the directory is complete)
 //!     chunks.jsonl      one ChunkRecord per line, in vector order
 //!     documents.json    DocumentRecords
 //!     vectors.f32       "TRVECF32", dim u64 LE, count u64 LE, count*dim f32 LE (normalised)
@@ -18,8 +20,10 @@
 //! ```
 //!
 //! A save writes a fresh `gen-N+1/`, fsyncs it, then renames a new manifest over `index.json`;
-//! only then are other generation directories deleted. A crash at any point leaves the old
-//! manifest naming the old, complete generation, or the new manifest naming the new one.
+//! only then are older generation directories deleted, all but the one just replaced. A crash at
+//! any point leaves the old manifest naming the old, complete generation, or the new manifest
+//! naming the new one. Opening verifies every file's checksum; a damaged current generation (a
+//! truncated file, a flipped bit) falls back to the previous one when that is intact.
 
 mod error;
 mod storage;
@@ -27,7 +31,7 @@ mod vector;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -38,7 +42,7 @@ use sha2::{Digest, Sha256};
 pub use error::IndexError;
 pub use vector::{dot, normalized, HnswParams, UnitCosine, VectorIndex};
 
-use storage::{DirLock, GraphFiles, Manifest};
+use storage::{DirLock, FileChecksums, GraphFiles, Manifest};
 
 /// Which embedder made the vectors; stored in the index and checked on open.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -156,6 +160,17 @@ pub struct Index {
     /// The (canonical) directory and generation this index was last opened from or saved to,
     /// to detect another process saving in between.
     origin: Option<(PathBuf, String)>,
+    /// Set when opening fell back to an earlier generation.
+    recovery: Option<Recovery>,
+}
+
+/// How [`Index::open`] recovered from a damaged current version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Recovery {
+    /// The error that made the current version unusable (it names the damaged file).
+    pub damage: String,
+    /// The generation directory opened instead.
+    pub generation: String,
 }
 
 fn now_unix() -> u64 {
@@ -192,6 +207,7 @@ impl Index {
             exact_scan_limit: default_exact_scan_limit(embedder.dim),
             embedder,
             origin: None,
+            recovery: None,
         }
     }
 
@@ -205,8 +221,14 @@ impl Index {
 
     /// Opens the index in `dir`.
     ///
+    /// Every data file is checked against the checksum its manifest recorded. When the current
+    /// generation (or `index.json` itself) is damaged and an intact earlier generation is still
+    /// on disk (a save keeps the one before it), that one is opened instead, with a warning and
+    /// [`Index::recovery`] saying so; the next save replaces the damaged generation.
+    ///
     /// Errors: [`IndexError::NotFound`] when there is none, [`IndexError::NewerFormat`] for a
-    /// newer format version, [`IndexError::Corrupt`] (naming the file) for damaged files.
+    /// newer format version, [`IndexError::Corrupt`] (naming the file) for damaged files when
+    /// no intact generation is left.
     pub fn open(dir: &Path) -> Result<Self, IndexError> {
         if !dir.join(storage::MANIFEST).is_file() {
             return Err(IndexError::NotFound {
@@ -215,7 +237,72 @@ impl Index {
         }
         let started = Instant::now();
         let _lock = DirLock::shared(dir);
-        let manifest = storage::read_manifest(dir)?;
+        let canonical = dir.canonicalize().ok();
+        let (failed_generation, damage) = match storage::read_manifest(dir) {
+            Ok(manifest) => match Self::open_generation(dir, &manifest) {
+                Ok(mut index) => {
+                    tracing::debug!(
+                        dir = %dir.display(),
+                        chunks = index.chunks.len(),
+                        graph_loaded = index.graph.get().is_some(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "opened index"
+                    );
+                    index.origin = canonical.map(|d| (d, manifest.generation));
+                    return Ok(index);
+                }
+                Err(e @ IndexError::Corrupt { .. }) => (Some(manifest.generation), e),
+                Err(e) => return Err(e),
+            },
+            Err(e @ IndexError::Corrupt { .. }) => (None, e),
+            Err(e) => return Err(e),
+        };
+        // Newest first; only generations older than a damaged current one (a newer directory
+        // would be a save that never published), any when the manifest itself is unreadable.
+        let mut candidates: Vec<(u64, String)> = storage::list_generations(dir)?
+            .into_iter()
+            .filter_map(|g| storage::generation_number(&g).map(|n| (n, g)))
+            .filter(|(n, _)| {
+                failed_generation
+                    .as_deref()
+                    .and_then(storage::generation_number)
+                    .is_none_or(|failed| *n < failed)
+            })
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (_, generation) in candidates {
+            let gen_dir = dir.join(&generation);
+            let Ok(manifest) = storage::read_generation_manifest(&gen_dir) else {
+                continue;
+            };
+            if manifest.generation != generation {
+                continue;
+            }
+            match Self::open_generation(dir, &manifest) {
+                Ok(mut index) => {
+                    tracing::warn!(
+                        damaged = %damage,
+                        using = %gen_dir.display(),
+                        "the index's current version is damaged; opened the previous intact version instead (documents ingested since are missing until ingested again)"
+                    );
+                    index.recovery = Some(Recovery {
+                        damage: damage.to_string(),
+                        generation: generation.clone(),
+                    });
+                    // A save must replace the damaged generation, not report a conflict with it.
+                    index.origin = canonical.map(|d| (d, failed_generation.unwrap_or(generation)));
+                    return Ok(index);
+                }
+                Err(e) => {
+                    tracing::debug!(generation = %generation, error = %e, "earlier index generation is not usable either");
+                }
+            }
+        }
+        Err(damage)
+    }
+
+    /// Loads one generation as its manifest describes it, verifying every file.
+    fn open_generation(dir: &Path, manifest: &Manifest) -> Result<Self, IndexError> {
         let dim = manifest.embedder.dim;
         manifest
             .hnsw_params
@@ -228,11 +315,31 @@ impl Index {
                 "the generation directory named by the manifest is missing",
             ));
         }
-        let vectors =
-            storage::read_vectors(&gen_dir.join(storage::VECTORS_FILE), dim, manifest.chunks)?;
-        let chunks = read_chunks(&gen_dir.join(storage::CHUNKS_FILE), manifest.chunks)?;
-        let documents = read_documents(&gen_dir.join(storage::DOCUMENTS_FILE))?;
-        let (slot_of, documents) = check_consistency(&gen_dir, &manifest, &chunks, documents)?;
+        let sums = manifest.files.as_ref();
+        let vectors_path = gen_dir.join(storage::VECTORS_FILE);
+        let bytes = storage::read_data(&vectors_path)?;
+        let vectors = storage::parse_vectors(&vectors_path, &bytes, dim, manifest.chunks)?;
+        storage::verify_sha256(
+            &vectors_path,
+            &bytes,
+            sums.map(|s| s.vectors_sha256.as_str()),
+        )?;
+        drop(bytes);
+        let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
+        let bytes = storage::read_data(&chunks_path)?;
+        let chunks = parse_chunks(&chunks_path, &bytes, manifest.chunks)?;
+        storage::verify_sha256(&chunks_path, &bytes, sums.map(|s| s.chunks_sha256.as_str()))?;
+        drop(bytes);
+        let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
+        let bytes = storage::read_data(&docs_path)?;
+        let documents: Vec<DocumentRecord> = serde_json::from_slice(&bytes)
+            .map_err(|e| IndexError::corrupt(&docs_path, e.to_string()))?;
+        storage::verify_sha256(
+            &docs_path,
+            &bytes,
+            sums.map(|s| s.documents_sha256.as_str()),
+        )?;
+        let (slot_of, documents) = check_consistency(&gen_dir, manifest, &chunks, documents)?;
 
         let graph = OnceLock::new();
         if let Some(files) = &manifest.graph {
@@ -240,16 +347,8 @@ impl Index {
                 let _ = graph.set(g);
             }
         }
-        tracing::debug!(
-            dir = %dir.display(),
-            chunks = chunks.len(),
-            graph_loaded = graph.get().is_some(),
-            ms = started.elapsed().as_millis() as u64,
-            "opened index"
-        );
-        let origin = dir.canonicalize().ok().map(|d| (d, manifest.generation));
         Ok(Index {
-            embedder: manifest.embedder,
+            embedder: manifest.embedder.clone(),
             params: manifest.hnsw_params,
             chunks,
             vectors,
@@ -258,8 +357,15 @@ impl Index {
             next_id: manifest.next_id,
             graph,
             exact_scan_limit: default_exact_scan_limit(dim),
-            origin,
+            origin: None,
+            recovery: None,
         })
+    }
+
+    /// Set when [`Index::open`] found the current version damaged and opened an earlier
+    /// intact one: what was damaged, and which version is in use.
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
     }
 
     /// Checks the index was built by `wanted` (same model, dimension, pooling and
@@ -531,9 +637,8 @@ impl Index {
         let generation = storage::generation_name(newest + 1);
         let gen_dir = dir.join(&generation);
 
-        let written = self.write_generation(&gen_dir);
-        let manifest = match written {
-            Ok(graph) => Manifest {
+        let written = self.write_generation(&gen_dir).and_then(|(graph, files)| {
+            let manifest = Manifest {
                 format: storage::FORMAT_NAME.to_string(),
                 version: storage::FORMAT_VERSION,
                 generation: generation.clone(),
@@ -544,7 +649,20 @@ impl Index {
                 saved_at: now_unix(),
                 hnsw_params: self.params,
                 graph,
-            },
+                files: Some(files),
+            };
+            // The generation's own copy, written last: a generation directory with it is
+            // complete, and can stand in if `index.json` or a later generation is damaged.
+            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| IndexError::GraphDump {
+                path: gen_dir.join(storage::GENERATION_MANIFEST),
+                message: format!("could not serialise the manifest: {e}"),
+            })?;
+            storage::write_file_synced(&gen_dir.join(storage::GENERATION_MANIFEST), &json)?;
+            storage::sync_dir(&gen_dir)?;
+            Ok(manifest)
+        });
+        let manifest = match written {
+            Ok(manifest) => manifest,
             Err(e) => {
                 // Not needed for correctness (the manifest still names the old generation),
                 // only to not leave a large useless directory behind.
@@ -555,8 +673,18 @@ impl Index {
         storage::write_manifest(dir, &manifest)?;
         self.origin = Some((canonical, generation.clone()));
 
-        // The new version is published; anything else is an old or half-written generation.
-        for old in existing.iter().filter(|g| **g != generation) {
+        // The new version is published. The one it replaces stays, as the fallback should the
+        // new one be damaged later (after a recovery, the intact one this index came from, not
+        // the damaged one); anything else is older or a save that never published.
+        let previous = match self.recovery.take() {
+            Some(r) => Some(r.generation),
+            None => current.map(|m| m.generation),
+        };
+        let previous = previous.as_deref();
+        for old in existing
+            .iter()
+            .filter(|g| **g != generation && Some(g.as_str()) != previous)
+        {
             if let Err(e) = fs::remove_dir_all(dir.join(old)) {
                 tracing::warn!(dir = %dir.join(old).display(), error = %e, "could not delete an old index generation");
             }
@@ -565,7 +693,10 @@ impl Index {
     }
 
     /// Writes all files of one generation into the new directory `gen_dir` and fsyncs them.
-    fn write_generation(&self, gen_dir: &Path) -> Result<Option<GraphFiles>, IndexError> {
+    fn write_generation(
+        &self,
+        gen_dir: &Path,
+    ) -> Result<(Option<GraphFiles>, FileChecksums), IndexError> {
         fs::create_dir(gen_dir).map_err(|e| IndexError::io(gen_dir, e))?;
         let dim = self.embedder.dim;
 
@@ -606,7 +737,14 @@ impl Index {
             })
         };
         storage::sync_dir(gen_dir)?;
-        Ok(graph)
+        // Hashed back from the files (in the page cache by now), so the sums are of what was
+        // written, not of what was meant to be.
+        let files = FileChecksums {
+            chunks_sha256: storage::sha256_file(&chunks_path)?,
+            documents_sha256: storage::sha256_file(&docs_path)?,
+            vectors_sha256: storage::sha256_file(&gen_dir.join(storage::VECTORS_FILE))?,
+        };
+        Ok((graph, files))
     }
 
     /// Number of chunks.
@@ -683,24 +821,16 @@ fn load_graph(
     VectorIndex::load_checked(gen_dir, &files.basename, vectors, dim, params)
 }
 
-/// Reads `chunks.jsonl`, expecting exactly `count` records.
-fn read_chunks(path: &Path, count: usize) -> Result<Vec<ChunkRecord>, IndexError> {
-    let file = fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
-        _ => IndexError::io(path, e),
-    })?;
+/// Parses `chunks.jsonl`, expecting exactly `count` records.
+fn parse_chunks(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ChunkRecord>, IndexError> {
     let mut chunks = Vec::with_capacity(count.min(1 << 24));
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => {
-                IndexError::corrupt(path, format!("line {} is not UTF-8", n + 1))
-            }
-            _ => IndexError::io(path, e),
-        })?;
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.is_empty() {
             continue;
         }
-        let chunk: ChunkRecord = serde_json::from_str(&line)
+        let line = std::str::from_utf8(line)
+            .map_err(|_| IndexError::corrupt(path, format!("line {} is not UTF-8", n + 1)))?;
+        let chunk: ChunkRecord = serde_json::from_str(line)
             .map_err(|e| IndexError::corrupt(path, format!("line {}: {e}", n + 1)))?;
         chunks.push(chunk);
     }
@@ -714,15 +844,6 @@ fn read_chunks(path: &Path, count: usize) -> Result<Vec<ChunkRecord>, IndexError
         ));
     }
     Ok(chunks)
-}
-
-/// Reads `documents.json`.
-fn read_documents(path: &Path) -> Result<Vec<DocumentRecord>, IndexError> {
-    let bytes = fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
-        _ => IndexError::io(path, e),
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| IndexError::corrupt(path, e.to_string()))
 }
 
 type Checked = (HashMap<u64, usize>, BTreeMap<String, DocumentRecord>);

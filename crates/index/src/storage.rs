@@ -28,6 +28,9 @@ pub(crate) const CHUNKS_FILE: &str = "chunks.jsonl";
 pub(crate) const DOCUMENTS_FILE: &str = "documents.json";
 /// Raw normalised vectors.
 pub(crate) const VECTORS_FILE: &str = "vectors.f32";
+/// A copy of the generation's manifest inside its directory, so a damaged `index.json` or a
+/// damaged newer generation can fall back to an intact generation.
+pub(crate) const GENERATION_MANIFEST: &str = "manifest.json";
 /// Basename we ask hnsw_rs to dump the graph under.
 pub(crate) const GRAPH_BASENAME: &str = "hnsw";
 
@@ -50,6 +53,19 @@ pub(crate) struct Manifest {
     pub hnsw_params: HnswParams,
     /// The graph files, if a graph was written (none for an empty index).
     pub graph: Option<GraphFiles>,
+    /// Checksums of the generation's other files, verified on open (absent in indexes written
+    /// before they were recorded; those are read unverified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileChecksums>,
+}
+
+/// SHA-256 of each data file of a generation: a bit flip in a chunk's text or a vector would
+/// otherwise still parse, and be served as if it were what was ingested.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FileChecksums {
+    pub chunks_sha256: String,
+    pub documents_sha256: String,
+    pub vectors_sha256: String,
 }
 
 /// The hnsw_rs dump of one generation, with checksums: hnsw_rs's loader trusts its input and
@@ -92,7 +108,16 @@ pub(crate) fn list_generations(dir: &Path) -> Result<Vec<String>, IndexError> {
 
 /// Reads and validates the manifest of `dir`.
 pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
-    let path = dir.join(MANIFEST);
+    read_manifest_file(dir, &dir.join(MANIFEST))
+}
+
+/// Reads and validates the copy of its manifest a generation directory holds.
+pub(crate) fn read_generation_manifest(gen_dir: &Path) -> Result<Manifest, IndexError> {
+    read_manifest_file(gen_dir, &gen_dir.join(GENERATION_MANIFEST))
+}
+
+fn read_manifest_file(dir: &Path, path: &Path) -> Result<Manifest, IndexError> {
+    let path = path.to_path_buf();
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -142,6 +167,34 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
         return Err(IndexError::corrupt(&path, "embedder dimension is 0"));
     }
     Ok(manifest)
+}
+
+/// Reads a whole data file of a generation.
+pub(crate) fn read_data(path: &Path) -> Result<Vec<u8>, IndexError> {
+    fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
+        _ => IndexError::io(path, e),
+    })
+}
+
+/// Checks a data file's bytes against the SHA-256 recorded when it was written (if any). Run
+/// after parsing, so a truncated or malformed file gets the parser's more precise message.
+pub(crate) fn verify_sha256(
+    path: &Path,
+    bytes: &[u8],
+    want: Option<&str>,
+) -> Result<(), IndexError> {
+    let Some(want) = want else { return Ok(()) };
+    let got = hex(&Sha256::digest(bytes));
+    if got == want {
+        return Ok(());
+    }
+    Err(IndexError::corrupt(
+        path,
+        format!(
+            "checksum mismatch (SHA-256 {got}, written as {want}): the file was damaged or changed after it was saved"
+        ),
+    ))
 }
 
 /// Writes the manifest of `dir` atomically: temp file, fsync, rename over, fsync the directory.
@@ -211,31 +264,26 @@ pub(crate) fn write_vectors(path: &Path, flat: &[f32], dim: usize) -> Result<(),
     f.sync_all().map_err(|e| IndexError::io(path, e))
 }
 
-/// Reads the vectors file, checking header, dimension, count and exact length.
-pub(crate) fn read_vectors(path: &Path, dim: usize, count: usize) -> Result<Vec<f32>, IndexError> {
-    let mut f = File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => IndexError::corrupt(path, "file is missing"),
-        _ => IndexError::io(path, e),
-    })?;
+/// Parses the vectors file's bytes, checking header, dimension, count and exact length.
+pub(crate) fn parse_vectors(
+    path: &Path,
+    bytes: &[u8],
+    dim: usize,
+    count: usize,
+) -> Result<Vec<f32>, IndexError> {
     let expected = count
         .checked_mul(dim)
         .and_then(|n| n.checked_mul(4))
         .and_then(|n| n.checked_add(VECTORS_HEADER))
         .ok_or_else(|| IndexError::corrupt(path, "manifest counts overflow"))?;
-    let actual = f.metadata().map_err(|e| IndexError::io(path, e))?.len();
-    if actual != expected as u64 {
+    let actual = bytes.len();
+    if actual != expected {
         return Err(IndexError::corrupt(
             path,
             format!(
                 "{actual} bytes, expected {expected} for {count} vectors of dimension {dim} (truncated or overwritten)"
             ),
         ));
-    }
-    let mut bytes = Vec::with_capacity(expected);
-    f.read_to_end(&mut bytes)
-        .map_err(|e| IndexError::io(path, e))?;
-    if bytes.len() != expected {
-        return Err(IndexError::corrupt(path, "file changed while being read"));
     }
     if &bytes[..8] != VECTORS_MAGIC {
         return Err(IndexError::corrupt(path, "bad magic number"));

@@ -99,11 +99,14 @@ fn save_open_round_trip_gives_identical_results_and_metadata() {
         id_scores(&again.search(&queries[0], 10).unwrap()),
         before[0]
     );
+    let gens = generation_dirs(&path);
     assert_eq!(
-        generation_dirs(&path).len(),
-        1,
-        "old generations are deleted"
+        gens.len(),
+        2,
+        "the current generation and the one before it (the fallback) remain: {gens:?}"
     );
+    opened.save(&path).unwrap();
+    assert_eq!(generation_dirs(&path).len(), 2, "older ones are deleted");
 }
 
 #[test]
@@ -269,12 +272,12 @@ fn crash_mid_save_leaves_previous_index_and_strays_are_cleaned() {
     let gens = generation_dirs(dir.path());
     assert_eq!(
         gens,
-        vec![current_generation(dir.path())],
-        "only the current generation remains"
+        vec![good_gen.clone(), current_generation(dir.path())],
+        "the new generation and the one it replaced remain, the strays are gone"
     );
-    assert_ne!(gens[0], good_gen);
+    assert_ne!(gens[1], good_gen);
     assert_ne!(
-        gens[0], partial,
+        gens[1], partial,
         "a new save never reuses a possibly half-written name"
     );
     assert!(!dir.path().join("index.json.tmp").exists());
@@ -365,20 +368,36 @@ fn errors_are_typed_and_helpful() {
     );
     assert!(err.to_string().contains("upgrade"), "{err}");
 
-    // Garbage and foreign manifests.
-    fs::write(&manifest_path, b"\x00\x01 definitely not json").unwrap();
-    expect_corrupt(&saved, "index.json");
-    fs::write(&manifest_path, br#"{"format": "other-tool", "version": 1}"#).unwrap();
-    expect_corrupt(&saved, "index.json");
-    let mut traversal: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    traversal["generation"] = "../../etc".into();
-    fs::write(&manifest_path, serde_json::to_vec(&traversal).unwrap()).unwrap();
-    expect_corrupt(&saved, "index.json");
+    // Garbage and foreign manifests: the generation's own copy of its manifest stands in, and
+    // says so; without that copy the damaged index.json is named.
+    let gen = current_generation(&saved);
+    let damaged_manifests: [Vec<u8>; 3] = [
+        b"\x00\x01 definitely not json".to_vec(),
+        br#"{"format": "other-tool", "version": 1}"#.to_vec(),
+        {
+            let mut traversal: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+            traversal["generation"] = "../../etc".into();
+            serde_json::to_vec(&traversal).unwrap()
+        },
+    ];
+    let copy = fs::read(gen.join("manifest.json")).unwrap();
+    for damaged in &damaged_manifests {
+        fs::write(&manifest_path, damaged).unwrap();
+        let opened = Index::open(&saved).unwrap();
+        assert_eq!(opened.len(), 20);
+        let recovery = opened
+            .recovery()
+            .expect("fell back to the generation's copy");
+        assert!(recovery.damage.contains("index.json"), "{recovery:?}");
+        fs::remove_file(gen.join("manifest.json")).unwrap();
+        expect_corrupt(&saved, "index.json");
+        fs::write(gen.join("manifest.json"), &copy).unwrap();
+    }
     fs::write(&manifest_path, &manifest).unwrap();
+    assert!(Index::open(&saved).unwrap().recovery().is_none());
     assert_eq!(Index::open(&saved).unwrap().len(), 20);
 
     // Truncated vectors file.
-    let gen = current_generation(&saved);
     let vec_path = gen.join("vectors.f32");
     let vec_bytes = fs::read(&vec_path).unwrap();
     fs::write(&vec_path, &vec_bytes[..vec_bytes.len() - 7]).unwrap();
@@ -551,4 +570,70 @@ fn index_is_shareable_across_threads() {
         start: 0,
         end: 0,
     };
+}
+
+#[test]
+fn a_damaged_current_generation_falls_back_to_the_previous_one() {
+    let (mut index, vectors) = sample_index(3, 20, 60);
+    let dir = tempfile::tempdir().unwrap();
+    index.save(dir.path()).unwrap();
+    let first = current_generation(dir.path());
+    index
+        .upsert_document(
+            "/docs/later.md",
+            "hl",
+            1,
+            common::chunks("/docs/later.md", 5),
+            common::unit_vectors(5, DIM, 61),
+        )
+        .unwrap();
+    index.save(dir.path()).unwrap();
+    let second = current_generation(dir.path());
+    assert_ne!(first, second);
+    assert_eq!(Index::open(dir.path()).unwrap().len(), 65);
+
+    // One flipped bit inside a chunk's text: still valid JSON, so only a checksum sees it.
+    let chunks_path = second.join("chunks.jsonl");
+    let good_chunks = fs::read(&chunks_path).unwrap();
+    let mut flipped = good_chunks.clone();
+    let at = flipped.windows(7).position(|w| w == b"\"text\":").unwrap() + 9;
+    flipped[at] ^= 0x01;
+    fs::write(&chunks_path, &flipped).unwrap();
+    let opened = Index::open(dir.path()).unwrap();
+    assert_eq!(opened.len(), 60, "the previous generation, intact");
+    let recovery = opened.recovery().expect("says it fell back");
+    assert!(recovery.damage.contains("chunks.jsonl"), "{recovery:?}");
+    assert!(recovery.damage.contains("checksum"), "{recovery:?}");
+    assert_eq!(
+        recovery.generation,
+        first.file_name().unwrap().to_str().unwrap()
+    );
+    assert_eq!(opened.search_exact(&vectors[7], 1).unwrap()[0].chunk.id, 7);
+
+    // A save from the recovered index replaces the damaged generation (no false conflict).
+    let mut recovered = opened;
+    recovered.save(dir.path()).unwrap();
+    let reopened = Index::open(dir.path()).unwrap();
+    assert!(reopened.recovery().is_none());
+    assert_eq!(reopened.len(), 60);
+    assert!(!second.exists(), "the damaged generation is gone");
+
+    // A truncated vectors file in the current generation, and the previous one damaged too:
+    // the error names the current generation's file.
+    let current = current_generation(dir.path());
+    let previous = generation_dirs(dir.path())
+        .into_iter()
+        .find(|g| *g != current)
+        .unwrap();
+    let vec_path = current.join("vectors.f32");
+    let bytes = fs::read(&vec_path).unwrap();
+    fs::write(&vec_path, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(Index::open(dir.path()).unwrap().recovery().is_some());
+    let prev_vectors = previous.join("vectors.f32");
+    let mut pv = fs::read(&prev_vectors).unwrap();
+    let mid = pv.len() / 2;
+    pv[mid] ^= 0x40;
+    fs::write(&prev_vectors, &pv).unwrap();
+    let msg = expect_corrupt(dir.path(), "vectors.f32");
+    assert!(msg.contains(current.to_str().unwrap()), "{msg}");
 }

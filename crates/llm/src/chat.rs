@@ -53,6 +53,21 @@ impl Message {
     }
 }
 
+/// Drops the oldest `turns` user/assistant exchanges of `messages` (a system message stays), to
+/// fit a conversation into the context window.
+pub fn drop_oldest_turns(messages: &mut Vec<Message>, turns: usize) {
+    for _ in 0..turns {
+        let Some(i) = messages.iter().position(|m| m.role == Role::User) else {
+            break;
+        };
+        let end = messages[i + 1..]
+            .iter()
+            .position(|m| m.role == Role::User)
+            .map_or(messages.len(), |j| i + 1 + j);
+        messages.drain(i..end);
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,

@@ -277,7 +277,9 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// One token sequence and its KV cache.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone` (see [`KvCache`]): [`Session::try_clone`] copies the cache into buffers of its own.
+#[derive(Debug)]
 pub struct Session {
     cache: KvCache,
     tokens: Vec<u32>,
@@ -303,6 +305,15 @@ impl Session {
     pub fn truncate(&mut self, len: usize) {
         self.tokens.truncate(len);
         self.cache.truncate(len);
+    }
+
+    /// A copy of the session whose cache lives in buffers of its own: feeding either afterwards
+    /// never changes the other.
+    pub fn try_clone(&self) -> Result<Session> {
+        Ok(Session {
+            cache: self.cache.try_clone()?,
+            tokens: self.tokens.clone(),
+        })
     }
 
     /// A session holding a copy of the first `len` tokens and their cache in buffers of its own
@@ -365,7 +376,9 @@ impl Session {
 
 /// A multi-turn conversation: past assistant turns keep only their answers (the template drops the
 /// reasoning), and each turn reuses the KV cache of the prefix it shares with the previous one.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone` (see [`KvCache`]): [`Conversation::try_clone`] forks it with a cache of its own.
+#[derive(Debug)]
 pub struct Conversation {
     session: Session,
     messages: Vec<Message>,
@@ -378,6 +391,15 @@ impl Conversation {
             session: engine.new_session(),
             messages: Vec::new(),
         }
+    }
+
+    /// A fork of the conversation: the same messages, and a copy of the cache in buffers of its
+    /// own, so the fork and the original can each go on without touching the other.
+    pub fn try_clone(&self) -> Result<Conversation> {
+        Ok(Conversation {
+            session: self.session.try_clone()?,
+            messages: self.messages.clone(),
+        })
     }
 
     /// The messages so far (assistant messages as generated: reasoning, `</think>`, answer).
@@ -407,21 +429,14 @@ impl Conversation {
 
     /// Drops the oldest `turns` user/assistant exchanges (to fit the context window).
     pub fn drop_oldest_turns(&mut self, turns: usize) {
-        for _ in 0..turns {
-            let first_user = self
-                .messages
-                .iter()
-                .position(|m| m.role == crate::chat::Role::User);
-            let Some(i) = first_user else { break };
-            let end = self.messages[i + 1..]
-                .iter()
-                .position(|m| m.role == crate::chat::Role::User)
-                .map_or(self.messages.len(), |j| i + 1 + j);
-            self.messages.drain(i..end);
-        }
+        crate::chat::drop_oldest_turns(&mut self.messages, turns);
     }
 
     /// Adds a user turn, generates the assistant's, and records it.
+    ///
+    /// A turn that fails (an error such as a prompt longer than the context window) or is
+    /// cancelled leaves the history exactly as it was; the cancelled generation is still
+    /// returned, for its text.
     pub fn send(
         &mut self,
         engine: &Engine,
@@ -429,21 +444,30 @@ impl Conversation {
         params: &GenerationParams,
         on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        self.messages.push(Message::user(user));
-        let result = engine
-            .encode_messages(&self.messages)
-            .and_then(|ids| engine.generate_in(&mut self.session, &ids, params, on_event));
-        match result {
-            Ok(g) => {
-                self.messages
-                    .push(Message::assistant(g.assistant_content()));
-                Ok(g)
-            }
-            Err(e) => {
-                self.messages.pop();
-                Err(e)
-            }
+        self.send_dropping_oldest(engine, 0, user, params, on_event)
+    }
+
+    /// Like [`Self::send`], with the oldest `drop_turns` exchanges left out of the prompt; they
+    /// are forgotten only when the turn succeeds, so a failed or cancelled turn loses nothing.
+    pub fn send_dropping_oldest(
+        &mut self,
+        engine: &Engine,
+        drop_turns: usize,
+        user: &str,
+        params: &GenerationParams,
+        on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let mut messages = self.messages.clone();
+        crate::chat::drop_oldest_turns(&mut messages, drop_turns);
+        messages.push(Message::user(user));
+        let g = engine
+            .encode_messages(&messages)
+            .and_then(|ids| engine.generate_in(&mut self.session, &ids, params, on_event))?;
+        if g.stop_reason != Some(crate::StopReason::Cancelled) {
+            messages.push(Message::assistant(g.assistant_content()));
+            self.messages = messages;
         }
+        Ok(g)
     }
 }
 

@@ -44,7 +44,7 @@ pub mod stream;
 pub mod synth;
 pub mod tokenizer;
 
-pub use chat::{Message, Role};
+pub use chat::{drop_oldest_turns, Message, Role};
 pub use config::{GenerationConfig, Qwen2Config};
 pub use device::{DTypeChoice, DeviceChoice};
 pub use engine::{load_model_only, Conversation, Engine, LoadOptions, LoadProgress, Session};

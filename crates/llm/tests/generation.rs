@@ -246,6 +246,59 @@ macro_rules! generation_tests {
                 assert!(third.usage.cached_prompt_tokens > second.usage.cached_prompt_tokens);
                 assert_eq!(conv.messages().len(), 6);
             }
+
+            #[test]
+            fn a_forked_conversation_never_writes_into_the_original() {
+                let e = subject();
+                let params = GenerationParams {
+                    max_thinking_tokens: Some(4),
+                    ..greedy(8)
+                };
+                let noop = &mut |_: Event<'_>| ControlFlow::Continue(());
+                let mut original = Conversation::new(&e);
+                original
+                    .send(&e, "What is the population of Austin?", &params, noop)
+                    .unwrap();
+                // A reference for the original's next turn, from a conversation of its own.
+                let mut witness = Conversation::new(&e);
+                witness
+                    .send(&e, "What is the population of Austin?", &params, noop)
+                    .unwrap();
+                let expected = witness.send(&e, "And Seattle?", &params, noop).unwrap();
+                // The fork starts over with another question: it rewrites the positions right
+                // after BOS, which the original's next turn reuses from its cache without
+                // recomputing, so shared buffers would change the original's answer.
+                let mut fork = original.try_clone().unwrap();
+                fork.reset();
+                fork.send(&e, "Name three rivers in Texas, please.", &params, noop)
+                    .unwrap();
+                assert_eq!(fork.messages().len(), 2);
+                assert_eq!(original.messages().len(), 2);
+                let got = original.send(&e, "And Seattle?", &params, noop).unwrap();
+                assert_eq!(got.tokens, expected.tokens);
+                assert_eq!(got.usage, expected.usage);
+
+                // The same, one level down, compared on logits.
+                let prompt = e
+                    .encode_messages(&[Message::user("Hello there, how are you doing today?")])
+                    .unwrap();
+                assert!(prompt.len() >= 8, "{prompt:?}");
+                let logits =
+                    |t: candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut a = e.new_session();
+                a.feed(e.model(), &prompt).unwrap();
+                let mut b = e.new_session();
+                b.feed(e.model(), &prompt).unwrap();
+                let mut c = a.try_clone().unwrap();
+                a.feed(e.model(), &prompt[1..3]).unwrap();
+                // c rewrites positions 2..6, inside the prefix a reads on its next step.
+                c.truncate(2);
+                c.feed(e.model(), &prompt[4..8]).unwrap();
+                let from_a = logits(a.feed(e.model(), &prompt[5..6]).unwrap());
+                b.feed(e.model(), &prompt[1..3]).unwrap();
+                let from_b = logits(b.feed(e.model(), &prompt[5..6]).unwrap());
+                assert_eq!(from_a, from_b, "a's cache was overwritten by c's positions");
+            }
         }
     };
 }

@@ -441,11 +441,13 @@ impl Chat<'_> {
         let _ = on_event(AskEvent::Retrieved(&hits));
         let prompt_started = Instant::now();
         let wanted_budget = p.options.prompt.max_context_tokens.unwrap_or(usize::MAX);
+        // Turns are dropped from a copy: the conversation forgets them only if this turn
+        // succeeds, so a question too long even for an empty history loses nothing.
+        let mut history = self.conversation.messages().to_vec();
         let mut dropped = 0;
         let prompt = loop {
-            let history = self.conversation.messages();
             let has_turns = history.iter().any(|m| m.role == thinkrag_llm::Role::User);
-            match p.build_prompt(question, &hits, history) {
+            match p.build_prompt(question, &hits, &history) {
                 // The history squeezed the sources: older turns matter less than this turn's
                 // sources.
                 Ok(built)
@@ -453,11 +455,11 @@ impl Chat<'_> {
                         && built.context_budget < wanted_budget
                         && built.budget_limited =>
                 {
-                    self.conversation.drop_oldest_turns(1);
+                    thinkrag_llm::drop_oldest_turns(&mut history, 1);
                     dropped += 1;
                 }
                 Err(Error::PromptTooLong { .. }) if has_turns => {
-                    self.conversation.drop_oldest_turns(1);
+                    thinkrag_llm::drop_oldest_turns(&mut history, 1);
                     dropped += 1;
                 }
                 other => break other?,
@@ -478,7 +480,15 @@ impl Chat<'_> {
             retrieved,
             prompt,
             on_event,
-            |prompt, params, cb| conversation.send(&p.engine, prompt.user_text(), params, cb),
+            |prompt, params, cb| {
+                conversation.send_dropping_oldest(
+                    &p.engine,
+                    dropped,
+                    prompt.user_text(),
+                    params,
+                    cb,
+                )
+            },
         )?;
         self.last = Some(answer.clone());
         Ok(answer)

@@ -260,3 +260,51 @@ fn chat_drops_the_oldest_turns_when_the_window_fills() {
         "the new turn's sources keep their room"
     );
 }
+
+#[test]
+fn a_failed_or_cancelled_chat_turn_loses_no_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_index(tmp.path());
+    let p = pipeline(tmp.path(), Some(4000), PromptOptions::default());
+    let mut chat = p.chat();
+    for q in [QUESTION, "And Chicago?"] {
+        chat.send(q, &mut |_| ControlFlow::Continue(())).unwrap();
+    }
+    let before = chat.conversation().messages().to_vec();
+    assert_eq!(chat.turns(), 2);
+
+    // A question longer than the whole window: the loop drops both earlier turns looking for
+    // room and still fails; the history must be what it was.
+    let huge = "Seattle population growth statistics. ".repeat(400);
+    let err = chat
+        .send(&huge, &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(
+        matches!(err, thinkrag::Error::PromptTooLong { .. }),
+        "{err}"
+    );
+    assert_eq!(chat.conversation().messages(), &before[..]);
+
+    // A turn cancelled at its first event records nothing either.
+    let cancelled = chat
+        .send("Which is larger?", &mut |_| ControlFlow::Break(()))
+        .unwrap();
+    assert_eq!(
+        cancelled.generation.stop_reason,
+        Some(thinkrag::llm::StopReason::Cancelled)
+    );
+    assert_eq!(chat.conversation().messages(), &before[..]);
+
+    // And the conversation goes on from there, reusing its cache.
+    let next = chat
+        .send("Which is larger?", &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    let messages = chat.conversation().messages();
+    assert!(
+        messages[messages.len() - 2]
+            .content
+            .contains("Which is larger?"),
+        "{messages:?}"
+    );
+    assert!(next.generation.usage.cached_prompt_tokens > 0);
+}

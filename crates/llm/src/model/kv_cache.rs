@@ -15,7 +15,11 @@ const BLOCK: usize = 256;
 /// cache that concatenates at every step (quadratic copying over a generation), positions are written
 /// in place with `slice_set` and read back as a narrowed view, which the CPU matmul accepts without a
 /// copy. Growth doubles the capacity, so its copies add up to O(len) over a whole generation.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: a cloned tensor shares its storage, so a derived clone would write into the
+/// original's buffers (and the original into the clone's) until one of them grows. Copies are
+/// explicit and fallible ([`Self::try_clone`], [`Self::copy_prefix`]), since they allocate.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -145,8 +149,14 @@ impl KvCache {
         self.len += n;
     }
 
+    /// A copy of the whole cache in buffers of its own: writing to either afterwards never
+    /// changes the other.
+    pub fn try_clone(&self) -> Result<KvCache> {
+        self.copy_prefix(self.len)
+    }
+
     /// A new cache holding a copy of the first `len` positions in buffers of its own: writing to
-    /// either afterwards never changes the other (a derived `Clone` shares the buffers).
+    /// either afterwards never changes the other.
     pub fn copy_prefix(&self, len: usize) -> Result<KvCache> {
         let len = len.min(self.len);
         let mut copy = KvCache::new(
