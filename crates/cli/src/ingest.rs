@@ -1,5 +1,6 @@
 //! `thinkrag ingest PATH...`: builds or updates the index from files and directories, with progress
-//! bars for files and embedding, and a summary that lists every input that yielded no text.
+//! bars for files and embedding, and a summary that lists every input that yielded no text (or,
+//! for a damaged PDF, only part of it).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -134,7 +135,10 @@ fn print_summary(r: &IngestReport, model: &str) {
         r.total_chunks
     );
     if !r.failures.is_empty() {
-        println!("Inputs that yielded no text ({}):", r.failures.len());
+        println!(
+            "Inputs that yielded no text, or only part of it ({}):",
+            r.failures.len()
+        );
         for f in &r.failures {
             match f.page {
                 Some(p) => println!("  {} page {p}: {}", f.path.display(), f.reason),

@@ -59,7 +59,8 @@ pub struct Document {
     pub pages: Vec<Page>,
     /// Hex SHA-256 of the file's bytes, as [`file_hash`] computes it.
     pub content_hash: String,
-    /// Pages that could not be read while others could.
+    /// Pages that could not be read while others could, and for a damaged PDF that was
+    /// recovered, a whole-file [`FailureReason::Damaged`] first (the result is partial).
     pub page_failures: Vec<Failure>,
     /// Pages in the file (1 for text and Markdown), including blank and failed ones.
     pub page_count: u32,
@@ -98,11 +99,24 @@ pub fn load_document(path: &Path) -> Result<Document, Failure> {
     let (pages, page_failures, page_count) = match kind {
         DocumentKind::Pdf => {
             let extracted = pdf::extract_pages(&bytes).map_err(fail)?;
-            let failures = extracted
+            let mut failures: Vec<Failure> = extracted
                 .failures
                 .into_iter()
                 .map(|(page, reason)| Failure::page(path, page, reason))
                 .collect();
+            if extracted.recovered {
+                let pages_with_text = u32::try_from(extracted.pages.len()).unwrap_or(u32::MAX);
+                failures.insert(
+                    0,
+                    Failure::file(
+                        path,
+                        FailureReason::Damaged {
+                            pages_found: extracted.page_count,
+                            pages_with_text,
+                        },
+                    ),
+                );
+            }
             (extracted.pages, failures, extracted.page_count)
         }
         DocumentKind::Text | DocumentKind::Markdown => {

@@ -19,6 +19,16 @@ pub enum FailureReason {
     /// The file (or page) could not be parsed; the string is the parser's message.
     #[error("unparsable ({0}): the file may be damaged or truncated; repair it (e.g. qpdf in.pdf out.pdf) or re-export it")]
     Unparsable(String),
+    /// The PDF is damaged (cut short, or its cross-reference table is broken): its object
+    /// table was rebuilt by scanning, and the text of the pages found was kept. A partial
+    /// result: pages may be missing.
+    #[error("damaged (truncated or broken cross-reference table): rebuilt by scanning, text from {pages_with_text} of the {pages_found} pages found was kept; later pages may be missing, so get a complete copy or repair it (qpdf in.pdf out.pdf) and ingest again")]
+    Damaged {
+        /// Page objects found by the scan.
+        pages_found: u32,
+        /// Of those, the pages that yielded text.
+        pages_with_text: u32,
+    },
     /// The file is empty or only whitespace.
     #[error("empty: the file has no text, nothing to ingest")]
     Empty,

@@ -31,6 +31,7 @@ mod discover;
 mod document;
 mod failure;
 mod pdf;
+mod recover;
 #[doc(hidden)]
 pub mod test_pdfs;
 

@@ -24,8 +24,11 @@ pub(crate) struct Extracted {
     pub pages: Vec<Page>,
     /// Pages that could not be parsed, by 1-based number.
     pub failures: Vec<(u32, FailureReason)>,
-    /// All pages in the file.
+    /// All pages in the file (found in it, for a recovered file).
     pub page_count: u32,
+    /// Whether the file was damaged and its object table rebuilt by scanning: pages may be
+    /// missing, and those found are numbered in the order found.
+    pub recovered: bool,
 }
 
 /// Extracts the text of every page of a PDF held in memory.
@@ -35,33 +38,48 @@ pub(crate) struct Extracted {
 pub(crate) fn extract_pages(bytes: &[u8]) -> Result<Extracted, FailureReason> {
     let _quiet = QuietPanics::enter();
 
-    let mut doc = match guarded(|| lopdf::Document::load_mem(bytes)) {
-        Ok(Ok(doc)) => doc,
+    let loaded = match guarded(|| lopdf::Document::load_mem(bytes)) {
+        Ok(Ok(doc)) => Ok(doc),
         Ok(Err(lopdf::Error::InvalidPassword | lopdf::Error::Decryption(_))) => {
             return Err(FailureReason::Encrypted)
         }
-        Ok(Err(e)) => return Err(FailureReason::Unparsable(format!("lopdf: {e}"))),
-        Err(panic) => {
-            return Err(FailureReason::Unparsable(format!(
-                "lopdf panicked: {panic}"
-            )))
-        }
+        Ok(Err(e)) => Err(FailureReason::Unparsable(format!("lopdf: {e}"))),
+        Err(panic) => Err(FailureReason::Unparsable(format!(
+            "lopdf panicked: {panic}"
+        ))),
     };
-    // lopdf tries the empty user password while loading and, when that works, hands back a
-    // decrypted document with the /Encrypt entry removed; still encrypted means the file
-    // needs a password we do not have. One more try costs nothing and covers any document
-    // the loader left for later.
-    if doc.is_encrypted() && !matches!(guarded(|| doc.decrypt("")), Ok(Ok(()))) {
-        return Err(FailureReason::Encrypted);
-    }
-
-    let numbers: Vec<u32> = guarded(|| doc.get_pages().into_keys().collect())
-        .map_err(|panic| FailureReason::Unparsable(format!("page tree: {panic}")))?;
-    if numbers.is_empty() {
-        return Err(FailureReason::Unparsable(
-            "no pages found (truncated or damaged file?)".into(),
-        ));
-    }
+    let loaded = loaded.and_then(|mut doc| {
+        // lopdf tries the empty user password while loading and, when that works, hands back
+        // a decrypted document with the /Encrypt entry removed; still encrypted means the
+        // file needs a password we do not have. One more try costs nothing and covers any
+        // document the loader left for later.
+        if doc.is_encrypted() && !matches!(guarded(|| doc.decrypt("")), Ok(Ok(()))) {
+            return Err(FailureReason::Encrypted);
+        }
+        let numbers: Vec<u32> = guarded(|| doc.get_pages().into_keys().collect())
+            .map_err(|panic| FailureReason::Unparsable(format!("page tree: {panic}")))?;
+        if numbers.is_empty() {
+            return Err(FailureReason::Unparsable(
+                "no pages found (truncated or damaged file?)".into(),
+            ));
+        }
+        Ok((doc, numbers))
+    });
+    // A file that does not load, or loads without pages, may be cut short or have a broken
+    // cross-reference table: rebuild its object table by scanning, as qpdf and mutool do.
+    let (doc, numbers, recovered) = match loaded {
+        Ok((doc, numbers)) => (doc, numbers, false),
+        Err(FailureReason::Encrypted) => return Err(FailureReason::Encrypted),
+        Err(damage) => match guarded(|| crate::recover::rebuild(bytes)) {
+            Ok(Some(doc)) => {
+                let numbers: Vec<u32> = guarded(|| doc.get_pages().into_keys().collect())
+                    .map_err(|_| damage.clone())?;
+                tracing::debug!(pages = numbers.len(), %damage, "rebuilt a damaged PDF by scanning");
+                (doc, numbers, true)
+            }
+            _ => return Err(damage),
+        },
+    };
     let page_count = u32::try_from(numbers.len()).unwrap_or(u32::MAX);
 
     let mut pages = Vec::new();
@@ -99,6 +117,7 @@ pub(crate) fn extract_pages(bytes: &[u8]) -> Result<Extracted, FailureReason> {
         pages,
         failures,
         page_count,
+        recovered,
     })
 }
 

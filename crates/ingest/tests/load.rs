@@ -355,3 +355,104 @@ fn failures_serialize_for_the_cli() {
     assert!(json.contains(r#""kind":"not_utf8""#), "{json}");
     assert!(json.contains(r#""offset":2"#), "{json}");
 }
+
+/// Ten pages, each with a sentence naming its number.
+fn ten_page_pdf() -> Vec<u8> {
+    let lines: Vec<String> = (1..=10)
+        .map(|n| format!("Page {n} talks about topic number {n}."))
+        .collect();
+    let pages: Vec<Vec<&str>> = lines.iter().map(|l| vec![l.as_str()]).collect();
+    let pages: Vec<&[&str]> = pages.iter().map(Vec::as_slice).collect();
+    pdf_bytes(pdf_with_pages(&pages))
+}
+
+fn assert_damaged_but_recovered(doc: &thinkrag_ingest::Document, min_pages: usize) {
+    assert!(doc.pages.len() >= min_pages, "{:?}", doc.pages);
+    for page in &doc.pages {
+        let n = page.number.unwrap();
+        assert!(
+            page.text
+                .contains(&format!("Page {n} talks about topic number {n}.")),
+            "{page:?}"
+        );
+    }
+    let first = &doc.page_failures[0];
+    assert_eq!(first.page, None, "{first:?}");
+    match first.reason {
+        FailureReason::Damaged {
+            pages_found,
+            pages_with_text,
+        } => {
+            assert_eq!(pages_with_text as usize, doc.pages.len());
+            assert_eq!(pages_found, doc.page_count);
+        }
+        ref other => panic!("{other:?}"),
+    }
+    let message = first.to_string();
+    assert!(message.contains("rebuilt by scanning"), "{message}");
+}
+
+#[test]
+fn a_pdf_cut_at_60_percent_gives_the_pages_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = ten_page_pdf();
+    let cut = bytes.len() * 6 / 10;
+    let path = write(dir.path(), "cut.pdf", &bytes[..cut]);
+    let doc = load_document(&path).expect("the pages before the cut are readable");
+    // Every page whose objects lie wholly before the cut.
+    let complete = (1..=10)
+        .filter(|n| {
+            let text = format!("(Page {n} talks");
+            bytes[..cut]
+                .windows(text.len())
+                .any(|w| w == text.as_bytes())
+        })
+        .count();
+    assert!(complete >= 4, "{complete}");
+    assert_damaged_but_recovered(&doc, complete - 1);
+}
+
+#[test]
+fn a_pdf_with_a_broken_xref_table_gives_all_its_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = ten_page_pdf();
+    // Shift every object by inserting bytes after the header: each xref offset is now wrong.
+    let header_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    bytes.splice(
+        header_end..header_end,
+        b"% padding that moves every object\n".iter().copied(),
+    );
+    let path = write(dir.path(), "xref.pdf", &bytes);
+    let doc = load_document(&path).expect("recovered");
+    assert_eq!(doc.page_count, 10);
+    assert_damaged_but_recovered(&doc, 10);
+
+    // And a startxref that points past the end of the file.
+    let mut bytes = ten_page_pdf();
+    let at = bytes.windows(9).rposition(|w| w == b"startxref").unwrap() + 10;
+    let end = at
+        + bytes[at..]
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap();
+    bytes.splice(at..end, b"99999999".iter().copied());
+    let path = write(dir.path(), "startxref.pdf", &bytes);
+    let doc = load_document(&path).expect("recovered");
+    assert_damaged_but_recovered(&doc, 10);
+}
+
+#[test]
+fn a_cut_pdf_whose_page_tree_is_gone_gives_its_pages_in_order() {
+    // As when a writer puts the page tree after the pages (pdfTeX does) and the file is cut.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = ten_page_pdf();
+    let cut = bytes.len() * 6 / 10;
+    bytes.truncate(cut);
+    let tree = bytes.windows(7).position(|w| w == b"1 0 obj").unwrap();
+    bytes[tree..tree + 7].copy_from_slice(b"1 0 xxx");
+    let path = write(dir.path(), "no-tree.pdf", &bytes);
+    let doc = load_document(&path).expect("pages found without their tree");
+    assert_damaged_but_recovered(&doc, 4);
+    let numbers: Vec<u32> = doc.pages.iter().map(|p| p.number.unwrap()).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>());
+}
