@@ -472,3 +472,49 @@ fn thinkrag_help_lists_the_retrieval_commands() {
         assert!(text.contains(sub), "{text}");
     }
 }
+
+/// PDFs that break parsers in ways no catch_unwind can catch: each is stopped in its own reader
+/// process and reported, the good file is indexed, and the index is intact.
+#[cfg(unix)]
+#[test]
+fn hostile_pdfs_are_stopped_by_the_per_file_limits() {
+    use thinkrag_ingest::test_pdfs::{flate_bomb_pdf, self_drawing_xobject_pdf, xobject_fan_pdf};
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("hostile");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::copy(corpus().join("chicago.txt"), docs.join("chicago.txt")).unwrap();
+    std::fs::write(docs.join("recursive.pdf"), self_drawing_xobject_pdf()).unwrap();
+    std::fs::write(docs.join("fan.pdf"), xobject_fan_pdf(48)).unwrap();
+    std::fs::write(docs.join("bomb.pdf"), flate_bomb_pdf(1 << 30)).unwrap();
+    let index = tmp.path().join("index");
+    let (report, code) = ingest(
+        &index,
+        &[&docs],
+        &["--file-timeout", "4", "--file-memory", "512"],
+    );
+    assert_eq!(code, 2, "{report}");
+    assert_eq!(report["files_indexed"], 1, "{report}");
+    assert_eq!(report["files_failed"], 3, "{report}");
+    let reason_of = |name: &str| -> String {
+        report["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} is reported: {report}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        reason_of("recursive.pdf").contains("stack overflow"),
+        "{report}"
+    );
+    assert!(
+        reason_of("fan.pdf").contains("stopped after 4 s"),
+        "{report}"
+    );
+    assert!(reason_of("bomb.pdf").contains("512 MiB"), "{report}");
+    let v = search(&index, "Chicago population", 1, &[]);
+    assert_eq!(hit_sources(&v), ["chicago.txt"]);
+}

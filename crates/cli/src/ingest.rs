@@ -40,6 +40,50 @@ pub struct IngestArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Seconds a PDF may take to read before it is stopped and reported (its parser hung or
+    /// looped); each PDF is read in a child process so that only it is lost.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub file_timeout: u64,
+    /// MiB of memory a PDF may take to read before it is stopped and reported (a compressed
+    /// stream that expands without end).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(64..))]
+    pub file_memory: u64,
+    /// Read PDFs in this process, without the time and memory limits (faster to debug; a
+    /// hostile PDF can then stop the whole ingest).
+    #[arg(long, conflicts_with_all = ["file_timeout", "file_memory"])]
+    pub in_process: bool,
+}
+
+/// `thinkrag __read-document PATH`: the child process that reads one file for `ingest` and
+/// writes the result as JSON on stdout (see [`thinkrag::documents::Isolation`]).
+#[derive(Debug, Args)]
+pub struct ReadDocumentArgs {
+    /// The file.
+    pub path: PathBuf,
+}
+
+/// Runs the reader child.
+pub fn read_document(args: ReadDocumentArgs) -> Result<bool> {
+    let mut out = std::io::stdout().lock();
+    thinkrag::documents::read_document_for_parent(&args.path, &mut out)
+        .context("cannot write the document to the parent process")?;
+    Ok(true)
+}
+
+/// The isolation `ingest` reads PDFs under: this program, re-run as `__read-document`.
+fn isolation(args: &IngestArgs) -> Result<Option<thinkrag::documents::Isolation>> {
+    if args.in_process {
+        return Ok(None);
+    }
+    let program = std::env::current_exe().context("cannot find this program to read PDFs in")?;
+    Ok(Some(thinkrag::documents::Isolation {
+        program,
+        args: vec!["__read-document".into()],
+        limits: thinkrag::documents::FileLimits {
+            time: std::time::Duration::from_secs(args.file_timeout),
+            memory_bytes: Some(args.file_memory << 20),
+        },
+    }))
 }
 
 /// Runs the command; `Ok(false)` when some inputs yielded no text (the rest is indexed).
@@ -64,6 +108,7 @@ pub fn run(args: IngestArgs) -> Result<bool> {
             },
         },
         prune: args.prune,
+        isolation: isolation(&args)?,
         ..IngestOptions::default()
     };
 
@@ -89,7 +134,9 @@ pub fn run(args: IngestArgs) -> Result<bool> {
         IngestEvent::Embedded { done, .. } => chunks.set_position(done as u64),
         IngestEvent::FileUnchanged { .. } | IngestEvent::FileDone { .. } => files.inc(1),
         IngestEvent::Failed(f) => {
-            if f.page.is_none() {
+            // A damaged PDF read in part is also counted by its FileDone.
+            let partial = matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
+            if f.page.is_none() && !partial {
                 files.inc(1);
             }
         }

@@ -77,6 +77,9 @@ enum Command {
     Download(load::DownloadArgs),
     /// List the built-in models (language models and embedders).
     Models,
+    /// Internal: reads one file for `ingest`, in a child process under its limits.
+    #[command(name = "__read-document", hide = true)]
+    ReadDocument(ingest::ReadDocumentArgs),
 }
 
 fn main() -> ExitCode {
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<bool> {
     let done = match cli.command {
         Command::Ingest(args) => return ingest::run(*args),
+        Command::ReadDocument(args) => return ingest::read_document(args),
         Command::Ask(args) => ask::run(*args),
         Command::Chat(args) => chat::run(*args),
         Command::Generate(args) => generate::run(*args),

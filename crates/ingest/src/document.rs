@@ -4,14 +4,14 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::failure::{Failure, FailureReason};
 use crate::pdf;
 
 /// Kinds of input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DocumentKind {
     /// A PDF file (`.pdf`).
@@ -39,7 +39,7 @@ impl DocumentKind {
 ///
 /// For PDFs `number` is the 1-based page number; text and Markdown files are one page with
 /// `number` `None`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
     /// 1-based page number within a PDF; `None` for text and Markdown files.
     pub number: Option<u32>,
@@ -48,7 +48,7 @@ pub struct Page {
 }
 
 /// A loaded document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Document {
     /// The file it was read from.
     pub path: PathBuf,
@@ -91,14 +91,25 @@ pub fn load_document(path: &Path) -> Result<Document, Failure> {
     let fail = |reason| Failure::file(path, reason);
     let kind = DocumentKind::from_path(path).ok_or_else(|| fail(FailureReason::Unsupported))?;
     let bytes = std::fs::read(path).map_err(|e| fail(e.into()))?;
+    load_document_bytes(path, kind, &bytes)
+}
+
+/// Reads a document held in memory, as [`load_document`] reads a file; `path` names it in the
+/// result and in failures.
+pub fn load_document_bytes(
+    path: &Path,
+    kind: DocumentKind,
+    bytes: &[u8],
+) -> Result<Document, Failure> {
+    let fail = |reason| Failure::file(path, reason);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(fail(FailureReason::Empty));
     }
-    let content_hash = format!("{:x}", Sha256::digest(&bytes));
+    let content_hash = format!("{:x}", Sha256::digest(bytes));
 
     let (pages, page_failures, page_count) = match kind {
         DocumentKind::Pdf => {
-            let extracted = pdf::extract_pages(&bytes).map_err(fail)?;
+            let extracted = pdf::extract_pages(bytes).map_err(fail)?;
             let mut failures: Vec<Failure> = extracted
                 .failures
                 .into_iter()
@@ -120,7 +131,7 @@ pub fn load_document(path: &Path) -> Result<Document, Failure> {
             (extracted.pages, failures, extracted.page_count)
         }
         DocumentKind::Text | DocumentKind::Markdown => {
-            let text = decode_text(&bytes).map_err(fail)?;
+            let text = decode_text(bytes).map_err(fail)?;
             let page = Page { number: None, text };
             (vec![page], Vec::new(), 1)
         }

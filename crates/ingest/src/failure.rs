@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a file or a page yielded no text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 pub enum FailureReason {
     /// The PDF is encrypted with a user password we do not have.
@@ -29,6 +29,25 @@ pub enum FailureReason {
         /// Of those, the pages that yielded text.
         pages_with_text: u32,
     },
+    /// Reading the file took longer than the time allowed per file (a parser that hangs or
+    /// loops on it); it was stopped.
+    #[error("stopped after {seconds} s, the time allowed per file (the parser hung or looped on it): repair or re-export it (e.g. qpdf in.pdf out.pdf), or allow more time per file")]
+    TimedOut {
+        /// The limit, in seconds.
+        seconds: u64,
+    },
+    /// Reading the file needed more memory than allowed per file (a decompression bomb, or a
+    /// parser that runs away on it); it was stopped.
+    #[error("stopped: it needed more than {limit_mib} MiB, the memory allowed per file (a compressed stream that expands without end, or a parser running away): repair or re-export it, or allow more memory per file")]
+    OutOfMemory {
+        /// The limit, in MiB.
+        limit_mib: u64,
+    },
+    /// The parser crashed on the file in a way that cannot be caught in process (a stack
+    /// overflow from endless nesting, an abort); it was read in a separate process, so only
+    /// that file is lost.
+    #[error("the parser crashed on it ({0}): repair or re-export it (e.g. qpdf in.pdf out.pdf)")]
+    Crashed(String),
     /// The file is empty or only whitespace.
     #[error("empty: the file has no text, nothing to ingest")]
     Empty,
@@ -47,7 +66,7 @@ pub enum FailureReason {
 }
 
 /// A file or page that yielded no text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{}{}: {reason}", path.display(), page.map(|p| format!(" (page {p})")).unwrap_or_default())]
 pub struct Failure {
     /// The file concerned.

@@ -30,6 +30,7 @@ mod chunk;
 mod discover;
 mod document;
 mod failure;
+mod isolate;
 mod pdf;
 mod recover;
 #[doc(hidden)]
@@ -37,5 +38,6 @@ pub mod test_pdfs;
 
 pub use chunk::{Chunk, ChunkError, ChunkSize, Chunker};
 pub use discover::discover;
-pub use document::{file_hash, load_document, Document, DocumentKind, Page};
+pub use document::{file_hash, load_document, load_document_bytes, Document, DocumentKind, Page};
 pub use failure::{Failure, FailureReason};
+pub use isolate::{read_document_for_parent, FileLimits, Isolation};

@@ -97,3 +97,84 @@ pub fn encrypt(mut doc: Document, user_password: &str) -> Document {
     doc.encrypt(&state).unwrap();
     doc
 }
+
+/// A one-page PDF whose page draws a form XObject that draws itself: a parser that follows
+/// `Do` without a depth limit recurses until its stack overflows.
+pub fn self_drawing_xobject_pdf() -> Vec<u8> {
+    xobject_pdf(|doc, _| {
+        let id = doc.new_object_id();
+        doc.objects
+            .insert(id, Object::Stream(form(id, id, b"/X Do".to_vec())));
+        id
+    })
+}
+
+/// A one-page PDF whose XObjects draw the next one twice, `depth` levels deep: 2^depth draws,
+/// so a parser without a budget runs for hours on a few hundred bytes.
+pub fn xobject_fan_pdf(depth: usize) -> Vec<u8> {
+    xobject_pdf(|doc, _| {
+        let ids: Vec<_> = (0..depth).map(|_| doc.new_object_id()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let (next, content) = match ids.get(i + 1) {
+                Some(next) => (*next, b"/X Do /X Do".to_vec()),
+                None => (*id, b"0 0 1 1 re f".to_vec()),
+            };
+            doc.objects
+                .insert(*id, Object::Stream(form(*id, next, content)));
+        }
+        ids[0]
+    })
+}
+
+/// A one-page PDF whose content stream is `expanded` zero bytes deflated (about 1,000 times
+/// smaller): reading it takes `expanded` bytes of memory.
+pub fn flate_bomb_pdf(expanded: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    let block = vec![0u8; 1 << 20];
+    let mut left = expanded;
+    while left > 0 {
+        let n = left.min(block.len());
+        z.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    let deflated = z.finish().unwrap();
+    let mut doc = pdf_with_pages(&[&["placeholder"]]);
+    let page = doc.get_pages()[&1];
+    let content_id = doc.add_object(Stream::new(
+        dictionary! { "Filter" => "FlateDecode" },
+        deflated,
+    ));
+    doc.get_dictionary_mut(page)
+        .unwrap()
+        .set("Contents", content_id);
+    pdf_bytes(doc)
+}
+
+/// A form XObject stream with `content`, whose resources name `target` as /X (and Helvetica).
+fn form(_id: lopdf::ObjectId, target: lopdf::ObjectId, content: Vec<u8>) -> Stream {
+    Stream::new(
+        dictionary! {
+            "Type" => "XObject",
+            "Subtype" => "Form",
+            "BBox" => vec![0.into(), 0.into(), 612.into(), 792.into()],
+            "Resources" => dictionary! { "XObject" => dictionary! { "X" => target } },
+        },
+        content,
+    )
+}
+
+/// A one-page PDF whose page draws the XObject `make` returns, as /X.
+fn xobject_pdf(make: impl FnOnce(&mut Document, ()) -> lopdf::ObjectId) -> Vec<u8> {
+    let mut doc = pdf_with_pages(&[&["placeholder"]]);
+    let first = make(&mut doc, ());
+    let page = doc.get_pages()[&1];
+    let content_id = doc.add_object(Stream::new(dictionary! {}, b"/X Do".to_vec()));
+    let dict = doc.get_dictionary_mut(page).unwrap();
+    dict.set("Contents", content_id);
+    dict.set(
+        "Resources",
+        dictionary! { "XObject" => dictionary! { "X" => first } },
+    );
+    pdf_bytes(doc)
+}

@@ -456,3 +456,39 @@ fn a_cut_pdf_whose_page_tree_is_gone_gives_its_pages_in_order() {
     let numbers: Vec<u32> = doc.pages.iter().map(|p| p.number.unwrap()).collect();
     assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>());
 }
+
+#[cfg(unix)]
+#[test]
+fn isolation_stops_a_reader_at_its_time_limit_and_reports_a_crash() {
+    use std::time::{Duration, Instant};
+    use thinkrag_ingest::{FileLimits, Isolation};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "any.pdf", three_page_pdf());
+    // A reader that hangs: `sh -c 'sleep 30' sh PATH`.
+    let hanging = Isolation {
+        program: "sh".into(),
+        args: vec!["-c".into(), "sleep 30".into(), "sh".into()],
+        limits: FileLimits {
+            time: Duration::from_secs(1),
+            memory_bytes: Some(256 << 20),
+        },
+    };
+    let started = Instant::now();
+    let failure = hanging.load(&path).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(failure.reason, FailureReason::TimedOut { seconds: 1 });
+    assert_eq!(failure.path, path);
+    // A reader that dies with a message.
+    let dying = Isolation {
+        args: vec![
+            "-c".into(),
+            "echo 'it broke' >&2; exit 3".into(),
+            "sh".into(),
+        ],
+        ..hanging
+    };
+    match dying.load(&path).unwrap_err().reason {
+        FailureReason::Crashed(msg) => assert!(msg.contains("it broke"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}

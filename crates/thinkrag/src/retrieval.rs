@@ -24,6 +24,9 @@ pub struct IngestOptions {
     pub prune: bool,
     /// Save the index this often while ingesting, so a crash loses at most this much work.
     pub checkpoint_every: Option<Duration>,
+    /// Read PDFs in a child process under a time and memory limit, so one whose parser hangs,
+    /// loops or overflows its stack fails alone (`None`: in this process, unprotected).
+    pub isolation: Option<thinkrag_ingest::Isolation>,
 }
 
 impl Default for IngestOptions {
@@ -32,6 +35,7 @@ impl Default for IngestOptions {
             chunking: Chunking::default(),
             prune: false,
             checkpoint_every: Some(Duration::from_secs(120)),
+            isolation: None,
         }
     }
 }
@@ -253,7 +257,14 @@ pub fn ingest(
                 continue;
             }
         }
-        let document = match thinkrag_ingest::load_document(path) {
+        let loaded = match (
+            &opts.isolation,
+            thinkrag_ingest::DocumentKind::from_path(path),
+        ) {
+            (Some(isolation), Some(thinkrag_ingest::DocumentKind::Pdf)) => isolation.load(path),
+            _ => thinkrag_ingest::load_document(path),
+        };
+        let document = match loaded {
             Ok(d) => d,
             Err(failure) => {
                 on_event(IngestEvent::Failed(&failure));
