@@ -7,7 +7,12 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use thinkrag_ingest::{load_document_bytes, DocumentKind};
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: {
+    // As the thinkrag binary does: pdf-extract panics on malformed files by design and
+    // extraction catches those panics per page, so they must not count as crashes (libFuzzer's
+    // hook aborts on every panic, caught or not). Panics anywhere else still abort.
+    thinkrag_ingest::quiet_parser_panics();
+}, |data: &[u8]| {
     if let Ok(doc) = load_document_bytes(Path::new("fuzz.pdf"), DocumentKind::Pdf, data) {
         // What comes back keeps its promises: pages with text, numbered within the count.
         for page in &doc.pages {

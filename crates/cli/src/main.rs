@@ -90,6 +90,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // The PDF parsers panic on many malformed files by design; ingest catches those panics
+    // and reports them per page, so the default hook must not print each one.
+    thinkrag::documents::quiet_parser_panics();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

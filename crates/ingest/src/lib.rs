@@ -41,3 +41,4 @@ pub use discover::discover;
 pub use document::{file_hash, load_document, load_document_bytes, Document, DocumentKind, Page};
 pub use failure::{Failure, FailureReason};
 pub use isolate::{read_document_for_parent, FileLimits, Isolation};
+pub use pdf::quiet_parser_panics;

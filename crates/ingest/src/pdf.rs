@@ -4,10 +4,12 @@
 //! silently drops every page after the first failure, so neither is used as is.
 //!
 //! Panics are caught, not prevented, so the default panic hook would still print each one to
-//! stderr. [`QuietPanics`] installs (once, process-wide) a hook that defers to the previous
-//! one except on a thread that is inside PDF extraction, where it stays silent; the panic
-//! message is kept in the page's [`FailureReason::Unparsable`] instead. Stack overflows and
-//! infinite loops inside the parsers cannot be caught this way.
+//! stderr. A library changes no process-wide state on its own, so the program opts in with
+//! [`quiet_parser_panics`]: it installs (once) a hook that defers to the previous one except
+//! on a thread that is inside PDF extraction ([`QuietPanics`] marks it), where it stays silent;
+//! the panic message is kept in the page's [`FailureReason::Unparsable`] instead. Stack
+//! overflows and infinite loops inside the parsers cannot be caught this way (see
+//! [`crate::Isolation`]).
 
 use std::any::Any;
 use std::cell::Cell;
@@ -80,6 +82,8 @@ pub(crate) fn extract_pages(bytes: &[u8]) -> Result<Extracted, FailureReason> {
             _ => return Err(damage),
         },
     };
+    let mut doc = doc;
+    break_parent_cycles(&mut doc);
     let page_count = u32::try_from(numbers.len()).unwrap_or(u32::MAX);
 
     let mut pages = Vec::new();
@@ -119,6 +123,33 @@ pub(crate) fn extract_pages(bytes: &[u8]) -> Result<Extracted, FailureReason> {
         page_count,
         recovered,
     })
+}
+
+/// Cuts every cycle in the page tree's `/Parent` links. pdf-extract follows them to find
+/// inherited attributes without a bound, so a page that is its own ancestor (fuzzing found a
+/// 584-byte file like that) would hang it forever; the cut link's node keeps its own attributes.
+fn break_parent_cycles(doc: &mut lopdf::Document) {
+    let pages: Vec<lopdf::ObjectId> = doc.page_iter().collect();
+    for page in pages {
+        let mut seen = std::collections::HashSet::from([page]);
+        let mut node = page;
+        loop {
+            let parent = doc
+                .get_dictionary(node)
+                .ok()
+                .and_then(|d| d.get(b"Parent").ok())
+                .and_then(|p| p.as_reference().ok());
+            let Some(parent) = parent else { break };
+            // Deeper than any real tree (lopdf's own limit is 256): treat as a cycle too.
+            if !seen.insert(parent) || seen.len() > 256 {
+                if let Ok(dict) = doc.get_dictionary_mut(node) {
+                    dict.remove(b"Parent");
+                }
+                break;
+            }
+            node = parent;
+        }
+    }
 }
 
 /// The raw text of one page: `Ok(None)` for a page without text, `Err` when neither extractor
@@ -215,23 +246,31 @@ thread_local! {
 
 static INSTALL_HOOK: Once = Once::new();
 
-/// While alive, panics on this thread are not printed by the panic hook (see module docs).
+/// While alive, panics on this thread are not printed by the hook [`quiet_parser_panics`]
+/// installs (see module docs).
 struct QuietPanics {
     was_quiet: bool,
 }
 
+/// Installs (once, process-wide) a panic hook that stays silent for the panics PDF extraction
+/// catches (pdf-extract panics on many malformed files by design) and defers to the previous
+/// hook for every other panic. For programs: without it, each caught panic is printed to
+/// stderr by the default hook, and nothing else changes.
+pub fn quiet_parser_panics() {
+    INSTALL_HOOK.call_once(|| {
+        // Chains to whatever hook was there, so other threads and other code keep their usual
+        // panic output; only the flag QuietPanics sets silences anything.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_EXTRACTION.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 impl QuietPanics {
     fn enter() -> Self {
-        INSTALL_HOOK.call_once(|| {
-            // Chains to whatever hook was there, so other threads and other code keep their
-            // usual panic output; only the flag set below silences anything.
-            let previous = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                if !IN_EXTRACTION.with(Cell::get) {
-                    previous(info);
-                }
-            }));
-        });
         Self {
             was_quiet: IN_EXTRACTION.with(|q| q.replace(true)),
         }

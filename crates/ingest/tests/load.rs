@@ -492,3 +492,53 @@ fn isolation_stops_a_reader_at_its_time_limit_and_reports_a_crash() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Runs `load_document_bytes` on another thread, failing (not hanging) after `secs`.
+fn load_within(
+    bytes: Vec<u8>,
+    secs: u64,
+) -> Result<thinkrag_ingest::Document, thinkrag_ingest::Failure> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let path = std::path::Path::new("fuzz.pdf");
+        let _ = tx.send(thinkrag_ingest::load_document_bytes(
+            path,
+            DocumentKind::Pdf,
+            &bytes,
+        ));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the PDF loads or fails in time, it does not hang")
+}
+
+#[test]
+fn a_page_that_is_its_own_parent_does_not_hang_extraction() {
+    let mut doc = pdf_with_pages(&[&["Cyclic page text."], &["Second page."]]);
+    let first = doc.get_pages()[&1];
+    doc.get_dictionary_mut(first)
+        .unwrap()
+        .set("Parent", lopdf::Object::Reference(first));
+    let loaded = load_within(pdf_bytes(doc), 60).unwrap();
+    assert_eq!(loaded.page_count, 2);
+    assert!(loaded.pages.iter().any(|p| p.text.contains("Second page.")));
+}
+
+/// Every input the PDF fuzzer (`fuzz/fuzz_targets/pdf.rs`) flagged: panics inside pdf-extract
+/// (caught per page by design, and flagged only because libFuzzer's hook aborts on any panic)
+/// and two hangs (a page that is its own ancestor). Each must load or fail, promptly.
+#[test]
+fn inputs_found_by_fuzzing_load_or_fail_promptly() {
+    thinkrag_ingest::quiet_parser_panics();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz/pdf");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        match load_within(bytes, 60) {
+            Ok(doc) => assert!(doc.pages.iter().all(|p| !p.text.trim().is_empty())),
+            Err(failure) => assert!(!failure.to_string().is_empty()),
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "fixtures in {}", dir.display());
+}

@@ -31,6 +31,66 @@ const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
 
+/// Reads a GGUF header (metadata and tensor directory) from `reader`, holding `file_len` bytes,
+/// and checks the directory against the file: every tensor's element count and byte size fit
+/// in memory arithmetic, and its data lies inside the file. candle's reader panics on some
+/// damaged headers (an alignment of 0; dimensions whose product overflows, found by fuzzing),
+/// so it runs behind `catch_unwind` and a damaged file is an error that names it, never a
+/// crash. Tensors read through the returned directory cannot ask for more bytes than the file
+/// holds.
+pub fn read_content<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    path: &Path,
+) -> Result<gguf_file::Content> {
+    let err = |message: String| Error::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file_len = reader
+        .seek(std::io::SeekFrom::End(0))
+        .and_then(|len| reader.seek(std::io::SeekFrom::Start(0)).map(|_| len))
+        .map_err(|e| Error::io(path, e))?;
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(reader)
+    }));
+    let content = match read {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(err(format!("not a readable GGUF file ({e})"))),
+        Err(_) => {
+            return Err(err(
+                "not a readable GGUF file (its header is malformed)".into()
+            ))
+        }
+    };
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| err(format!("tensor {name} has impossible dimensions {dims:?}")))?;
+        let block = info.ggml_dtype.block_size();
+        if elems % block != 0 {
+            return Err(err(format!(
+                "tensor {name} has {elems} elements, not a multiple of its type's block of {block}"
+            )));
+        }
+        let bytes = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(|| err(format!("tensor {name} has impossible dimensions {dims:?}")))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes as u64));
+        if end.is_none_or(|end| end > file_len) {
+            return Err(err(format!(
+                "tensor {name} ({bytes} bytes at offset {}) lies past the end of the file ({file_len} bytes): the file is truncated",
+                info.offset
+            )));
+        }
+    }
+    Ok(content)
+}
+
 /// What a GGUF file's metadata says about its model.
 #[derive(Debug, Clone)]
 pub struct GgufModelInfo {

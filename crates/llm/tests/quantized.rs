@@ -222,3 +222,82 @@ fn bad_inputs_get_clear_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A GGUF v3 header: `kvs` metadata entries (already encoded) and one F32 tensor of `dims`.
+fn gguf_header(kvs: &[Vec<u8>], dims: &[u64]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for kv in kvs {
+        b.extend_from_slice(kv);
+    }
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.push(b't');
+    b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
+    b.extend_from_slice(&0u32.to_le_bytes()); // F32
+    b.extend_from_slice(&0u64.to_le_bytes()); // offset
+    b.resize(b.len().div_ceil(32) * 32 + 64, 0);
+    b
+}
+
+/// Regression tests for what fuzzing the GGUF reader found (`fuzz/fuzz_targets/gguf.rs`):
+/// candle panics on dimensions whose product overflows and on an alignment of 0. Both must be
+/// errors naming the file, from the reader and from a model load.
+#[test]
+fn damaged_gguf_headers_are_errors_not_crashes() {
+    let alignment_zero = {
+        let mut kv = (17u64).to_le_bytes().to_vec();
+        kv.extend_from_slice(b"general.alignment");
+        kv.extend_from_slice(&4u32.to_le_bytes()); // u32
+        kv.extend_from_slice(&0u32.to_le_bytes());
+        kv
+    };
+    let cases = [
+        (
+            "overflow.gguf",
+            gguf_header(&[], &[1 << 40, 1 << 40]),
+            "impossible dimensions",
+        ),
+        (
+            "alignment.gguf",
+            gguf_header(&[alignment_zero], &[4]),
+            "malformed",
+        ),
+        (
+            "past-end.gguf",
+            gguf_header(&[], &[1 << 20]),
+            "past the end",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, want) in cases {
+        let path = dir.path().join(name);
+        let err = thinkrag_llm::gguf::read_content(&mut std::io::Cursor::new(&bytes), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want) && err.contains(name), "{name}: {err}");
+        std::fs::write(&path, &bytes).unwrap();
+        let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
+        let err = Engine::load(&source, &LoadOptions::default(), &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name), "{name}: {err}");
+    }
+}
+
+/// The input the GGUF fuzzer found (tensor dimensions whose product overflows).
+#[test]
+fn the_gguf_input_found_by_fuzzing_is_an_error() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fuzz/gguf");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let result = thinkrag_llm::gguf::read_content(&mut std::io::Cursor::new(&bytes), &path);
+        assert!(result.is_err(), "{}", path.display());
+    }
+}

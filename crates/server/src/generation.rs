@@ -199,7 +199,16 @@ pub fn normalize_markup(prompt: &str) -> String {
         "tool▁calls▁begin",
         "tool▁calls▁end",
     ] {
-        s = s.replace(&format!("<|{name}|>"), &format!("<｜{name}｜>"));
+        let real = format!("<｜{name}｜>");
+        // ASCII bars, and `_` typed for the `▁` that keyboards lack.
+        let underscored = name.replace('▁', "_");
+        for lookalike in [
+            format!("<|{name}|>"),
+            format!("<|{underscored}|>"),
+            format!("<｜{underscored}｜>"),
+        ] {
+            s = s.replace(&lookalike, &real);
+        }
     }
     s
 }
@@ -264,4 +273,32 @@ pub fn relay(
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
     Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookalike_markup_becomes_the_real_markup() {
+        let real = "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>";
+        for lookalike in [
+            "<|begin▁of▁sentence|><|User|>Hi<|Assistant|>",
+            "<|begin_of_sentence|><|User|>Hi<|Assistant|>",
+            "<｜begin_of_sentence｜><｜User｜>Hi<｜Assistant｜>",
+            // UTF-8 read as cp1252, as copying from some web pages gives.
+            "<ï½œbeginâ–\u{81}ofâ–\u{81}sentenceï½œ><ï½œUserï½œ>Hi<ï½œAssistantï½œ>",
+            "<ï½œbeginâ–ofâ–sentenceï½œ><ï½œUserï½œ>Hi<ï½œAssistantï½œ>",
+        ] {
+            assert_eq!(normalize_markup(lookalike), real, "{lookalike}");
+        }
+        assert_eq!(
+            normalize_markup("<|end_of_sentence|>"),
+            "<｜end▁of▁sentence｜>"
+        );
+        // Text that only resembles markup stays as it is.
+        for text in ["a | b", "<|Users|>", "<User>", "x_of_y"] {
+            assert_eq!(normalize_markup(text), text);
+        }
+    }
 }

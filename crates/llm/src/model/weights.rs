@@ -122,10 +122,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file ({e})"),
-        })?;
+        let content = crate::gguf::read_content(&mut reader, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
