@@ -269,13 +269,14 @@ impl TextTokenizer {
         let marked: Vec<Message> = messages
             .iter()
             .map(|m| {
+                // Marks in the text itself go first: removing them can join a `</think>` (found
+                // by fuzzing: `</th\u{E000}ink>`), which the next step must see.
+                let content = m.content.replace(MARK, "");
                 // Reasoning echoed back in an assistant turn goes, as R1's template drops it, before
                 // marking (the template would otherwise split inside a mark).
-                let content = match (m.role, m.content.rfind(THINK_CLOSE)) {
-                    (crate::chat::Role::Assistant, Some(at)) => {
-                        &m.content[at + THINK_CLOSE.len()..]
-                    }
-                    _ => m.content.as_str(),
+                let content = match (m.role, content.rfind(THINK_CLOSE)) {
+                    (crate::chat::Role::Assistant, Some(at)) => &content[at + THINK_CLOSE.len()..],
+                    _ => content.as_str(),
                 };
                 let (content, found) = self.mark_control_text(content);
                 any |= found;
@@ -290,6 +291,15 @@ impl TextTokenizer {
             return Ok(self.with_single_bos(self.encode(&text)?));
         }
         // Pieces alternate: template and plain text, then one marked control-token text, ...
+        // A template that cut a message apart would unbalance the marks and turn its own markup
+        // into text: refuse rather than encode something else than what it rendered.
+        if text.matches(MARK).count() % 2 != 0 {
+            return Err(Error::Template(
+                "the chat template split a message's text where it spells a control token; \
+                 the conversation cannot be encoded safely"
+                    .into(),
+            ));
+        }
         let mut ids = Vec::new();
         for (i, piece) in text.split(MARK).enumerate() {
             if i % 2 == 0 {
