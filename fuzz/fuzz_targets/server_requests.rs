@@ -54,7 +54,8 @@ fn fixture() -> &'static Fixture {
         let files = ModelFiles::from_dir(&root.join("tests/fixtures/tiny-qwen2")).unwrap();
         let opts = LoadOptions {
             dtype: DTypeChoice::F32,
-            context_window: Some(1024),
+            // A small window bounds what one request can generate, so runs stay fast.
+            context_window: Some(384),
             ..LoadOptions::default()
         };
         let engine = Arc::new(Engine::from_files(files, "tiny".into(), None, &opts, &mut |_| {}).unwrap());

@@ -70,15 +70,19 @@ pub fn read_document(args: ReadDocumentArgs) -> Result<bool> {
     Ok(true)
 }
 
-/// The isolation `ingest` reads PDFs under: this program, re-run as `__read-document`.
-fn isolation(args: &IngestArgs) -> Result<Option<thinkrag::documents::Isolation>> {
+/// The isolation `ingest` reads PDFs under: this program, re-run as `__read-document` with the
+/// same `-v` (the parsers' log lines come from the reader; `THINKRAG_LOG` is inherited).
+fn isolation(args: &IngestArgs, verbose: u8) -> Result<Option<thinkrag::documents::Isolation>> {
     if args.in_process {
         return Ok(None);
     }
     let program = std::env::current_exe().context("cannot find this program to read PDFs in")?;
+    let mut child_args: Vec<std::ffi::OsString> =
+        (0..verbose.min(2)).map(|_| "-v".into()).collect();
+    child_args.push("__read-document".into());
     Ok(Some(thinkrag::documents::Isolation {
         program,
-        args: vec!["__read-document".into()],
+        args: child_args,
         limits: thinkrag::documents::FileLimits {
             time: std::time::Duration::from_secs(args.file_timeout),
             memory_bytes: Some(args.file_memory << 20),
@@ -87,7 +91,7 @@ fn isolation(args: &IngestArgs) -> Result<Option<thinkrag::documents::Isolation>
 }
 
 /// Runs the command; `Ok(false)` when some inputs yielded no text (the rest is indexed).
-pub fn run(args: IngestArgs) -> Result<bool> {
+pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
     let dir = args.index.dir();
     let existing = match thinkrag::index::Index::open(&dir) {
         Ok(index) => Some(index),
@@ -108,7 +112,7 @@ pub fn run(args: IngestArgs) -> Result<bool> {
             },
         },
         prune: args.prune,
-        isolation: isolation(&args)?,
+        isolation: isolation(&args, verbose)?,
         ..IngestOptions::default()
     };
 

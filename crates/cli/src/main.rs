@@ -117,8 +117,9 @@ fn main() -> ExitCode {
 
 /// Runs a command: `Ok(false)` when it finished but some inputs failed.
 fn run(cli: Cli) -> Result<bool> {
+    let verbose = cli.verbose;
     let done = match cli.command {
-        Command::Ingest(args) => return ingest::run(*args),
+        Command::Ingest(args) => return ingest::run(*args, verbose),
         Command::ReadDocument(args) => return ingest::read_document(args),
         Command::Ask(args) => ask::run(*args),
         Command::Chat(args) => chat::run(*args),

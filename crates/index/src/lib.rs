@@ -269,7 +269,7 @@ impl Index {
                     .is_none_or(|failed| *n < failed)
             })
             .collect();
-        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
         for (_, generation) in candidates {
             let gen_dir = dir.join(&generation);
             let Ok(manifest) = storage::read_generation_manifest(&gen_dir) else {
