@@ -702,12 +702,13 @@ impl Index {
 
         let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
         let file = fs::File::create(&chunks_path).map_err(|e| IndexError::io(&chunks_path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = storage::HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
         for c in &self.chunks {
             serde_json::to_writer(&mut w, c).map_err(|e| IndexError::io(&chunks_path, e.into()))?;
             w.write_all(b"\n")
                 .map_err(|e| IndexError::io(&chunks_path, e))?;
         }
+        let (w, chunks_sha256) = w.finish();
         w.into_inner()
             .map_err(|e| IndexError::io(&chunks_path, e.into_error()))?
             .sync_all()
@@ -718,7 +719,16 @@ impl Index {
         let json = serde_json::to_vec(&docs).map_err(|e| IndexError::io(&docs_path, e.into()))?;
         storage::write_file_synced(&docs_path, &json)?;
 
-        storage::write_vectors(&gen_dir.join(storage::VECTORS_FILE), &self.vectors, dim)?;
+        // Checksums of the bytes as they were written, hashed on the way out (no second read).
+        let files = FileChecksums {
+            chunks_sha256,
+            documents_sha256: storage::sha256_bytes(&json),
+            vectors_sha256: storage::write_vectors(
+                &gen_dir.join(storage::VECTORS_FILE),
+                &self.vectors,
+                dim,
+            )?,
+        };
 
         // Small indexes are searched by exact scan, so building a graph just to save it would
         // only slow ingestion down; it is built when the index outgrows the scan limit.
@@ -737,13 +747,6 @@ impl Index {
             })
         };
         storage::sync_dir(gen_dir)?;
-        // Hashed back from the files (in the page cache by now), so the sums are of what was
-        // written, not of what was meant to be.
-        let files = FileChecksums {
-            chunks_sha256: storage::sha256_file(&chunks_path)?,
-            documents_sha256: storage::sha256_file(&docs_path)?,
-            vectors_sha256: storage::sha256_file(&gen_dir.join(storage::VECTORS_FILE))?,
-        };
         Ok((graph, files))
     }
 

@@ -177,6 +177,11 @@ pub(crate) fn read_data(path: &Path) -> Result<Vec<u8>, IndexError> {
     })
 }
 
+/// Hex SHA-256 of bytes.
+pub(crate) fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 /// Checks a data file's bytes against the SHA-256 recorded when it was written (if any). Run
 /// after parsing, so a truncated or malformed file gets the parser's more precise message.
 pub(crate) fn verify_sha256(
@@ -185,7 +190,7 @@ pub(crate) fn verify_sha256(
     want: Option<&str>,
 ) -> Result<(), IndexError> {
     let Some(want) = want else { return Ok(()) };
-    let got = hex(&Sha256::digest(bytes));
+    let got = sha256_bytes(bytes);
     if got == want {
         return Ok(());
     }
@@ -240,10 +245,11 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), IndexError> {
     }
 }
 
-/// Writes the vectors file: header then `flat` as little-endian f32, fsynced.
-pub(crate) fn write_vectors(path: &Path, flat: &[f32], dim: usize) -> Result<(), IndexError> {
+/// Writes the vectors file: header then `flat` as little-endian f32, fsynced; returns the hex
+/// SHA-256 of what it wrote.
+pub(crate) fn write_vectors(path: &Path, flat: &[f32], dim: usize) -> Result<String, IndexError> {
     let f = File::create(path).map_err(|e| IndexError::io(path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, f));
     let count = flat.len().checked_div(dim).unwrap_or(0);
     let mut header = Vec::with_capacity(VECTORS_HEADER);
     header.extend_from_slice(VECTORS_MAGIC);
@@ -258,10 +264,44 @@ pub(crate) fn write_vectors(path: &Path, flat: &[f32], dim: usize) -> Result<(),
         }
         w.write_all(&buf).map_err(|e| IndexError::io(path, e))?;
     }
+    let (w, sha256) = w.finish();
     let f = w
         .into_inner()
         .map_err(|e| IndexError::io(path, e.into_error()))?;
-    f.sync_all().map_err(|e| IndexError::io(path, e))
+    f.sync_all().map_err(|e| IndexError::io(path, e))?;
+    Ok(sha256)
+}
+
+/// A writer that hashes what passes through it, so a file's checksum costs no second read.
+pub(crate) struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The inner writer and the hex SHA-256 of everything written.
+    pub(crate) fn finish(self) -> (W, String) {
+        (self.inner, hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Parses the vectors file's bytes, checking header, dimension, count and exact length.

@@ -48,6 +48,11 @@ pub struct Isolation {
     pub limits: FileLimits,
 }
 
+/// What Rust's runtime prints when an allocation fails (under the memory limit).
+const OUT_OF_MEMORY: &str = "memory allocation of";
+/// What it prints when a thread overflows its stack.
+const STACK_OVERFLOW: &str = "has overflowed its stack";
+
 /// Stderr lines kept from a failed child, for the failure message.
 const STDERR_TAIL: usize = 4096;
 
@@ -132,12 +137,11 @@ impl Isolation {
             }
         }
         let tail = String::from_utf8_lossy(&tail);
-        let reason = if tail.contains("memory allocation of") && self.limits.memory_bytes.is_some()
-        {
+        let reason = if tail.contains(OUT_OF_MEMORY) && self.limits.memory_bytes.is_some() {
             FailureReason::OutOfMemory {
                 limit_mib: self.limits.memory_bytes.unwrap_or(0) >> 20,
             }
-        } else if tail.contains("has overflowed its stack") {
+        } else if tail.contains(STACK_OVERFLOW) {
             FailureReason::Crashed("stack overflow: the file nests without end".into())
         } else {
             let last = tail
@@ -169,8 +173,8 @@ fn forward_stderr(stderr: Option<&mut std::process::ChildStderr>) -> Vec<u8> {
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line);
-            let crash = text.contains("memory allocation of")
-                || text.contains("has overflowed its stack")
+            let crash = text.contains(OUT_OF_MEMORY)
+                || text.contains(STACK_OVERFLOW)
                 || text.starts_with("fatal runtime error");
             if !crash {
                 let _ = std::io::stderr().write_all(&line);
