@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use thinkrag_llm::bench::bench_tokens;
-use thinkrag_llm::model::{Logits, Qwen2};
+use thinkrag_llm::model::{CausalLm, Logits};
 use thinkrag_llm::{load_model_only, DTypeChoice, DeviceChoice, LoadOptions, Quantization};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -22,7 +22,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn load() -> Option<Qwen2> {
+fn load() -> Option<CausalLm> {
     let Ok(dir) = std::env::var("THINKRAG_BENCH_MODEL") else {
         eprintln!("THINKRAG_BENCH_MODEL is not set: nothing to benchmark (see benches/engine.rs)");
         return None;

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Build the tiny random-weight Qwen2 parity fixture (tests/fixtures/tiny-qwen2).
+"""Build the tiny random-weight parity fixtures (tests/fixtures/tiny-qwen2, tests/fixtures/tiny-llama).
 
 Writes a complete model directory shaped like DeepSeek-R1-Distill-Qwen (Qwen2 architecture, byte-level
-BPE tokenizer with DeepSeek's 22 added tokens, the official chat template) but tiny, with random weights,
+BPE tokenizer with DeepSeek's 22 added tokens, the official chat template) or, with --arch llama, like
+DeepSeek-R1-Distill-Llama (Llama 3.1: no q/k/v biases, llama3 RoPE scaling, Llama 3's split regex and
+added-token block with DeepSeek's tokens at their relative ids, config.json in transformers 5's layout
+with rope_parameters and dtype) but tiny, with random weights,
 plus reference outputs computed by Hugging Face transformers (float32, CPU, eager attention). The Rust
 tests compare the engine's tokenizer, chat rendering, prefill/decode logits, greedy tokens and KV-cache
 prefix reuse against these.
 
 usage (from the repository root):
-  python scripts/make_parity_fixture.py [OUT_DIR]        # default OUT_DIR: tests/fixtures/tiny-qwen2
+  python scripts/make_parity_fixture.py [--arch qwen2|llama] [OUT_DIR]
+  # default OUT_DIR: tests/fixtures/tiny-qwen2 or tests/fixtures/tiny-llama
 
 Needs: torch, transformers, tokenizers, safetensors, numpy. Deterministic: fixed seeds, CPU only.
 """
@@ -27,7 +31,14 @@ from tokenizers import Tokenizer, Regex, AddedToken, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-SEED = 24                   # chosen: greedy avoids EOS and all added tokens, min top-1/top-2 margin 0.23
+ARCH = "qwen2"
+if len(sys.argv) > 2 and sys.argv[1] == "--arch":
+    ARCH = sys.argv[2]
+    del sys.argv[1:3]
+assert ARCH in ("qwen2", "llama"), ARCH
+LLAMA = ARCH == "llama"
+# chosen: greedy avoids EOS and all added tokens; min top-1/top-2 margin 0.23 (qwen2), 0.53 (llama)
+SEED = int(os.environ.get("FIXTURE_SEED", "5" if LLAMA else "24"))
 BPE_VOCAB = 448            # trained vocabulary incl. the 256-symbol byte-level alphabet
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 256, 3, 4, 2  # multiples of 256: every k-quant applies
 N_DECODE = 6
@@ -39,6 +50,11 @@ TOL = 1e-4
 # Qwen2 pre-tokenizer pattern (same as /work/shared/scripts/make-qwen2-tokenizer.py).
 PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
+# Llama 3's split: numbers in runs of up to three digits (tokenizer.json of Llama 3.1 and the Llama distills).
+LLAMA_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+if LLAMA:
+    PAT = LLAMA_PAT
+
 # DeepSeek-R1-Distill-Qwen's 22 added tokens, in id order (real ids 151643..151664), with "special" flags.
 ADDED = [("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
          ("<｜begin▁of▁sentence｜>", True), ("<|EOT|>", False), ("<think>", False), ("</think>", False),
@@ -46,6 +62,16 @@ ADDED = [("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜A
          ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False),
          ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
          ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False)]
+# DeepSeek-R1-Distill-Llama keeps Llama 3's block of 256 added tokens (real ids 128000..128255, all
+# special) with DeepSeek's renamed at the start; the first 16, in order (relative ids 0..15).
+LLAMA_ADDED = [("<｜begin▁of▁sentence｜>", True), ("<｜end▁of▁sentence｜>", True),
+               ("<|reserved_special_token_0|>", True), ("<|reserved_special_token_1|>", True),
+               ("<|finetune_right_pad_id|>", True), ("<|reserved_special_token_2|>", True),
+               ("<|start_header_id|>", True), ("<|end_header_id|>", True), ("<|eom_id|>", True),
+               ("<|eot_id|>", True), ("<|python_tag|>", True), ("<｜User｜>", True), ("<｜Assistant｜>", True),
+               ("<think>", True), ("</think>", True), ("<|reserved_special_token_7|>", True)]
+if LLAMA:
+    ADDED = LLAMA_ADDED
 EOS, USER, ASSISTANT, BOS, THINK_OPEN, THINK_CLOSE = (
     "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>", "<think>", "</think>")
 
@@ -102,7 +128,8 @@ def log(*a):
 
 def build_tokenizer():
     tk = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tk.normalizer = normalizers.NFC()
+    if not LLAMA:
+        tk.normalizer = normalizers.NFC()   # Llama 3 has no normalizer
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PAT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
@@ -121,11 +148,30 @@ def build_tokenizer():
     # write the flags Qwen2's published tokenizer.json has. Decoding does not depend on them.
     j = json.loads(tk.to_str())
     j["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    if LLAMA:
+        j["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        j["pre_tokenizer"]["pretokenizers"][1] = {"type": "ByteLevel", "add_prefix_space": False,
+                                                  "trim_offsets": True, "use_regex": False}
     tk = Tokenizer.from_str(json.dumps(j, ensure_ascii=False))
     return tk, n_bpe
 
 
+def llama_tokenizer_config(ref_dir, n_bpe):
+    """The Llama distills' tokenizer_config.json: LlamaTokenizerFast with add_bos_token, the same chat
+    template as the Qwen distills (compared by eye with the published file), pad = EOS."""
+    ref = json.load(open(os.path.join(ref_dir, "tokenizer_config.json"), encoding="utf-8"))
+    atd = {str(n_bpe + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": sp} for i, (t, sp) in enumerate(ADDED)}
+    return {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": atd,
+            "bos_token": BOS, "chat_template": ref["chat_template"], "clean_up_tokenization_spaces": False,
+            "eos_token": EOS, "legacy": True, "model_max_length": 4096, "pad_token": EOS,
+            "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizerFast", "unk_token": None,
+            "use_default_system_prompt": False}
+
+
 def tokenizer_config(ref_dir, n_bpe):
+    if LLAMA:
+        return llama_tokenizer_config(ref_dir, n_bpe)
     ref = json.load(open(os.path.join(ref_dir, "tokenizer_config.json"), encoding="utf-8"))
     ref_decoder = ref["added_tokens_decoder"]
     by_content = {v["content"]: v for v in ref_decoder.values()}
@@ -176,7 +222,7 @@ def margin(row, tok_size):
 
 def main():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(repo, "tests", "fixtures", "tiny-qwen2")
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(repo, "tests", "fixtures", f"tiny-{ARCH}")
     ref_dir = os.environ.get("THINKRAG_REFERENCE_DIR", "/work/shared/reference/deepseek-r1-distill-qwen-1.5b")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(SEED)
@@ -226,9 +272,30 @@ def main():
         "use_sliding_window": False,
         "vocab_size": vocab_size,
     }
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+    if LLAMA:
+        # Written by transformers 5 itself (rope_parameters, dtype): the layout new tools save.
+        from transformers import LlamaConfig
+        LlamaConfig(
+            vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
+            hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-05,
+            bos_token_id=ids["bos"], eos_token_id=ids["eos"], tie_word_embeddings=False,
+            attention_bias=False, mlp_bias=False, dtype="float32",
+            # original_max_position_embeddings 32 (8,192 in the real model) so that the scaling's
+            # three bands (kept, blended, divided) all shape these short sequences.
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32},
+        ).save_pretrained(out)
+        written = json.load(open(os.path.join(out, "config.json")))
+        assert "rope_parameters" in written and "rope_theta" not in written, written
+        assert "dtype" in written and "torch_dtype" not in written, written
+        os.remove(os.path.join(out, "generation_config.json")) if os.path.exists(
+            os.path.join(out, "generation_config.json")) else None
+    else:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
 
     # 4. generation_config.json
     gen = {"_from_model_config": True, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
@@ -239,22 +306,30 @@ def main():
         f.write("\n")
 
     # 5. model.safetensors: every parameter random (biases and norms included)
-    from transformers import Qwen2Config, Qwen2ForCausalLM, PreTrainedTokenizerFast, GenerationConfig
-    cfg = Qwen2Config.from_pretrained(out)
-    assert cfg.vocab_size == vocab_size and cfg.num_key_value_heads == KV_HEADS and cfg.sliding_window is None
+    from transformers import (Qwen2Config, Qwen2ForCausalLM, LlamaConfig, LlamaForCausalLM, AutoTokenizer,
+                              PreTrainedTokenizerFast, GenerationConfig)
+    ConfigClass, ModelClass = (LlamaConfig, LlamaForCausalLM) if LLAMA else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = ConfigClass.from_pretrained(out)
+    assert cfg.vocab_size == vocab_size and cfg.num_key_value_heads == KV_HEADS
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
     assert float(rope["rope_theta"]) == 10000.0, rope
-    assert all(t == "full_attention" for t in getattr(cfg, "layer_types", ["full_attention"]))
+    if LLAMA:
+        assert rope["rope_type"] == "llama3" and not cfg.tie_word_embeddings, rope
+    else:
+        assert cfg.sliding_window is None
+        assert all(t == "full_attention" for t in getattr(cfg, "layer_types", ["full_attention"]))
     torch.manual_seed(SEED)
-    m0 = Qwen2ForCausalLM(cfg).float()
+    m0 = ModelClass(cfg).float()
     randomize(m0, SEED)
     sd = {k: v.detach().clone().contiguous() for k, v in m0.named_parameters()}
+    if LLAMA:
+        assert not any(k.endswith(".bias") for k in sd), sorted(sd)
     assert "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
     save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     del m0
 
     # Reload exactly as a user would, and check the weights round-tripped.
-    model = Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    model = ModelClass.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     loaded = dict(model.named_parameters())
     assert set(loaded) == set(sd), set(loaded) ^ set(sd)
@@ -263,7 +338,8 @@ def main():
     for k, v in sd.items():   # nothing left at HF's default init (zero biases, unit norms)
         assert v.std() > 0.03, k
 
-    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    # What users load: AutoTokenizer (tokenizer_class LlamaTokenizerFast for the Llama distills).
+    tok = (AutoTokenizer if LLAMA else PreTrainedTokenizerFast).from_pretrained(out)
     assert len(tok) == tok_size, (len(tok), tok_size)
     for name, i in ids.items():
         assert tok.convert_ids_to_tokens(i) == {"eos": EOS, "user": USER, "assistant": ASSISTANT, "bos": BOS,
@@ -290,6 +366,12 @@ def main():
     assert prompt_text == BOS + USER + q1 + ASSISTANT + THINK_OPEN + "\n", prompt_text
     prompt_ids = enc(prompt_text)
     assert prompt_ids[0] == ids["bos"] and prompt_ids.count(ids["bos"]) == 1
+    # What transformers feeds the model: the template writes BOS, and apply_chat_template tokenizes
+    # without adding another (the Llama tokenizer's own add_bos_token would add one to plain text).
+    templated = tok.apply_chat_template(msgs1, add_generation_prompt=True, tokenize=True)
+    if not isinstance(templated, list):
+        templated = templated["input_ids"]
+    assert list(templated) == prompt_ids, (templated, prompt_ids)
     tail = enc(ASSISTANT + THINK_OPEN + "\n")
     assert tail[:2] == [ids["assistant"], ids["think_open"]] and len(tail) == 3
     assert prompt_ids[-3:] == tail, (prompt_ids[-3:], tail)
@@ -435,7 +517,41 @@ def main():
         f.write("\n")
 
     # 7. README.md
-    readme = f"""# tiny-qwen2: parity fixture
+    if LLAMA:
+        readme = f"""# tiny-llama: parity fixture
+
+A tiny random-weight Llama 3.1 model shaped like DeepSeek-R1-Distill-Llama, plus reference outputs from
+Hugging Face transformers, for the engine's parity tests (f32 logits must match within {TOL:g}).
+Generated by `scripts/make_parity_fixture.py --arch llama`; do not edit by hand.
+
+Regenerate (from the repository root; deterministic, CPU only, seed {SEED}):
+
+    python scripts/make_parity_fixture.py --arch llama tests/fixtures/tiny-llama
+
+Generated with torch {torch.__version__}, transformers {transformers.__version__}, tokenizers {tokenizers.__version__},
+safetensors, numpy {np.__version__}; reference: float32, CPU, `attn_implementation="eager"`.
+
+- `tokenizer.json`: byte-level BPE ({n_bpe} entries incl. the 256-byte alphabet) trained on English text
+  embedded in the script, with Llama 3's split regex (digits in runs of up to three), no normalizer,
+  ByteLevel pre-tokenizer/decoder, then the first 16 of the Llama distill's 256 added tokens (all special)
+  at ids {n_bpe}..{tok_size - 1}, in their real relative order (real id = 128000 + offset): BOS
+  `<｜begin▁of▁sentence｜>` = {ids["bos"]}, EOS `<｜end▁of▁sentence｜>` = {ids["eos"]}, `<｜User｜>` = {ids["user"]},
+  `<｜Assistant｜>` = {ids["assistant"]}, `<think>` = {ids["think_open"]}, `</think>` = {ids["think_close"]}.
+  Tokenizer size {tok_size}.
+- `tokenizer_config.json`: as the Llama distills publish it: `LlamaTokenizerFast`, `add_bos_token` true,
+  pad = EOS, the same chat template as the Qwen distills.
+- `config.json`: written by transformers {transformers.__version__} itself, so in its layout: `rope_parameters`
+  (llama3: factor 8, low 1, high 4, `original_max_position_embeddings` 32 so that all three frequency
+  bands matter at these lengths; theta 10000) and `dtype` instead of `rope_theta`/`rope_scaling`/`torch_dtype`.
+  Hidden {HIDDEN}, intermediate {INTER}, {LAYERS} layers, {HEADS} heads, {KV_HEADS} KV heads, no biases,
+  untied lm_head as in the real distills, `vocab_size` {vocab_size}.
+- `generation_config.json`: bos {ids["bos"]}, eos {ids["eos"]}, do_sample, temperature 0.6, top_p 0.95.
+- `model.safetensors`: float32, HF LlamaForCausalLM names, every parameter random.
+- `reference.safetensors` / `reference.json`: as for tiny-qwen2 (prompt ids, prefill logits, {N_DECODE} cached
+  greedy decode steps, {N_GREEDY} greedy tokens, a second turn with warm/cold logits, tokenizer cases).
+"""
+    else:
+        readme = f"""# tiny-qwen2: parity fixture
 
 A tiny random-weight Qwen2 model shaped like DeepSeek-R1-Distill-Qwen, plus reference outputs from
 Hugging Face transformers, for the engine's parity tests (f32 logits must match within {TOL:g}).

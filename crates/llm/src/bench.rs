@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::engine::Engine;
 use crate::generate::{GenerationParams, OwnedEvent, MAX_TOKENS_LIMIT};
-use crate::model::{KvCache, Logits, Qwen2};
+use crate::model::{CausalLm, KvCache, Logits};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// One measured test.
@@ -53,7 +53,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// Times the prefill of `tokens` tokens from an empty cache, `runs` times.
-pub fn prefill(model: &Qwen2, tokens: usize, runs: usize) -> Result<BenchResult> {
+pub fn prefill(model: &CausalLm, tokens: usize, runs: usize) -> Result<BenchResult> {
     let ids = bench_tokens(tokens, model.vocab_size(), 1);
     let mut cache = model.new_cache(tokens + 1);
     // Untimed warm-up: first-touch allocations and thread start-up are not what is measured.
@@ -80,8 +80,13 @@ pub fn prefill(model: &Qwen2, tokens: usize, runs: usize) -> Result<BenchResult>
 
 /// Times `tokens` decode steps (one token each, logits read back as generation does) starting with
 /// `position` positions in the cache, `runs` times. Runs the decode step generation runs
-/// ([`Qwen2::forward_decode`]) with a batch of one.
-pub fn decode(model: &Qwen2, tokens: usize, position: usize, runs: usize) -> Result<BenchResult> {
+/// ([`CausalLm::forward_decode`]) with a batch of one.
+pub fn decode(
+    model: &CausalLm,
+    tokens: usize,
+    position: usize,
+    runs: usize,
+) -> Result<BenchResult> {
     let mut r = batched_decode(model, 1, tokens, position, runs)?;
     r.test = format!("tg{tokens}@{position}");
     Ok(r)
@@ -91,7 +96,7 @@ pub fn decode(model: &Qwen2, tokens: usize, position: usize, runs: usize) -> Res
 /// in its own cache: one forward per step for all of them, as the scheduler runs it. Reports the
 /// aggregate tokens per second (`sequences * tokens / time`), `runs` times after a warm-up step.
 pub fn batched_decode(
-    model: &Qwen2,
+    model: &CausalLm,
     sequences: usize,
     tokens: usize,
     position: usize,

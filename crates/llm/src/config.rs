@@ -7,65 +7,39 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::model::llama::LlamaConfig;
+pub use crate::model::qwen2::Qwen2Config;
 
-/// The architectures this engine runs: the Qwen2 family of the DeepSeek-R1 distills.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen2ForCausalLM"];
+/// The architectures this engine runs, as `config.json` names them.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen2ForCausalLM", "LlamaForCausalLM"];
 
-/// `config.json` of a Qwen2 causal language model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Qwen2Config {
-    /// `["Qwen2ForCausalLM"]` for the supported models.
-    #[serde(default)]
-    pub architectures: Vec<String>,
-    /// `"qwen2"`.
-    #[serde(default)]
-    pub model_type: Option<String>,
-    /// Width of the logits (151,936 for the real model: wider than the tokenizer).
-    pub vocab_size: usize,
-    /// Model width.
-    pub hidden_size: usize,
-    /// Width of the MLP.
-    pub intermediate_size: usize,
-    /// Decoder layers.
-    pub num_hidden_layers: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads (grouped-query attention when fewer than the query heads).
-    pub num_key_value_heads: usize,
-    /// Longest sequence the model was trained for.
-    pub max_position_embeddings: usize,
-    /// RoPE base.
-    pub rope_theta: f64,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// Activation of the MLP; only `silu` is supported.
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    /// Whether `lm_head` shares the token embedding.
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// Whether attention is windowed; false for every DeepSeek-R1 distill.
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    /// The window, if any. Re-saved configs sometimes write `null`.
-    #[serde(default)]
-    pub sliding_window: Option<usize>,
-    /// Layers from this index on use the window (when `use_sliding_window`).
-    #[serde(default)]
-    pub max_window_layers: Option<usize>,
-    /// Config's BOS id. Wrong for DeepSeek-R1 distills: generation_config.json has the real one.
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    /// Config's EOS id.
-    #[serde(default)]
-    pub eos_token_id: Option<TokenIds>,
-    /// Dtype the weights were published in.
-    #[serde(default)]
-    pub torch_dtype: Option<String>,
+/// The decoder families of the DeepSeek-R1 distills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Qwen2 (the Qwen 1.5B, 7B, 14B and 32B distills).
+    Qwen2,
+    /// Llama 3.x (the Llama 8B and 70B distills).
+    Llama,
 }
 
-fn default_act() -> String {
-    "silu".to_string()
+impl Architecture {
+    /// The name GGUF files use (`general.architecture`) and manifests say.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Llama => "llama",
+        }
+    }
+
+    /// The architecture GGUF's `general.architecture` names, if supported.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "qwen2" => Some(Architecture::Qwen2),
+            "llama" => Some(Architecture::Llama),
+            _ => None,
+        }
+    }
 }
 
 /// One token id or several (both occur in published configs).
@@ -88,36 +62,167 @@ impl TokenIds {
     }
 }
 
-impl Qwen2Config {
-    /// Reads and validates a `config.json`.
+/// Llama 3.1's RoPE scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    /// Divisor of the low frequencies (8 for Llama 3.1 and 3.3).
+    pub factor: f64,
+    /// Wavelengths above `original / low_freq_factor` are divided by `factor`.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context the base model was trained with (8,192).
+    pub original_max_position_embeddings: usize,
+}
+
+/// How positions rotate queries and keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeConfig {
+    /// The base.
+    pub theta: f64,
+    /// Llama 3's frequency scaling, from config.json.
+    pub llama3: Option<Llama3RopeScaling>,
+    /// Per-frequency divisors as a GGUF file stores them (`rope_freqs.weight`), which replace
+    /// `llama3` when the model comes from such a file.
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+/// What the engine needs to know about a model, whatever its architecture: shapes, vocabulary,
+/// context, special ids and the per-architecture choices the shared decoder makes (biases, RoPE,
+/// windows). Built from an architecture's own `config.json` type (`Qwen2Config`, `LlamaConfig`) or
+/// from GGUF metadata; serialises back to the published `config.json` it was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The decoder family.
+    pub architecture: Architecture,
+    /// Width of the logits (may exceed the tokenizer's size).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Longest sequence the model runs.
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Whether `lm_head` shares the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Whether the query, key and value projections have biases (Qwen2 yes, Llama no).
+    pub attention_bias: bool,
+    /// Rotary position embedding.
+    pub rope: RopeConfig,
+    /// Each layer's attention window (`None`: full attention).
+    pub layer_windows: Vec<Option<usize>>,
+    /// Config's BOS id (generation_config.json's wins where they differ).
+    pub bos_token_id: Option<u32>,
+    /// Config's EOS id(s).
+    pub eos_token_id: Option<TokenIds>,
+    /// Dtype the weights were published in (`torch_dtype`, or transformers 5's `dtype`).
+    pub torch_dtype: Option<String>,
+    /// What was read differently from the published names (transformers 5 fields), for the user.
+    pub notes: Vec<String>,
+    /// The `config.json` this was read from, written back verbatim by `thinkrag synth`.
+    pub published: serde_json::Value,
+}
+
+impl ModelConfig {
+    /// Reads and validates a `config.json` of any supported architecture.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = read_json(path)?;
-        cfg.validate(path)?;
+        let value: serde_json::Value = read_json(path)?;
+        Self::from_value(value, path)
+    }
+
+    /// Builds the configuration from `config.json`'s content as transformers 4 or 5 writes it:
+    /// transformers 5's `rope_parameters` stand for `rope_theta` and `rope_scaling`, its `dtype`
+    /// for `torch_dtype`, and its `layer_types` say which layers are windowed. `path` names the
+    /// file in errors.
+    pub fn from_value(published: serde_json::Value, path: &Path) -> Result<Self> {
+        let mut v = published.clone();
+        let Some(obj) = v.as_object_mut() else {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                format: "JSON",
+                message: "config.json is not a JSON object".into(),
+            });
+        };
+        let mut notes = Vec::new();
+        if let Some(rp) = obj.get("rope_parameters").cloned() {
+            // transformers 5: one object (or one per attention kind) instead of rope_theta and
+            // rope_scaling.
+            let rp = match rp.get("full_attention") {
+                Some(full) => full.clone(),
+                None => rp,
+            };
+            if let Some(theta) = rp.get("rope_theta") {
+                obj.entry("rope_theta").or_insert(theta.clone());
+            }
+            let kind = rp
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" && obj.get("rope_scaling").is_none_or(|s| s.is_null()) {
+                obj.insert("rope_scaling".into(), rp.clone());
+            }
+            notes.push(format!(
+                "RoPE read from rope_parameters (transformers 5): {kind}"
+            ));
+        }
+        if !obj.contains_key("torch_dtype") {
+            if let Some(d) = obj.get("dtype").cloned() {
+                obj.insert("torch_dtype".into(), d);
+            }
+        }
+        let architectures: Vec<String> = obj
+            .get("architectures")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        let model_type = obj
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let bad = |e: serde_json::Error| Error::Parse {
+            path: path.to_path_buf(),
+            format: "JSON",
+            message: e.to_string(),
+        };
+        let is = |arch: &str, ty: &str| {
+            architectures.iter().any(|a| a == arch)
+                || (architectures.is_empty() && model_type == ty)
+        };
+        let mut cfg = if is("Qwen2ForCausalLM", "qwen2") {
+            let c: Qwen2Config = serde_json::from_value(v).map_err(bad)?;
+            c.to_model_config(path)?
+        } else if is("LlamaForCausalLM", "llama") {
+            let c: LlamaConfig = serde_json::from_value(v).map_err(bad)?;
+            c.to_model_config(path)?
+        } else {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                message: format!(
+                    "architectures {architectures:?} (model_type {model_type:?}) is not one of {SUPPORTED_ARCHITECTURES:?} (thinkrag runs the DeepSeek-R1 distills: Qwen2 and Llama 3)"
+                ),
+            });
+        };
+        cfg.notes = notes;
+        cfg.published = published;
         Ok(cfg)
     }
 
-    /// Rejects configurations this engine would run wrongly.
-    pub fn validate(&self, path: &Path) -> Result<()> {
+    /// Rejects shapes this engine would run wrongly; used by every architecture's conversion.
+    pub fn checked(self, path: &Path) -> Result<Self> {
         let unsupported = |message: String| Error::Unsupported {
             path: path.to_path_buf(),
             message,
         };
-        if !self
-            .architectures
-            .iter()
-            .any(|a| SUPPORTED_ARCHITECTURES.contains(&a.as_str()))
-        {
-            return Err(unsupported(format!(
-                "architectures {:?} is not one of {:?} (thinkrag runs the Qwen2-based DeepSeek-R1 distills)",
-                self.architectures, SUPPORTED_ARCHITECTURES
-            )));
-        }
-        if self.hidden_act != "silu" {
-            return Err(unsupported(format!(
-                "hidden_act {:?} (only silu)",
-                self.hidden_act
-            )));
-        }
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -125,18 +230,13 @@ impl Qwen2Config {
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(unsupported(format!("{name} is 0")));
             }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(unsupported(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            )));
         }
         if !self
             .num_attention_heads
@@ -147,38 +247,87 @@ impl Qwen2Config {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if !self.head_dim().is_multiple_of(2) {
-            return Err(unsupported(format!("head dim {} is odd", self.head_dim())));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(unsupported(format!("head dim {} is odd", self.head_dim)));
         }
-        if self.use_sliding_window && self.sliding_window.is_none() {
-            return Err(unsupported(
-                "use_sliding_window is true but sliding_window is null".into(),
-            ));
+        if self.architecture == Architecture::Qwen2
+            && self.head_dim * self.num_attention_heads != self.hidden_size
+        {
+            return Err(unsupported(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
         }
-        Ok(())
+        if !(self.rope.theta > 0.0 && self.rope.theta.is_finite()) {
+            return Err(unsupported(format!(
+                "rope_theta {} is not positive",
+                self.rope.theta
+            )));
+        }
+        if let Some(s) = &self.rope.llama3 {
+            let ok = s.factor > 0.0
+                && s.low_freq_factor > 0.0
+                && s.high_freq_factor > s.low_freq_factor
+                && s.original_max_position_embeddings > 0;
+            if !ok {
+                return Err(unsupported(format!(
+                    "rope_scaling {s:?}: factor, low_freq_factor and original_max_position_embeddings must be positive and high_freq_factor above low_freq_factor"
+                )));
+            }
+        }
+        if let Some(f) = &self.rope.freq_factors {
+            if f.len() != self.head_dim / 2 || f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
+                return Err(unsupported(format!(
+                    "rope_freqs has {} factors (want {} positive ones)",
+                    f.len(),
+                    self.head_dim / 2
+                )));
+            }
+        }
+        if self.layer_windows.len() != self.num_hidden_layers {
+            return Err(unsupported(format!(
+                "{} layer attention kinds for {} layers",
+                self.layer_windows.len(),
+                self.num_hidden_layers
+            )));
+        }
+        Ok(self)
     }
 
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
     }
 
     /// The attention window of layer `layer`, when the config asks for one.
     pub fn window_of_layer(&self, layer: usize) -> Option<usize> {
-        if !self.use_sliding_window {
-            return None;
+        self.layer_windows.get(layer).copied().flatten()
+    }
+
+    /// The RoPE inverse frequencies of one head (`head_dim / 2` of them), computed in f32 as the
+    /// reference does so tables agree to the last bit or two.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let mut f = crate::model::llama::plain_inv_freq(self.rope.theta, self.head_dim);
+        // Llama 3's scaling goes through the divisors a GGUF file stores, so a model and its GGUF
+        // export rotate by bit-identical angles.
+        let factors = match (&self.rope.freq_factors, &self.rope.llama3) {
+            (Some(factors), _) => Some(factors.clone()),
+            (None, Some(s)) => Some(s.freq_factors(self.rope.theta, self.head_dim)),
+            (None, None) => None,
+        };
+        for (x, d) in f.iter_mut().zip(factors.iter().flatten()) {
+            *x /= d;
         }
-        match self.max_window_layers {
-            Some(m) if layer < m => None,
-            _ => self.sliding_window,
-        }
+        f
     }
 
     /// Parameters of the model (embedding and lm_head included).
     pub fn parameter_count(&self) -> usize {
         let h = self.hidden_size;
-        let kv = self.num_key_value_heads * self.head_dim();
-        let attn = h * h + h + 2 * (h * kv + kv) + h * h;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let attn = h * q + 2 * h * kv + q * h + bias;
         let mlp = 3 * h * self.intermediate_size;
         let layer = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings {
@@ -187,6 +336,19 @@ impl Qwen2Config {
             self.vocab_size * h
         };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+impl Serialize for ModelConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.published.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        ModelConfig::from_value(v, Path::new("config")).map_err(serde::de::Error::custom)
     }
 }
 

@@ -9,14 +9,14 @@ use candle_core::DType;
 use candle_nn::VarBuilder;
 
 use crate::chat::Message;
-use crate::config::{GenerationConfig, Qwen2Config};
+use crate::config::{GenerationConfig, ModelConfig};
 use crate::device::{DTypeChoice, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::generate::{Event, Generation, GenerationParams, OwnedEvent};
 use crate::gguf;
 use crate::manifest::ModelManifest;
+use crate::model::{CausalLm, KvCache, Logits};
 use crate::model::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};
-use crate::model::{KvCache, Logits, Qwen2};
 use crate::quant::Quantization;
 use crate::sampling::SamplingParams;
 use crate::sequence::{Phase, Sequence};
@@ -57,7 +57,7 @@ pub enum LoadProgress {
 
 /// A loaded model, ready to generate.
 pub struct Engine {
-    model: Qwen2,
+    model: CausalLm,
     tokenizer: TextTokenizer,
     files: ModelFiles,
     name: String,
@@ -146,7 +146,7 @@ impl Engine {
     }
 
     /// The model.
-    pub fn model(&self) -> &Qwen2 {
+    pub fn model(&self) -> &CausalLm {
         &self.model
     }
 
@@ -337,7 +337,7 @@ impl Session {
     }
 
     /// Runs `ids` after the cached tokens and returns the last position's logits.
-    pub fn feed(&mut self, model: &Qwen2, ids: &[u32]) -> Result<candle_core::Tensor> {
+    pub fn feed(&mut self, model: &CausalLm, ids: &[u32]) -> Result<candle_core::Tensor> {
         let logits = model.forward(ids, &mut self.cache, Logits::Last)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
@@ -346,7 +346,7 @@ impl Session {
     /// Runs `ids` after the cached tokens and returns the logits `which` asks for.
     pub fn feed_logits(
         &mut self,
-        model: &Qwen2,
+        model: &CausalLm,
         ids: &[u32],
         which: Logits,
     ) -> Result<candle_core::Tensor> {
@@ -367,7 +367,7 @@ impl Session {
     }
 
     /// Like [`Self::feed`], returning every position's logits.
-    pub fn feed_all(&mut self, model: &Qwen2, ids: &[u32]) -> Result<candle_core::Tensor> {
+    pub fn feed_all(&mut self, model: &CausalLm, ids: &[u32]) -> Result<candle_core::Tensor> {
         let logits = model.forward(ids, &mut self.cache, Logits::All)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
@@ -495,7 +495,7 @@ fn check_manifest_tokens(m: &ModelManifest, tok: &TextTokenizer, path: &Path) ->
 
 /// What a model's files say about it before its weights load.
 struct LoadedConfig {
-    config: Qwen2Config,
+    config: ModelConfig,
     generation: GenerationConfig,
     /// `None` when a GGUF file has no tokenizer and no tokenizer.json is beside it.
     tokenizer: Option<TextTokenizer>,
@@ -539,7 +539,7 @@ impl LoadedConfig {
                 (info.config, generation, tok, OpenWeights::Gguf(file))
             }
             (WeightFiles::Safetensors(paths), Some(config)) => (
-                Qwen2Config::from_file(config)?,
+                ModelConfig::from_file(config)?,
                 generation_file.unwrap_or_default(),
                 None,
                 OpenWeights::Safetensors(paths.clone()),
@@ -597,12 +597,12 @@ fn activation_dtype(gguf: bool, opts: &LoadOptions, device: &candle_core::Device
 /// Opens the weights (each safetensors file checked on its own, so an error names the broken
 /// file) and builds the model.
 fn load_weights(
-    config: &Qwen2Config,
+    config: &ModelConfig,
     weights: OpenWeights,
     opts: &LoadOptions,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(LoadProgress),
-) -> Result<Qwen2> {
+) -> Result<CausalLm> {
     let dtype = activation_dtype(matches!(weights, OpenWeights::Gguf(_)), opts, device)?;
     let mut report = |done, total| progress(LoadProgress::Weights { done, total });
     let first = match &weights {
@@ -628,7 +628,7 @@ fn load_weights(
                     message: e.to_string(),
                 })?;
             let src = SafetensorsWeights::new(vb, opts.quantize);
-            Qwen2::new(config, &src as &dyn WeightSource, &mut report)
+            CausalLm::new(config, &src as &dyn WeightSource, &mut report)
         }
         OpenWeights::Gguf(file) => {
             if let Some(q) = opts.quantize {
@@ -639,7 +639,7 @@ fn load_weights(
                 ));
             }
             let src = GgufWeights::new(file, device, dtype);
-            Qwen2::new(config, &src as &dyn WeightSource, &mut report)
+            CausalLm::new(config, &src as &dyn WeightSource, &mut report)
         }
     };
     result.map_err(|e| match e {
@@ -657,7 +657,7 @@ pub fn load_model_only(
     path: &Path,
     opts: &LoadOptions,
     progress: &mut dyn FnMut(LoadProgress),
-) -> Result<Qwen2> {
+) -> Result<CausalLm> {
     let (config, weights) = if path.is_file() {
         let file = GgufFile::open(path)?;
         let info = gguf::model_info(file.content(), path)?;
@@ -672,7 +672,7 @@ pub fn load_model_only(
                     .into(),
             });
         }
-        let config = Qwen2Config::from_file(&config_path)?;
+        let config = ModelConfig::from_file(&config_path)?;
         let weights = match ModelFiles::from_dir(path) {
             Ok(files) => OpenWeights::open(&files.weights)?,
             Err(Error::MissingFile { file, .. }) if file == "tokenizer.json" => {

@@ -4,7 +4,7 @@
 //!
 //! The tokenizer is rebuilt by hand from `tokenizer.ggml.*` because no crate turns GGUF vocabulary
 //! arrays into a `tokenizers` pipeline: GGUF keeps tokens, types and merges, and names the
-//! pre-tokenizer (`qwen2`), whose regex and byte-level steps we restore here.
+//! pre-tokenizer (`qwen2`, `llama-bpe`), whose regex and byte-level steps we restore here.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,17 +13,44 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use serde_json::{json, Value as Json};
 
-use crate::config::{GenerationConfig, Qwen2Config, TokenIds};
+use crate::config::{Architecture, GenerationConfig, ModelConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::model::weights::gguf_name;
-use crate::model::{Qwen2, Weight};
+use crate::model::{CausalLm, Weight};
 use crate::tokenizer::TextTokenizer;
 
 /// Qwen2's pre-tokenizer split, as its tokenizer.json and llama.cpp's `qwen2` pre-type have it.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Llama 3's split (numbers in runs of up to three digits), as its tokenizer.json and llama.cpp's
+/// `llama-bpe` pre-type have it; the DeepSeek Llama distills keep it.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// `tokenizer.ggml.pre` values whose split is [`QWEN2_SPLIT`] (llama.cpp maps them to one type).
 const QWEN2_PRE: [&str; 2] = ["qwen2", "deepseek-r1-qwen"];
+
+/// `tokenizer.ggml.pre` values whose split is [`LLAMA3_SPLIT`].
+const LLAMA3_PRE: [&str; 2] = ["llama-bpe", "llama3"];
+
+/// A byte-level BPE pre-tokenizer GGUF can name: its `tokenizer.ggml.pre`, split and normalizer.
+struct PreTokenizer {
+    pre: &'static str,
+    split: &'static str,
+    /// Qwen2 normalizes to NFC; Llama 3 does not normalize.
+    nfc: bool,
+}
+
+const QWEN2_PRE_TOKENIZER: PreTokenizer = PreTokenizer {
+    pre: "qwen2",
+    split: QWEN2_SPLIT,
+    nfc: true,
+};
+
+const LLAMA3_PRE_TOKENIZER: PreTokenizer = PreTokenizer {
+    pre: "llama-bpe",
+    split: LLAMA3_SPLIT,
+    nfc: false,
+};
 
 // llama.cpp's token types.
 const TOKEN_NORMAL: i32 = 1;
@@ -95,7 +122,7 @@ pub fn read_content<R: std::io::Read + std::io::Seek>(
 #[derive(Debug, Clone)]
 pub struct GgufModelInfo {
     /// The configuration, as config.json would have it.
-    pub config: Qwen2Config,
+    pub config: ModelConfig,
     /// BOS and EOS as generation_config.json would have them.
     pub generation: GenerationConfig,
     /// The file's `general.name`, if any.
@@ -140,18 +167,19 @@ fn opt_string(c: &gguf_file::Content, key: &str) -> Option<String> {
         .and_then(|v| v.to_string().ok().cloned())
 }
 
-/// Reads the model configuration from a Qwen2 GGUF file's metadata.
+/// Reads the model configuration from a GGUF file's metadata (`qwen2` or `llama`). A Llama 3.1+
+/// file's RoPE scaling is its `rope_freqs.weight` tensor, which the model reads with the weights.
 pub fn model_info(c: &gguf_file::Content, path: &Path) -> Result<GgufModelInfo> {
-    let arch = opt_string(c, "general.architecture").unwrap_or_default();
-    if arch != "qwen2" {
+    let arch_name = opt_string(c, "general.architecture").unwrap_or_default();
+    let Some(arch) = Architecture::from_name(&arch_name) else {
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
             message: format!(
-                "general.architecture is {arch:?}; thinkrag runs qwen2 (the DeepSeek-R1-Distill-Qwen models)"
+                "general.architecture is {arch_name:?}; thinkrag runs qwen2 and llama (the DeepSeek-R1 distills)"
             ),
         });
-    }
-    let key = |k: &str| format!("qwen2.{k}");
+    };
+    let key = |k: &str| format!("{}.{k}", arch.name());
     let embed = c
         .tensor_infos
         .get("token_embd.weight")
@@ -165,26 +193,36 @@ pub fn model_info(c: &gguf_file::Content, path: &Path) -> Result<GgufModelInfo> 
         .map_err(|e| bad_meta(path, "token_embd.weight", e))?;
     let bos = meta_usize(c, "tokenizer.ggml.bos_token_id", path).ok();
     let eos = meta_usize(c, "tokenizer.ggml.eos_token_id", path).ok();
-    let config = json!({
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+    let heads = meta_usize(c, &key("attention.head_count"), path)?;
+    let mut config = json!({
         "vocab_size": vocab_size,
         "hidden_size": meta_usize(c, &key("embedding_length"), path).unwrap_or(hidden),
         "intermediate_size": meta_usize(c, &key("feed_forward_length"), path)?,
         "num_hidden_layers": meta_usize(c, &key("block_count"), path)?,
-        "num_attention_heads": meta_usize(c, &key("attention.head_count"), path)?,
-        "num_key_value_heads": meta_usize(c, &key("attention.head_count_kv"), path)?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta_usize(c, &key("attention.head_count_kv"), path).unwrap_or(heads),
         "max_position_embeddings": meta_usize(c, &key("context_length"), path)?,
         "rope_theta": meta_f64(c, &key("rope.freq_base"), path).unwrap_or(10000.0),
         "rms_norm_eps": meta_f64(c, &key("attention.layer_norm_rms_epsilon"), path)?,
         "tie_word_embeddings": !c.tensor_infos.contains_key("output.weight"),
-        "use_sliding_window": false,
         "bos_token_id": bos,
         "eos_token_id": eos,
     });
-    let config: Qwen2Config =
-        serde_json::from_value(config).map_err(|e| bad_meta(path, "qwen2.*", e))?;
-    config.validate(path)?;
+    match arch {
+        Architecture::Qwen2 => {
+            config["architectures"] = json!(["Qwen2ForCausalLM"]);
+            config["model_type"] = json!("qwen2");
+            config["use_sliding_window"] = json!(false);
+        }
+        Architecture::Llama => {
+            config["architectures"] = json!(["LlamaForCausalLM"]);
+            config["model_type"] = json!("llama");
+            if let Ok(d) = meta_usize(c, &key("attention.key_length"), path) {
+                config["head_dim"] = json!(d);
+            }
+        }
+    }
+    let config = ModelConfig::from_value(config, path)?;
     let generation = GenerationConfig {
         bos_token_id: bos.map(|b| b as u32),
         eos_token_id: eos.map(|e| TokenIds::One(e as u32)),
@@ -217,11 +255,15 @@ pub fn tokenizer_from_metadata(
         )));
     }
     let pre = opt_string(c, "tokenizer.ggml.pre").unwrap_or_else(|| "qwen2".into());
-    if !QWEN2_PRE.contains(&pre.as_str()) {
+    let pre_tokenizer = if QWEN2_PRE.contains(&pre.as_str()) {
+        QWEN2_PRE_TOKENIZER
+    } else if LLAMA3_PRE.contains(&pre.as_str()) {
+        LLAMA3_PRE_TOKENIZER
+    } else {
         return Err(err(format!(
-            "tokenizer.ggml.pre is {pre:?}, not a Qwen2 pre-tokenizer: put the model's tokenizer.json beside the GGUF file"
+            "tokenizer.ggml.pre is {pre:?}, not a pre-tokenizer thinkrag knows (qwen2, llama-bpe): put the model's tokenizer.json beside the GGUF file"
         )));
-    }
+    };
     let strings = |v: &Value, key: &str| -> Result<Vec<String>> {
         v.to_vec()
             .map_err(|e| bad_meta(path, key, e))?
@@ -263,9 +305,9 @@ pub fn tokenizer_from_metadata(
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": {"type": "NFC"},
+        "normalizer": if pre_tokenizer.nfc { json!({"type": "NFC"}) } else { Json::Null },
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "Split", "pattern": {"Regex": pre_tokenizer.split}, "behavior": "Isolated", "invert": false},
             byte_level,
         ]},
         "post_processor": null,
@@ -318,11 +360,12 @@ fn tokenizer_metadata(
         ));
     }
     let split = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].as_str();
-    if split != Some(QWEN2_SPLIT) {
-        return Err(err(
-            "the pre-tokenizer is not Qwen2's: llama.cpp would tokenize differently".into(),
-        ));
-    }
+    let pre_tokenizer = [QWEN2_PRE_TOKENIZER, LLAMA3_PRE_TOKENIZER]
+        .into_iter()
+        .find(|p| Some(p.split) == split)
+        .ok_or_else(|| {
+            err("the pre-tokenizer is neither Qwen2's nor Llama 3's: llama.cpp would tokenize differently".into())
+        })?;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size];
     let mut put = |id: u64, text: &str, ty: i32| -> Result<()> {
         let slot = tokens.get_mut(id as usize).ok_or_else(|| {
@@ -375,7 +418,10 @@ fn tokenizer_metadata(
     let special = tokenizer.special();
     let mut out = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            Value::String(pre_tokenizer.pre.into()),
+        ),
         ("tokenizer.ggml.tokens".into(), Value::Array(texts)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         ("tokenizer.ggml.merges".into(), Value::Array(merges)),
@@ -403,18 +449,19 @@ fn tokenizer_metadata(
 /// Writes `model` (as loaded: quantized matrices stay in their format, full-precision ones are
 /// written in f32) and its tokenizer to a GGUF file that thinkrag and llama.cpp load. Writes to a
 /// temporary file beside `path` and renames it, so an interrupted export leaves no half file.
-pub fn export(model: &Qwen2, tokenizer: &TextTokenizer, name: &str, path: &Path) -> Result<()> {
+pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Path) -> Result<()> {
     let cfg = model.config();
+    let arch = cfg.architecture.name();
     let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("qwen2".into())),
+        ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(name.into())),
         ("general.quantization_version".into(), Value::U32(2)),
         (
-            "qwen2.rope.freq_base".into(),
-            Value::F32(cfg.rope_theta as f32),
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope.theta as f32),
         ),
         (
-            "qwen2.attention.layer_norm_rms_epsilon".into(),
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
     ];
@@ -425,9 +472,13 @@ pub fn export(model: &Qwen2, tokenizer: &TextTokenizer, name: &str, path: &Path)
         ("feed_forward_length", cfg.intermediate_size),
         ("attention.head_count", cfg.num_attention_heads),
         ("attention.head_count_kv", cfg.num_key_value_heads),
+        ("attention.key_length", cfg.head_dim),
+        ("attention.value_length", cfg.head_dim),
+        ("rope.dimension_count", cfg.head_dim),
+        ("vocab_size", cfg.vocab_size),
     ];
     for (key, n) in counts {
-        metadata.push((format!("qwen2.{key}"), Value::U32(n as u32)));
+        metadata.push((format!("{arch}.{key}"), Value::U32(n as u32)));
     }
     metadata.extend(tokenizer_metadata(tokenizer, cfg.vocab_size)?);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -452,7 +503,39 @@ pub fn export(model: &Qwen2, tokenizer: &TextTokenizer, name: &str, path: &Path)
                 GgmlDType::F32,
             )?,
         };
+        // llama.cpp runs Llama with interleaved RoPE: its converter reorders the rows of every
+        // query and key head, and so must we.
+        let q = match (cfg.architecture, rope_heads(cfg, &hf)) {
+            (Architecture::Llama, Some(heads)) => {
+                let order = crate::model::llama::gguf_rope_row_order(q.shape().dims()[0], heads)
+                    .ok_or_else(|| Error::Unsupported {
+                        path: path.to_path_buf(),
+                        message: format!("{hf}: rows do not split into {heads} heads"),
+                    })?;
+                let mut from = vec![0; order.len()];
+                for (hf_row, &g) in order.iter().enumerate() {
+                    from[g] = hf_row;
+                }
+                crate::model::weights::reorder_rows(&q, &from, &candle_core::Device::Cpu)?
+            }
+            _ => q,
+        };
         tensors.push((gguf, q));
+    }
+    if cfg.architecture == Architecture::Llama {
+        let factors = match (&cfg.rope.freq_factors, &cfg.rope.llama3) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(s)) => Some(s.freq_factors(cfg.rope.theta, cfg.head_dim)),
+            (None, None) => None,
+        };
+        if let Some(f) = factors {
+            let n = f.len();
+            let t = candle_core::Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
+            tensors.push((
+                "rope_freqs.weight".into(),
+                QTensor::quantize(&t, GgmlDType::F32)?,
+            ));
+        }
     }
     let tmp = path.with_extension("gguf.partial");
     let write = || -> Result<()> {
@@ -472,6 +555,17 @@ pub fn export(model: &Qwen2, tokenizer: &TextTokenizer, name: &str, path: &Path)
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The head count whose rows llama.cpp reorders in this Hugging Face tensor (query or key weight).
+pub(crate) fn rope_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
+    if hf.ends_with("self_attn.q_proj.weight") {
+        Some(cfg.num_attention_heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        Some(cfg.num_key_value_heads)
+    } else {
+        None
+    }
 }
 
 /// Counts of each block type among a GGUF file's tensors, for messages (`{"q4k": 169, ...}`).

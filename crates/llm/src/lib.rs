@@ -1,6 +1,6 @@
 //! thinkrag-llm: the reasoning-model engine of thinkrag.
 //!
-//! Runs DeepSeek-R1-Distill-Qwen models (Qwen2 architecture) with candle on a CPU or a CUDA GPU,
+//! Runs the DeepSeek-R1 distills (Qwen2 and Llama 3 architectures) with candle on a CPU or a CUDA GPU,
 //! and streams the model's reasoning (inside `<think>`) apart from its answer.
 //!
 //! ```no_run
@@ -45,7 +45,9 @@ pub mod synth;
 pub mod tokenizer;
 
 pub use chat::{drop_oldest_turns, Message, Role};
-pub use config::{GenerationConfig, Qwen2Config};
+pub use config::{
+    Architecture, GenerationConfig, LlamaConfig, ModelConfig, Qwen2Config, SUPPORTED_ARCHITECTURES,
+};
 pub use device::{DTypeChoice, DeviceChoice};
 pub use engine::{load_model_only, Conversation, Engine, LoadOptions, LoadProgress, Session};
 pub use error::{Error, Result};

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{GenerationConfig, Qwen2Config};
+use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 
 /// Where a model lives on the Hugging Face hub.
@@ -92,7 +92,7 @@ pub struct ModelManifest {
     /// Default sampling.
     pub sampling: ManifestSampling,
     /// The published `config.json`.
-    pub config: Qwen2Config,
+    pub config: ModelConfig,
     /// The published `generation_config.json`.
     pub generation_config: GenerationConfig,
     /// The published `tokenizer_config.json` (special tokens and chat template), as JSON text.
@@ -216,7 +216,6 @@ mod tests {
         assert_eq!(m.special_tokens.bos.id, 151646);
         assert_eq!(m.generation_config.bos_token_id, Some(151646));
         assert_eq!(m.special_tokens.tokenizer_size, 151665);
-        m.config.validate(Path::new("manifest")).unwrap();
         // About 1.78 B parameters, as published.
         let p = m.config.parameter_count() as f64 / 1e9;
         assert!((1.7..1.85).contains(&p), "{p}");

@@ -9,7 +9,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 
-use crate::config::Qwen2Config;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::manifest::ModelManifest;
 
@@ -107,9 +107,10 @@ impl View for &RandomTensor {
     }
 }
 
-/// The Hugging Face tensor names and shapes of a Qwen2 model.
-pub fn qwen2_tensor_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
+/// The Hugging Face tensor names and shapes of a model of this configuration (Qwen2 or Llama).
+pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
+    let q = cfg.num_attention_heads * cfg.head_dim();
     let kv = cfg.num_key_value_heads * cfg.head_dim();
     let i = cfg.intermediate_size;
     let mut t = vec![(
@@ -121,13 +122,19 @@ pub fn qwen2_tensor_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
         t.extend([
             (format!("{p}.input_layernorm.weight"), vec![h]),
             (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
-            (format!("{p}.self_attn.q_proj.bias"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
             (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.k_proj.bias"), vec![kv]),
             (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
-            (format!("{p}.self_attn.v_proj.bias"), vec![kv]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+        ]);
+        if cfg.attention_bias {
+            t.extend([
+                (format!("{p}.self_attn.q_proj.bias"), vec![q]),
+                (format!("{p}.self_attn.k_proj.bias"), vec![kv]),
+                (format!("{p}.self_attn.v_proj.bias"), vec![kv]),
+            ]);
+        }
+        t.extend([
             (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
@@ -142,12 +149,12 @@ pub fn qwen2_tensor_shapes(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>)> {
 
 /// Writes `model.safetensors` with random weights of `cfg`'s shape.
 pub fn write_random_weights(
-    cfg: &Qwen2Config,
+    cfg: &ModelConfig,
     path: &Path,
     dtype: SynthDType,
     seed: u64,
 ) -> Result<()> {
-    let tensors: Vec<(String, RandomTensor)> = qwen2_tensor_shapes(cfg)
+    let tensors: Vec<(String, RandomTensor)> = tensor_shapes(cfg)
         .into_iter()
         .enumerate()
         .map(|(k, (name, shape))| {

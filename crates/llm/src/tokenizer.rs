@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message};
-use crate::config::{read_json, GenerationConfig, Qwen2Config};
+use crate::config::{read_json, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 
 /// The token that closes DeepSeek-R1's reasoning.
@@ -84,7 +84,7 @@ impl TextTokenizer {
         tokenizer_json: &Path,
         tokenizer_config: Option<&Path>,
         generation: &GenerationConfig,
-        model: &Qwen2Config,
+        model: &ModelConfig,
     ) -> Result<Self> {
         let inner =
             tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Tokenizer {
@@ -104,7 +104,7 @@ impl TextTokenizer {
         inner: tokenizers::Tokenizer,
         tok_cfg: &Value,
         generation: &GenerationConfig,
-        model: &Qwen2Config,
+        model: &ModelConfig,
         path: &Path,
     ) -> Result<Self> {
         let err = |message: String| Error::Tokenizer {

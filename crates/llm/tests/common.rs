@@ -1,17 +1,69 @@
-//! Shared helpers of the engine's integration tests: the committed tiny Qwen2 fixture and its
-//! transformers reference outputs (written by scripts/make_parity_fixture.py).
+//! Shared helpers of the engine's integration tests: the committed tiny Qwen2 and Llama fixtures
+//! and their transformers reference outputs (written by scripts/make_parity_fixture.py).
 
 #![allow(dead_code)]
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use thinkrag_llm::{DTypeChoice, DeviceChoice, Engine, LoadOptions, ModelFiles};
 
+/// The committed parity fixtures, one per architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixture {
+    /// tests/fixtures/tiny-qwen2.
+    Qwen2,
+    /// tests/fixtures/tiny-llama (llama3 RoPE scaling, transformers 5 config layout).
+    Llama,
+}
+
+impl Fixture {
+    /// The directory name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fixture::Qwen2 => "tiny-qwen2",
+            Fixture::Llama => "tiny-llama",
+        }
+    }
+}
+
+thread_local! {
+    // Each test runs on its own thread: the fixture a test works on is set once at its start
+    // (`with_fixture`), so the helpers below keep their signatures for every test file.
+    static FIXTURE: Cell<Fixture> = const { Cell::new(Fixture::Qwen2) };
+}
+
+/// Runs `test` with the helpers pointed at `fixture`.
+pub fn with_fixture(fixture: Fixture, test: fn()) {
+    FIXTURE.with(|f| f.set(fixture));
+    test();
+}
+
+/// The fixture the current test works on (Qwen2 unless `with_fixture` says otherwise).
+pub fn fixture() -> Fixture {
+    FIXTURE.with(Cell::get)
+}
+
+/// Declares each named function (a test body) once per fixture: `qwen2::NAME` and `llama::NAME`.
+#[macro_export]
+macro_rules! for_each_fixture {
+    ($($name:ident),* $(,)?) => {
+        mod qwen2 {
+            $( #[test] fn $name() { super::common::with_fixture(super::common::Fixture::Qwen2, super::$name) } )*
+        }
+        mod llama {
+            $( #[test] fn $name() { super::common::with_fixture(super::common::Fixture::Llama, super::$name) } )*
+        }
+    };
+}
+
 /// The fixture directory.
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(fixture().name())
 }
 
 /// The reference tensors.
@@ -56,7 +108,7 @@ pub fn engine(dtype: DTypeChoice) -> Engine {
         dtype,
         ..LoadOptions::default()
     };
-    Engine::from_files(files, "tiny-qwen2".into(), None, &opts, &mut |_| {}).unwrap()
+    Engine::from_files(files, fixture().name().into(), None, &opts, &mut |_| {}).unwrap()
 }
 
 /// Largest absolute value of an f32 tensor.
@@ -90,7 +142,14 @@ pub fn quantized_engine(q: thinkrag_llm::Quantization) -> Engine {
         quantize: Some(q),
         ..LoadOptions::default()
     };
-    Engine::from_files(files, format!("tiny-qwen2-{q}"), None, &opts, &mut |_| {}).unwrap()
+    Engine::from_files(
+        files,
+        format!("{}-{q}", fixture().name()),
+        None,
+        &opts,
+        &mut |_| {},
+    )
+    .unwrap()
 }
 
 /// The tiny model quantized to `q` and exported to a GGUF file (tokenizer and chat template in
@@ -99,19 +158,17 @@ pub fn gguf_file(q: thinkrag_llm::Quantization) -> PathBuf {
     use std::sync::Mutex;
     static WRITTEN: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
     let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, p)) = written.iter().find(|(n, _)| *n == q.name()) {
+    let key = format!("{}-{}", fixture().name(), q.name());
+    if let Some((_, p)) = written.iter().find(|(n, _)| *n == key) {
         return p.clone();
     }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "gguf-{}-{}",
-        std::process::id(),
-        q.name()
-    ));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("gguf-{}-{key}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("tiny-qwen2-{q}.gguf"));
+    let path = dir.join(format!("{key}.gguf"));
     let e = quantized_engine(q);
-    thinkrag_llm::gguf::export(e.model(), e.tokenizer(), "tiny-qwen2", &path).unwrap();
-    written.push((q.name().to_string(), path.clone()));
+    thinkrag_llm::gguf::export(e.model(), e.tokenizer(), fixture().name(), &path).unwrap();
+    written.push((key, path.clone()));
     path
 }
 

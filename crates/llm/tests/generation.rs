@@ -317,7 +317,7 @@ fn random_weights_of_a_config_load_and_run() {
     ] {
         std::fs::copy(fixture_dir().join(f), dir.path().join(f)).unwrap();
     }
-    let cfg = thinkrag_llm::Qwen2Config::from_file(&dir.path().join("config.json")).unwrap();
+    let cfg = thinkrag_llm::ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
     thinkrag_llm::synth::write_random_weights(
         &cfg,
         &dir.path().join("model.safetensors"),

@@ -1,7 +1,8 @@
 //! Parity with Hugging Face transformers on the committed tiny random Qwen2 (grouped-query
-//! attention, q/k/v biases, DeepSeek special tokens and chat template): prompt rendering and
-//! tokenization, logits of a cold prefill, of cached decode steps and of a second-turn prefill on a
-//! warm cache, and greedy continuations.
+//! attention, q/k/v biases, DeepSeek special tokens and chat template) and Llama (llama3 RoPE
+//! scaling, no biases, Llama 3's tokenizer split and added tokens, a transformers 5 config.json):
+//! prompt rendering and tokenization, logits of a cold prefill, of cached decode steps and of a
+//! second-turn prefill on a warm cache, and greedy continuations. Every test runs on both.
 
 mod common;
 
@@ -13,11 +14,20 @@ use thinkrag_llm::{DTypeChoice, GenerationParams, Message, Role, SamplingParams}
 
 const TOL: f32 = 1e-4;
 
+for_each_fixture!(
+    prompt_renders_and_tokenizes_like_transformers,
+    special_tokens_follow_generation_config,
+    cold_prefill_and_cached_decode_match_transformers,
+    greedy_continuation_is_identical,
+    warm_cache_second_turn_matches_transformers_and_a_cold_prefill,
+    warm_multi_token_prefill_works_in_every_dtype,
+    cache_truncated_and_extended_equals_cold,
+);
+
 fn messages(v: &serde_json::Value) -> Vec<Message> {
     serde_json::from_value(v.clone()).expect("reference messages deserialize")
 }
 
-#[test]
 fn prompt_renders_and_tokenizes_like_transformers() {
     let e = engine(DTypeChoice::F32);
     let r = reference_json();
@@ -51,7 +61,6 @@ fn prompt_renders_and_tokenizes_like_transformers() {
     }
 }
 
-#[test]
 fn special_tokens_follow_generation_config() {
     let e = engine(DTypeChoice::F32);
     let r = reference_json();
@@ -73,7 +82,6 @@ fn special_tokens_follow_generation_config() {
     );
 }
 
-#[test]
 fn cold_prefill_and_cached_decode_match_transformers() {
     let e = engine(DTypeChoice::F32);
     let r = reference();
@@ -92,7 +100,6 @@ fn cold_prefill_and_cached_decode_match_transformers() {
     }
 }
 
-#[test]
 fn greedy_continuation_is_identical() {
     let e = engine(DTypeChoice::F32);
     let r = reference();
@@ -114,7 +121,6 @@ fn greedy_continuation_is_identical() {
     assert_eq!(&g.tokens[..n], &want[..n]);
 }
 
-#[test]
 fn warm_cache_second_turn_matches_transformers_and_a_cold_prefill() {
     let e = engine(DTypeChoice::F32);
     let r = reference();
@@ -153,7 +159,6 @@ fn warm_cache_second_turn_matches_transformers_and_a_cold_prefill() {
 
 /// The defect candle-transformers' qwen2 has in half precision: a multi-token prefill on a warm
 /// cache must work in every dtype and agree with a cold prefill to that dtype's precision.
-#[test]
 fn warm_multi_token_prefill_works_in_every_dtype() {
     let r = reference();
     let turn2 = ids(&r["turn2_ids"]);
@@ -184,7 +189,6 @@ fn warm_multi_token_prefill_works_in_every_dtype() {
     }
 }
 
-#[test]
 fn cache_truncated_and_extended_equals_cold() {
     let e = engine(DTypeChoice::F32);
     let r = reference();

@@ -8,6 +8,13 @@ use candle_core::{DType, Tensor};
 use common::*;
 use thinkrag_llm::{DTypeChoice, Engine, LoadOptions, ModelSource, Quantization};
 
+for_each_fixture!(
+    q8_0_logits_stay_close_to_f32,
+    gguf_export_reloads_bit_identical_to_quantizing_at_load,
+    gguf_metadata_carries_tokenizer_and_chat_template,
+    greedy_generation_from_gguf_q8_0_matches_f32,
+);
+
 /// Prefill logits (every position) of the reference prompt.
 fn prefill_logits(e: &Engine) -> Tensor {
     let prompt = ids(&reference()["prompt_ids"]);
@@ -51,15 +58,19 @@ fn measure(q: Quantization) -> (f32, f32, f32) {
 // model quantized (hidden 256, logits up to 30.2 in magnitude):
 //   Q8_0: top-1 agreement 97.1% (33 of 34 positions), max |logit diff| 1.06
 //   Q4_K: top-1 agreement 73.5% (25 of 34 positions), max |logit diff| 8.16
+//   tiny-llama, Q8_0: top-1 agreement 88.2% (30 of 34), max |logit diff| 1.15 (logits up to 33.1)
 // The random parity model is far more sensitive to weight noise than a trained one (its weights
 // are Gaussian with sharp attention, chosen for wide top-1 margins in f32, not for robustness); the
 // kernels themselves are held to 2% of the exact product in `linear.rs`. The bounds leave room for
 // the other CPU paths (AVX2: Q8_0 through the dequantized GEMM, which rounds less), and fail on a
 // broken kernel, which agrees on almost no position.
-#[test]
 fn q8_0_logits_stay_close_to_f32() {
     let (top1, max_diff, _) = measure(Quantization::Q8_0);
-    assert!(top1 >= 0.94, "Q8_0 top-1 agreement {top1}");
+    let bound = match fixture() {
+        Fixture::Qwen2 => 0.94,
+        Fixture::Llama => 0.85,
+    };
+    assert!(top1 >= bound, "Q8_0 top-1 agreement {top1}");
     assert!(max_diff < 1.6, "Q8_0 max logit difference {max_diff}");
 }
 
@@ -80,7 +91,6 @@ fn every_matrix_of_the_parity_model_is_quantized() {
     assert!(ratio < 0.16, "Q4_K weights take {ratio:.3} of f32's memory");
 }
 
-#[test]
 fn gguf_export_reloads_bit_identical_to_quantizing_at_load() {
     for q in [Quantization::Q8_0, Quantization::Q4K] {
         let at_load = prefill_logits(&quantized_engine(q));
@@ -89,7 +99,6 @@ fn gguf_export_reloads_bit_identical_to_quantizing_at_load() {
     }
 }
 
-#[test]
 fn gguf_metadata_carries_tokenizer_and_chat_template() {
     let original = engine(DTypeChoice::F32);
     let e = gguf_engine(Quantization::Q8_0);
@@ -117,8 +126,10 @@ fn gguf_metadata_carries_tokenizer_and_chat_template() {
         "chat template from GGUF renders as transformers does"
     );
     let (got, want) = (e.model().config(), original.model().config());
-    let shape = |c: &thinkrag_llm::Qwen2Config| {
+    let shape = |c: &thinkrag_llm::ModelConfig| {
         (
+            c.architecture,
+            c.head_dim,
             c.vocab_size,
             c.hidden_size,
             c.intermediate_size,
@@ -130,11 +141,10 @@ fn gguf_metadata_carries_tokenizer_and_chat_template() {
         )
     };
     assert_eq!(shape(got), shape(want));
-    assert_eq!(got.rope_theta, want.rope_theta);
+    assert_eq!(got.rope_inv_freq(), want.rope_inv_freq());
     assert!((got.rms_norm_eps - want.rms_norm_eps).abs() < 1e-12);
 }
 
-#[test]
 fn greedy_generation_from_gguf_q8_0_matches_f32() {
     let want = ids(&reference()["greedy_ids"]);
     let e = gguf_engine(Quantization::Q8_0);

@@ -1,12 +1,16 @@
-//! Model implementations, their caches, and the sources their weights load from.
+//! Model implementations, their caches, and the sources their weights load from. One decoder body
+//! serves every architecture; each architecture's file holds its `config.json` type and what sets
+//! it apart ([`qwen2`], [`llama`]).
 
 pub mod decode_attention;
+pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
+pub mod llama;
 pub mod qwen2;
 pub mod weights;
 
+pub use decoder::{CausalLm, Logits};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, Weight};
-pub use qwen2::{Logits, Qwen2};
 pub use weights::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};

@@ -1,619 +1,163 @@
-//! Qwen2, the architecture of every DeepSeek-R1-Distill-Qwen size, on candle-core/candle-nn.
-//!
-//! Written here rather than taken from candle-transformers because its `qwen2` has the defects listed
-//! in the model notes: RoPE tables in the model dtype, a mask dtype bug on warm-cache prefill in
-//! f16/bf16, a sliding window applied when the config disables it, and a concatenating KV cache
-//! without prefix reuse. Attention shares each KV head between its query heads by reshaping the
-//! queries instead of copying keys and values (`repeat_kv`), which would multiply the bytes read per
-//! decoded token by the group size.
+//! Qwen2, the architecture of DeepSeek-R1-Distill-Qwen 1.5B, 7B, 14B and 32B: its published
+//! `config.json` and what sets it apart in the shared decoder (biases on the query, key and value
+//! projections, plain RoPE, an optional sliding window that the distills leave off).
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::RmsNorm;
+use std::path::Path;
 
-use crate::config::Qwen2Config;
-use crate::error::Result;
-use crate::model::decode_attention::decode_attention;
-use crate::model::kv_cache::KvCache;
-use crate::model::linear::{Linear, Weight};
-use crate::model::weights::WeightSource;
+use serde::{Deserialize, Serialize};
 
-/// Which positions' logits a forward pass returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last position's, `(vocab,)`: all generation needs, and it spares the lm_head matmul
-    /// over the whole prompt (151,936 x 1,536 per position).
-    Last,
-    /// Every position's, `(seq, vocab)`: for parity tests and scoring.
-    All,
+use crate::config::{Architecture, ModelConfig, RopeConfig, TokenIds};
+use crate::error::{Error, Result};
+
+/// `config.json` of a Qwen2 causal language model, as transformers 4 writes it (transformers 5's
+/// names are mapped onto these by [`ModelConfig::from_value`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2Config {
+    /// `["Qwen2ForCausalLM"]` for the supported models.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// `"qwen2"`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Width of the logits (151,936 for the real model: wider than the tokenizer).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads).
+    pub num_key_value_heads: usize,
+    /// Longest sequence the model was trained for.
+    pub max_position_embeddings: usize,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RoPE scaling; the distills have none.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Activation of the MLP; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Whether `lm_head` shares the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Whether attention is windowed; false for every DeepSeek-R1 distill.
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    /// The window, if any. Re-saved configs sometimes write `null`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Layers from this index on use the window (when `use_sliding_window`).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5's per-layer attention kinds (`full_attention`, `sliding_attention`).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Config's BOS id. Wrong for DeepSeek-R1 distills: generation_config.json has the real one.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// Config's EOS id.
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// Dtype the weights were published in.
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
 }
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
+fn default_act() -> String {
+    "silu".to_string()
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+fn default_theta() -> f64 {
+    10000.0
 }
 
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
-
-/// Rotary position tables for a run of positions, always computed and applied in f32.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-/// The token embedding table. Quantized tables stay quantized: a lookup dequantizes only the rows
-/// it reads (151,936 x 1,536 in f32 would be 930 MB).
-struct TokenEmbedding {
-    table: Weight,
-}
-
-impl TokenEmbedding {
-    fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
-        Ok(match &self.table {
-            Weight::Dense(t) => candle_nn::Embedding::new(t.clone(), t.dim(1)?).forward(ids)?,
-            Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
-        })
-    }
-}
-
-/// A Qwen2 causal language model.
-pub struct Qwen2 {
-    embed_tokens: TokenEmbedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    /// The output projection reuses the embedding table (no `lm_head.weight` of its own).
-    tied_lm_head: bool,
-    inv_freq: Vec<f32>,
-    cfg: Qwen2Config,
-    dtype: DType,
-    device: Device,
-}
-
-/// Tensor names under a prefix, as Hugging Face writes them (`model.layers.0.self_attn`...).
-#[derive(Clone, Copy)]
-struct Names<'a> {
-    src: &'a dyn WeightSource,
-    prefix: &'a str,
-}
-
-impl Names<'_> {
-    fn name(&self, leaf: &str) -> String {
-        if self.prefix.is_empty() {
-            leaf.to_string()
-        } else {
-            format!("{}.{leaf}", self.prefix)
+impl Qwen2Config {
+    /// The architecture-independent description the decoder runs from.
+    pub fn to_model_config(&self, path: &Path) -> Result<ModelConfig> {
+        let unsupported = |message: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.hidden_act != "silu" {
+            return Err(unsupported(format!(
+                "hidden_act {:?} (only silu)",
+                self.hidden_act
+            )));
         }
-    }
-
-    fn linear(&self, module: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let m = self.name(module);
-        let weight = self.src.matrix(&format!("{m}.weight"), (out_dim, in_dim))?;
-        let bias = if bias {
-            Some(self.src.vector(&format!("{m}.bias"), out_dim)?)
-        } else {
-            None
-        };
-        Ok(Linear::new(weight, bias))
-    }
-
-    fn rms_norm(&self, module: &str, size: usize, eps: f64) -> Result<RmsNorm> {
-        let w = self
-            .src
-            .vector(&format!("{}.weight", self.name(module)), size)?;
-        Ok(RmsNorm::new(w, eps))
-    }
-}
-
-impl Attention {
-    fn new(cfg: &Qwen2Config, layer: usize, w: Names) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let head_dim = cfg.head_dim();
-        let kv = cfg.num_key_value_heads * head_dim;
-        Ok(Self {
-            q_proj: w.linear("q_proj", h, h, true)?,
-            k_proj: w.linear("k_proj", h, kv, true)?,
-            v_proj: w.linear("v_proj", h, kv, true)?,
-            o_proj: w.linear("o_proj", h, h, false)?,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-            head_dim,
-            window: cfg.window_of_layer(layer),
-        })
-    }
-
-    /// The query, key and value projections of `x` `(b, s, hidden)` as `(b, heads, s, head_dim)`
-    /// and `(b, kv_heads, s, head_dim)`, before RoPE. `rows` picks the small-batch kernels of a
-    /// batched decode step (one row per sequence).
-    fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, _) = x.dims3()?;
-        let run = |l: &Linear| {
-            if rows {
-                l.forward_rows(x)
-            } else {
-                l.forward(x)
-            }
-        };
-        let q = run(&self.q_proj)?
-            .reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = run(&self.k_proj)?
-            .reshape((b, s, self.kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = run(&self.v_proj)?
-            .reshape((b, s, self.kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        Ok((q, k, v))
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        layer: usize,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.project(x, false)?;
-        let out = self.attend(&q, &k, &v, rope, mask, layer, cache)?;
-        Ok(self.o_proj.forward(&out)?)
-    }
-
-    /// One decode step of several sequences: `x` is `(1, n, hidden)`, row `i` the new token of the
-    /// sequence whose cache is `caches[i]` and whose position's RoPE is `ropes[i]`. Projections run
-    /// once for all rows; attention runs per sequence over its own cache.
-    fn forward_decode(
-        &self,
-        x: &Tensor,
-        ropes: &[Rope],
-        layer: usize,
-        caches: &mut [&mut KvCache],
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.project(x, true)?;
-        let mut outs = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let one = |t: &Tensor| t.narrow(2, i, 1);
-            outs.push(self.attend(
-                &one(&q)?,
-                &one(&k)?,
-                &one(&v)?,
-                &ropes[i],
-                None,
-                layer,
-                cache,
-            )?);
-        }
-        let out = Tensor::cat(&outs, 1)?;
-        Ok(self.o_proj.forward_rows(&out)?)
-    }
-
-    /// Attention of projected `q` `(b, heads, s, hd)`, `k`, `v` `(b, kv_heads, s, hd)` over the
-    /// cached positions plus these: applies RoPE, appends `k`/`v` to `cache` and returns
-    /// `(b, s, heads * hd)` before the output projection.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        layer: usize,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let (b, _, s, _) = q.dims4()?;
-        let dtype = q.dtype();
-        let q = apply_rope(q, rope)?;
-        let k = apply_rope(k, rope)?;
-        let (k, v) = cache.append(layer, &k, v)?;
-        let (k, v) = match self.window {
-            // Decode with a window only needs its last `w` keys; prefill handles it in the mask.
-            Some(w) if s == 1 && k.dim(2)? > w => {
-                let start = k.dim(2)? - w;
-                (k.narrow(2, start, w)?, v.narrow(2, start, w)?)
-            }
-            _ => (k, v),
-        };
-        let kv_len = k.dim(2)?;
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if s == 1 && b == 1 {
-            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
-            let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
-            if let Some(out) = decode_attention(&q, &k, &v, scale as f32)? {
-                return Ok(out);
+        if let Some(scaling) = &self.rope_scaling {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(unsupported(format!(
+                    "rope_scaling of type {kind:?} on a Qwen2 model (the DeepSeek-R1 distills have none)"
+                )));
             }
         }
-        // Heads h*group..(h+1)*group share KV head h: fold them into the query rows of one matmul.
-        let q = q
-            .contiguous()?
-            .reshape((b, self.kv_heads, group * s, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        // Softmax in f32 whatever the model dtype, as the reference implementation does.
-        let scores = scores.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, self.kv_heads, group, s, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((b, self.kv_heads, group * s, kv_len))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?; // (b, kv_heads, group * s, head_dim)
-        Ok(out
-            .reshape((b, self.heads, s, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?)
-    }
-}
-
-fn apply_rope(x: &Tensor, rope: &Rope) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    Ok(candle_nn::rotary_emb::rope(&x, &rope.cos, &rope.sin)?.to_dtype(dtype)?)
-}
-
-impl Mlp {
-    fn new(cfg: &Qwen2Config, w: Names) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            gate_proj: w.linear("gate_proj", h, i, false)?,
-            up_proj: w.linear("up_proj", h, i, false)?,
-            down_proj: w.linear("down_proj", i, h, false)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
-    }
-
-    /// As `forward`, with the small-batch kernels of a decode step.
-    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward_rows(x)?)?;
-        let up = self.up_proj.forward_rows(x)?;
-        Ok(self.down_proj.forward_rows(&(gate * up)?)?)
-    }
-}
-
-impl DecoderLayer {
-    fn new(cfg: &Qwen2Config, layer: usize, w: Names) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let attn = w.name("self_attn");
-        let mlp = w.name("mlp");
-        Ok(Self {
-            input_layernorm: w.rms_norm("input_layernorm", h, eps)?,
-            self_attn: Attention::new(cfg, layer, Names { prefix: &attn, ..w })?,
-            post_attention_layernorm: w.rms_norm("post_attention_layernorm", h, eps)?,
-            mlp: Mlp::new(cfg, Names { prefix: &mlp, ..w })?,
-        })
-    }
-}
-
-impl Qwen2 {
-    /// Builds the model from weights with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`
-    /// ...), full precision or quantized as `weights` delivers them. `progress(done, total)` is
-    /// called as layers load: converting or quantizing mmapped weights is real work worth showing.
-    pub fn new(
-        cfg: &Qwen2Config,
-        weights: &dyn WeightSource,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Self> {
-        let total = cfg.num_hidden_layers + 2;
-        let model = Names {
-            src: weights,
-            prefix: "model",
-        };
-        let embed_weight = weights.matrix(
-            "model.embed_tokens.weight",
-            (cfg.vocab_size, cfg.hidden_size),
-        )?;
-        progress(1, total);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let prefix = format!("model.layers.{i}");
-            layers.push(DecoderLayer::new(
-                cfg,
-                i,
-                Names {
-                    prefix: &prefix,
-                    ..model
-                },
-            )?);
-            progress(i + 2, total);
+        if self.use_sliding_window && self.sliding_window.is_none() {
+            return Err(unsupported(
+                "use_sliding_window is true but sliding_window is null".into(),
+            ));
         }
-        let norm = model.rms_norm("norm", cfg.hidden_size, cfg.rms_norm_eps)?;
-        let root = Names {
-            src: weights,
-            prefix: "",
-        };
-        let tied_lm_head = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
-        let lm_head = if tied_lm_head {
-            Linear::new(embed_weight.clone(), None)
-        } else {
-            root.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
-        };
-        let embed_tokens = TokenEmbedding {
-            table: embed_weight,
-        };
-        progress(total, total);
-        let head_dim = cfg.head_dim();
-        // As the reference computes it: base^(2i/d) in f32, so tables agree to the last bit or two.
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        let windows = (0..self.num_hidden_layers)
+            .map(|layer| self.window_of_layer(layer))
             .collect();
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            tied_lm_head,
-            inv_freq,
-            cfg: cfg.clone(),
-            dtype: weights.dtype(),
-            device: weights.device().clone(),
-        })
-    }
-
-    /// The configuration the model was built from.
-    pub fn config(&self) -> &Qwen2Config {
-        &self.cfg
-    }
-
-    /// The dtype of the weights and activations.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// The device the model runs on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// An empty KV cache for this model holding at most `max_len` positions.
-    pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(
-            self.cfg.num_hidden_layers,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim(),
-            max_len.min(self.cfg.max_position_embeddings),
-            self.dtype,
-            &self.device,
+        ModelConfig::checked(
+            ModelConfig {
+                architecture: Architecture::Qwen2,
+                vocab_size: self.vocab_size,
+                hidden_size: self.hidden_size,
+                intermediate_size: self.intermediate_size,
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                num_key_value_heads: self.num_key_value_heads,
+                head_dim: self
+                    .hidden_size
+                    .checked_div(self.num_attention_heads)
+                    .unwrap_or(0),
+                max_position_embeddings: self.max_position_embeddings,
+                rms_norm_eps: self.rms_norm_eps,
+                tie_word_embeddings: self.tie_word_embeddings,
+                attention_bias: true,
+                rope: RopeConfig {
+                    theta: self.rope_theta,
+                    llama3: None,
+                    freq_factors: None,
+                },
+                layer_windows: windows,
+                bos_token_id: self.bos_token_id,
+                eos_token_id: self.eos_token_id.clone(),
+                torch_dtype: self.torch_dtype.clone(),
+                notes: Vec::new(),
+                published: serde_json::Value::Null,
+            },
+            path,
         )
     }
 
-    fn rope(&self, start: usize, len: usize) -> Result<Rope> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
-            for &f in &self.inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (len, half), &self.device)?,
-            sin: Tensor::from_vec(sin, (len, half), &self.device)?,
-        })
-    }
-
-    /// Additive mask `(seq, kv_len)` in f32 for queries at `start..start+seq`: causal, and windowed
-    /// only when the config asks for a window. `None` for a single query, which sees every cached
-    /// key (a windowed decode step narrows the keys instead).
-    fn mask(&self, start: usize, seq: usize, window: Option<usize>) -> Result<Option<Tensor>> {
-        let kv_len = start + seq;
-        if seq == 1 {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; seq * kv_len];
-        for i in 0..seq {
-            let q = start + i;
-            for (j, cell) in m[i * kv_len..(i + 1) * kv_len].iter_mut().enumerate() {
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
-                if !visible {
-                    *cell = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (seq, kv_len), &self.device)?))
-    }
-
-    /// Runs `ids` through the model after the positions already in `cache`, appends their keys and
-    /// values to it, and returns the logits (f32) of the last or of every position.
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let seq = ids.len();
-        if seq == 0 {
-            return Err(candle_core::Error::Msg("forward over zero tokens".into()).into());
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(crate::Error::invalid(
-                "token id",
-                bad,
-                format!("below the model's vocab_size {}", self.cfg.vocab_size),
-            ));
-        }
-        let start = cache.len();
-        cache.reserve(seq)?;
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
-        let rope = self.rope(start, seq)?;
-        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let window = layer.self_attn.window;
-            let mask = match masks.iter().find(|(w, _)| *w == window) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = self.mask(start, seq, window)?;
-                    masks.push((window, m.clone()));
-                    m
-                }
+    /// The attention window of layer `layer`, when the config asks for one.
+    fn window_of_layer(&self, layer: usize) -> Option<usize> {
+        if let Some(types) = &self.layer_types {
+            return match types.get(layer).map(String::as_str) {
+                Some("sliding_attention") => self.sliding_window,
+                _ => None,
             };
-            let residual = &x;
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer
-                .self_attn
-                .forward(&h, &rope, mask.as_ref(), i, cache)?;
-            let x1 = (residual + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = layer.mlp.forward(&h)?;
-            x = (x1 + h)?;
         }
-        cache.advance(seq);
-        let x = match which {
-            Logits::Last => x.narrow(1, seq - 1, 1)?,
-            Logits::All => x,
-        };
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(match which {
-            Logits::Last => logits.squeeze(0)?.squeeze(0)?,
-            Logits::All => logits.squeeze(0)?,
-        })
-    }
-
-    /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
-    /// cached in `caches[i]`. Every weight is read once for the whole batch (the small-batch
-    /// kernels of [`Linear::forward_rows`]), attention runs per sequence over its own cache, and
-    /// each cache grows by one position. Returns the logits `(n, vocab)` in f32; row `i` is
-    /// bit-identical to what a step of sequence `i` alone returns.
-    pub fn forward_decode(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let n = ids.len();
-        if n == 0 || n != caches.len() {
-            return Err(candle_core::Error::Msg(format!(
-                "decode step of {n} tokens for {} caches",
-                caches.len()
-            ))
-            .into());
+        if !self.use_sliding_window {
+            return None;
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(crate::Error::invalid(
-                "token id",
-                bad,
-                format!("below the model's vocab_size {}", self.cfg.vocab_size),
-            ));
+        match self.max_window_layers {
+            Some(m) if layer < m => None,
+            _ => self.sliding_window,
         }
-        for cache in caches.iter_mut() {
-            cache.reserve(1)?;
-        }
-        let ropes = caches
-            .iter()
-            .map(|c| self.rope(c.len(), 1))
-            .collect::<Result<Vec<_>>>()?;
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward_decode(&h, &ropes, i, caches)?;
-            let x1 = (&x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = layer.mlp.forward_rows(&h)?;
-            x = (x1 + h)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
-        }
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward_rows(&x)?.to_dtype(DType::F32)?;
-        Ok(logits.squeeze(0)?)
-    }
-
-    /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
-    /// writes. Vectors (norms, biases) come as dense weights.
-    pub fn named_weights(&self) -> Vec<(String, Weight)> {
-        let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.table.clone(),
-        )];
-        let linear = |out: &mut Vec<(String, Weight)>, name: String, l: &Linear| {
-            out.push((format!("{name}.weight"), l.weight().clone()));
-            if let Some(b) = l.bias() {
-                out.push((format!("{name}.bias"), Weight::Dense(b.clone())));
-            }
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                norm(&layer.input_layernorm),
-            ));
-            let a = &layer.self_attn;
-            for (n, l) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("o_proj", &a.o_proj),
-            ] {
-                linear(&mut out, format!("{p}.self_attn.{n}"), l);
-            }
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                norm(&layer.post_attention_layernorm),
-            ));
-            let m = &layer.mlp;
-            for (n, l) in [
-                ("gate_proj", &m.gate_proj),
-                ("up_proj", &m.up_proj),
-                ("down_proj", &m.down_proj),
-            ] {
-                linear(&mut out, format!("{p}.mlp.{n}"), l);
-            }
-        }
-        out.push(("model.norm.weight".to_string(), norm(&self.norm)));
-        if !self.tied_lm_head {
-            linear(&mut out, "lm_head".to_string(), &self.lm_head);
-        }
-        out
-    }
-
-    /// Bytes the weights occupy in memory.
-    pub fn weights_size_in_bytes(&self) -> usize {
-        self.named_weights()
-            .iter()
-            .map(|(_, w)| w.size_in_bytes())
-            .sum()
-    }
-
-    /// How the projection weights are stored: `"f32"`, `"bf16"`, `"q4k"`, or a mix such as
-    /// `"q4k+q8_0"` when some matrices fell back to another format.
-    pub fn weights_format(&self) -> String {
-        let mut kinds: Vec<String> = Vec::new();
-        for (name, w) in self.named_weights() {
-            if !name.ends_with(".weight") || name.contains("norm") {
-                continue;
-            }
-            let k = match &w {
-                Weight::Dense(t) => crate::device::dtype_name(t.dtype()).to_string(),
-                Weight::Quantized(q) => format!("{:?}", q.dtype()).to_ascii_lowercase(),
-            };
-            if !kinds.contains(&k) {
-                kinds.push(k);
-            }
-        }
-        kinds.join("+")
-    }
-
-    /// The logits tensor's width (the config's `vocab_size`).
-    pub fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
     }
 }

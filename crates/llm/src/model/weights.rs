@@ -79,12 +79,17 @@ impl WeightSource for SafetensorsWeights<'_> {
     }
 }
 
-/// The GGUF name llama.cpp gives a Qwen2 tensor with this Hugging Face name.
+/// Name under which a model asks its weights for RoPE frequency divisors: llama.cpp's tensor for
+/// Llama 3.1+ scaling in GGUF files (config.json carries the scaling instead in safetensors models).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The GGUF name llama.cpp gives a Qwen2 or Llama tensor with this Hugging Face name.
 pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
         "lm_head.weight" => Some("output.weight"),
+        ROPE_FREQS => Some(ROPE_FREQS),
         _ => None,
     };
     if let Some(f) = fixed {
@@ -141,6 +146,35 @@ impl GgufFile {
     }
 }
 
+/// Rows of a `(rows, cols)` quantized (or f32) tensor in another order: row `i` of the result is
+/// row `from[i]` of `q`. Rows are whole blocks, so the bytes move as they are.
+pub fn reorder_rows(q: &QTensor, from: &[usize], device: &Device) -> Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    let data = q.data()?;
+    if rows == 0 || from.len() != rows || !data.len().is_multiple_of(rows) {
+        return Err(candle_core::Error::Msg(format!(
+            "cannot reorder the {rows} rows of a {dims:?} tensor by {} indices",
+            from.len()
+        ))
+        .into());
+    }
+    let row_bytes = data.len() / rows;
+    let mut out = Vec::with_capacity(data.len());
+    for &r in from {
+        let r = data
+            .get(r * row_bytes..(r + 1) * row_bytes)
+            .ok_or_else(|| candle_core::Error::Msg(format!("row {r} of {rows} does not exist")))?;
+        out.extend_from_slice(r);
+    }
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(out),
+        device,
+        q.dtype(),
+    )?;
+    Ok(QTensor::new(storage, dims)?)
+}
+
 /// A GGUF file's tensors, read on request (each copied into memory, still quantized).
 pub struct GgufWeights {
     path: PathBuf,
@@ -148,18 +182,45 @@ pub struct GgufWeights {
     reader: Mutex<BufReader<File>>,
     device: Device,
     dtype: DType,
+    /// For a Llama file, the query and key head counts: llama.cpp stores those projections with
+    /// their rows reordered for interleaved RoPE, and they are put back in Hugging Face order.
+    rope_heads: Option<(usize, usize)>,
 }
 
 impl GgufWeights {
     /// The tensors of an opened file, put on `device`; vectors and full-precision matrices in
     /// `dtype`.
     pub fn new(file: GgufFile, device: &Device, dtype: DType) -> Self {
+        let meta = |k: &str| {
+            file.content
+                .metadata
+                .get(k)
+                .and_then(|v| {
+                    v.to_u32()
+                        .ok()
+                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+                })
+                .map(|x| x as usize)
+        };
+        let is_llama = file
+            .content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .is_some_and(|a| a == "llama");
+        let rope_heads = if is_llama {
+            meta("llama.attention.head_count")
+                .map(|h| (h, meta("llama.attention.head_count_kv").unwrap_or(h)))
+        } else {
+            None
+        };
         Self {
             path: file.path,
             content: file.content,
             reader: Mutex::new(file.reader),
             device: device.clone(),
             dtype,
+            rope_heads,
         }
     }
 
@@ -207,12 +268,31 @@ impl WeightSource for GgufWeights {
     }
 
     fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight> {
-        let q = self.qtensor(name)?;
+        let mut q = self.qtensor(name)?;
         if q.shape().dims() != [shape.0, shape.1] {
             return Err(self.error(format!(
                 "{name} is {:?}, the model expects {shape:?}",
                 q.shape().dims()
             )));
+        }
+        if let Some((heads, kv_heads)) = self.rope_heads {
+            let heads = if name.ends_with("self_attn.q_proj.weight") {
+                Some(heads)
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                Some(kv_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                let order =
+                    crate::model::llama::gguf_rope_row_order(shape.0, heads).ok_or_else(|| {
+                        self.error(format!(
+                            "{name}: {} rows do not split into {heads} heads",
+                            shape.0
+                        ))
+                    })?;
+                q = reorder_rows(&q, &order, &self.device)?;
+            }
         }
         Ok(match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {

@@ -1,0 +1,633 @@
+//! The decoder shared by every supported architecture (Qwen2 and Llama 3 are the same pre-norm
+//! transformer: RMSNorm, grouped-query attention with RoPE, a SiLU-gated MLP), on candle-core and
+//! candle-nn. What differs comes from [`ModelConfig`]: biases on the query/key/value projections,
+//! the RoPE frequencies (Llama 3's scaling), attention windows, tied embeddings.
+//!
+//! Written here rather than taken from candle-transformers because its `qwen2` has the defects listed
+//! in the model notes: RoPE tables in the model dtype, a mask dtype bug on warm-cache prefill in
+//! f16/bf16, a sliding window applied when the config disables it, and a concatenating KV cache
+//! without prefix reuse. Attention shares each KV head between its query heads by reshaping the
+//! queries instead of copying keys and values (`repeat_kv`), which would multiply the bytes read per
+//! decoded token by the group size.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::RmsNorm;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::decode_attention::decode_attention;
+use crate::model::kv_cache::KvCache;
+use crate::model::linear::{Linear, Weight};
+use crate::model::weights::{WeightSource, ROPE_FREQS};
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's, `(vocab,)`: all generation needs, and it spares the lm_head matmul
+    /// over the whole prompt (151,936 x 1,536 per position).
+    Last,
+    /// Every position's, `(seq, vocab)`: for parity tests and scoring.
+    All,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Rotary position tables for a run of positions, always computed and applied in f32.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The token embedding table. Quantized tables stay quantized: a lookup dequantizes only the rows
+/// it reads (151,936 x 1,536 in f32 would be 930 MB).
+struct TokenEmbedding {
+    table: Weight,
+}
+
+impl TokenEmbedding {
+    fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(match &self.table {
+            Weight::Dense(t) => candle_nn::Embedding::new(t.clone(), t.dim(1)?).forward(ids)?,
+            Weight::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// A causal language model of any supported architecture.
+pub struct CausalLm {
+    embed_tokens: TokenEmbedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// The output projection reuses the embedding table (no `lm_head.weight` of its own).
+    tied_lm_head: bool,
+    inv_freq: Vec<f32>,
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+}
+
+/// Tensor names under a prefix, as Hugging Face writes them (`model.layers.0.self_attn`...).
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    src: &'a dyn WeightSource,
+    prefix: &'a str,
+}
+
+impl Names<'_> {
+    fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    fn linear(&self, module: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let m = self.name(module);
+        let weight = self.src.matrix(&format!("{m}.weight"), (out_dim, in_dim))?;
+        let bias = if bias {
+            Some(self.src.vector(&format!("{m}.bias"), out_dim)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    fn rms_norm(&self, module: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        let w = self
+            .src
+            .vector(&format!("{}.weight", self.name(module)), size)?;
+        Ok(RmsNorm::new(w, eps))
+    }
+}
+
+impl Attention {
+    fn new(cfg: &ModelConfig, layer: usize, w: Names) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let head_dim = cfg.head_dim();
+        let q = cfg.num_attention_heads * head_dim;
+        let kv = cfg.num_key_value_heads * head_dim;
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: w.linear("q_proj", h, q, bias)?,
+            k_proj: w.linear("k_proj", h, kv, bias)?,
+            v_proj: w.linear("v_proj", h, kv, bias)?,
+            o_proj: w.linear("o_proj", q, h, false)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim,
+            window: cfg.window_of_layer(layer),
+        })
+    }
+
+    /// The query, key and value projections of `x` `(b, s, hidden)` as `(b, heads, s, head_dim)`
+    /// and `(b, kv_heads, s, head_dim)`, before RoPE. `rows` picks the small-batch kernels of a
+    /// batched decode step (one row per sequence).
+    fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let run = |l: &Linear| {
+            if rows {
+                l.forward_rows(x)
+            } else {
+                l.forward(x)
+            }
+        };
+        let q = run(&self.q_proj)?
+            .reshape((b, s, self.heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = run(&self.k_proj)?
+            .reshape((b, s, self.kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = run(&self.v_proj)?
+            .reshape((b, s, self.kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        Ok((q, k, v))
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, false)?;
+        let out = self.attend(&q, &k, &v, rope, mask, layer, cache)?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// One decode step of several sequences: `x` is `(1, n, hidden)`, row `i` the new token of the
+    /// sequence whose cache is `caches[i]` and whose position's RoPE is `ropes[i]`. Projections run
+    /// once for all rows; attention runs per sequence over its own cache.
+    fn forward_decode(
+        &self,
+        x: &Tensor,
+        ropes: &[Rope],
+        layer: usize,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, true)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let one = |t: &Tensor| t.narrow(2, i, 1);
+            outs.push(self.attend(
+                &one(&q)?,
+                &one(&k)?,
+                &one(&v)?,
+                &ropes[i],
+                None,
+                layer,
+                cache,
+            )?);
+        }
+        let out = Tensor::cat(&outs, 1)?;
+        Ok(self.o_proj.forward_rows(&out)?)
+    }
+
+    /// Attention of projected `q` `(b, heads, s, hd)`, `k`, `v` `(b, kv_heads, s, hd)` over the
+    /// cached positions plus these: applies RoPE, appends `k`/`v` to `cache` and returns
+    /// `(b, s, heads * hd)` before the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let dtype = q.dtype();
+        let q = apply_rope(q, rope)?;
+        let k = apply_rope(k, rope)?;
+        let (k, v) = cache.append(layer, &k, v)?;
+        let (k, v) = match self.window {
+            // Decode with a window only needs its last `w` keys; prefill handles it in the mask.
+            Some(w) if s == 1 && k.dim(2)? > w => {
+                let start = k.dim(2)? - w;
+                (k.narrow(2, start, w)?, v.narrow(2, start, w)?)
+            }
+            _ => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if s == 1 && b == 1 {
+            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
+            let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
+            if let Some(out) = decode_attention(&q, &k, &v, scale as f32)? {
+                return Ok(out);
+            }
+        }
+        // Heads h*group..(h+1)*group share KV head h: fold them into the query rows of one matmul.
+        let q = q
+            .contiguous()?
+            .reshape((b, self.kv_heads, group * s, self.head_dim))?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        // Softmax in f32 whatever the model dtype, as the reference implementation does.
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((b, self.kv_heads, group, s, kv_len))?
+                .broadcast_add(mask)?
+                .reshape((b, self.kv_heads, group * s, kv_len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?; // (b, kv_heads, group * s, head_dim)
+        Ok(out
+            .reshape((b, self.heads, s, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))?)
+    }
+}
+
+fn apply_rope(x: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    Ok(candle_nn::rotary_emb::rope(&x, &rope.cos, &rope.sin)?.to_dtype(dtype)?)
+}
+
+impl Mlp {
+    fn new(cfg: &ModelConfig, w: Names) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: w.linear("gate_proj", h, i, false)?,
+            up_proj: w.linear("up_proj", h, i, false)?,
+            down_proj: w.linear("down_proj", i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let up = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+
+    /// As `forward`, with the small-batch kernels of a decode step.
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward_rows(x)?)?;
+        let up = self.up_proj.forward_rows(x)?;
+        Ok(self.down_proj.forward_rows(&(gate * up)?)?)
+    }
+}
+
+impl DecoderLayer {
+    fn new(cfg: &ModelConfig, layer: usize, w: Names) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let attn = w.name("self_attn");
+        let mlp = w.name("mlp");
+        Ok(Self {
+            input_layernorm: w.rms_norm("input_layernorm", h, eps)?,
+            self_attn: Attention::new(cfg, layer, Names { prefix: &attn, ..w })?,
+            post_attention_layernorm: w.rms_norm("post_attention_layernorm", h, eps)?,
+            mlp: Mlp::new(cfg, Names { prefix: &mlp, ..w })?,
+        })
+    }
+}
+
+impl CausalLm {
+    /// Builds the model from weights with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`
+    /// ...), full precision or quantized as `weights` delivers them. `progress(done, total)` is
+    /// called as layers load: converting or quantizing mmapped weights is real work worth showing.
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: &dyn WeightSource,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let total = cfg.num_hidden_layers + 2;
+        let model = Names {
+            src: weights,
+            prefix: "model",
+        };
+        let embed_weight = weights.matrix(
+            "model.embed_tokens.weight",
+            (cfg.vocab_size, cfg.hidden_size),
+        )?;
+        progress(1, total);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let prefix = format!("model.layers.{i}");
+            layers.push(DecoderLayer::new(
+                cfg,
+                i,
+                Names {
+                    prefix: &prefix,
+                    ..model
+                },
+            )?);
+            progress(i + 2, total);
+        }
+        let norm = model.rms_norm("norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let root = Names {
+            src: weights,
+            prefix: "",
+        };
+        let tied_lm_head = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head = if tied_lm_head {
+            Linear::new(embed_weight.clone(), None)
+        } else {
+            root.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let embed_tokens = TokenEmbedding {
+            table: embed_weight,
+        };
+        progress(total, total);
+        // A GGUF Llama 3.1+ carries its RoPE scaling as a tensor of per-frequency divisors.
+        let mut cfg = cfg.clone();
+        if weights.contains(ROPE_FREQS) {
+            let half = cfg.head_dim() / 2;
+            let factors = weights
+                .vector(ROPE_FREQS, half)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            cfg.rope.freq_factors = Some(factors);
+            cfg = cfg.checked(Path::new(ROPE_FREQS))?;
+        }
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            tied_lm_head,
+            inv_freq,
+            cfg,
+            dtype: weights.dtype(),
+            device: weights.device().clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty KV cache for this model holding at most `max_len` positions.
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim(),
+            max_len.min(self.cfg.max_position_embeddings),
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    fn rope(&self, start: usize, len: usize) -> Result<Rope> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for pos in start..start + len {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (len, half), &self.device)?,
+            sin: Tensor::from_vec(sin, (len, half), &self.device)?,
+        })
+    }
+
+    /// Additive mask `(seq, kv_len)` in f32 for queries at `start..start+seq`: causal, and windowed
+    /// only when the config asks for a window. `None` for a single query, which sees every cached
+    /// key (a windowed decode step narrows the keys instead).
+    fn mask(&self, start: usize, seq: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+        let kv_len = start + seq;
+        if seq == 1 {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; seq * kv_len];
+        for i in 0..seq {
+            let q = start + i;
+            for (j, cell) in m[i * kv_len..(i + 1) * kv_len].iter_mut().enumerate() {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if !visible {
+                    *cell = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (seq, kv_len), &self.device)?))
+    }
+
+    /// Runs `ids` through the model after the positions already in `cache`, appends their keys and
+    /// values to it, and returns the logits (f32) of the last or of every position.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let seq = ids.len();
+        if seq == 0 {
+            return Err(candle_core::Error::Msg("forward over zero tokens".into()).into());
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(crate::Error::invalid(
+                "token id",
+                bad,
+                format!("below the model's vocab_size {}", self.cfg.vocab_size),
+            ));
+        }
+        let start = cache.len();
+        cache.reserve(seq)?;
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
+        let rope = self.rope(start, seq)?;
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let window = layer.self_attn.window;
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = self.mask(start, seq, window)?;
+                    masks.push((window, m.clone()));
+                    m
+                }
+            };
+            let residual = &x;
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &rope, mask.as_ref(), i, cache)?;
+            let x1 = (residual + h)?;
+            let h = layer.post_attention_layernorm.forward(&x1)?;
+            let h = layer.mlp.forward(&h)?;
+            x = (x1 + h)?;
+        }
+        cache.advance(seq);
+        let x = match which {
+            Logits::Last => x.narrow(1, seq - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(match which {
+            Logits::Last => logits.squeeze(0)?.squeeze(0)?,
+            Logits::All => logits.squeeze(0)?,
+        })
+    }
+
+    /// One decode step for several sequences at once: `ids[i]` is the next token of the sequence
+    /// cached in `caches[i]`. Every weight is read once for the whole batch (the small-batch
+    /// kernels of [`Linear::forward_rows`]), attention runs per sequence over its own cache, and
+    /// each cache grows by one position. Returns the logits `(n, vocab)` in f32; row `i` is
+    /// bit-identical to what a step of sequence `i` alone returns.
+    pub fn forward_decode(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let n = ids.len();
+        if n == 0 || n != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "decode step of {n} tokens for {} caches",
+                caches.len()
+            ))
+            .into());
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(crate::Error::invalid(
+                "token id",
+                bad,
+                format!("below the model's vocab_size {}", self.cfg.vocab_size),
+            ));
+        }
+        for cache in caches.iter_mut() {
+            cache.reserve(1)?;
+        }
+        let ropes = caches
+            .iter()
+            .map(|c| self.rope(c.len(), 1))
+            .collect::<Result<Vec<_>>>()?;
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&input, self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward_decode(&h, &ropes, i, caches)?;
+            let x1 = (&x + h)?;
+            let h = layer.post_attention_layernorm.forward(&x1)?;
+            let h = layer.mlp.forward_rows(&h)?;
+            x = (x1 + h)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward_rows(&x)?.to_dtype(DType::F32)?;
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
+    /// writes. Vectors (norms, biases) come as dense weights.
+    pub fn named_weights(&self) -> Vec<(String, Weight)> {
+        let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.table.clone(),
+        )];
+        let linear = |out: &mut Vec<(String, Weight)>, name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), Weight::Dense(b.clone())));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                norm(&layer.input_layernorm),
+            ));
+            let a = &layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                linear(&mut out, format!("{p}.self_attn.{n}"), l);
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                norm(&layer.post_attention_layernorm),
+            ));
+            let m = &layer.mlp;
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                linear(&mut out, format!("{p}.mlp.{n}"), l);
+            }
+        }
+        out.push(("model.norm.weight".to_string(), norm(&self.norm)));
+        if !self.tied_lm_head {
+            linear(&mut out, "lm_head".to_string(), &self.lm_head);
+        }
+        out
+    }
+
+    /// Bytes the weights occupy in memory.
+    pub fn weights_size_in_bytes(&self) -> usize {
+        self.named_weights()
+            .iter()
+            .map(|(_, w)| w.size_in_bytes())
+            .sum()
+    }
+
+    /// How the projection weights are stored: `"f32"`, `"bf16"`, `"q4k"`, or a mix such as
+    /// `"q4k+q8_0"` when some matrices fell back to another format.
+    pub fn weights_format(&self) -> String {
+        let mut kinds: Vec<String> = Vec::new();
+        for (name, w) in self.named_weights() {
+            if !name.ends_with(".weight") || name.contains("norm") {
+                continue;
+            }
+            let k = match &w {
+                Weight::Dense(t) => crate::device::dtype_name(t.dtype()).to_string(),
+                Weight::Quantized(q) => format!("{:?}", q.dtype()).to_ascii_lowercase(),
+            };
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        kinds.join("+")
+    }
+
+    /// The logits tensor's width (the config's `vocab_size`).
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+}
