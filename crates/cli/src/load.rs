@@ -103,6 +103,7 @@ pub fn progress_bar() -> (ProgressBar, impl FnMut(LoadProgress)) {
             b.set_length(total as u64);
             b.set_position(done as u64);
         }
+        LoadProgress::Note(note) => b.suspend(|| eprintln!("note: {note}")),
     };
     (bar, callback)
 }

@@ -132,14 +132,33 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Search(args) => search::run(*args),
         Command::Index(cmd) => index_cmd::run(cmd),
         Command::Models => {
-            println!("Language models:");
+            // Memory for a 4,096-position context: the weights as they sit in memory plus the KV
+            // cache; safetensors models run in f32 on a CPU by default (bf16 with --dtype bf16).
+            const CONTEXT: usize = 4096;
+            let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
+            println!("Language models (memory: weights + KV cache for {CONTEXT} positions):");
+            println!(
+                "  {:<37} {:<6} {:>7} {:>9} {:>22}  SOURCE",
+                "NAME", "ARCH", "PARAMS", "DOWNLOAD", "MEMORY"
+            );
             for m in thinkrag_llm::ModelManifest::builtin() {
+                let memory = if m.is_gguf() {
+                    gb(m.memory_estimate(CONTEXT, false))
+                } else {
+                    format!(
+                        "{} (bf16 {})",
+                        gb(m.memory_estimate(CONTEXT, false)),
+                        gb(m.memory_estimate(CONTEXT, true))
+                    )
+                };
                 println!(
-                    "  {:<38} {} ({}, {})",
+                    "  {:<37} {:<6} {:>7} {:>9} {:>22}  {}",
                     m.name,
-                    m.hub.repo,
                     m.architecture,
-                    m.parameters.as_deref().unwrap_or("?")
+                    m.parameters.as_deref().unwrap_or("?"),
+                    m.hub.size_bytes.map(gb).unwrap_or_else(|| "?".into()),
+                    memory,
+                    m.hub.repo,
                 );
             }
             println!("Embedders:");

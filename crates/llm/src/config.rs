@@ -394,3 +394,115 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
         message: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(v: serde_json::Value) -> ModelConfig {
+        let mut c = ModelConfig::from_value(v, Path::new("config.json")).unwrap();
+        c.published = serde_json::Value::Null;
+        c.notes.clear();
+        c
+    }
+
+    fn qwen2(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 576,
+            "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6, "bos_token_id": 448, "eos_token_id": 448,
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    #[test]
+    fn transformers_4_and_5_layouts_of_a_qwen2_config_read_the_same() {
+        let v4 = read(qwen2(json!({
+            "rope_theta": 1000000.0, "torch_dtype": "bfloat16", "sliding_window": 4096,
+            "use_sliding_window": false, "max_window_layers": 3,
+        })));
+        let v5 = read(qwen2(json!({
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "dtype": "bfloat16", "sliding_window": null, "use_sliding_window": false,
+            "layer_types": ["full_attention", "full_attention", "full_attention"],
+        })));
+        assert_eq!(v4, v5);
+        assert_eq!(v4.rope.theta, 1e6);
+        assert_eq!(v4.torch_dtype.as_deref(), Some("bfloat16"));
+        assert!(v4.attention_bias && v4.layer_windows.iter().all(Option::is_none));
+        // transformers 5 says per layer which attention is windowed.
+        let windowed = read(qwen2(json!({
+            "sliding_window": 64, "use_sliding_window": true,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+        })));
+        assert_eq!(windowed.layer_windows, vec![None, Some(64), Some(64)]);
+    }
+
+    #[test]
+    fn transformers_4_and_5_layouts_of_a_llama3_config_read_the_same() {
+        let base = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+            "tie_word_embeddings": false,
+        });
+        let scaling = json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"});
+        let mut v4 = base.clone();
+        v4["rope_theta"] = json!(500000.0);
+        v4["rope_scaling"] = scaling.clone();
+        v4["torch_dtype"] = json!("bfloat16");
+        let mut v5 = base.clone();
+        let mut params = scaling.clone();
+        params["rope_theta"] = json!(500000.0);
+        v5["rope_parameters"] = params;
+        v5["dtype"] = json!("bfloat16");
+        let (a, b) = (read(v4), read(v5));
+        assert_eq!(a, b);
+        assert_eq!(a.architecture, Architecture::Llama);
+        assert_eq!((a.head_dim, a.attention_bias), (128, false));
+        assert_eq!(
+            a.eos_token_id.as_ref().unwrap().to_vec(),
+            vec![128001, 128008, 128009]
+        );
+        let inv = a.rope_inv_freq();
+        assert_eq!(inv.len(), 64);
+        assert!((inv[63] * 8.0 - 500000f32.powf(-126.0 / 128.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn configs_thinkrag_would_run_wrongly_are_refused_with_the_reason() {
+        let refused = |v: serde_json::Value, says: &str| {
+            let e = ModelConfig::from_value(v, Path::new("config.json")).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        };
+        refused(
+            qwen2(json!({"architectures": ["MistralForCausalLM"]})),
+            "MistralForCausalLM",
+        );
+        refused(
+            qwen2(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})),
+            "yarn",
+        );
+        refused(
+            qwen2(json!({"num_key_value_heads": 3})),
+            "multiple of num_key_value_heads",
+        );
+        let mut llama =
+            qwen2(json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}));
+        llama["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+        refused(llama.clone(), "incomplete");
+        llama["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
+        refused(llama.clone(), "dynamic");
+        llama["rope_scaling"] = serde_json::Value::Null;
+        llama["mlp_bias"] = json!(true);
+        refused(llama, "mlp_bias");
+        refused(json!([1, 2]), "not a JSON object");
+    }
+}

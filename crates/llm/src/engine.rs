@@ -53,6 +53,9 @@ pub enum LoadProgress {
         /// Parts in all.
         total: usize,
     },
+    /// A choice the loader made that the user should know of: files that disagree, fields read
+    /// under a newer tool's names.
+    Note(String),
 }
 
 /// A loaded model, ready to generate.
@@ -117,6 +120,13 @@ impl Engine {
         })?;
         if let Some(m) = &manifest {
             check_manifest_tokens(m, &tokenizer, tokenizer.path())?;
+        }
+        for note in &config.notes {
+            tracing::debug!("{name}: {note}");
+        }
+        for note in tokenizer.notes() {
+            tracing::info!("{name}: {note}");
+            progress(LoadProgress::Note(note.clone()));
         }
         let device = opts.device.open()?;
         let context_window = match opts.context_window {

@@ -23,6 +23,9 @@ pub struct HubLocation {
     /// Dtype of the published weights.
     #[serde(default)]
     pub weights_dtype: Option<String>,
+    /// Approximate download size in bytes, for `thinkrag models`.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
 }
 
 fn default_revision() -> String {
@@ -100,27 +103,88 @@ pub struct ModelManifest {
     pub tokenizer_config_json: Option<String>,
 }
 
-const R1_QWEN_1_5B_TOKENIZER_CONFIG: &str =
+/// The Qwen distills' tokenizer_config.json (special tokens and chat template; the same for every size).
+const R1_QWEN_TOKENIZER_CONFIG: &str =
     include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.tokenizer_config.json");
+
+/// The Llama distills' tokenizer_config.json (the same chat template; no added-token list).
+const R1_LLAMA_TOKENIZER_CONFIG: &str =
+    include_str!("../../../models/deepseek-r1-distill-llama.tokenizer_config.json");
 
 /// The manifests shipped in `models/`. A manifest with `base = "<name>"` (the GGUF builds of a
 /// model) takes every top-level table it does not set from that manifest.
 const BUILTIN: &[(&str, &str)] = &[
     (
         include_str!("../../../models/deepseek-r1-distill-qwen-1.5b.toml"),
-        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+        R1_QWEN_TOKENIZER_CONFIG,
     ),
     (
         include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q4_k_m.toml"),
-        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+        R1_QWEN_TOKENIZER_CONFIG,
     ),
     (
         include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q8_0.toml"),
-        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+        R1_QWEN_TOKENIZER_CONFIG,
     ),
     (
         include_str!("../../../models/deepseek-r1-distill-qwen-1.5b-q6_k.toml"),
-        R1_QWEN_1_5B_TOKENIZER_CONFIG,
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-7b.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-7b-q4_k_m.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-7b-q8_0.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-14b.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-14b-q4_k_m.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-14b-q8_0.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-32b.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-32b-q4_k_m.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-qwen-32b-q8_0.toml"),
+        R1_QWEN_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-llama-8b.toml"),
+        R1_LLAMA_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-llama-8b-q4_k_m.toml"),
+        R1_LLAMA_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-llama-8b-q8_0.toml"),
+        R1_LLAMA_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-llama-70b.toml"),
+        R1_LLAMA_TOKENIZER_CONFIG,
+    ),
+    (
+        include_str!("../../../models/deepseek-r1-distill-llama-70b-q4_k_m.toml"),
+        R1_LLAMA_TOKENIZER_CONFIG,
     ),
 ];
 
@@ -177,6 +241,30 @@ impl ModelManifest {
         Self::builtin().into_iter().map(|m| m.name).collect()
     }
 
+    /// Whether the weights are one GGUF file (quantized as published).
+    pub fn is_gguf(&self) -> bool {
+        self.hub.files.iter().any(|f| f.ends_with(".gguf"))
+    }
+
+    /// Bytes of KV cache per position of context (keys and values of every layer, f32 as the CPU
+    /// path keeps them).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        let c = &self.config;
+        (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4) as u64
+    }
+
+    /// Estimated memory to run the model with `context` positions of KV cache: the weights as
+    /// they sit in memory (a GGUF file's size; safetensors converted to f32 on a CPU, or kept in
+    /// bf16 with `--dtype bf16`), the cache, and 0.3 GB of activations and runtime.
+    pub fn memory_estimate(&self, context: usize, bf16: bool) -> u64 {
+        let weights = if self.is_gguf() {
+            self.hub.size_bytes.unwrap_or(0)
+        } else {
+            self.config.parameter_count() as u64 * if bf16 { 2 } else { 4 }
+        };
+        weights + self.kv_bytes_per_position() * context as u64 + 300_000_000
+    }
+
     /// The default model.
     pub fn default_model() -> &'static str {
         "deepseek-r1-distill-qwen-1.5b"
@@ -208,6 +296,47 @@ mod tests {
     fn builtin_manifests_parse_and_match_the_published_config() {
         let all = ModelManifest::builtin();
         assert_eq!(all.len(), BUILTIN.len(), "every built-in manifest parses");
+        for m in &all {
+            // The published parameter count (`parameters = "8.03B"`) is what the config's shapes
+            // give: a typo in a shape would not pass.
+            let said: f64 = m
+                .parameters
+                .as_deref()
+                .and_then(|p| p.strip_suffix('B'))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{}: parameters", m.name));
+            let got = m.config.parameter_count() as f64 / 1e9;
+            assert!(
+                (got / said - 1.0).abs() < 0.01,
+                "{}: config gives {got:.3}B, manifest says {said}B",
+                m.name
+            );
+            assert_eq!(m.config.architecture.name(), m.architecture, "{}", m.name);
+            assert!(m.hub.size_bytes.is_some(), "{}: size_bytes", m.name);
+            let tc: serde_json::Value =
+                serde_json::from_str(m.tokenizer_config_json.as_deref().unwrap()).unwrap();
+            assert!(tc["chat_template"]
+                .as_str()
+                .unwrap()
+                .contains("<｜Assistant｜><think>"));
+        }
+        for name in [
+            "deepseek-r1-distill-llama-8b",
+            "deepseek-r1-distill-llama-70b",
+        ] {
+            let m = ModelManifest::find(name).unwrap();
+            let c = &m.config;
+            assert_eq!(c.architecture, crate::config::Architecture::Llama);
+            assert!(!c.attention_bias && !c.tie_word_embeddings);
+            assert_eq!(
+                (c.vocab_size, c.head_dim, c.num_key_value_heads),
+                (128256, 128, 8)
+            );
+            let s = c.rope.llama3.as_ref().expect("llama3 RoPE scaling");
+            assert_eq!((s.factor, s.original_max_position_embeddings), (8.0, 8192));
+            assert_eq!(m.special_tokens.bos.id, 128000);
+            assert_eq!(m.generation_config.bos_token_id, Some(128000));
+        }
         let m = ModelManifest::find("deepseek-r1-distill-qwen-1.5b").unwrap();
         assert_eq!(m.hub.repo, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B");
         assert_eq!(m.config.hidden_size, 1536);

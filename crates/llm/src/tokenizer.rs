@@ -39,6 +39,8 @@ pub struct TextTokenizer {
     /// The texts of the added tokens (`<｜User｜>`, `</think>`...), longest first: inside message
     /// text they must stay text.
     added: Vec<String>,
+    /// Choices made where the model's files disagree, for the user.
+    notes: Vec<String>,
 }
 
 /// Wraps control-token text found in message content while the template renders; never in real
@@ -129,9 +131,21 @@ impl TextTokenizer {
         let id_of = |text: &str| inner.token_to_id(text);
         let bos_text = token_text(tok_cfg.get("bos_token"));
         let eos_text = token_text(tok_cfg.get("eos_token"));
-        let bos = generation
-            .bos_token_id
-            .or_else(|| bos_text.as_deref().and_then(id_of))
+        // The chat template writes tokenizer_config.json's bos_token, so that is the BOS a
+        // transformers prompt starts with; generation_config.json's id (config.json's last, which
+        // is wrong for the Qwen distills) only when the tokenizer config names none.
+        let mut notes = Vec::new();
+        let template_bos = bos_text.as_deref().and_then(id_of);
+        if let (Some(t), Some(g)) = (template_bos, generation.bos_token_id) {
+            if t != g {
+                notes.push(format!(
+                    "generation_config.json says BOS is id {g} but tokenizer_config.json's bos_token {:?} is id {t}: prompts start with id {t}, as transformers' chat template writes them",
+                    bos_text.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        let bos = template_bos
+            .or(generation.bos_token_id)
             .or(model.bos_token_id)
             .ok_or_else(|| err("no BOS token id in generation_config.json, tokenizer_config.json or config.json".into()))?;
         let mut eos: Vec<u32> = generation
@@ -155,14 +169,6 @@ impl TextTokenizer {
             if id as usize >= size {
                 return Err(err(format!(
                     "{what} id {id} is not in the tokenizer (it has {size} ids): the tokenizer does not match the model's generation_config.json"
-                )));
-            }
-        }
-        if let Some(text) = &bos_text {
-            if id_of(text).is_some_and(|id| id != bos) {
-                return Err(err(format!(
-                    "tokenizer_config.json's bos_token {text:?} is id {:?} but generation_config.json says BOS is {bos}",
-                    id_of(text)
                 )));
             }
         }
@@ -196,6 +202,7 @@ impl TextTokenizer {
             size,
             path: path.to_path_buf(),
             added,
+            notes,
         })
     }
 
@@ -212,6 +219,11 @@ impl TextTokenizer {
     /// The special ids.
     pub fn special(&self) -> &SpecialTokens {
         &self.special
+    }
+
+    /// What was chosen where the model's files disagree (empty when they agree).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Ids the tokenizer can produce: `0..size`. Logits beyond (151,665..151,936 for the real

@@ -361,3 +361,11 @@ macro_rules! batching_tests {
 
 batching_tests!(f32_safetensors, engine(DTypeChoice::F32));
 batching_tests!(q8_0_gguf, gguf_engine(thinkrag_llm::Quantization::Q8_0));
+batching_tests!(llama_f32_safetensors, {
+    set_fixture(Fixture::Llama);
+    engine(DTypeChoice::F32)
+});
+batching_tests!(llama_q8_0_gguf, {
+    set_fixture(Fixture::Llama);
+    gguf_engine(thinkrag_llm::Quantization::Q8_0)
+});

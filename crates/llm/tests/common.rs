@@ -37,8 +37,13 @@ thread_local! {
 
 /// Runs `test` with the helpers pointed at `fixture`.
 pub fn with_fixture(fixture: Fixture, test: fn()) {
-    FIXTURE.with(|f| f.set(fixture));
+    set_fixture(fixture);
     test();
+}
+
+/// Points the helpers at `fixture` for the rest of the current test.
+pub fn set_fixture(fixture: Fixture) {
+    FIXTURE.with(|f| f.set(fixture));
 }
 
 /// The fixture the current test works on (Qwen2 unless `with_fixture` says otherwise).

@@ -111,7 +111,13 @@ macro_rules! generation_tests {
             fn length_stop_without_think_close_is_all_reasoning() {
                 let e = subject();
                 let close = e.tokenizer().special().think_close.unwrap();
-                let (g, ..) = run(&greedy(12), "Tell me about Miami.");
+                // EOS is ignored so that only the length can end it (the tiny Llama's Q8_0
+                // build ends this turn with EOS within 12 tokens).
+                let params = GenerationParams {
+                    ignore_eos: true,
+                    ..greedy(12)
+                };
+                let (g, ..) = run(&params, "Tell me about Miami.");
                 // The premise, asserted rather than assumed: the tiny model's greedy 12 tokens
                 // never close the reasoning (if a new fixture does, pick another prompt).
                 assert!(!g.tokens.contains(&close), "premise broken: {:?}", g.tokens);
@@ -305,8 +311,17 @@ macro_rules! generation_tests {
 
 generation_tests!(f32_safetensors, engine(DTypeChoice::F32));
 generation_tests!(q8_0_gguf, gguf_engine(thinkrag_llm::Quantization::Q8_0));
+generation_tests!(llama_f32_safetensors, {
+    set_fixture(Fixture::Llama);
+    engine(DTypeChoice::F32)
+});
+generation_tests!(llama_q8_0_gguf, {
+    set_fixture(Fixture::Llama);
+    gguf_engine(thinkrag_llm::Quantization::Q8_0)
+});
 
-#[test]
+for_each_fixture!(random_weights_of_a_config_load_and_run);
+
 fn random_weights_of_a_config_load_and_run() {
     let dir = tempfile::tempdir().unwrap();
     for f in [
@@ -340,4 +355,46 @@ fn random_weights_of_a_config_load_and_run() {
         })
         .unwrap();
     assert_eq!(g.usage.completion_tokens, 4);
+}
+
+/// A generation_config.json whose BOS disagrees with the tokenizer's: the model loads, prompts
+/// start with the BOS the chat template writes (as transformers renders them), and a note says so.
+#[test]
+fn disagreeing_bos_files_load_with_a_note_and_the_templates_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture_dir()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let want = ids(&reference()["prompt_ids"]);
+    let gen_path = dir.path().join("generation_config.json");
+    let mut gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    let eos = gen["eos_token_id"].as_u64().unwrap();
+    assert_ne!(want[0] as u64, eos);
+    gen["bos_token_id"] = eos.into();
+    std::fs::write(&gen_path, gen.to_string()).unwrap();
+    let mut notes = Vec::new();
+    let e = thinkrag_llm::Engine::from_files(
+        thinkrag_llm::ModelFiles::from_dir(dir.path()).unwrap(),
+        "bos".into(),
+        None,
+        &thinkrag_llm::LoadOptions::default(),
+        &mut |p| {
+            if let thinkrag_llm::LoadProgress::Note(n) = p {
+                notes.push(n)
+            }
+        },
+    )
+    .unwrap();
+    let r = reference_json();
+    let turn1: Vec<Message> = serde_json::from_value(r["turn1_messages"].clone()).unwrap();
+    assert_eq!(e.encode_messages(&turn1).unwrap(), want);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains(&format!("BOS is id {eos}"))
+            && notes[0].contains(&format!("id {}", want[0])),
+        "{}",
+        notes[0]
+    );
 }
