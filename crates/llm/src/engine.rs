@@ -143,7 +143,26 @@ impl Engine {
                 ))
             }
         };
-        let model = load_weights(&config, loaded.weights, opts, &device, progress)?;
+        let cpu_default = crate::quant_cache::applies(
+            &config,
+            &files.weights,
+            opts.dtype,
+            opts.quantize,
+            device.is_cpu(),
+        );
+        let model = if cpu_default {
+            load_cached_quantization(
+                &config,
+                loaded.weights,
+                &tokenizer,
+                &name,
+                opts,
+                &device,
+                progress,
+            )?
+        } else {
+            load_weights(&config, loaded.weights, opts, &device, progress)?
+        };
         Ok(Self {
             model,
             tokenizer,
@@ -659,6 +678,64 @@ fn load_weights(
         },
         other => other,
     })
+}
+
+/// The CPU default for half-precision safetensors: the Q8_0 copy cached as GGUF when there is
+/// one, else quantize while loading and write that copy for the next start. A cache that cannot
+/// be written (read-only, full) costs only the next start's time: it is reported, not fatal.
+fn load_cached_quantization(
+    config: &ModelConfig,
+    weights: OpenWeights,
+    tokenizer: &TextTokenizer,
+    name: &str,
+    opts: &LoadOptions,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<CausalLm> {
+    let q = crate::quant_cache::CPU_DEFAULT;
+    let OpenWeights::Safetensors(paths) = &weights else {
+        return load_weights(config, weights, opts, device, progress);
+    };
+    let cached = crate::quant_cache::path(paths, &opts.hub, q)?;
+    let published = config.torch_dtype.as_deref().unwrap_or("half precision");
+    if cached.is_file() {
+        match GgufFile::open(&cached)
+            .and_then(|file| load_weights(config, OpenWeights::Gguf(file), opts, device, progress))
+        {
+            Ok(model) => {
+                progress(LoadProgress::Note(format!(
+                    "running the {published} weights as {q}, cached at {} (full precision: dtype f32)",
+                    cached.display()
+                )));
+                return Ok(model);
+            }
+            Err(e) => progress(LoadProgress::Note(format!(
+                "the cached {q} copy {} is unusable ({e}); quantizing again",
+                cached.display()
+            ))),
+        }
+    }
+    let quantizing = LoadOptions {
+        quantize: Some(q),
+        ..opts.clone()
+    };
+    let model = load_weights(config, weights, &quantizing, device, progress)?;
+    let written = cached
+        .parent()
+        .map_or(Ok(()), |dir| {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+        })
+        .and_then(|()| gguf::export(&model, tokenizer, name, &cached));
+    progress(LoadProgress::Note(match written {
+        Ok(()) => format!(
+            "quantized the {published} weights to {q} for this CPU (full precision: dtype f32) and cached them at {}: the next start loads them directly",
+            cached.display()
+        ),
+        Err(e) => format!(
+            "quantized the {published} weights to {q} for this CPU (full precision: dtype f32); could not cache them ({e}), so the next start quantizes again"
+        ),
+    }));
+    Ok(model)
 }
 
 /// Loads only the network (no tokenizer needed) of a model directory (config.json and

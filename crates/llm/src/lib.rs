@@ -36,6 +36,7 @@ pub mod gguf;
 pub mod manifest;
 pub mod model;
 pub mod quant;
+pub mod quant_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
