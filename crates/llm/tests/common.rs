@@ -111,6 +111,8 @@ pub fn engine(dtype: DTypeChoice) -> Engine {
     let opts = LoadOptions {
         device: test_device(),
         dtype,
+        // Half precision really runs in half precision, also on a CPU.
+        strict_dtype: true,
         ..LoadOptions::default()
     };
     Engine::from_files(files, fixture().name().into(), None, &opts, &mut |_| {}).unwrap()

@@ -99,6 +99,13 @@ fn cpu_default_quantizes_once_and_loads_the_cached_copy() {
     // Full precision is one option away.
     let (full, _) = load(model.path(), cache.path(), DTypeChoice::F32);
     assert_eq!(full.model().weights_format(), "f32");
+    // Half precision on a CPU computes in f32, with a note.
+    let (half, notes) = load(model.path(), cache.path(), DTypeChoice::Bf16);
+    assert_eq!(half.model().weights_format(), "f32");
+    assert!(
+        notes.iter().any(|n| n.contains("computes in f32")),
+        "{notes:?}"
+    );
 
     // A damaged copy is replaced, not fatal.
     let len = std::fs::metadata(&cached[0]).unwrap().len();

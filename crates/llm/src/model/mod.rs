@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod mapped;
 pub mod qwen2;
 pub mod weights;
 

@@ -175,11 +175,14 @@ pub fn reorder_rows(q: &QTensor, from: &[usize], device: &Device) -> Result<QTen
     Ok(QTensor::new(storage, dims)?)
 }
 
-/// A GGUF file's tensors, read on request (each copied into memory, still quantized).
+/// A GGUF file's tensors. On a CPU the file is memory-mapped and quantized tensors use its pages
+/// in place (nothing is read until used, and nothing is copied); on a GPU, or where the file
+/// cannot be mapped, each tensor is read on request.
 pub struct GgufWeights {
     path: PathBuf,
     content: gguf_file::Content,
     reader: Mutex<BufReader<File>>,
+    map: Option<Arc<memmap2::Mmap>>,
     device: Device,
     dtype: DType,
     /// For a Llama file, the query and key head counts: llama.cpp stores those projections with
@@ -214,10 +217,18 @@ impl GgufWeights {
         } else {
             None
         };
+        // SAFETY: mapped read-only; thinkrag never writes model files while they are loaded, and
+        // the docs tell users not to modify a model in use (as for the safetensors mapping).
+        let map = device
+            .is_cpu()
+            .then(|| unsafe { memmap2::Mmap::map(file.reader.get_ref()) }.ok())
+            .flatten()
+            .map(Arc::new);
         Self {
             path: file.path,
             content: file.content,
             reader: Mutex::new(file.reader),
+            map,
             device: device.clone(),
             dtype,
             rope_heads,
@@ -231,6 +242,22 @@ impl GgufWeights {
                 "has no tensor {name} (for {hf}): not a Qwen2 GGUF, or an incomplete one"
             ))
         })?;
+        if let Some(map) = &self.map {
+            let dtype = info.ggml_dtype;
+            let elems = info.shape.elem_count();
+            let start = self
+                .content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|s| usize::try_from(s).ok());
+            let len = (elems / dtype.block_size()).checked_mul(dtype.type_size());
+            let range = start.zip(len).and_then(|(s, l)| Some(s..s.checked_add(l)?));
+            if let Some(t) = range
+                .and_then(|r| crate::model::mapped::new_tensor(map, r, dtype, info.shape.clone()))
+            {
+                return Ok(t);
+            }
+        }
         let mut reader = self
             .reader
             .lock()
@@ -340,5 +367,56 @@ mod tests {
         }
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
         assert_eq!(gguf_name("something.else"), None);
+    }
+}
+
+#[cfg(test)]
+mod mapping_tests {
+    use super::*;
+
+    #[test]
+    fn quantized_gguf_tensors_on_a_cpu_are_the_files_pages_not_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let values: Vec<f32> = (0..64 * 32).map(|i| (i % 17) as f32 - 8.0).collect();
+        let t = Tensor::from_vec(values, (64, 32), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let f = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let mut out = std::fs::File::create(&path).unwrap();
+        gguf_file::write(
+            &mut out,
+            &[],
+            &[("token_embd.weight", &q), ("output.weight", &f)],
+        )
+        .unwrap();
+        drop(out);
+        let w = GgufWeights::new(GgufFile::open(&path).unwrap(), &Device::Cpu, DType::F32);
+        let map = w.map.clone().expect("a CPU load maps the file");
+        let inside = |p: *const u8| {
+            let (lo, hi) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
+            (lo..hi).contains(&(p as usize))
+        };
+        let Weight::Quantized(mapped) = w.matrix("model.embed_tokens.weight", (64, 32)).unwrap()
+        else {
+            panic!("Q8_0 stays quantized")
+        };
+        assert!(inside(mapped.data().unwrap().as_ptr()), "not a copy");
+        // Same numbers as the tensor that was written.
+        let back = mapped.dequantize(&Device::Cpu).unwrap();
+        let want = q.dequantize(&Device::Cpu).unwrap();
+        let diff = (back - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        // A full-precision tensor becomes a dense tensor of the model's dtype.
+        assert!(matches!(
+            w.matrix("lm_head.weight", (64, 32)).unwrap(),
+            Weight::Dense(_)
+        ));
     }
 }
