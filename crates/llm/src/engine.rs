@@ -188,6 +188,7 @@ impl Engine {
         } else {
             load_weights(&config, loaded.weights, opts, &device, progress)?
         };
+        model.prepare()?;
         Ok(Self {
             model,
             tokenizer,
@@ -795,7 +796,9 @@ pub fn load_model_only(
         (config, weights)
     };
     let device = opts.device.open()?;
-    load_weights(&config, weights, opts, &device, progress)
+    let model = load_weights(&config, weights, opts, &device, progress)?;
+    model.prepare()?;
+    Ok(model)
 }
 
 #[cfg(test)]

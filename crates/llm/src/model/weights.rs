@@ -27,6 +27,10 @@ pub trait WeightSource {
     fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight>;
     /// Whether the source has a tensor of this name.
     fn contains(&self, name: &str) -> bool;
+    /// The memory-mapped file whose pages quantized tensors use in place, if any.
+    fn mapped_file(&self) -> Option<Arc<memmap2::Mmap>> {
+        None
+    }
 }
 
 /// Safetensors with Hugging Face names, optionally quantized as they load.
@@ -331,6 +335,10 @@ impl WeightSource for GgufWeights {
 
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    fn mapped_file(&self) -> Option<Arc<memmap2::Mmap>> {
+        self.map.clone()
     }
 }
 
