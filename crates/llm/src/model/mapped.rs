@@ -162,7 +162,7 @@ pub fn new_tensor(
     shape: Shape,
 ) -> Option<QTensor> {
     let elems = shape.elem_count();
-    if elems % dtype.block_size() != 0
+    if !elems.is_multiple_of(dtype.block_size())
         || range.len() != elems / dtype.block_size() * dtype.type_size()
     {
         return None;
