@@ -682,7 +682,7 @@ fn load_weights(
                     path: first.clone(),
                     message: e.to_string(),
                 })?;
-            let src = SafetensorsWeights::new(vb, opts.quantize);
+            let src = SafetensorsWeights::new(vb, opts.quantize, config.num_hidden_layers);
             CausalLm::new(config, &src as &dyn WeightSource, &mut report)
         }
         OpenWeights::Gguf(file) => {

@@ -32,14 +32,21 @@ pub enum Quantization {
     Q5K,
     /// k-quant 6-bit, super-blocks of 256 (6.6 bits per weight).
     Q6K,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output head and for the value and MLP-down
+    /// projections of the layers llama.cpp gives more bits (about 4.9 bits per weight).
+    Q4KM,
+    /// llama.cpp's Q5_K_M mix: Q5_K, with Q6_K where Q4_K_M has it (about 5.7 bits per weight).
+    Q5KM,
 }
 
 impl Quantization {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Quantization; 10] = [
+    pub const ALL: [Quantization; 12] = [
         Self::Q8_0,
         Self::Q6K,
+        Self::Q5KM,
         Self::Q5K,
+        Self::Q4KM,
         Self::Q4K,
         Self::Q3K,
         Self::Q2K,
@@ -49,7 +56,7 @@ impl Quantization {
         Self::Q4_0,
     ];
 
-    /// The GGML block type.
+    /// The GGML block type (of most matrices, for a mix).
     pub fn ggml(self) -> GgmlDType {
         match self {
             Self::Q8_0 => GgmlDType::Q8_0,
@@ -59,8 +66,8 @@ impl Quantization {
             Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q2K => GgmlDType::Q2K,
             Self::Q3K => GgmlDType::Q3K,
-            Self::Q4K => GgmlDType::Q4K,
-            Self::Q5K => GgmlDType::Q5K,
+            Self::Q4K | Self::Q4KM => GgmlDType::Q4K,
+            Self::Q5K | Self::Q5KM => GgmlDType::Q5K,
             Self::Q6K => GgmlDType::Q6K,
         }
     }
@@ -78,20 +85,66 @@ impl Quantization {
             Self::Q4K => "q4k",
             Self::Q5K => "q5k",
             Self::Q6K => "q6k",
+            Self::Q4KM => "q4_k_m",
+            Self::Q5KM => "q5_k_m",
         }
     }
 
     /// The block type a `(rows, k)` matrix gets: this one when `k` splits into its blocks, else
     /// the first of Q8_0 or f32 that fits, as llama.cpp falls back for such tensors.
     pub fn for_row_length(self, k: usize) -> GgmlDType {
-        let wanted = self.ggml();
-        if k.is_multiple_of(wanted.block_size()) {
-            wanted
-        } else if k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
-            GgmlDType::Q8_0
-        } else {
-            GgmlDType::F32
+        fits(self.ggml(), k)
+    }
+
+    /// The block type of the matrix with Hugging Face name `name` in a model of `layers` layers
+    /// and row length `k`: for a mix, the type llama.cpp's `llama_tensor_get_type` gives that
+    /// tensor (checked against llama-quantize's output in the tests), else [`Self::ggml`].
+    pub fn for_tensor(self, name: &str, layers: usize, k: usize) -> GgmlDType {
+        if !matches!(self, Self::Q4KM | Self::Q5KM) {
+            return self.for_row_length(k);
         }
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let more_bits = layer.is_some_and(|i| use_more_bits(i, layers));
+        let wanted = if name == "lm_head.weight" {
+            GgmlDType::Q6K
+        } else if name.ends_with("self_attn.v_proj.weight") {
+            if more_bits {
+                GgmlDType::Q6K
+            } else if layers == 80 && self == Self::Q4KM {
+                // llama.cpp's 70B rule: eight query heads share each value head, so the value
+                // projection is small and gets Q5_K for little size.
+                GgmlDType::Q5K
+            } else {
+                self.ggml()
+            }
+        } else if name.ends_with("mlp.down_proj.weight") && more_bits {
+            GgmlDType::Q6K
+        } else {
+            self.ggml()
+        };
+        fits(wanted, k)
+    }
+}
+
+/// llama.cpp's choice of the layers that get more bits in its _M mixes: the first and last
+/// eighth, and every third layer between.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    layer < layers / 8
+        || layer >= 7 * layers / 8
+        || (layer >= layers / 8 && (layer - layers / 8) % 3 == 2)
+}
+
+/// `wanted` when rows of length `k` split into its blocks, else Q8_0 or f32 (llama.cpp's fallback).
+fn fits(wanted: GgmlDType, k: usize) -> GgmlDType {
+    if k.is_multiple_of(wanted.block_size()) {
+        wanted
+    } else if k.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+        GgmlDType::Q8_0
+    } else {
+        GgmlDType::F32
     }
 }
 
@@ -105,9 +158,8 @@ impl FromStr for Quantization {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        // llama.cpp spells the k-quants `Q4_K` and its mixes `Q4_K_M`; accept those too.
         let norm = s.to_ascii_lowercase().replace(['-', '_'], "");
-        // llama.cpp spells the k-quants `Q4_K` (and `Q4_K_M` for its mix); accept those too.
-        let norm = norm.strip_suffix('m').unwrap_or(&norm).to_string();
         Self::ALL
             .into_iter()
             .find(|q| q.name().replace('_', "") == norm)
@@ -125,12 +177,90 @@ impl FromStr for Quantization {
 mod tests {
     use super::*;
 
+    /// The types llama-quantize (llama.cpp from llama-cpp-python 0.3.36) chose for a Q4_K_M of the
+    /// 1.5B shape (28 layers), read back from its output with gguf-py: Q6_K for output.weight and
+    /// for attn_v and ffn_down in these layers, Q4_K for everything else.
+    const LLAMA_QUANTIZE_Q6K_LAYERS_28: [usize; 14] =
+        [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27];
+
+    #[test]
+    fn q4_k_m_is_the_mix_llama_quantize_writes() {
+        let q = Quantization::Q4KM;
+        for layer in 0..28 {
+            let want = if LLAMA_QUANTIZE_Q6K_LAYERS_28.contains(&layer) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            };
+            for t in ["self_attn.v_proj", "mlp.down_proj"] {
+                let name = format!("model.layers.{layer}.{t}.weight");
+                assert_eq!(q.for_tensor(&name, 28, 1536), want, "{name}");
+            }
+            for t in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+            ] {
+                let name = format!("model.layers.{layer}.{t}.weight");
+                assert_eq!(q.for_tensor(&name, 28, 1536), GgmlDType::Q4K, "{name}");
+            }
+        }
+        assert_eq!(q.for_tensor("lm_head.weight", 28, 1536), GgmlDType::Q6K);
+        assert_eq!(
+            q.for_tensor("model.embed_tokens.weight", 28, 1536),
+            GgmlDType::Q4K
+        );
+        // bartowski's DeepSeek-R1-Distill-Llama-8B-Q4_K_M.gguf (32 layers): 33 Q6_K and 193 Q4_K
+        // matrices, as a llama.cpp load log lists them.
+        let names: Vec<String> = (0..32)
+            .flat_map(|l| {
+                [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ]
+                .map(|t| format!("model.layers.{l}.{t}.weight"))
+            })
+            .chain([
+                "lm_head.weight".to_string(),
+                "model.embed_tokens.weight".to_string(),
+            ])
+            .collect();
+        let count = |t| {
+            names
+                .iter()
+                .filter(|n| q.for_tensor(n, 32, 4096) == t)
+                .count()
+        };
+        assert_eq!((count(GgmlDType::Q6K), count(GgmlDType::Q4K)), (33, 193));
+        // Rows a k-quant block cannot split fall back, as for the plain formats.
+        assert_eq!(q.for_tensor("lm_head.weight", 28, 96), GgmlDType::Q8_0);
+        assert_eq!(
+            Quantization::Q4K.for_tensor("lm_head.weight", 28, 1536),
+            GgmlDType::Q4K
+        );
+    }
+
     #[test]
     fn parses_our_names_and_llama_cpp_spellings() {
         for q in Quantization::ALL {
             assert_eq!(q.name().parse::<Quantization>().unwrap(), q);
         }
-        assert_eq!("Q4_K_M".parse::<Quantization>().unwrap(), Quantization::Q4K);
+        assert_eq!(
+            "Q4_K_M".parse::<Quantization>().unwrap(),
+            Quantization::Q4KM
+        );
+        assert_eq!("q4_k".parse::<Quantization>().unwrap(), Quantization::Q4K);
+        assert_eq!(
+            "Q5_K_M".parse::<Quantization>().unwrap(),
+            Quantization::Q5KM
+        );
         assert_eq!("q8_0".parse::<Quantization>().unwrap(), Quantization::Q8_0);
         assert_eq!("Q6_K".parse::<Quantization>().unwrap(), Quantization::Q6K);
         let err = "q7".parse::<Quantization>().unwrap_err().to_string();

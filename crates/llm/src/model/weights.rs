@@ -37,13 +37,19 @@ pub trait WeightSource {
 pub struct SafetensorsWeights<'a> {
     vb: VarBuilder<'a>,
     quantize: Option<Quantization>,
+    /// The model's layer count, which a mix's per-layer choices depend on.
+    layers: usize,
 }
 
 impl<'a> SafetensorsWeights<'a> {
     /// Wraps a var builder; with `quantize`, every matrix is quantized to that format (rows it
     /// cannot split fall back as [`Quantization::for_row_length`] says).
-    pub fn new(vb: VarBuilder<'a>, quantize: Option<Quantization>) -> Self {
-        Self { vb, quantize }
+    pub fn new(vb: VarBuilder<'a>, quantize: Option<Quantization>, layers: usize) -> Self {
+        Self {
+            vb,
+            quantize,
+            layers,
+        }
     }
 }
 
@@ -67,7 +73,7 @@ impl WeightSource for SafetensorsWeights<'_> {
         let t = self
             .vb
             .get_with_hints_dtype(shape, name, Default::default(), DType::F32)?;
-        match q.for_row_length(shape.1) {
+        match q.for_tensor(name, self.layers, shape.1) {
             GgmlDType::F32 => Ok(Weight::Dense(t.to_dtype(self.dtype())?)),
             ggml => {
                 // Quantizing runs on the CPU; the blocks then move to the device as they are.
