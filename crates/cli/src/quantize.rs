@@ -38,6 +38,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         device: DeviceChoice::Cpu,
         dtype: DTypeChoice::F32,
         quantize: Some(args.to),
+        // The weights are written, never run: no CPU layout (a second copy in memory).
+        skip_weight_layout: true,
         hub: args.hub.options(),
         ..LoadOptions::default()
     };

@@ -42,6 +42,9 @@ pub struct LoadOptions {
     /// Run `dtype` exactly as asked, even half precision on a CPU (slow: for tests and
     /// benchmarks); otherwise that computes in f32.
     pub strict_dtype: bool,
+    /// Leave quantized weights as loaded instead of laying them out for the CPU kernels at load
+    /// (see [`CausalLm::prepare`]): for tools that only convert weights and never run them.
+    pub skip_weight_layout: bool,
 }
 
 /// What the engine reports while loading.
@@ -188,7 +191,9 @@ impl Engine {
         } else {
             load_weights(&config, loaded.weights, opts, &device, progress)?
         };
-        model.prepare()?;
+        if !opts.skip_weight_layout {
+            model.prepare()?;
+        }
         Ok(Self {
             model,
             tokenizer,
@@ -752,16 +757,26 @@ fn load_cached_quantization(
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
         })
         .and_then(|()| gguf::export(&model, tokenizer, name, &cached));
-    progress(LoadProgress::Note(match written {
-        Ok(()) => format!(
-            "quantized the {published} weights to {q} for this CPU (full precision: dtype f32) and cached them at {}: the next start loads them directly",
-            cached.display()
-        ),
-        Err(e) => format!(
-            "quantized the {published} weights to {q} for this CPU (full precision: dtype f32); could not cache them ({e}), so the next start quantizes again"
-        ),
-    }));
-    Ok(model)
+    match written {
+        Ok(()) => {
+            progress(LoadProgress::Note(format!(
+                "quantized the {published} weights to {q} for this CPU (full precision: dtype f32) and cached them at {}: the next start loads them directly",
+                cached.display()
+            )));
+            // Run from the file just written: memory-mapped, its pages go back to the OS once
+            // the weights are laid out, where the blocks quantized in memory would stay beside
+            // their laid-out copy.
+            drop(model);
+            let file = GgufFile::open(&cached)?;
+            load_weights(config, OpenWeights::Gguf(file), opts, device, progress)
+        }
+        Err(e) => {
+            progress(LoadProgress::Note(format!(
+                "quantized the {published} weights to {q} for this CPU (full precision: dtype f32); could not cache them ({e}), so the next start quantizes again"
+            )));
+            Ok(model)
+        }
+    }
 }
 
 /// Loads only the network (no tokenizer needed) of a model directory (config.json and
@@ -797,7 +812,9 @@ pub fn load_model_only(
     };
     let device = opts.device.open()?;
     let model = load_weights(&config, weights, opts, &device, progress)?;
-    model.prepare()?;
+    if !opts.skip_weight_layout {
+        model.prepare()?;
+    }
     Ok(model)
 }
 
