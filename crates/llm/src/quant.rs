@@ -132,9 +132,12 @@ impl Quantization {
 /// llama.cpp's choice of the layers that get more bits in its _M mixes: the first and last
 /// eighth, and every third layer between.
 fn use_more_bits(layer: usize, layers: usize) -> bool {
-    layer < layers / 8
-        || layer >= 7 * layers / 8
-        || (layer >= layers / 8 && (layer - layers / 8) % 3 == 2)
+    let eighth = layers / 8;
+    match layer.checked_sub(eighth) {
+        None => true,
+        Some(_) if layer >= 7 * layers / 8 => true,
+        Some(past) => past % 3 == 2,
+    }
 }
 
 /// `wanted` when rows of length `k` split into its blocks, else Q8_0 or f32 (llama.cpp's fallback).
