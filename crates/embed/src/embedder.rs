@@ -56,33 +56,24 @@ impl EmbedderSource {
 
     /// Interprets `spec`: an existing directory, a built-in name or repo, or `owner/name[@rev]`.
     pub fn parse(spec: &str) -> Result<Self> {
-        let path = Path::new(spec);
-        if path.exists() {
-            if !path.is_dir() {
-                return Err(EmbedError::UnknownModel {
-                    spec: spec.into(),
-                    message: "is a file; give the directory that holds config.json, tokenizer.json and model.safetensors".into(),
-                });
-            }
-            return Ok(Self::Dir(path.to_path_buf()));
+        use thinkrag_hub::ModelSpec;
+        let rules = thinkrag_hub::SpecRules {
+            kind: "embedder",
+            file_extension: None,
+            dir_contents: "config.json, tokenizer.json and model.safetensors",
+        };
+        let unknown = |spec: String, message: String| EmbedError::UnknownModel { spec, message };
+        match thinkrag_hub::parse_spec(spec, EmbedderManifest::builtin(), rules) {
+            Ok(ModelSpec::Dir(dir)) => Ok(Self::Dir(dir)),
+            Ok(ModelSpec::Manifest(m)) => Ok(Self::Manifest(Box::new(m))),
+            Ok(ModelSpec::Repo { repo, revision }) => Ok(Self::Repo { repo, revision }),
+            // Embedders have no single-file format, so these never parse.
+            Ok(ModelSpec::File(_) | ModelSpec::RepoFile { .. }) => Err(unknown(
+                spec.into(),
+                "embedders are directories, not single files".into(),
+            )),
+            Err(e) => Err(unknown(e.spec, e.message)),
         }
-        if let Some(m) = EmbedderManifest::find(spec) {
-            return Ok(Self::Manifest(Box::new(m)));
-        }
-        if let Some((repo, revision)) = thinkrag_hub::parse_repo_spec(spec) {
-            return Ok(Self::Repo { repo, revision });
-        }
-        let names: Vec<String> = EmbedderManifest::builtin()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        Err(EmbedError::UnknownModel {
-            spec: spec.into(),
-            message: format!(
-                "no such directory, built-in embedder ({}) or hub repository (owner/name)",
-                names.join(", ")
-            ),
-        })
     }
 }
 

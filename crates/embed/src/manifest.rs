@@ -9,21 +9,8 @@ use serde::Deserialize;
 use crate::error::{EmbedError, Result};
 use crate::pooling::Pooling;
 
-/// Where an embedder lives on the Hugging Face hub.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct EmbedderHub {
-    /// `owner/name`.
-    pub repo: String,
-    /// Branch, tag or commit.
-    #[serde(default = "default_revision")]
-    pub revision: String,
-    /// Files to fetch.
-    pub files: Vec<String>,
-}
-
-fn default_revision() -> String {
-    "main".into()
-}
+/// Where an embedder lives on the Hugging Face hub: the same type as the language models'.
+pub type EmbedderHub = thinkrag_hub::HubLocation;
 
 /// One supported embedding model.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -57,6 +44,15 @@ const BUILTIN: &[&str] = &[
     include_str!("../../../models/all-minilm-l6-v2.toml"),
 ];
 
+impl thinkrag_hub::Manifest for EmbedderManifest {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn hub(&self) -> &EmbedderHub {
+        &self.hub
+    }
+}
+
 impl EmbedderManifest {
     /// Parses a manifest.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
@@ -85,9 +81,7 @@ impl EmbedderManifest {
 
     /// The built-in embedder called `name` (case-insensitive), or whose hub repo is `name`.
     pub fn find(name: &str) -> Option<Self> {
-        Self::builtin()
-            .into_iter()
-            .find(|m| m.name.eq_ignore_ascii_case(name) || m.hub.repo.eq_ignore_ascii_case(name))
+        thinkrag_hub::find(Self::builtin(), name)
     }
 
     /// The built-in embedder a local path or hub snapshot belongs to, judged by its name

@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+pub mod catalog;
+pub use catalog::{find, parse_spec, HubLocation, Manifest, ModelSpec, SpecError, SpecRules};
+
 use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 

@@ -10,27 +10,7 @@ use serde::Deserialize;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 
-/// Where a model lives on the Hugging Face hub.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct HubLocation {
-    /// `owner/name`.
-    pub repo: String,
-    /// Branch, tag or commit.
-    #[serde(default = "default_revision")]
-    pub revision: String,
-    /// Files to fetch.
-    pub files: Vec<String>,
-    /// Dtype of the published weights.
-    #[serde(default)]
-    pub weights_dtype: Option<String>,
-    /// Approximate download size in bytes, for `thinkrag models`.
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-}
-
-fn default_revision() -> String {
-    "main".into()
-}
+pub use thinkrag_hub::HubLocation;
 
 /// A special token: its id and text.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -188,6 +168,15 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
+impl thinkrag_hub::Manifest for ModelManifest {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn hub(&self) -> &HubLocation {
+        &self.hub
+    }
+}
+
 impl ModelManifest {
     /// Parses a manifest.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
@@ -231,9 +220,7 @@ impl ModelManifest {
 
     /// The built-in manifest called `name` (case-insensitive), or whose hub repo is `name`.
     pub fn find(name: &str) -> Option<ModelManifest> {
-        Self::builtin()
-            .into_iter()
-            .find(|m| m.name.eq_ignore_ascii_case(name) || m.hub.repo.eq_ignore_ascii_case(name))
+        thinkrag_hub::find(Self::builtin(), name)
     }
 
     /// Names of the built-in manifests, for error messages and `--help`.

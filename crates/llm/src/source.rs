@@ -43,51 +43,33 @@ impl ModelSource {
     /// repo is a manifest; `owner/name[@revision]/file.gguf` is one GGUF file of a hub repo;
     /// `owner/name[@revision]` is a hub repo.
     pub fn parse(spec: &str) -> Result<Self> {
-        let path = Path::new(spec);
-        if path.exists() {
-            if path.is_dir() {
-                return Ok(Self::Dir(path.to_path_buf()));
-            }
-            if is_gguf(spec) {
-                return Ok(Self::Gguf(path.to_path_buf()));
-            }
-            return Err(Error::Hub {
-                model: spec.into(),
-                message: "is a file but not a .gguf; give a GGUF file or the directory that holds config.json, tokenizer.json and the safetensors".into(),
-            });
-        }
-        if let Some(m) = ModelManifest::find(spec) {
-            return Ok(Self::Manifest(Box::new(m)));
-        }
-        if is_gguf(spec) {
-            let mut parts = spec.splitn(3, '/');
-            if let (Some(owner), Some(name), Some(file)) =
-                (parts.next(), parts.next(), parts.next())
-            {
-                if let Some((repo, revision)) =
-                    thinkrag_hub::parse_repo_spec(&format!("{owner}/{name}"))
-                {
-                    return Ok(Self::RepoGguf {
-                        repo,
-                        revision,
-                        file: file.to_string(),
-                    });
+        use thinkrag_hub::ModelSpec;
+        let rules = thinkrag_hub::SpecRules {
+            kind: "model",
+            file_extension: Some("gguf"),
+            dir_contents: "config.json, tokenizer.json and the safetensors",
+        };
+        let parsed =
+            thinkrag_hub::parse_spec(spec, ModelManifest::builtin(), rules).map_err(|e| {
+                Error::Hub {
+                    model: e.spec,
+                    message: e.message,
                 }
-            }
-            return Err(Error::Hub {
-                model: spec.into(),
-                message: "no such GGUF file here, and not a hub file (owner/name/file.gguf)".into(),
-            });
-        }
-        if let Some((repo, revision)) = thinkrag_hub::parse_repo_spec(spec) {
-            return Ok(Self::Repo { repo, revision });
-        }
-        Err(Error::Hub {
-            model: spec.into(),
-            message: format!(
-                "no such directory, GGUF file, built-in model ({}) or hub repository (owner/name)",
-                ModelManifest::builtin_names().join(", ")
-            ),
+            })?;
+        Ok(match parsed {
+            ModelSpec::Dir(p) => Self::Dir(p),
+            ModelSpec::File(p) => Self::Gguf(p),
+            ModelSpec::Manifest(m) => Self::Manifest(Box::new(m)),
+            ModelSpec::Repo { repo, revision } => Self::Repo { repo, revision },
+            ModelSpec::RepoFile {
+                repo,
+                revision,
+                file,
+            } => Self::RepoGguf {
+                repo,
+                revision,
+                file,
+            },
         })
     }
 
