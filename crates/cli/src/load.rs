@@ -15,15 +15,17 @@ pub struct RuntimeArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// auto (bf16 on GPUs of compute capability >= 8.0, f32 elsewhere), f32, bf16 or f16.
+    /// auto (on a CPU: bf16/f16 safetensors run as Q8_0, quantized once and cached; on GPUs of
+    /// compute capability >= 8.0: bf16; else f32), f32, bf16 or f16 (on a CPU these compute in f32).
     /// Quantized weights (GGUF, --quantize) always compute in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
     /// CPU threads (default: the physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Quantize full-precision weights while loading: q8_0, q6k, q5k, q4k, q3k, q2k, q5_1, q5_0,
-    /// q4_1 or q4_0 (llama.cpp spellings such as Q4_K_M work too). Save the result with
+    /// Quantize full-precision weights while loading: q8_0, q6k, q5_k_m, q5k, q4_k_m, q4k, q3k, q2k,
+    /// q5_1, q5_0, q4_1 or q4_0 (q4_k_m and q5_k_m are llama.cpp's mixes; its spellings such as Q4_K
+    /// work too). Save the result with
     /// `thinkrag quantize` to skip this work next time.
     #[arg(long)]
     pub quantize: Option<Quantization>,

@@ -15,7 +15,8 @@ pub struct QuantizeArgs {
     /// The model to quantize: a directory, a built-in name or a hub repo (safetensors).
     #[arg(short, long)]
     pub model: String,
-    /// The format: q8_0, q6k, q5k, q4k, q3k, q2k, q5_1, q5_0, q4_1 or q4_0.
+    /// The format: q8_0, q6k, q5_k_m, q5k, q4_k_m, q4k, q3k, q2k, q5_1, q5_0, q4_1 or q4_0
+    /// (q4_k_m and q5_k_m: llama.cpp's mixes, the tensor types llama-quantize writes).
     #[arg(long)]
     pub to: Quantization,
     /// The GGUF file to write (replaced if it exists).
