@@ -602,6 +602,17 @@ impl Index {
         Ok(self.hits(&q, found))
     }
 
+    /// The generation this index was opened from or last saved as (`gen-000007`), if any.
+    pub fn generation(&self) -> Option<&str> {
+        self.origin.as_ref().map(|(_, g)| g.as_str())
+    }
+
+    /// The generation `dir`'s manifest names now: another process's save changes it. Reads only
+    /// the small manifest, so a long-running reader can afford it per query.
+    pub fn current_generation(dir: &Path) -> Result<String, IndexError> {
+        storage::read_manifest(dir).map(|m| m.generation)
+    }
+
     /// Writes the index to `dir` atomically (see the crate docs for the layout): a crash or
     /// kill at any moment leaves either the previous complete index or the new complete one.
     /// Creates `dir` if needed. Fails with [`IndexError::Conflict`] when another process saved

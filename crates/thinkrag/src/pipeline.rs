@@ -4,6 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -17,11 +18,13 @@ use crate::error::{Error, Result};
 use crate::prompt::{build_prompt, citations, BuiltPrompt, PromptLimits, PromptOptions};
 use crate::retrieval::{default_index_dir, embedder_info, open_index, search, SearchHit};
 
-/// An index and the embedder that built it, checked to belong together and to hold chunks.
+/// An index and the embedder that built it, checked to belong together and to hold chunks. It
+/// follows the index directory: documents another process ingests (a new generation saved) are
+/// searched from the next query on, without a restart.
 #[derive(Debug)]
 pub struct Retriever {
     dir: PathBuf,
-    index: Index,
+    index: RwLock<Arc<Index>>,
     embedder: Embedder,
 }
 
@@ -37,7 +40,7 @@ impl Retriever {
         index.check_embedder(&embedder_info(embedder.spec()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            index,
+            index: RwLock::new(Arc::new(index)),
             embedder,
         })
     }
@@ -64,9 +67,49 @@ impl Retriever {
         &self.dir
     }
 
-    /// The index.
-    pub fn index(&self) -> &Index {
-        &self.index
+    /// The index as of the last query (or the newest saved, after [`Self::refresh`]).
+    pub fn index(&self) -> Arc<Index> {
+        self.index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes up the index directory's newest generation when another process has saved one since
+    /// it was opened. Returns whether it did. A newer generation that cannot be opened (or was
+    /// built by another embedder) leaves the current one in use, with a warning: searching goes
+    /// on over what was there.
+    pub fn refresh(&self) -> bool {
+        let current = self.index();
+        let Ok(now) = Index::current_generation(&self.dir) else {
+            return false;
+        };
+        if current.generation() == Some(now.as_str()) {
+            return false;
+        }
+        let opened = open_index(&self.dir).and_then(|index| {
+            index.check_embedder(&embedder_info(self.embedder.spec()))?;
+            Ok(index)
+        });
+        match opened {
+            Ok(index) => {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    generation = index.generation().unwrap_or("?"),
+                    chunks = index.len(),
+                    "index changed on disk: searching the new generation"
+                );
+                *self
+                    .index
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(index);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "the index changed on disk but cannot be opened; searching the previous generation");
+                false
+            }
+        }
     }
 
     /// The embedder.
@@ -76,7 +119,8 @@ impl Retriever {
 
     /// The `k` chunks nearest to `query`, best first.
     pub fn search(&self, query: &str, k: usize, exact: bool) -> Result<Vec<SearchHit>> {
-        search(&self.index, &self.embedder, query, k, exact)
+        self.refresh();
+        search(&self.index(), &self.embedder, query, k, exact)
     }
 }
 

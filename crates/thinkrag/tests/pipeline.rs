@@ -308,3 +308,60 @@ fn a_failed_or_cancelled_chat_turn_loses_no_history() {
     );
     assert!(next.generation.usage.cached_prompt_tokens > 0);
 }
+
+/// A running pipeline searches documents ingested into its index after it started (another
+/// process's save, a new generation), and keeps searching the old generation when the new one
+/// cannot be opened.
+#[test]
+fn a_running_pipeline_sees_documents_ingested_after_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    build_index(dir.path());
+    let p = pipeline(dir.path(), None, PromptOptions::default());
+    let retriever = p.retriever().unwrap();
+    let before = retriever.index().len();
+    let question = "Which river carries the zebra mussels of Lake Quinsigamond?";
+    let hits = retriever.search(question, 3, true).unwrap();
+    assert!(hits.iter().all(|h| !h.source.contains("quinsigamond")));
+
+    // Another ingest (as `thinkrag ingest` in another process would) adds a document.
+    let docs = tempfile::tempdir().unwrap();
+    let new_doc = docs.path().join("quinsigamond.md");
+    std::fs::write(
+        &new_doc,
+        "# Lake Quinsigamond\n\nZebra mussels reached Lake Quinsigamond in Worcester, \
+         Massachusetts; its outflow, the Quinsigamond River, carries them downstream.\n",
+    )
+    .unwrap();
+    let report = thinkrag::ingest(
+        dir.path(),
+        &[new_doc],
+        &embedder(),
+        &IngestOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.files_indexed, 1);
+
+    let hits = retriever.search(question, 3, true).unwrap();
+    assert!(
+        hits[0].source.contains("quinsigamond"),
+        "the new document is found: {:?}",
+        hits.iter().map(|h| &h.source).collect::<Vec<_>>()
+    );
+    assert!(retriever.index().len() > before);
+    assert!(!retriever.refresh(), "nothing newer to take up");
+
+    // A manifest naming a generation that is not there: the index's own recovery opens the
+    // newest intact one, and searching goes on.
+    let manifest = dir.path().join("index.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let current = thinkrag::index::Index::current_generation(dir.path()).unwrap();
+    std::fs::write(&manifest, text.replace(&current, "gen-999999")).unwrap();
+    let hits = retriever.search(question, 3, true).unwrap();
+    assert!(hits[0].source.contains("quinsigamond"));
+    // An index directory gone altogether: nothing to take up, the loaded one keeps answering.
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    assert!(!retriever.refresh());
+    let hits = retriever.search(question, 3, true).unwrap();
+    assert!(hits[0].source.contains("quinsigamond"));
+}
