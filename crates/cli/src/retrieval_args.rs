@@ -48,9 +48,13 @@ pub struct EmbedderChoice {
     /// Prefix queries with this instead of the model's instruction.
     #[arg(long)]
     pub query_instruction: Option<String>,
-    /// Passages per embedding batch.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// Most passages per embedding batch.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub batch_size: u16,
+    /// Most tokens per embedding batch, padding included: long passages go in small batches,
+    /// short ones in large ones.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_tokens: u32,
 }
 
 impl EmbedderChoice {
@@ -80,6 +84,7 @@ impl EmbedderChoice {
         let opts = EmbedderOptions {
             device,
             batch_size: self.batch_size as usize,
+            max_batch_tokens: self.batch_tokens as usize,
             query_instruction: match (&self.query_instruction, self.no_query_instruction) {
                 (Some(p), _) => QueryInstruction::Custom(p.clone()),
                 (None, true) => QueryInstruction::Off,

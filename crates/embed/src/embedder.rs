@@ -94,8 +94,12 @@ pub enum QueryInstruction {
 pub struct EmbedderOptions {
     /// Where it runs.
     pub device: Device,
-    /// Passages per forward pass.
+    /// Most passages per forward pass.
     pub batch_size: usize,
+    /// Most tokens per forward pass, padding included (passages x the longest one's tokens), as
+    /// text-embeddings-inference sizes its batches: long passages go in small batches, short ones
+    /// in large ones, and memory per batch stays bounded.
+    pub max_batch_tokens: usize,
     /// The query prefix.
     pub query_instruction: QueryInstruction,
     /// Overrides the model's pooling (needed only for a directory that does not say).
@@ -108,7 +112,8 @@ impl Default for EmbedderOptions {
     fn default() -> Self {
         Self {
             device: Device::Cpu,
-            batch_size: 32,
+            batch_size: 256,
+            max_batch_tokens: 8192,
             query_instruction: QueryInstruction::ModelDefault,
             pooling: None,
             hub: HubOptions::from_env(),
@@ -152,6 +157,7 @@ pub struct Embedder {
     device: Device,
     spec: EmbedderSpec,
     batch_size: usize,
+    max_batch_tokens: usize,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -352,6 +358,7 @@ impl Embedder {
                 source: source.spec(),
             },
             batch_size: opts.batch_size.max(1),
+            max_batch_tokens: opts.max_batch_tokens.max(1),
         })
     }
 
@@ -427,7 +434,9 @@ impl Embedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(real_len(&encodings[i])));
         let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for batch in order.chunks(self.batch_size) {
+        let widths: Vec<usize> = order.iter().map(|&i| real_len(&encodings[i])).collect();
+        for range in plan_batches(&widths, self.max_batch_tokens, self.batch_size) {
+            let batch = &order[range];
             let width = batch
                 .iter()
                 .map(|&i| real_len(&encodings[i]))
@@ -457,6 +466,27 @@ impl Embedder {
 }
 
 /// Tokens that are not padding (the tokenizer pads every encoding to the longest in the call).
+/// Cuts passages sorted longest first (`widths`: their token counts) into batches of at most
+/// `max_count` passages and `max_tokens` tokens with padding (count x the batch's first, longest,
+/// width); a passage longer than `max_tokens` alone makes a batch. Returns index ranges into
+/// `widths`, in order.
+pub fn plan_batches(
+    widths: &[usize],
+    max_tokens: usize,
+    max_count: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < widths.len() {
+        let width = widths[start].max(1);
+        let fit = (max_tokens / width).clamp(1, max_count.max(1));
+        let end = (start + fit).min(widths.len());
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 fn real_len(e: &tokenizers::Encoding) -> usize {
     e.get_attention_mask().iter().filter(|&&m| m == 1).count()
 }
@@ -504,4 +534,35 @@ fn configure_tokenizer(path: &Path, max_tokens: usize, cfg: &BertConfig) -> Resu
         }))
         .map_err(|e| err(e.to_string()))?;
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_bounded_by_tokens_and_count_and_cover_every_passage() {
+        // Sorted longest first, as `embed` orders them.
+        let widths = [512, 300, 256, 256, 200, 64, 64, 64, 64, 30, 12, 12, 5, 1];
+        for (max_tokens, max_count) in [(8192, 256), (600, 256), (256, 3), (1, 1), (100_000, 4)] {
+            let plan = plan_batches(&widths, max_tokens, max_count);
+            let mut next = 0;
+            for r in &plan {
+                assert_eq!(r.start, next, "contiguous");
+                assert!(!r.is_empty() && r.len() <= max_count);
+                let padded = r.len() * widths[r.start];
+                assert!(
+                    padded <= max_tokens || r.len() == 1,
+                    "{r:?} holds {padded} tokens"
+                );
+                next = r.end;
+            }
+            assert_eq!(next, widths.len(), "every passage once");
+        }
+        // Short passages share large batches; long ones take small ones.
+        let plan = plan_batches(&widths, 600, 256);
+        assert_eq!(plan[0], 0..1);
+        assert!(plan.last().unwrap().len() >= 5, "{plan:?}");
+        assert!(plan_batches(&[], 10, 10).is_empty());
+    }
 }

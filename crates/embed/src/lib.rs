@@ -27,7 +27,8 @@ pub mod pooling;
 pub mod test_models;
 
 pub use embedder::{
-    Embedded, Embedder, EmbedderOptions, EmbedderSource, EmbedderSpec, QueryInstruction,
+    plan_batches, Embedded, Embedder, EmbedderOptions, EmbedderSource, EmbedderSpec,
+    QueryInstruction,
 };
 pub use error::{EmbedError, Result};
 pub use manifest::EmbedderManifest;

@@ -193,3 +193,30 @@ fn bad_model_directories_are_clear_errors() {
         .to_string();
     assert!(err.contains("bge-base-en-v1.5"), "{err}");
 }
+
+/// Batches sized by tokens change which passages share a forward pass, never their vectors:
+/// one passage per batch and every passage in one batch agree, and with sentence-transformers.
+#[test]
+fn the_batch_plan_does_not_change_the_vectors() {
+    let r = reference();
+    let load = |max_batch_tokens| {
+        let opts = EmbedderOptions {
+            max_batch_tokens,
+            ..EmbedderOptions::default()
+        };
+        Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).unwrap()
+    };
+    let single = load(1).embed_passages(&r.sentences).unwrap();
+    let together = load(1 << 20).embed_passages(&r.sentences).unwrap();
+    for (i, ((a, b), theirs)) in single
+        .vectors
+        .iter()
+        .zip(&together.vectors)
+        .zip(&r.vectors)
+        .enumerate()
+    {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "sentence {i}: batched alone and together differ by {diff}");
+        assert!(cosine(a, theirs) >= 0.9999, "sentence {i}");
+    }
+}
