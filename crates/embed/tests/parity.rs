@@ -215,8 +215,15 @@ fn the_batch_plan_does_not_change_the_vectors() {
         .zip(&r.vectors)
         .enumerate()
     {
-        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "sentence {i}: batched alone and together differ by {diff}");
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "sentence {i}: batched alone and together differ by {diff}"
+        );
         assert!(cosine(a, theirs) >= 0.9999, "sentence {i}");
     }
 }
