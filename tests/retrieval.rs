@@ -518,3 +518,45 @@ fn hostile_pdfs_are_stopped_by_the_per_file_limits() {
     let v = search(&index, "Chicago population", 1, &[]);
     assert_eq!(hit_sources(&v), ["chicago.txt"]);
 }
+
+/// When stderr is not a terminal, ingest logs progress lines: files, pages, chunks, rate, ETA.
+#[test]
+fn ingest_logs_progress_lines_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let out = cmd(
+        &["ingest"],
+        &index,
+        &["--device", "cpu", "--threads", "2", "--progress-every", "0"],
+    )
+    .arg(corpus())
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ingest: "))
+        .collect();
+    assert_eq!(lines.len(), 6, "one line per file: {stderr}");
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains("6/6 files")
+            && last.contains("6 pages")
+            && last.contains("chunks")
+            && last.contains("/s)")
+            && last.contains("ETA 0s"),
+        "{last}"
+    );
+    assert!(
+        lines[0].starts_with("ingest: 1/6 files") && lines[0].contains("ETA"),
+        "{}",
+        lines[0]
+    );
+    // The default period (10 s) prints nothing for an ingest this short.
+    let quiet = cmd(&["ingest"], &dir.path().join("other"), &["--device", "cpu"])
+        .arg(corpus())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("ingest: "));
+}

@@ -52,6 +52,9 @@ pub struct IngestArgs {
     /// hostile PDF can then stop the whole ingest).
     #[arg(long, conflicts_with_all = ["file_timeout", "file_memory"])]
     pub in_process: bool,
+    /// When stderr is not a terminal: seconds between progress lines (0: one per file).
+    #[arg(long, default_value_t = 10, hide = true)]
+    pub progress_every: u64,
 }
 
 /// `thinkrag __read-document PATH`: the child process that reads one file for `ingest` and
@@ -117,34 +120,45 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
     };
 
     let multi = MultiProgress::new();
-    if !std::io::stderr().is_terminal() {
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let files = multi.add(bar(0, "files"));
     let chunks = multi.add(bar(0, "chunks"));
-    let report = thinkrag::ingest(&dir, &args.paths, &embedder, &opts, &mut |ev| match ev {
-        IngestEvent::Discovered { files: n } => files.set_length(n as u64),
-        IngestEvent::FileStarted { path } => files.set_message(
-            path.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-        ),
-        IngestEvent::FileChunked { chunks: n, .. } => {
-            chunks.set_length(n as u64);
-            chunks.set_position(0);
-            chunks.set_message("embedding");
+    let mut progress = Progress::new(std::time::Duration::from_secs(args.progress_every));
+    let report = thinkrag::ingest(&dir, &args.paths, &embedder, &opts, &mut |ev| {
+        progress.record(&ev);
+        if terminal {
+            files.set_prefix(progress.summary());
+        } else if let Some(line) = progress.periodic_line() {
+            eprintln!("{line}");
         }
-        IngestEvent::Embedded { done, .. } => chunks.set_position(done as u64),
-        IngestEvent::FileUnchanged { .. } | IngestEvent::FileDone { .. } => files.inc(1),
-        IngestEvent::Failed(f) => {
-            // A damaged PDF read in part is also counted by its FileDone.
-            let partial = matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
-            if f.page.is_none() && !partial {
-                files.inc(1);
+        match ev {
+            IngestEvent::Discovered { files: n } => files.set_length(n as u64),
+            IngestEvent::FileStarted { path } => files.set_message(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            IngestEvent::FileChunked { chunks: n, .. } => {
+                chunks.set_length(n as u64);
+                chunks.set_position(0);
+                chunks.set_message("embedding");
             }
+            IngestEvent::Embedded { done, .. } => chunks.set_position(done as u64),
+            IngestEvent::FileUnchanged { .. } | IngestEvent::FileDone { .. } => files.inc(1),
+            IngestEvent::Failed(f) => {
+                // A damaged PDF read in part is also counted by its FileDone.
+                let partial =
+                    matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
+                if f.page.is_none() && !partial {
+                    files.inc(1);
+                }
+            }
+            IngestEvent::Saving => files.set_message("saving the index"),
         }
-        IngestEvent::Saving => files.set_message("saving the index"),
     })
     .with_context(|| format!("ingestion into {} failed", dir.display()))?;
     files.finish_and_clear();
@@ -156,6 +170,114 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
         print_summary(&report, embedder.spec().model.as_str());
     }
     Ok(!report.has_failures())
+}
+
+/// What an ingest has done so far, for the progress display: files, pages and chunks, the rate
+/// and an ETA from the files left at the rate so far (files differ in size, so it is a rough one).
+struct Progress {
+    started: std::time::Instant,
+    every: std::time::Duration,
+    last_line: Option<std::time::Instant>,
+    files_at_last_line: usize,
+    files_total: usize,
+    files_done: usize,
+    pages: usize,
+    chunks: usize,
+    /// Chunks of the current file embedded so far (added to `chunks` when it is done).
+    current: usize,
+}
+
+impl Progress {
+    fn new(every: std::time::Duration) -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            every,
+            last_line: None,
+            files_at_last_line: 0,
+            files_total: 0,
+            files_done: 0,
+            pages: 0,
+            chunks: 0,
+            current: 0,
+        }
+    }
+
+    fn record(&mut self, ev: &IngestEvent<'_>) {
+        match ev {
+            IngestEvent::Discovered { files } => self.files_total = *files,
+            IngestEvent::FileChunked { pages, .. } => {
+                self.pages += pages;
+                self.current = 0;
+            }
+            IngestEvent::Embedded { done, .. } => self.current = *done,
+            IngestEvent::FileDone { .. } | IngestEvent::FileUnchanged { .. } => {
+                self.chunks += std::mem::take(&mut self.current);
+                self.files_done += 1;
+            }
+            IngestEvent::Failed(f) => {
+                let partial =
+                    matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
+                if f.page.is_none() && !partial {
+                    self.files_done += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `12/40 files, 310 pages, 1,204 chunks (35.1/s), ETA 2m 05s`.
+    fn summary(&self) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let chunks = self.chunks + self.current;
+        let rate = if elapsed > 0.0 {
+            chunks as f64 / elapsed
+        } else {
+            0.0
+        };
+        let eta = match (
+            self.files_done,
+            self.files_total.saturating_sub(self.files_done),
+        ) {
+            (0, _) => "ETA -".to_string(),
+            (_, 0) => "ETA 0s".to_string(),
+            (done, left) => {
+                let secs = (elapsed / done as f64 * left as f64).round() as u64;
+                format!("ETA {}", duration_text(secs))
+            }
+        };
+        format!(
+            "{}/{} files, {} pages, {} chunks ({rate:.1}/s), {eta}",
+            self.files_done, self.files_total, self.pages, chunks
+        )
+    }
+
+    /// A progress line when stderr is not a terminal: at most one per `every` (one per finished
+    /// file when it is zero), so a long ingest logs steadily without flooding.
+    fn periodic_line(&mut self) -> Option<String> {
+        if self.files_total == 0 {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let due = if self.every.is_zero() {
+            self.files_done > self.files_at_last_line
+        } else {
+            now.duration_since(self.last_line.unwrap_or(self.started)) >= self.every
+        };
+        if !due {
+            return None;
+        }
+        self.last_line = Some(now);
+        self.files_at_last_line = self.files_done;
+        Some(format!("ingest: {}", self.summary()))
+    }
+}
+
+fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {:02}s", s / 60, s % 60),
+        s => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 fn print_summary(r: &IngestReport, model: &str) {

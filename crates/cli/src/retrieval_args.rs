@@ -134,7 +134,7 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template(&format!(
-            "{{msg:30!}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}"
+            "{{msg:30!}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}} {{prefix}}"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
