@@ -249,7 +249,7 @@ impl GgufWeights {
         let name = gguf_name(hf).ok_or_else(|| self.error(format!("no GGUF name for {hf}")))?;
         let info = self.content.tensor_infos.get(&name).ok_or_else(|| {
             self.error(format!(
-                "has no tensor {name} (for {hf}): not a Qwen2 GGUF, or an incomplete one"
+                "has no tensor {name} (for {hf}): not a GGUF of a model thinkrag runs (qwen2, llama), or an incomplete one"
             ))
         })?;
         if let Some(map) = &self.map {
