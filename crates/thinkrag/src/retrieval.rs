@@ -1,6 +1,7 @@
 //! Retrieval: ingesting documents into a persistent index (find files, skip unchanged ones, read,
 //! chunk, embed, store) and searching it. The CLI's `ingest` and `search` are thin layers over this.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -246,38 +247,156 @@ pub fn ingest(
     }
     let mut changed = false;
     let mut last_save = Instant::now();
-    for path in &files {
-        let key = source_key(path);
-        on_event(IngestEvent::FileStarted { path });
-        // Hashing is far cheaper than extracting: unchanged files cost one read.
-        if let (Some(doc), Ok(hash)) = (index.document(&key), thinkrag_ingest::file_hash(path)) {
-            if doc.content_hash == hash {
+    // Reading, parsing and chunking run a few files ahead in a thread of their own while this one
+    // embeds, so a corpus takes about the time of its slower stage rather than the sum of both.
+    // The stored hashes are copied first: the reader never touches the index this thread writes.
+    let known: HashMap<String, String> = index
+        .documents()
+        .map(|d| (d.source.clone(), d.content_hash.clone()))
+        .collect();
+    let (sender, prepared) = std::sync::mpsc::sync_channel::<Prepared>(READ_AHEAD);
+    std::thread::scope(|scope| -> Result<()> {
+        let chunker = &chunker;
+        let known = &known;
+        let files = &files;
+        scope.spawn(move || {
+            for path in files {
+                let item = prepare(path, known, opts, chunker);
+                if sender.send(item).is_err() {
+                    break; // the embedding side stopped (an error): read no further
+                }
+            }
+        });
+        embed_prepared(
+            prepared,
+            &mut index,
+            index_dir,
+            embedder,
+            opts,
+            &mut report,
+            &mut changed,
+            &mut last_save,
+            on_event,
+        )
+    })?;
+    if opts.prune {
+        let gone: Vec<String> = index
+            .documents()
+            .filter(|d| !Path::new(&d.source).exists())
+            .map(|d| d.source.clone())
+            .collect();
+        for source in gone {
+            index.remove_document(&source);
+            report.documents_pruned.push(source);
+            changed = true;
+        }
+    }
+    if changed || !existed {
+        on_event(IngestEvent::Saving);
+        index.save(index_dir)?;
+    }
+    let info = index.info();
+    report.total_documents = info.documents;
+    report.total_chunks = info.chunks;
+    report.seconds = started.elapsed().as_secs_f64();
+    report.chunks_per_second = report.chunks_added as f64 / report.seconds.max(1e-9);
+    Ok(report)
+}
+
+/// Files read, parsed and chunked ahead of the one being embedded.
+const READ_AHEAD: usize = 2;
+
+/// A file made ready for embedding by the reading thread.
+enum Prepared<'p> {
+    /// Its content hash matches the indexed one: nothing to do.
+    Unchanged(&'p Path),
+    /// It yielded no text.
+    Failed(&'p Path, Failure),
+    /// Read and cut into chunks.
+    Ready {
+        path: &'p Path,
+        key: String,
+        document: thinkrag_ingest::Document,
+        chunks: Vec<thinkrag_ingest::Chunk>,
+    },
+}
+
+/// Reads, parses and chunks one file (the reading thread's part of an ingest).
+fn prepare<'p>(
+    path: &'p Path,
+    known: &HashMap<String, String>,
+    opts: &IngestOptions,
+    chunker: &Chunker,
+) -> Prepared<'p> {
+    let key = source_key(path);
+    // Hashing is far cheaper than extracting: unchanged files cost one read.
+    if let (Some(stored), Ok(hash)) = (known.get(&key), thinkrag_ingest::file_hash(path)) {
+        if *stored == hash {
+            return Prepared::Unchanged(path);
+        }
+    }
+    let loaded = match (
+        &opts.isolation,
+        thinkrag_ingest::DocumentKind::from_path(path),
+    ) {
+        (Some(isolation), Some(thinkrag_ingest::DocumentKind::Pdf)) => isolation.load(path),
+        _ => thinkrag_ingest::load_document(path),
+    };
+    match loaded {
+        Ok(document) => {
+            let chunks = chunker.chunk(&document);
+            Prepared::Ready {
+                path,
+                key,
+                document,
+                chunks,
+            }
+        }
+        Err(failure) => Prepared::Failed(path, failure),
+    }
+}
+
+/// The embedding thread's part of an ingest: embeds each prepared file as it arrives, stores it,
+/// reports events and checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn embed_prepared(
+    prepared: std::sync::mpsc::Receiver<Prepared<'_>>,
+    index: &mut Index,
+    index_dir: &Path,
+    embedder: &Embedder,
+    opts: &IngestOptions,
+    report: &mut IngestReport,
+    changed: &mut bool,
+    last_save: &mut Instant,
+    on_event: &mut dyn FnMut(IngestEvent<'_>),
+) -> Result<()> {
+    for item in prepared {
+        let (path, key, document, chunks) = match item {
+            Prepared::Unchanged(path) => {
+                on_event(IngestEvent::FileStarted { path });
                 report.files_unchanged += 1;
                 on_event(IngestEvent::FileUnchanged { path });
                 continue;
             }
-        }
-        let loaded = match (
-            &opts.isolation,
-            thinkrag_ingest::DocumentKind::from_path(path),
-        ) {
-            (Some(isolation), Some(thinkrag_ingest::DocumentKind::Pdf)) => isolation.load(path),
-            _ => thinkrag_ingest::load_document(path),
-        };
-        let document = match loaded {
-            Ok(d) => d,
-            Err(failure) => {
+            Prepared::Failed(path, failure) => {
+                on_event(IngestEvent::FileStarted { path });
                 on_event(IngestEvent::Failed(&failure));
                 report.failures.push((&failure).into());
                 report.files_failed += 1;
                 continue;
             }
+            Prepared::Ready {
+                path,
+                key,
+                document,
+                chunks,
+            } => (path, key, document, chunks),
         };
+        on_event(IngestEvent::FileStarted { path });
         for failure in &document.page_failures {
             on_event(IngestEvent::Failed(failure));
             report.failures.push(failure.into());
         }
-        let chunks = chunker.chunk(&document);
         on_event(IngestEvent::FileChunked {
             path,
             pages: document.pages.len(),
@@ -314,7 +433,7 @@ pub fn ingest(
             new_chunks,
             vectors,
         )?;
-        changed = true;
+        *changed = true;
         on_event(IngestEvent::FileDone { path });
         if opts
             .checkpoint_every
@@ -322,31 +441,10 @@ pub fn ingest(
         {
             on_event(IngestEvent::Saving);
             index.save(index_dir)?;
-            last_save = Instant::now();
+            *last_save = Instant::now();
         }
     }
-    if opts.prune {
-        let gone: Vec<String> = index
-            .documents()
-            .filter(|d| !Path::new(&d.source).exists())
-            .map(|d| d.source.clone())
-            .collect();
-        for source in gone {
-            index.remove_document(&source);
-            report.documents_pruned.push(source);
-            changed = true;
-        }
-    }
-    if changed || !existed {
-        on_event(IngestEvent::Saving);
-        index.save(index_dir)?;
-    }
-    let info = index.info();
-    report.total_documents = info.documents;
-    report.total_chunks = info.chunks;
-    report.seconds = started.elapsed().as_secs_f64();
-    report.chunks_per_second = report.chunks_added as f64 / report.seconds.max(1e-9);
-    Ok(report)
+    Ok(())
 }
 
 /// One search result.
