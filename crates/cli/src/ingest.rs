@@ -130,6 +130,7 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
     let report = thinkrag::ingest(&dir, &args.paths, &embedder, &opts, &mut |ev| {
         progress.record(&ev);
         if terminal {
+            files.set_position(progress.files_done as u64);
             files.set_prefix(progress.summary());
         } else if let Some(line) = progress.periodic_line() {
             eprintln!("{line}");
@@ -148,16 +149,11 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
                 chunks.set_message("embedding");
             }
             IngestEvent::Embedded { done, .. } => chunks.set_position(done as u64),
-            IngestEvent::FileUnchanged { .. } | IngestEvent::FileDone { .. } => files.inc(1),
-            IngestEvent::Failed(f) => {
-                // A damaged PDF read in part is also counted by its FileDone.
-                let partial =
-                    matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
-                if f.page.is_none() && !partial {
-                    files.inc(1);
-                }
-            }
             IngestEvent::Saving => files.set_message("saving the index"),
+            // Files done are counted by `progress`.
+            IngestEvent::FileUnchanged { .. }
+            | IngestEvent::FileDone { .. }
+            | IngestEvent::Failed(_) => {}
         }
     })
     .with_context(|| format!("ingestion into {} failed", dir.display()))?;
@@ -215,6 +211,7 @@ impl Progress {
                 self.files_done += 1;
             }
             IngestEvent::Failed(f) => {
+                // A damaged PDF read in part is also counted by its FileDone.
                 let partial =
                     matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
                 if f.page.is_none() && !partial {

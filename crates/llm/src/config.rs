@@ -164,10 +164,7 @@ impl ModelConfig {
             if let Some(theta) = rp.get("rope_theta") {
                 obj.entry("rope_theta").or_insert(theta.clone());
             }
-            let kind = rp
-                .get("rope_type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            let kind = rope_kind(&rp);
             if kind != "default" && obj.get("rope_scaling").is_none_or(|s| s.is_null()) {
                 obj.insert("rope_scaling".into(), rp.clone());
             }
@@ -310,15 +307,20 @@ impl ModelConfig {
         let mut f = crate::model::llama::plain_inv_freq(self.rope.theta, self.head_dim);
         // Llama 3's scaling goes through the divisors a GGUF file stores, so a model and its GGUF
         // export rotate by bit-identical angles.
-        let factors = match (&self.rope.freq_factors, &self.rope.llama3) {
-            (Some(factors), _) => Some(factors.clone()),
-            (None, Some(s)) => Some(s.freq_factors(self.rope.theta, self.head_dim)),
-            (None, None) => None,
-        };
-        for (x, d) in f.iter_mut().zip(factors.iter().flatten()) {
+        for (x, d) in f.iter_mut().zip(self.rope_freq_factors().iter().flatten()) {
             *x /= d;
         }
         f
+    }
+
+    /// The per-frequency RoPE divisors (`rope_freqs.weight` in a GGUF file): the file's own, or
+    /// those of Llama 3's scaling; `None` for plain RoPE.
+    pub fn rope_freq_factors(&self) -> Option<Vec<f32>> {
+        match (&self.rope.freq_factors, &self.rope.llama3) {
+            (Some(factors), _) => Some(factors.clone()),
+            (None, Some(s)) => Some(s.freq_factors(self.rope.theta, self.head_dim)),
+            (None, None) => None,
+        }
     }
 
     /// Parameters of the model (embedding and lm_head included).
@@ -350,6 +352,36 @@ impl<'de> Deserialize<'de> for ModelConfig {
         let v = serde_json::Value::deserialize(d)?;
         ModelConfig::from_value(v, Path::new("config")).map_err(serde::de::Error::custom)
     }
+}
+
+/// The kind of a `rope_scaling` or `rope_parameters` object (`rope_type`, or the older `type`);
+/// `default` when it names none.
+pub(crate) fn rope_kind(v: &serde_json::Value) -> &str {
+    v.get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default")
+}
+
+/// Refuses MLP activations other than SiLU, the one every supported architecture uses.
+pub(crate) fn check_activation(hidden_act: &str, path: &Path) -> Result<()> {
+    if hidden_act == "silu" {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        path: path.to_path_buf(),
+        message: format!("hidden_act {hidden_act:?} (only silu)"),
+    })
+}
+
+/// `hidden_act` when config.json leaves it out.
+pub(crate) fn default_activation() -> String {
+    "silu".to_string()
+}
+
+/// `rope_theta` when config.json leaves it out (transformers' default).
+pub(crate) fn default_rope_theta() -> f64 {
+    10000.0
 }
 
 /// `generation_config.json`: the real BOS id and the default sampling.

@@ -15,6 +15,7 @@ use serde_json::{json, Value as Json};
 
 use crate::config::{Architecture, GenerationConfig, ModelConfig, TokenIds};
 use crate::error::{Error, Result};
+use crate::model::llama::{permuted_heads, reorder_rope_rows, RopeRows};
 use crate::model::weights::gguf_name;
 use crate::model::{CausalLm, Weight};
 use crate::tokenizer::TextTokenizer;
@@ -505,30 +506,17 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
         };
         // llama.cpp runs Llama with interleaved RoPE: its converter reorders the rows of every
         // query and key head, and so must we.
-        let q = match (cfg.architecture, rope_heads(cfg, &hf)) {
+        let heads = permuted_heads(&hf, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let q = match (cfg.architecture, heads) {
             (Architecture::Llama, Some(heads)) => {
-                let order = crate::model::llama::gguf_rope_row_order(q.shape().dims()[0], heads)
-                    .ok_or_else(|| Error::Unsupported {
-                        path: path.to_path_buf(),
-                        message: format!("{hf}: rows do not split into {heads} heads"),
-                    })?;
-                let mut from = vec![0; order.len()];
-                for (hf_row, &g) in order.iter().enumerate() {
-                    from[g] = hf_row;
-                }
-                crate::model::weights::reorder_rows(&q, &from, &candle_core::Device::Cpu)?
+                reorder_rope_rows(&q, heads, RopeRows::ToGguf, &candle_core::Device::Cpu)?
             }
             _ => q,
         };
         tensors.push((gguf, q));
     }
     if cfg.architecture == Architecture::Llama {
-        let factors = match (&cfg.rope.freq_factors, &cfg.rope.llama3) {
-            (Some(f), _) => Some(f.clone()),
-            (None, Some(s)) => Some(s.freq_factors(cfg.rope.theta, cfg.head_dim)),
-            (None, None) => None,
-        };
-        if let Some(f) = factors {
+        if let Some(f) = cfg.rope_freq_factors() {
             let n = f.len();
             let t = candle_core::Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
             tensors.push((
@@ -555,17 +543,6 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// The head count whose rows llama.cpp reorders in this Hugging Face tensor (query or key weight).
-pub(crate) fn rope_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
-    if hf.ends_with("self_attn.q_proj.weight") {
-        Some(cfg.num_attention_heads)
-    } else if hf.ends_with("self_attn.k_proj.weight") {
-        Some(cfg.num_key_value_heads)
-    } else {
-        None
-    }
 }
 
 /// Counts of each block type among a GGUF file's tensors, for messages (`{"q4k": 169, ...}`).

@@ -7,6 +7,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Architecture, Llama3RopeScaling, ModelConfig, RopeConfig, TokenIds};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
 use crate::error::{Error, Result};
 
 /// `config.json` of a Llama causal language model, as transformers 4 writes it (transformers 5's
@@ -38,7 +41,7 @@ pub struct LlamaConfig {
     /// Longest sequence the model runs (131,072 for Llama 3.1 and 3.3).
     pub max_position_embeddings: usize,
     /// RoPE base (500,000 for Llama 3).
-    #[serde(default = "default_theta")]
+    #[serde(default = "crate::config::default_rope_theta")]
     pub rope_theta: f64,
     /// RoPE scaling: `{"rope_type": "llama3", "factor": 8.0, ...}` for Llama 3.1 and later.
     #[serde(default)]
@@ -46,7 +49,7 @@ pub struct LlamaConfig {
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Activation of the MLP; only `silu` is supported.
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::config::default_activation")]
     pub hidden_act: String,
     /// Whether the attention projections have biases (false for Llama 3).
     #[serde(default)]
@@ -68,14 +71,6 @@ pub struct LlamaConfig {
     pub torch_dtype: Option<String>,
 }
 
-fn default_act() -> String {
-    "silu".to_string()
-}
-
-fn default_theta() -> f64 {
-    10000.0
-}
-
 impl LlamaConfig {
     /// The architecture-independent description the decoder runs from.
     pub fn to_model_config(&self, path: &Path) -> Result<ModelConfig> {
@@ -83,12 +78,7 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             message,
         };
-        if self.hidden_act != "silu" {
-            return Err(unsupported(format!(
-                "hidden_act {:?} (only silu)",
-                self.hidden_act
-            )));
-        }
+        crate::config::check_activation(&self.hidden_act, path)?;
         if self.mlp_bias {
             return Err(unsupported(
                 "mlp_bias is true (no Llama 3 model has MLP biases)".into(),
@@ -96,26 +86,19 @@ impl LlamaConfig {
         }
         let llama3 = match &self.rope_scaling {
             None => None,
-            Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default");
-                match kind {
-                    "default" => None,
-                    "llama3" => Some(
-                        serde_json::from_value::<Llama3RopeScaling>(v.clone()).map_err(|e| {
-                            unsupported(format!("rope_scaling of type llama3 is incomplete: {e}"))
-                        })?,
-                    ),
-                    other => {
-                        return Err(unsupported(format!(
-                            "rope_scaling of type {other:?} (thinkrag runs default and llama3 RoPE)"
-                        )))
-                    }
+            Some(v) => match crate::config::rope_kind(v) {
+                "default" => None,
+                "llama3" => Some(
+                    serde_json::from_value::<Llama3RopeScaling>(v.clone()).map_err(|e| {
+                        unsupported(format!("rope_scaling of type llama3 is incomplete: {e}"))
+                    })?,
+                ),
+                other => {
+                    return Err(unsupported(format!(
+                        "rope_scaling of type {other:?} (thinkrag runs default and llama3 RoPE)"
+                    )))
                 }
-            }
+            },
         };
         let heads = self.num_attention_heads;
         ModelConfig::checked(
@@ -220,6 +203,51 @@ pub fn gguf_rope_row_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
     )
 }
 
+/// Which way a query or key weight's rows move between llama.cpp's and Hugging Face's layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeRows {
+    /// Loading a GGUF file: back to the Hugging Face order the decoder uses.
+    FromGguf,
+    /// Exporting to GGUF: into llama.cpp's order.
+    ToGguf,
+}
+
+/// The head count whose rows llama.cpp reorders in the Hugging Face tensor `name`: the query
+/// weight's heads, the key weight's KV heads; `None` for every other tensor.
+pub fn permuted_heads(name: &str, heads: usize, kv_heads: usize) -> Option<usize> {
+    if name.ends_with("self_attn.q_proj.weight") {
+        Some(heads)
+    } else if name.ends_with("self_attn.k_proj.weight") {
+        Some(kv_heads)
+    } else {
+        None
+    }
+}
+
+/// `w`, a query or key weight of `heads` heads, with its rows moved `direction`.
+pub fn reorder_rope_rows(
+    w: &QTensor,
+    heads: usize,
+    direction: RopeRows,
+    device: &Device,
+) -> Result<QTensor> {
+    let rows = w.shape().dims().first().copied().unwrap_or(0);
+    let order = gguf_rope_row_order(rows, heads).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{rows} rows do not split into {heads} RoPE heads"))
+    })?;
+    let from = match direction {
+        RopeRows::FromGguf => order,
+        RopeRows::ToGguf => {
+            let mut inverse = vec![0; order.len()];
+            for (hf_row, &g) in order.iter().enumerate() {
+                inverse[g] = hf_row;
+            }
+            inverse
+        }
+    };
+    crate::model::weights::reorder_rows(w, &from, device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +289,17 @@ mod tests {
         assert_eq!(gguf_holds[..8], [0, 4, 1, 5, 2, 6, 3, 7]);
         assert_eq!(gguf_holds[8..], [8, 12, 9, 13, 10, 14, 11, 15]);
         assert!(gguf_rope_row_order(10, 4).is_none());
+        // Export then load gives the weight back, row for row.
+        let dev = Device::Cpu;
+        let w = candle_core::Tensor::arange(0f32, (16 * 32) as f32, &dev)
+            .unwrap()
+            .reshape((16, 32))
+            .unwrap();
+        let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+        let out = reorder_rope_rows(&q, 2, RopeRows::ToGguf, &dev).unwrap();
+        assert_ne!(out.data().unwrap(), q.data().unwrap());
+        let back = reorder_rope_rows(&out, 2, RopeRows::FromGguf, &dev).unwrap();
+        assert_eq!(back.data().unwrap(), q.data().unwrap());
+        assert!(reorder_rope_rows(&q, 3, RopeRows::ToGguf, &dev).is_err());
     }
 }

@@ -34,7 +34,7 @@ pub struct Qwen2Config {
     /// Longest sequence the model was trained for.
     pub max_position_embeddings: usize,
     /// RoPE base.
-    #[serde(default = "default_theta")]
+    #[serde(default = "crate::config::default_rope_theta")]
     pub rope_theta: f64,
     /// RoPE scaling; the distills have none.
     #[serde(default)]
@@ -42,7 +42,7 @@ pub struct Qwen2Config {
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Activation of the MLP; only `silu` is supported.
-    #[serde(default = "default_act")]
+    #[serde(default = "crate::config::default_activation")]
     pub hidden_act: String,
     /// Whether `lm_head` shares the token embedding.
     #[serde(default)]
@@ -70,14 +70,6 @@ pub struct Qwen2Config {
     pub torch_dtype: Option<String>,
 }
 
-fn default_act() -> String {
-    "silu".to_string()
-}
-
-fn default_theta() -> f64 {
-    10000.0
-}
-
 impl Qwen2Config {
     /// The architecture-independent description the decoder runs from.
     pub fn to_model_config(&self, path: &Path) -> Result<ModelConfig> {
@@ -85,18 +77,9 @@ impl Qwen2Config {
             path: path.to_path_buf(),
             message,
         };
-        if self.hidden_act != "silu" {
-            return Err(unsupported(format!(
-                "hidden_act {:?} (only silu)",
-                self.hidden_act
-            )));
-        }
+        crate::config::check_activation(&self.hidden_act, path)?;
         if let Some(scaling) = &self.rope_scaling {
-            let kind = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            let kind = crate::config::rope_kind(scaling);
             if kind != "default" {
                 return Err(unsupported(format!(
                     "rope_scaling of type {kind:?} on a Qwen2 model (the DeepSeek-R1 distills have none)"

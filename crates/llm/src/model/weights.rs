@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::model::linear::Weight;
+use crate::model::llama::{self, RopeRows};
 use crate::quant::Quantization;
 
 /// A source of named tensors for building a model.
@@ -313,22 +314,9 @@ impl WeightSource for GgufWeights {
             )));
         }
         if let Some((heads, kv_heads)) = self.rope_heads {
-            let heads = if name.ends_with("self_attn.q_proj.weight") {
-                Some(heads)
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                Some(kv_heads)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                let order =
-                    crate::model::llama::gguf_rope_row_order(shape.0, heads).ok_or_else(|| {
-                        self.error(format!(
-                            "{name}: {} rows do not split into {heads} heads",
-                            shape.0
-                        ))
-                    })?;
-                q = reorder_rows(&q, &order, &self.device)?;
+            if let Some(heads) = llama::permuted_heads(name, heads, kv_heads) {
+                q = llama::reorder_rope_rows(&q, heads, RopeRows::FromGguf, &self.device)
+                    .map_err(|e| self.error(format!("{name}: {e}")))?;
             }
         }
         Ok(match q.dtype() {
