@@ -28,6 +28,8 @@ fn load() -> Option<CausalLm> {
         return None;
     };
     thinkrag_llm::device::set_cpu_threads(env_or("THINKRAG_BENCH_THREADS", 2)).ok()?;
+    // As the thinkrag binary does at start-up.
+    thinkrag_llm::device::keep_tensor_memory();
     let dtype: DTypeChoice = env_or("THINKRAG_BENCH_DTYPE", DTypeChoice::F32);
     let quantize: Option<Quantization> = std::env::var("THINKRAG_BENCH_QUANTIZE")
         .ok()

@@ -37,6 +37,8 @@ fn passages() -> Vec<String> {
 fn embed(c: &mut Criterion) {
     let threads = env_or("THINKRAG_BENCH_THREADS", 2usize);
     thinkrag_llm::device::set_cpu_threads(threads).expect("threads");
+    // As the thinkrag binary does at start-up.
+    thinkrag_llm::device::keep_tensor_memory();
     let opts = EmbedderOptions {
         batch_size: 32,
         ..EmbedderOptions::default()

@@ -93,6 +93,8 @@ fn main() -> ExitCode {
     // The PDF parsers panic on many malformed files by design; ingest catches those panics
     // and reports them per page, so the default hook must not print each one.
     thinkrag::documents::quiet_parser_panics();
+    // Activation buffers are reused instead of mapped and faulted in afresh for every batch.
+    thinkrag_llm::device::keep_tensor_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
