@@ -37,6 +37,13 @@ pub enum IndexError {
         message: String,
     },
 
+    /// The lexical (BM25) index could not be built or searched.
+    #[error("lexical search failed: {message}")]
+    Lexical {
+        /// What tantivy reported, and what was being done.
+        message: String,
+    },
+
     /// The index was built by another embedder than the one requested.
     #[error(
         "the index was built with embedder {index_model} (dim {index_dim}, {index_pooling} pooling), but {wanted_model} (dim {wanted_dim}, {wanted_pooling} pooling) was requested; re-ingest into a new index directory or use embedder {index_model}",

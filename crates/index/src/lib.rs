@@ -26,6 +26,8 @@
 //! truncated file, a flipped bit) falls back to the previous one when that is intact.
 
 mod error;
+mod fusion;
+mod lexical;
 mod storage;
 mod vector;
 
@@ -40,9 +42,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use error::IndexError;
+pub use fusion::{hybrid_candidates, reciprocal_rank_fusion, SearchMode, UnknownSearchMode, RRF_K};
 pub use vector::{dot, normalized, HnswParams, UnitCosine, VectorIndex};
 
-use storage::{DirLock, FileChecksums, GraphFiles, Manifest};
+use lexical::{LexicalError, LexicalIndex};
+use storage::{DirLock, FileChecksums, GraphFiles, LexicalFiles, Manifest};
 
 /// Which embedder made the vectors; stored in the index and checked on open.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -100,8 +104,13 @@ pub struct NewChunk {
 pub struct Hit<'a> {
     /// The matching chunk.
     pub chunk: &'a ChunkRecord,
-    /// Cosine similarity between the query and the chunk's vector, in [-1, 1].
+    /// The score the hits are ranked by: the cosine similarity (vector search, in [-1, 1]),
+    /// the BM25 score (lexical) or the reciprocal-rank-fusion score (hybrid).
     pub score: f32,
+    /// Cosine similarity between the query and the chunk's vector, when the query was embedded.
+    pub vector_score: Option<f32>,
+    /// BM25 score, when the chunk was among the lexical results.
+    pub lexical_score: Option<f32>,
 }
 
 /// Per-document bookkeeping for incremental ingestion.
@@ -155,6 +164,11 @@ pub struct Index {
     next_id: u64,
     /// Covers every vector when set; empty when stale or not yet built.
     graph: OnceLock<VectorIndex>,
+    /// BM25 over every chunk's text when set (kept in step with changes); built on first use
+    /// from `lexical_files` when they are intact, else from the chunks.
+    lexical: OnceLock<LexicalIndex>,
+    /// The saved lexical index of the generation this index was opened from.
+    lexical_files: Option<(PathBuf, LexicalFiles)>,
     /// Up to this many chunks [`Index::search`] scans exactly instead of using the graph.
     exact_scan_limit: usize,
     /// The (canonical) directory and generation this index was last opened from or saved to,
@@ -204,6 +218,8 @@ impl Index {
             documents: BTreeMap::new(),
             next_id: 0,
             graph: OnceLock::new(),
+            lexical: OnceLock::new(),
+            lexical_files: None,
             exact_scan_limit: default_exact_scan_limit(embedder.dim),
             embedder,
             origin: None,
@@ -356,6 +372,11 @@ impl Index {
             documents,
             next_id: manifest.next_id,
             graph,
+            lexical: OnceLock::new(),
+            lexical_files: manifest
+                .lexical
+                .clone()
+                .map(|files| (gen_dir.join(storage::LEXICAL_DIR), files)),
             exact_scan_limit: default_exact_scan_limit(dim),
             origin: None,
             recovery: None,
@@ -444,6 +465,7 @@ impl Index {
             flat.extend(normalized(v, dim, &format!("vector {i} of {source}"))?);
         }
         self.remove_document(source);
+        self.load_lexical_before_change();
 
         let first_id = self.next_id;
         let base = self.chunks.len();
@@ -466,6 +488,13 @@ impl Index {
         self.vectors.extend_from_slice(&flat);
         if let Some(graph) = self.graph.get_mut() {
             graph.insert_normalized(&flat);
+        }
+        if let Some(lexical) = self.lexical.get() {
+            let added = self.chunks[base..].iter().map(|c| (c.id, c.text.as_str()));
+            if let Err(e) = lexical.add(added) {
+                tracing::warn!(error = %e.0, "lexical index out of step; rebuilding it on next use");
+                self.lexical = OnceLock::new();
+            }
         }
         self.documents.insert(
             source.to_string(),
@@ -495,11 +524,21 @@ impl Index {
 
     /// Drops a document and its chunks; returns whether it was there.
     pub fn remove_document(&mut self, source: &str) -> bool {
+        if !self.documents.contains_key(source) {
+            return false;
+        }
+        self.load_lexical_before_change();
         let Some(doc) = self.documents.remove(source) else {
             return false;
         };
         if doc.chunk_ids.is_empty() {
             return true;
+        }
+        if let Some(lexical) = self.lexical.get() {
+            if let Err(e) = lexical.remove(doc.chunk_ids.iter().copied()) {
+                tracing::warn!(error = %e.0, "lexical index out of step; rebuilding it on next use");
+                self.lexical = OnceLock::new();
+            }
         }
         let gone: HashSet<u64> = doc.chunk_ids.into_iter().collect();
         let dim = self.embedder.dim;
@@ -528,6 +567,17 @@ impl Index {
         true
     }
 
+    /// A saved lexical index must be loaded before the chunks change, so that the change can be
+    /// applied to it; once they have changed, it could only be rebuilt from all chunks.
+    fn load_lexical_before_change(&mut self) {
+        if self.lexical.get().is_none() && self.lexical_files.is_some() {
+            if let Err(e) = self.lexical() {
+                tracing::warn!(error = %e, "lexical index not loaded; it will be rebuilt from the chunks");
+            }
+        }
+        self.lexical_files = None;
+    }
+
     /// The HNSW graph over all current vectors, built now if stale.
     fn graph(&self) -> Result<&VectorIndex, IndexError> {
         if let Some(g) = self.graph.get() {
@@ -544,6 +594,135 @@ impl Index {
         Ok(self.graph.get_or_init(|| built))
     }
 
+    /// The lexical index over all current chunks: the saved one when its files are intact,
+    /// else built from the chunks now.
+    fn lexical(&self) -> Result<&LexicalIndex, IndexError> {
+        if let Some(l) = self.lexical.get() {
+            return Ok(l);
+        }
+        let started = Instant::now();
+        let loaded = self.lexical_files.as_ref().and_then(|(dir, files)| {
+            match load_lexical(dir, files) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "saved lexical index unusable; rebuilding it from the chunks");
+                    None
+                }
+            }
+        });
+        let built = match loaded {
+            Some(l) => l,
+            None => LexicalIndex::build(self.chunks.iter().map(|c| (c.id, c.text.as_str())))
+                .map_err(lexical_error)?,
+        };
+        tracing::debug!(
+            chunks = self.chunks.len(),
+            loaded = self.lexical_files.is_some(),
+            ms = started.elapsed().as_millis() as u64,
+            "lexical index ready"
+        );
+        Ok(self.lexical.get_or_init(|| built))
+    }
+
+    /// The `k` chunks that best match `query`'s words by BM25, best first (`score` and
+    /// `lexical_score` are the BM25 score). The text is taken as words, never as query syntax;
+    /// a chunk holding the query's exact word sequence ranks above one with the words apart.
+    /// A query without any word (only punctuation) finds nothing.
+    pub fn search_lexical(&self, query: &str, k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        if k == 0 || self.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self.lexical()?.search(query, k).map_err(lexical_error)?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(id, bm25)| {
+                self.chunk(id).map(|chunk| Hit {
+                    chunk,
+                    score: bm25,
+                    vector_score: None,
+                    lexical_score: Some(bm25),
+                })
+            })
+            .collect())
+    }
+
+    /// Vector and lexical search fused by reciprocal rank fusion ([`reciprocal_rank_fusion`],
+    /// [`RRF_K`]): each side contributes its [`hybrid_candidates`] best, and the `k` best fused
+    /// chunks come back with the fusion score as `score`, their cosine similarity as
+    /// `vector_score` and, when lexical search found them, their BM25 score.
+    pub fn search_hybrid(
+        &self,
+        query_text: &str,
+        query_vector: &[f32],
+        k: usize,
+    ) -> Result<Vec<Hit<'_>>, IndexError> {
+        let q = self.prepare_query(query_vector)?;
+        if k == 0 || self.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let depth = hybrid_candidates(k);
+        let vector: Vec<u64> = self
+            .search_normalized(&q, depth)?
+            .iter()
+            .map(|h| h.chunk.id)
+            .collect();
+        let lexical = self
+            .lexical()?
+            .search(query_text, depth)
+            .map_err(lexical_error)?;
+        let bm25: HashMap<u64, f32> = lexical.iter().copied().collect();
+        let lexical_ids: Vec<u64> = lexical.iter().map(|l| l.0).collect();
+        let dim = self.embedder.dim;
+        Ok(reciprocal_rank_fusion(&[vector, lexical_ids], RRF_K)
+            .into_iter()
+            .filter_map(|(id, fused)| {
+                let slot = *self.slot_of.get(&id)?;
+                Some(Hit {
+                    chunk: &self.chunks[slot],
+                    score: fused,
+                    vector_score: Some(dot(&q, &self.vectors[slot * dim..(slot + 1) * dim])),
+                    lexical_score: bm25.get(&id).copied(),
+                })
+            })
+            .take(k)
+            .collect())
+    }
+
+    /// Searches in `mode`: `query_vector` (the embedded `query_text`) is needed for vector and
+    /// hybrid search, ignored for lexical search.
+    pub fn search_mode(
+        &self,
+        mode: SearchMode,
+        query_text: &str,
+        query_vector: Option<&[f32]>,
+        k: usize,
+    ) -> Result<Vec<Hit<'_>>, IndexError> {
+        let vector = || {
+            query_vector.ok_or_else(|| IndexError::DimensionMismatch {
+                what: format!("the query of a {mode} search (none given)"),
+                expected: self.embedder.dim,
+                found: 0,
+            })
+        };
+        match mode {
+            SearchMode::Vector => self.search(vector()?, k),
+            SearchMode::Lexical => self.search_lexical(query_text, k),
+            SearchMode::Hybrid => self.search_hybrid(query_text, vector()?, k),
+        }
+    }
+
+    /// [`Index::search`] for an already normalised query.
+    fn search_normalized(&self, q: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
+        if k == 0 || self.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.chunks.len() <= self.exact_scan_limit {
+            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, q, k);
+            return Ok(self.hits(q, found));
+        }
+        self.search_hnsw_normalized(q, k)
+    }
+
     /// Checks and normalises a query vector.
     fn prepare_query(&self, query: &[f32]) -> Result<Vec<f32>, IndexError> {
         normalized(query, self.embedder.dim, "query")
@@ -558,7 +737,14 @@ impl Index {
         found.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         found
             .into_iter()
-            .filter_map(|(slot, score)| self.chunks.get(slot).map(|chunk| Hit { chunk, score }))
+            .filter_map(|(slot, score)| {
+                self.chunks.get(slot).map(|chunk| Hit {
+                    chunk,
+                    score,
+                    vector_score: Some(score),
+                    lexical_score: None,
+                })
+            })
             .collect()
     }
 
@@ -570,14 +756,7 @@ impl Index {
     /// hnsw_rs query, so it is used instead.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
         let q = self.prepare_query(query)?;
-        if k == 0 || self.chunks.is_empty() {
-            return Ok(Vec::new());
-        }
-        if self.chunks.len() <= self.exact_scan_limit {
-            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, k);
-            return Ok(self.hits(&q, found));
-        }
-        self.search_hnsw_normalized(&q, k)
+        self.search_normalized(&q, k)
     }
 
     /// Approximate search on the HNSW graph regardless of the index size (builds the graph
@@ -648,30 +827,34 @@ impl Index {
         let generation = storage::generation_name(newest + 1);
         let gen_dir = dir.join(&generation);
 
-        let written = self.write_generation(&gen_dir).and_then(|(graph, files)| {
-            let manifest = Manifest {
-                format: storage::FORMAT_NAME.to_string(),
-                version: storage::FORMAT_VERSION,
-                generation: generation.clone(),
-                embedder: self.embedder.clone(),
-                chunks: self.chunks.len(),
-                documents: self.documents.len(),
-                next_id: self.next_id,
-                saved_at: now_unix(),
-                hnsw_params: self.params,
-                graph,
-                files: Some(files),
-            };
-            // The generation's own copy, written last: a generation directory with it is
-            // complete, and can stand in if `index.json` or a later generation is damaged.
-            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| IndexError::GraphDump {
-                path: gen_dir.join(storage::GENERATION_MANIFEST),
-                message: format!("could not serialise the manifest: {e}"),
-            })?;
-            storage::write_file_synced(&gen_dir.join(storage::GENERATION_MANIFEST), &json)?;
-            storage::sync_dir(&gen_dir)?;
-            Ok(manifest)
-        });
+        let written = self
+            .write_generation(&gen_dir)
+            .and_then(|(graph, files, lexical)| {
+                let manifest = Manifest {
+                    format: storage::FORMAT_NAME.to_string(),
+                    version: storage::FORMAT_VERSION,
+                    generation: generation.clone(),
+                    embedder: self.embedder.clone(),
+                    chunks: self.chunks.len(),
+                    documents: self.documents.len(),
+                    next_id: self.next_id,
+                    saved_at: now_unix(),
+                    hnsw_params: self.params,
+                    graph,
+                    files: Some(files),
+                    lexical,
+                };
+                // The generation's own copy, written last: a generation directory with it is
+                // complete, and can stand in if `index.json` or a later generation is damaged.
+                let json =
+                    serde_json::to_vec_pretty(&manifest).map_err(|e| IndexError::GraphDump {
+                        path: gen_dir.join(storage::GENERATION_MANIFEST),
+                        message: format!("could not serialise the manifest: {e}"),
+                    })?;
+                storage::write_file_synced(&gen_dir.join(storage::GENERATION_MANIFEST), &json)?;
+                storage::sync_dir(&gen_dir)?;
+                Ok(manifest)
+            });
         let manifest = match written {
             Ok(manifest) => manifest,
             Err(e) => {
@@ -707,7 +890,7 @@ impl Index {
     fn write_generation(
         &self,
         gen_dir: &Path,
-    ) -> Result<(Option<GraphFiles>, FileChecksums), IndexError> {
+    ) -> Result<(Option<GraphFiles>, FileChecksums, Option<LexicalFiles>), IndexError> {
         fs::create_dir(gen_dir).map_err(|e| IndexError::io(gen_dir, e))?;
         let dim = self.embedder.dim;
 
@@ -757,8 +940,34 @@ impl Index {
                 basename,
             })
         };
+        let lexical = self.write_lexical(gen_dir)?;
         storage::sync_dir(gen_dir)?;
-        Ok((graph, files))
+        Ok((graph, files, lexical))
+    }
+
+    /// Writes the lexical index into the generation. It is derived from the chunks, so when
+    /// tantivy fails the generation is saved without it (and rebuilt on first use) rather than
+    /// failing the save; only I/O errors writing its files fail the save.
+    fn write_lexical(&self, gen_dir: &Path) -> Result<Option<LexicalFiles>, IndexError> {
+        let files = match self
+            .lexical()
+            .and_then(|l| l.files().map_err(lexical_error))
+        {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(error = %e, "saving the index without its lexical index; it will be rebuilt on first use");
+                return Ok(None);
+            }
+        };
+        let dir = gen_dir.join(storage::LEXICAL_DIR);
+        fs::create_dir(&dir).map_err(|e| IndexError::io(&dir, e))?;
+        let mut sha256 = BTreeMap::new();
+        for (name, bytes) in files {
+            storage::write_file_synced(&dir.join(&name), &bytes)?;
+            sha256.insert(name, storage::sha256_bytes(&bytes));
+        }
+        storage::sync_dir(&dir)?;
+        Ok(Some(LexicalFiles { sha256 }))
     }
 
     /// Number of chunks.
@@ -833,6 +1042,29 @@ fn load_graph(
         }
     }
     VectorIndex::load_checked(gen_dir, &files.basename, vectors, dim, params)
+}
+
+fn lexical_error(e: LexicalError) -> IndexError {
+    IndexError::Lexical { message: e.0 }
+}
+
+/// Reads a generation's saved lexical index, verifying every file's checksum.
+fn load_lexical(dir: &Path, files: &LexicalFiles) -> Result<LexicalIndex, IndexError> {
+    let mut read = Vec::with_capacity(files.sha256.len());
+    for (name, want) in &files.sha256 {
+        // Names come from the manifest: a path in one would escape the directory.
+        if name.contains(['/', '\\']) || name.starts_with("..") || name.is_empty() {
+            return Err(IndexError::corrupt(
+                dir,
+                format!("invalid lexical file name {name:?}"),
+            ));
+        }
+        let path = dir.join(name);
+        let bytes = storage::read_data(&path)?;
+        storage::verify_sha256(&path, &bytes, Some(want))?;
+        read.push((name.clone(), bytes));
+    }
+    LexicalIndex::from_files(read).map_err(lexical_error)
 }
 
 /// Parses `chunks.jsonl`, expecting exactly `count` records.

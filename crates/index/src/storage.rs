@@ -34,6 +34,9 @@ pub(crate) const GENERATION_MANIFEST: &str = "manifest.json";
 /// Basename we ask hnsw_rs to dump the graph under.
 pub(crate) const GRAPH_BASENAME: &str = "hnsw";
 
+/// Subdirectory of a generation holding the lexical (tantivy) index's files.
+pub(crate) const LEXICAL_DIR: &str = "lexical";
+
 /// Header of `vectors.f32`: magic, then dim and count as little-endian u64.
 const VECTORS_MAGIC: &[u8; 8] = b"TRVECF32";
 const VECTORS_HEADER: usize = 8 + 8 + 8;
@@ -57,6 +60,18 @@ pub(crate) struct Manifest {
     /// before they were recorded; those are read unverified).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FileChecksums>,
+    /// The lexical index's files (absent in indexes written before lexical search: their
+    /// lexical index is built from the chunks on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<LexicalFiles>,
+}
+
+/// The tantivy files of one generation's lexical index (in `LEXICAL_DIR`), with checksums.
+/// Derived data: a damaged or missing file means "rebuild it from the chunks", never an error.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LexicalFiles {
+    /// File name (tantivy's own, no directories) -> SHA-256 hex.
+    pub sha256: std::collections::BTreeMap<String, String>,
 }
 
 /// SHA-256 of each data file of a generation: a bit flip in a chunk's text or a vector would
