@@ -560,3 +560,66 @@ fn ingest_logs_progress_lines_when_stderr_is_not_a_terminal() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("ingest: "));
 }
+
+#[test]
+fn lexical_and_hybrid_search_find_exact_option_strings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    let texts = [
+        ("slim.txt", "Keeping containers small. Debian images grow when apt pulls in every recommended package. Pass --no-install-recommends to apt-get install so that only the dependencies are installed."),
+        ("apt.txt", "Installing packages with apt. The apt tool downloads packages and their dependencies from the configured mirrors and installs them in the right order."),
+        ("cache.txt", "Cleaning the package cache. Downloaded package files stay in /var/cache/apt/archives until apt-get clean removes them."),
+        ("keyboard.txt", "Changing the keyboard layout. Run dpkg-reconfigure keyboard-configuration, or localectl set-keymap on systemd systems."),
+    ];
+    for (name, text) in texts {
+        std::fs::write(docs.join(name), text).unwrap();
+    }
+    let index = tmp.path().join("index");
+    let (report, code) = ingest(&index, &[&docs], &[]);
+    assert_eq!(code, 0, "{report}");
+
+    // (A query starting with "-" would be read as a flag: `search -- QUERY` or another word first.)
+    let lexical = search(
+        &index,
+        "apt-get install --no-install-recommends",
+        4,
+        &["--mode", "lexical"],
+    );
+    let sources = hit_sources(&lexical);
+    assert_eq!(
+        sources[0], "slim.txt",
+        "the exact option string first: {lexical}"
+    );
+    assert!(
+        !sources.contains(&"keyboard.txt".to_string()),
+        "no shared word: {lexical}"
+    );
+    let hit = &lexical["hits"]["hits"][0];
+    assert_eq!(hit["lexical_score"], hit["_score"]);
+    assert!(
+        hit.get("vector_score").is_none(),
+        "a lexical search embeds nothing: {hit}"
+    );
+
+    let hybrid = search(&index, "localectl set-keymap", 4, &["--mode", "hybrid"]);
+    assert_eq!(hit_sources(&hybrid)[0], "keyboard.txt", "{hybrid}");
+    let top = &hybrid["hits"]["hits"][0];
+    assert!(top["vector_score"].as_f64().unwrap() > 0.0, "{top}");
+    assert!(top["lexical_score"].as_f64().unwrap() > 0.0, "{top}");
+    // Reciprocal rank fusion: first in both lists scores 2 / (60 + 1).
+    assert!(
+        (top["_score"].as_f64().unwrap() - 2.0 / 61.0).abs() < 1e-6,
+        "{top}"
+    );
+
+    let vector = search(&index, "localectl set-keymap", 4, &[]);
+    assert!(vector["hits"]["hits"][0].get("lexical_score").is_none());
+
+    let out = cmd(&["search", "x"], &index, &["--mode", "bm25"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("vector, lexical or hybrid"), "{stderr}");
+}

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
+use thinkrag::index::SearchMode;
 use thinkrag::prompt::display_source;
 use thinkrag::{Answer, AskEvent, AskOptions, Pipeline, PromptOptions, Retriever, SourceField};
 use thinkrag_llm::DeviceChoice;
@@ -27,6 +28,10 @@ pub struct RagArgs {
     /// Exact (brute-force) search instead of the HNSW graph.
     #[arg(long)]
     pub exact: bool,
+    /// How chunks are retrieved: vector (embeddings), lexical (BM25 over the words: exact names,
+    /// commands, option strings) or hybrid (both, fused by reciprocal rank).
+    #[arg(long, default_value = "vector", value_parser = crate::search::parse_mode)]
+    pub mode: SearchMode,
     /// How many of the retrieved chunks may go into the prompt (default: all k).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub context_size: Option<u32>,
@@ -113,6 +118,7 @@ impl RagArgs {
         let options = AskOptions {
             k: self.k as usize,
             exact: self.exact,
+            mode: self.mode,
             prompt,
             params: Some(params),
             answer_reserve: None,

@@ -5,7 +5,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use thinkrag::index::SearchMode;
 use thinkrag::SearchHit;
+
+/// Parses `--mode` (clap shows the error with the accepted names).
+pub fn parse_mode(s: &str) -> Result<SearchMode, thinkrag::index::UnknownSearchMode> {
+    s.parse()
+}
 
 use crate::retrieval_args::{EmbedderArgs, IndexArgs};
 
@@ -20,6 +26,10 @@ pub struct SearchArgs {
     /// Exact (brute-force) search instead of the HNSW graph.
     #[arg(long)]
     pub exact: bool,
+    /// How chunks are found: vector (embeddings), lexical (BM25 over the words: exact names,
+    /// commands, option strings) or hybrid (both, fused by reciprocal rank).
+    #[arg(long, default_value = "vector", value_parser = parse_mode)]
+    pub mode: SearchMode,
     /// Print the hits as JSON, in the shape of a search engine's response.
     #[arg(long)]
     pub json: bool,
@@ -38,8 +48,15 @@ pub fn run(args: SearchArgs) -> Result<()> {
     }
     let embedder = args.embedder.load(Some(&index))?;
     let started = Instant::now();
-    let hits = thinkrag::search(&index, &embedder, &args.query, args.k as usize, args.exact)
-        .with_context(|| format!("search in {} failed", dir.display()))?;
+    let hits = thinkrag::search(
+        &index,
+        &embedder,
+        &args.query,
+        args.k as usize,
+        args.exact,
+        args.mode,
+    )
+    .with_context(|| format!("search in {} failed", dir.display()))?;
     let took_ms = started.elapsed().as_millis() as u64;
     if args.json {
         let out = hits_json(&dir.display().to_string(), &hits, took_ms);

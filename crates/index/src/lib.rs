@@ -649,23 +649,28 @@ impl Index {
     /// Vector and lexical search fused by reciprocal rank fusion ([`reciprocal_rank_fusion`],
     /// [`RRF_K`]): each side contributes its [`hybrid_candidates`] best, and the `k` best fused
     /// chunks come back with the fusion score as `score`, their cosine similarity as
-    /// `vector_score` and, when lexical search found them, their BM25 score.
+    /// `vector_score` and, when lexical search found them, their BM25 score. `exact` takes the
+    /// vector candidates from an exact scan (as [`Index::search_exact`]) instead of
+    /// [`Index::search`]'s choice.
     pub fn search_hybrid(
         &self,
         query_text: &str,
         query_vector: &[f32],
         k: usize,
+        exact: bool,
     ) -> Result<Vec<Hit<'_>>, IndexError> {
         let q = self.prepare_query(query_vector)?;
         if k == 0 || self.chunks.is_empty() {
             return Ok(Vec::new());
         }
         let depth = hybrid_candidates(k);
-        let vector: Vec<u64> = self
-            .search_normalized(&q, depth)?
-            .iter()
-            .map(|h| h.chunk.id)
-            .collect();
+        let candidates = if exact {
+            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, depth);
+            self.hits(&q, found)
+        } else {
+            self.search_normalized(&q, depth)?
+        };
+        let vector: Vec<u64> = candidates.iter().map(|h| h.chunk.id).collect();
         let lexical = self
             .lexical()?
             .search(query_text, depth)
@@ -689,13 +694,15 @@ impl Index {
     }
 
     /// Searches in `mode`: `query_vector` (the embedded `query_text`) is needed for vector and
-    /// hybrid search, ignored for lexical search.
+    /// hybrid search, ignored for lexical search. `exact` makes the vector part an exact scan
+    /// (lexical search is always exact).
     pub fn search_mode(
         &self,
         mode: SearchMode,
         query_text: &str,
         query_vector: Option<&[f32]>,
         k: usize,
+        exact: bool,
     ) -> Result<Vec<Hit<'_>>, IndexError> {
         let vector = || {
             query_vector.ok_or_else(|| IndexError::DimensionMismatch {
@@ -705,9 +712,10 @@ impl Index {
             })
         };
         match mode {
+            SearchMode::Vector if exact => self.search_exact(vector()?, k),
             SearchMode::Vector => self.search(vector()?, k),
             SearchMode::Lexical => self.search_lexical(query_text, k),
-            SearchMode::Hybrid => self.search_hybrid(query_text, vector()?, k),
+            SearchMode::Hybrid => self.search_hybrid(query_text, vector()?, k, exact),
         }
     }
 

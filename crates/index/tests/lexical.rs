@@ -110,14 +110,14 @@ fn lexical_search_finds_exact_commands_and_option_strings() {
     assert!(index.search_lexical("tzdata", 0).unwrap().is_empty());
     // search_mode dispatches, and refuses a vector mode without a vector.
     let by_mode = index
-        .search_mode(SearchMode::Lexical, "tzdata", None, 3)
+        .search_mode(SearchMode::Lexical, "tzdata", None, 3, false)
         .unwrap();
     assert_eq!(
         ids(&by_mode),
         ids(&index.search_lexical("tzdata", 3).unwrap())
     );
     assert!(index
-        .search_mode(SearchMode::Hybrid, "tzdata", None, 3)
+        .search_mode(SearchMode::Hybrid, "tzdata", None, 3, false)
         .is_err());
 }
 
@@ -134,7 +134,10 @@ fn hybrid_is_reciprocal_rank_fusion_of_both_lists() {
         .into_iter()
         .take(k)
         .collect();
-    let hits = index.search_hybrid(text, &query_vector, k).unwrap();
+    let hits = index.search_hybrid(text, &query_vector, k, false).unwrap();
+    // Below the exact-scan limit the vector candidates are exact either way.
+    let exact = index.search_hybrid(text, &query_vector, k, true).unwrap();
+    assert_eq!(ids(&exact), ids(&hits));
     let got: Vec<(u64, f32)> = hits.iter().map(|h| (h.chunk.id, h.score)).collect();
     assert_eq!(got, want);
     // The lexical match is among the fused results with both of its scores.
@@ -146,7 +149,7 @@ fn hybrid_is_reciprocal_rank_fusion_of_both_lists() {
     let cosine = exact.vector_score.unwrap();
     assert!((-1.0..=1.0).contains(&cosine));
     let by_mode = index
-        .search_mode(SearchMode::Hybrid, text, Some(&query_vector), k)
+        .search_mode(SearchMode::Hybrid, text, Some(&query_vector), k, false)
         .unwrap();
     assert_eq!(ids(&by_mode), ids(&hits));
 }

@@ -73,6 +73,7 @@ pub fn prepare(state: &AppState, flavor: Flavor, req: RagRequest) -> Result<Prep
             page: None,
             start: 0,
             end: s.text.len(),
+            ..SearchHit::default()
         })
         .collect();
     let instructions = match req.instructions.as_deref().map(str::trim) {

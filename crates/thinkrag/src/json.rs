@@ -50,9 +50,16 @@ pub struct Hit {
     /// The chunk's id.
     #[serde(rename = "_id")]
     pub id: String,
-    /// Cosine similarity to the query.
+    /// The ranking score: cosine similarity (vector search), BM25 (lexical) or the
+    /// reciprocal-rank-fusion score (hybrid).
     #[serde(rename = "_score")]
     pub score: f32,
+    /// Cosine similarity to the query, when it was embedded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_score: Option<f32>,
+    /// BM25 score, when lexical search found the chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical_score: Option<f32>,
     /// The chunk.
     #[serde(rename = "_source")]
     pub source: HitSource,
@@ -88,6 +95,8 @@ impl Hits {
                     index: index.to_string(),
                     id: h.id.to_string(),
                     score: h.score,
+                    vector_score: h.vector_score,
+                    lexical_score: h.lexical_score,
                     source: HitSource {
                         text: h.text.clone(),
                         source: h.source.clone(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource};
-use thinkrag_index::Index;
+use thinkrag_index::{Index, SearchMode};
 use thinkrag_llm::{
     Conversation, Engine, Event, Generation, GenerationParams, LoadOptions, Message, ModelSource,
 };
@@ -117,10 +117,16 @@ impl Retriever {
         &self.embedder
     }
 
-    /// The `k` chunks nearest to `query`, best first.
-    pub fn search(&self, query: &str, k: usize, exact: bool) -> Result<Vec<SearchHit>> {
+    /// The `k` chunks that best match `query` in `mode`, best first (see [`search`]).
+    pub fn search(
+        &self,
+        query: &str,
+        k: usize,
+        exact: bool,
+        mode: SearchMode,
+    ) -> Result<Vec<SearchHit>> {
         self.refresh();
-        search(&self.index(), &self.embedder, query, k, exact)
+        search(&self.index(), &self.embedder, query, k, exact, mode)
     }
 }
 
@@ -131,6 +137,8 @@ pub struct AskOptions {
     pub k: usize,
     /// Exact (brute-force) search instead of HNSW.
     pub exact: bool,
+    /// Vector, lexical (BM25) or hybrid retrieval.
+    pub mode: SearchMode,
     /// How the prompt is built.
     pub prompt: PromptOptions,
     /// Sampling and stopping (`None`: the model's defaults).
@@ -145,6 +153,7 @@ impl Default for AskOptions {
         Self {
             k: 4,
             exact: false,
+            mode: SearchMode::Vector,
             prompt: PromptOptions::default(),
             params: None,
             answer_reserve: None,
@@ -277,7 +286,7 @@ impl Pipeline {
     /// The chunks nearest to `query` (empty without a retriever).
     pub fn search(&self, query: &str) -> Result<Vec<SearchHit>> {
         match &self.retriever {
-            Some(r) => r.search(query, self.options.k, self.options.exact),
+            Some(r) => r.search(query, self.options.k, self.options.exact, self.options.mode),
             None => Ok(Vec::new()),
         }
     }
@@ -598,6 +607,12 @@ impl PipelineBuilder {
     /// Exact search instead of HNSW.
     pub fn exact(mut self, exact: bool) -> Self {
         self.options.exact = exact;
+        self
+    }
+
+    /// Vector, lexical (BM25) or hybrid retrieval.
+    pub fn mode(mut self, mode: SearchMode) -> Self {
+        self.options.mode = mode;
         self
     }
 

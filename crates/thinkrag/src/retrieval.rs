@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thinkrag_embed::{Embedder, EmbedderSpec};
-use thinkrag_index::{EmbedderInfo, Index, IndexError, NewChunk};
+use thinkrag_index::{EmbedderInfo, Index, IndexError, NewChunk, SearchMode};
 use thinkrag_ingest::{Chunker, Failure};
 
 use crate::error::{Error, Result};
@@ -448,12 +448,19 @@ fn embed_prepared(
 }
 
 /// One search result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct SearchHit {
     /// The chunk's id in the index.
     pub id: u64,
-    /// Cosine similarity to the query.
+    /// The score hits are ranked by: cosine similarity (vector search), BM25 (lexical) or the
+    /// reciprocal-rank-fusion score (hybrid).
     pub score: f32,
+    /// Cosine similarity to the query, when it was embedded (vector and hybrid search).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector_score: Option<f32>,
+    /// BM25 score, when lexical search found the chunk (lexical and hybrid search).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical_score: Option<f32>,
     /// The chunk's text.
     pub text: String,
     /// The document it came from.
@@ -466,13 +473,16 @@ pub struct SearchHit {
     pub end: usize,
 }
 
-/// The `k` chunks nearest to `query`, best first: approximate (HNSW) or `exact` (brute force).
+/// The `k` chunks that best match `query` in `mode`, best first: by their vectors (approximate
+/// HNSW, or `exact` brute force), by BM25 over their words, or both fused (see
+/// [`thinkrag_index::SearchMode`]). Lexical search does not embed the query.
 pub fn search(
     index: &Index,
     embedder: &Embedder,
     query: &str,
     k: usize,
     exact: bool,
+    mode: SearchMode,
 ) -> Result<Vec<SearchHit>> {
     if k == 0 {
         return Err(Error::InvalidParameter {
@@ -482,17 +492,19 @@ pub fn search(
         });
     }
     index.check_embedder(&embedder_info(embedder.spec()))?;
-    let vector = embedder.embed_query(query)?;
-    let hits = if exact {
-        index.search_exact(&vector, k)?
+    let vector = if mode.uses_vectors() {
+        Some(embedder.embed_query(query)?)
     } else {
-        index.search(&vector, k)?
+        None
     };
+    let hits = index.search_mode(mode, query, vector.as_deref(), k, exact)?;
     Ok(hits
         .into_iter()
         .map(|h| SearchHit {
             id: h.chunk.id,
             score: h.score,
+            vector_score: h.vector_score,
+            lexical_score: h.lexical_score,
             text: h.chunk.text.clone(),
             source: h.chunk.source.clone(),
             page: h.chunk.page,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use thinkrag::embed::test_models::minilm_dir;
 use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderSource};
+use thinkrag::index::SearchMode;
 use thinkrag::llm::{
     DTypeChoice, DeviceChoice, Engine, GenerationParams, LoadOptions, ModelFiles, SamplingParams,
 };
@@ -320,7 +321,9 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     let retriever = p.retriever().unwrap();
     let before = retriever.index().len();
     let question = "Which river carries the zebra mussels of Lake Quinsigamond?";
-    let hits = retriever.search(question, 3, true).unwrap();
+    let hits = retriever
+        .search(question, 3, true, SearchMode::Vector)
+        .unwrap();
     assert!(hits.iter().all(|h| !h.source.contains("quinsigamond")));
 
     // Another ingest (as `thinkrag ingest` in another process would) adds a document.
@@ -342,7 +345,9 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     .unwrap();
     assert_eq!(report.files_indexed, 1);
 
-    let hits = retriever.search(question, 3, true).unwrap();
+    let hits = retriever
+        .search(question, 3, true, SearchMode::Vector)
+        .unwrap();
     assert!(
         hits[0].source.contains("quinsigamond"),
         "the new document is found: {:?}",
@@ -357,11 +362,15 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let current = thinkrag::index::Index::current_generation(dir.path()).unwrap();
     std::fs::write(&manifest, text.replace(&current, "gen-999999")).unwrap();
-    let hits = retriever.search(question, 3, true).unwrap();
+    let hits = retriever
+        .search(question, 3, true, SearchMode::Vector)
+        .unwrap();
     assert!(hits[0].source.contains("quinsigamond"));
     // An index directory gone altogether: nothing to take up, the loaded one keeps answering.
     std::fs::remove_dir_all(dir.path()).unwrap();
     assert!(!retriever.refresh());
-    let hits = retriever.search(question, 3, true).unwrap();
+    let hits = retriever
+        .search(question, 3, true, SearchMode::Vector)
+        .unwrap();
     assert!(hits[0].source.contains("quinsigamond"));
 }

@@ -43,6 +43,7 @@ fn hit(id: u64, source: &str, page: Option<u32>, score: f32, text: &str) -> Sear
         page,
         start: 0,
         end: text.len(),
+        ..SearchHit::default()
     }
 }
 
