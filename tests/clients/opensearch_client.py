@@ -111,6 +111,29 @@ check(everything["hits"]["total"]["value"] == 6 and len(everything["hits"]["hits
 filtered = client.search(index="my-nlp-index", body={"query": search["query"], "_source": False})
 check(all("_source" not in h for h in filtered["hits"]["hits"]), "_source: false")
 
+# BM25: a match query ranks the one document naming the city first, with BM25 scores; the
+# tutorial's RAG pipeline answers over lexical hits too.
+def texts(r):
+    return [h["_source"]["text"] for h in r["hits"]["hits"]]
+
+
+lexical = client.search(index="my-nlp-index", body={"query": {"match": {"text": "Ogden-Layton"}}, "size": 3})
+check(len(texts(lexical)) == 1 and "Ogden-Layton" in texts(lexical)[0], lexical)
+check(lexical["hits"]["hits"][0]["_score"] > 0 and lexical["hits"]["max_score"] == lexical["hits"]["hits"][0]["_score"], lexical)
+phrase = client.search(index="my-nlp-index", body={"query": {"match_phrase": {"text": {"query": "Ogden-Layton metro"}}}})
+check("Ogden-Layton" in texts(phrase)[0], phrase)
+check(client.search(index="my-nlp-index", body={"query": {"match": {"text": "zzzqqq"}}})["hits"]["hits"] == [], "no word, no hit")
+# Hybrid: OpenSearch's hybrid query (match + neural), fused by reciprocal rank.
+hybrid = client.search(index="my-nlp-index", body={"query": {"hybrid": {"queries": [
+    {"match": {"text": "Miami"}}, search["query"]]}}, "size": 3})
+hs = hybrid["hits"]["hits"]
+check(len(hs) == 3 and all(a["_score"] >= b["_score"] for a, b in zip(hs, hs[1:])), hybrid)
+check(any("Miami" in t for t in texts(hybrid)), hybrid)
+check(all(h["_score"] <= 2 / 61 + 1e-6 for h in hs), "reciprocal-rank-fusion scores")
+rag_lexical = client.search(index="my-nlp-index", body={**search, "query": {"match": {"text": "Miami New York"}}},
+                            params={"search_pipeline": pipeline_name})
+check(isinstance(rag_lexical["ext"]["retrieval_augmented_generation"]["answer"], str), rag_lexical)
+
 # Conversation memory: two searches remember each other, the history is kept.
 memory_id = client.plugins.ml.create_memory(body={"name": "population questions"})["memory_id"]
 for q in ("What is the population of Miami?", "And how did it change from 2021 to 2023?"):
@@ -188,7 +211,12 @@ fails(lambda: client.search(index=nlp, body={**search, "size": 10001}), RequestE
 bad_k = json.loads(json.dumps(search))
 bad_k["query"]["neural"]["passage_embedding"]["k"] = 0
 fails(lambda: client.search(index=nlp, body=bad_k), RequestError, 400, "illegal_argument_exception", "k")
-fails(lambda: client.search(index=nlp, body={"query": {"match": {"text": "Miami"}}}), RequestError, 400, "illegal_argument_exception", "BM25")
+fails(lambda: client.search(index=nlp, body={"query": {"match": {"text": {"query": "Miami", "operator": "and"}}}}), RequestError, 400, "illegal_argument_exception", "operator")
+fails(lambda: client.search(index=nlp, body={"query": {"bool": {"must": []}}}), RequestError, 400, "illegal_argument_exception", "match")
+fails(lambda: client.search(index=nlp, body={"query": {"hybrid": {"queries": [{"match": {"text": "a"}}, {"match": {"text": "b"}}]}}}),
+      RequestError, 400, "illegal_argument_exception", "one match")
+fails(lambda: client.search(index="notes", body={"query": {"match": {"tag": "x"}}}), RequestError, 400, "illegal_argument_exception", "not a text field")
+check(client.search(index="notes", body={"query": {"match": {"body": "updated"}}})["hits"]["hits"][0]["_id"] == "1", "match on a mapped text field")
 fails(lambda: client.search(index=nlp, body={"query": {"knn": {"passage_embedding": {"vector": [0.1, 0.2], "k": 2}}}}),
       RequestError, 400, "illegal_argument_exception", "dimension 2", "384")
 fails(lambda: client.search(index=nlp, body={"query": search["query"], "ext": search["ext"]}), RequestError, 400, "illegal_argument_exception", "search_pipeline")
@@ -234,6 +262,19 @@ try:
     check(False, "k out of range")
 except openai.BadRequestError as e:
     check("rag.k" in str(e), e)
+# Lexical retrieval for RAG: the document naming the city is the first source.
+lex = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "Ogden-Layton population"}],
+                                 max_tokens=8, seed=1, extra_body={"rag": {"index": nlp, "k": 2, "mode": "lexical"}})
+check("Ogden-Layton" in lex.model_extra["rag"]["sources"][0]["text"], lex.model_extra["rag"])
+hyb = oa.chat.completions.create(model="m", messages=[{"role": "user", "content": q}],
+                                 max_tokens=8, seed=1, extra_body={"rag": {"index": nlp, "k": 2, "mode": "hybrid"}})
+check(len(hyb.model_extra["rag"]["sources"]) == 2, hyb.model_extra["rag"])
+try:
+    oa.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], max_tokens=8,
+                               extra_body={"rag": {"index": nlp, "mode": "bm25"}})
+    check(False, "unknown mode")
+except openai.BadRequestError as e:
+    check("rag.mode" in str(e) and "vector, lexical or hybrid" in str(e), e)
 
 # An index whose settings name a default search pipeline answers without ?search_pipeline.
 client.indices.create(index="with-default", body={"settings": {"index.search.default_pipeline": pipeline_name}})

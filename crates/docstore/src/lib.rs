@@ -30,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use thinkrag_embed::Embedder;
+pub use thinkrag_index::SearchMode;
 use thinkrag_index::{EmbedderInfo, Index, NewChunk};
 use thinkrag_ingest::{Chunker, DocumentKind, Page};
 
@@ -148,10 +149,24 @@ pub struct StoredDoc {
 pub struct DocHit {
     /// The document.
     pub doc: StoredDoc,
-    /// Cosine similarity of its best chunk to the query.
-    pub cosine: f32,
+    /// The score of its best chunk, by which documents are ranked: cosine similarity (vector
+    /// search), BM25 (lexical) or the reciprocal-rank-fusion score (hybrid).
+    pub score: f32,
+    /// That chunk's cosine similarity to the query, when the query has a vector.
+    pub cosine: Option<f32>,
+    /// That chunk's BM25 score, when lexical search found it.
+    pub bm25: Option<f32>,
     /// That chunk's text.
     pub chunk_text: String,
+}
+
+/// The vector half of a hybrid search: a text to embed, or a vector.
+#[derive(Clone, Copy, Debug)]
+pub enum HybridVector<'a> {
+    /// Embedded with the store's embedder.
+    Text(&'a str),
+    /// Already a query vector of the store's dimension.
+    Vector(&'a [f32]),
 }
 
 /// One change of a bulk write.
@@ -323,6 +338,19 @@ impl Collection {
 
     /// The `k` documents whose best chunk is nearest `query` (cosine), best first.
     pub fn search_vector(&self, query: &[f32], k: usize) -> Result<Vec<DocHit>> {
+        self.search(SearchMode::Vector, "", Some(query), k)
+    }
+
+    /// The `k` documents whose best chunk ranks first in `mode`, best first: `text` is what
+    /// lexical search matches (BM25 over the document's text fields), `vector` the query's
+    /// embedding (needed by vector and hybrid search).
+    pub fn search(
+        &self,
+        mode: SearchMode,
+        text: &str,
+        vector: Option<&[f32]>,
+        k: usize,
+    ) -> Result<Vec<DocHit>> {
         let st = self.read();
         let chunks = st.index.len();
         if k == 0 || chunks == 0 {
@@ -332,7 +360,7 @@ impl Collection {
         // found or every chunk was looked at.
         let mut want = (k * 3).max(k + 8).min(chunks);
         loop {
-            let hits = st.index.search(query, want)?;
+            let hits = st.index.search_mode(mode, text, vector, want, false)?;
             let mut seen: HashMap<&str, usize> = HashMap::new();
             let mut out: Vec<DocHit> = Vec::new();
             for h in &hits {
@@ -348,7 +376,9 @@ impl Collection {
                 seen.insert(&h.chunk.source, out.len());
                 out.push(DocHit {
                     doc: stored(&h.chunk.source, fields, d.chunk_ids.len()),
-                    cosine: h.score,
+                    score: h.score,
+                    cosine: h.vector_score,
+                    bm25: h.lexical_score,
                     chunk_text: h.chunk.text.clone(),
                 });
                 if out.len() == k {
@@ -937,8 +967,45 @@ impl DocStore {
         query: &str,
         k: usize,
     ) -> Result<Vec<DocHit>> {
-        let vector = self.embedder.embed_query(query)?;
-        collection.search_vector(&vector, k)
+        self.search_mode(collection, SearchMode::Vector, query, k)
+    }
+
+    /// The `k` documents of `collection` that best match a query text in `mode` (the text is
+    /// embedded only when the mode uses vectors).
+    pub fn search_mode(
+        &self,
+        collection: &Collection,
+        mode: SearchMode,
+        query: &str,
+        k: usize,
+    ) -> Result<Vec<DocHit>> {
+        let vector = if mode.uses_vectors() {
+            Some(self.embedder.embed_query(query)?)
+        } else {
+            None
+        };
+        collection.search(mode, query, vector.as_deref(), k)
+    }
+
+    /// Hybrid search whose two halves have their own queries, as OpenSearch's `hybrid` query
+    /// allows: BM25 over `lexical_text`, vectors nearest `vector` (or the embedding of
+    /// `vector_text`), fused by reciprocal rank.
+    pub fn search_hybrid(
+        &self,
+        collection: &Collection,
+        lexical_text: &str,
+        vector: HybridVector<'_>,
+        k: usize,
+    ) -> Result<Vec<DocHit>> {
+        let embedded;
+        let v = match vector {
+            HybridVector::Text(t) => {
+                embedded = self.embedder.embed_query(t)?;
+                embedded.as_slice()
+            }
+            HybridVector::Vector(v) => v,
+        };
+        collection.search(SearchMode::Hybrid, lexical_text, Some(v), k)
     }
 }
 

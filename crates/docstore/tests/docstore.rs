@@ -136,7 +136,8 @@ fn a_long_document_is_chunked_but_found_once_and_ranked_by_its_best_chunk() {
     let all = c.search_vector(&q, 10).unwrap();
     assert_eq!(all.len(), 5);
     for w in all.windows(2) {
-        assert!(w[0].cosine >= w[1].cosine);
+        assert!(w[0].score >= w[1].score);
+        assert_eq!(w[0].cosine, Some(w[0].score));
     }
     assert_eq!(
         &all[..3]

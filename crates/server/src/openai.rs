@@ -512,7 +512,14 @@ async fn rag_for_chat(
         }
     };
     let f = Fields::new(&cfg, F, "rag.");
-    f.only(&["index", "k", "fields", "search_pipeline", "context_size"])?;
+    f.only(&[
+        "index",
+        "k",
+        "fields",
+        "search_pipeline",
+        "context_size",
+        "mode",
+    ])?;
     let index = match (f.string("index")?, from_model) {
         (Some(i), _) => i.to_string(),
         (None, Some(m)) => m.to_string(),
@@ -524,6 +531,10 @@ async fn rag_for_chat(
         }
     };
     let k = f.int_in("k", 1, 100)?.unwrap_or(4) as usize;
+    let mode: thinkrag_docstore::SearchMode = match f.string("mode")? {
+        Some(m) => m.parse().map_err(|e| f.bad("mode", e))?,
+        None => thinkrag_docstore::SearchMode::Vector,
+    };
     let context_size = f.int_in("context_size", 1, 100)?.map(|n| n as usize);
     let mut fields: Option<Vec<String>> = match f.array("fields")? {
         Some(a) => Some(
@@ -579,7 +590,7 @@ async fn rag_for_chat(
     let os2 = Arc::clone(&os);
     let q = question.clone();
     let sources = tokio::task::spawn_blocking(move || {
-        crate::opensearch::retrieve(&os2, &index, &q, k, fields.as_deref())
+        crate::opensearch::retrieve(&os2, &index, &q, k, mode, fields.as_deref())
     })
     .await
     .map_err(|e| ApiError::new(F, Kind::Engine, e.to_string()))?

@@ -1,4 +1,4 @@
-//! `_search` (neural, knn and match_all queries, `size`/`from`, `_source` filtering, `min_score`),
+//! `_search` (neural, knn, match/match_phrase (BM25), hybrid and match_all queries, `size`/`from`, `_source` filtering, `min_score`),
 //! `_count`, search pipelines, and the `retrieval_augmented_generation` response processor, which
 //! answers over the hits with the server's model as ml-commons' processor does (OpenSearch's
 //! response shape, answer only in `answer`) and adds thinkrag's reasoning, citations, usage and
@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
-use thinkrag_docstore::{Collection, DocHit, StoredDoc};
+use thinkrag_docstore::{Collection, DocHit, HybridVector, SearchMode, StoredDoc};
 use thinkrag_llm::Message;
 
 use super::{invalid, json_body, parse_error, OpenSearch, Req, F};
@@ -61,6 +61,22 @@ enum Query {
         vector: Vec<f32>,
         k: usize,
     },
+    /// `match`/`match_phrase`: BM25 over the documents' text; as many as the page needs.
+    Lexical {
+        text: String,
+    },
+    /// `hybrid`: one lexical and one vector query, fused by reciprocal rank.
+    Hybrid {
+        text: String,
+        vector: VectorHalf,
+        k: usize,
+    },
+}
+
+/// The vector query of a `hybrid` query.
+enum VectorHalf {
+    Text(String),
+    Vector(Vec<f32>),
 }
 
 fn int_in(v: &Value, what: &str, lo: i64, hi: i64) -> Result<i64, ApiError> {
@@ -96,6 +112,98 @@ fn only(obj: &Map<String, Value>, what: &str, known: &[&str]) -> Result<(), ApiE
     }
 }
 
+/// `{"match": {"FIELD": "text"}}` or `{"match": {"FIELD": {"query": "text", ...}}}`.
+fn parse_match(kind: &str, body: &Value, c: &Collection) -> Result<Query, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| parse_error(format!("[{kind}] must be an object")))?;
+    let (field, spec) = match obj.iter().next() {
+        Some((f, spec)) if obj.len() == 1 => (f, spec),
+        _ => {
+            return Err(parse_error(format!(
+                "[{kind}] must name exactly one field: {{\"{kind}\": {{\"FIELD\": \"TEXT\"}}}}"
+            )))
+        }
+    };
+    let text = match spec {
+        Value::String(s) => s.clone(),
+        Value::Object(inner) => {
+            only(inner, kind, &["query", "boost", "operator"])?;
+            if let Some(op) = inner.get("operator").and_then(Value::as_str) {
+                if !op.eq_ignore_ascii_case("or") {
+                    return Err(invalid(format!(
+                        "[{kind}.operator] {op} is not supported: thinkrag's BM25 ranks documents with any of the words (operator or), the exact sequence first"
+                    )));
+                }
+            }
+            match inner.get("query") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => return Err(parse_error(format!("[{kind}] needs a string [query]"))),
+            }
+        }
+        Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(parse_error(format!(
+                "[{kind}.{field}] must be a string or an object with [query]"
+            )))
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(invalid(format!("[{kind}.{field}] is empty")));
+    }
+    // All text fields of a document go into one lexical index: a match on one of them is a
+    // match on the document's text. A field that is not text at all is refused.
+    if let Some(fields) = c.meta().text_fields() {
+        if !fields.iter().any(|f| f == field) {
+            return Err(invalid(format!(
+                "field [{field}] is not a text field of index [{}]: its text fields are {fields:?}",
+                c.name()
+            )));
+        }
+    }
+    Ok(Query::Lexical { text })
+}
+
+/// `{"hybrid": {"queries": [LEXICAL, VECTOR]}}`: one match/match_phrase and one neural/knn query.
+fn parse_hybrid(body: &Value, c: &Collection, dim: usize) -> Result<Query, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| parse_error("[hybrid] must be an object"))?;
+    only(obj, "hybrid", &["queries", "pagination_depth", "filter"])?;
+    if obj.contains_key("filter") {
+        return Err(invalid("[hybrid.filter] is not supported"));
+    }
+    let queries = obj
+        .get("queries")
+        .and_then(Value::as_array)
+        .ok_or_else(|| parse_error("[hybrid] needs a [queries] array"))?;
+    let mut text = None;
+    let mut vector = None;
+    for q in queries {
+        match parse_query(Some(q), c, dim)? {
+            Query::Lexical { text: t } if text.is_none() => text = Some(t),
+            Query::Text { text: t, k, .. } if vector.is_none() => {
+                vector = Some((VectorHalf::Text(t), k))
+            }
+            Query::Vector { vector: v, k, .. } if vector.is_none() => {
+                vector = Some((VectorHalf::Vector(v), k))
+            }
+            _ => {
+                return Err(invalid(
+                    "[hybrid.queries] must hold one match (or match_phrase) query and one neural (or knn) query: thinkrag fuses BM25 and vector results by reciprocal rank",
+                ))
+            }
+        }
+    }
+    match (text, vector) {
+        (Some(text), Some((vector, k))) => Ok(Query::Hybrid { text, vector, k }),
+        _ => Err(invalid(
+            "[hybrid.queries] must hold one match (or match_phrase) query and one neural (or knn) query",
+        )),
+    }
+}
+
 fn parse_query(q: Option<&Value>, c: &Collection, dim: usize) -> Result<Query, ApiError> {
     let Some(q) = q else { return Ok(Query::All) };
     let obj = q
@@ -103,7 +211,7 @@ fn parse_query(q: Option<&Value>, c: &Collection, dim: usize) -> Result<Query, A
         .ok_or_else(|| parse_error("[query] must be an object"))?;
     let Some((kind, body)) = obj.iter().next().filter(|_| obj.len() == 1) else {
         return Err(parse_error(
-            "[query] must hold exactly one query (neural, knn or match_all)",
+            "[query] must hold exactly one query (neural, knn, match, match_phrase, hybrid or match_all)",
         ));
     };
     let check_field = |field: &str| -> Result<(), ApiError> {
@@ -164,13 +272,16 @@ fn parse_query(q: Option<&Value>, c: &Collection, dim: usize) -> Result<Query, A
             }
             Ok(Query::Vector { field: field.clone(), vector, k: k_of(inner, "knn")? })
         }
-        "match" | "match_phrase" | "multi_match" | "query_string" | "simple_query_string"
-        | "term" | "terms" | "bool" | "hybrid" => Err(invalid(format!(
-            "[{kind}] queries need lexical (BM25) retrieval, which thinkrag does not have yet: \
-             use a neural query ({{\"neural\": {{\"FIELD\": {{\"query_text\": \"...\", \"k\": 5}}}}}})"
-        ))),
+        "match" | "match_phrase" => parse_match(kind, body, c),
+        "hybrid" => parse_hybrid(body, c, dim),
+        "multi_match" | "query_string" | "simple_query_string" | "term" | "terms" | "bool" => {
+            Err(invalid(format!(
+                "[{kind}] queries are not supported: for BM25 use match ({{\"match\": {{\"FIELD\": \"words\"}}}}), \
+                 for vectors neural, for both hybrid"
+            )))
+        }
         other => Err(parse_error(format!(
-            "unknown query [{other}]: thinkrag supports neural, knn and match_all"
+            "unknown query [{other}]: thinkrag supports neural, knn, match, match_phrase, hybrid and match_all"
         ))),
     }
 }
@@ -478,20 +589,26 @@ fn run_query(
             .find(|f| f.name == field)
             .and_then(|f| f.space_type)
     };
-    let ranked = |hits: Vec<DocHit>, field: &str| {
-        let space = space(field);
+    // Vector scores as OpenSearch reports them for the field's space type; BM25 and fusion
+    // scores as they are (OpenSearch's match scores are BM25 too).
+    let ranked = |hits: Vec<DocHit>, field: Option<&str>| {
+        let space = field.and_then(space);
         let total = hits.len();
         let docs = hits
             .into_iter()
             .skip(from)
             .take(size)
             .map(|h| {
-                let s = score(space.as_deref(), h.cosine);
+                let s = match (field, h.cosine) {
+                    (Some(_), Some(cosine)) => score(space.as_deref(), cosine),
+                    _ => h.score,
+                };
                 (h.doc, s)
             })
             .collect();
         (total, docs)
     };
+    let window = (from + size).max(1);
     let e = |e: thinkrag_docstore::DocStoreError| super::store_error(&e);
     Ok(match q {
         Query::All => {
@@ -499,10 +616,28 @@ fn run_query(
             (total, docs.into_iter().map(|d| (d, 1.0)).collect())
         }
         Query::Text { field, text, k } => {
-            ranked(os.store.search_text(c, text, *k).map_err(e)?, field)
+            ranked(os.store.search_text(c, text, *k).map_err(e)?, Some(field))
         }
         Query::Vector { field, vector, k } => {
-            ranked(c.search_vector(vector, *k).map_err(e)?, field)
+            ranked(c.search_vector(vector, *k).map_err(e)?, Some(field))
+        }
+        Query::Lexical { text } => ranked(
+            os.store
+                .search_mode(c, SearchMode::Lexical, text, window)
+                .map_err(e)?,
+            None,
+        ),
+        Query::Hybrid { text, vector, k } => {
+            let half = match vector {
+                VectorHalf::Text(t) => HybridVector::Text(t),
+                VectorHalf::Vector(v) => HybridVector::Vector(v),
+            };
+            ranked(
+                os.store
+                    .search_hybrid(c, text, half, (*k).max(window))
+                    .map_err(e)?,
+                None,
+            )
         }
     })
 }
@@ -842,19 +977,21 @@ async fn answer(
     Ok(out)
 }
 
-/// The `k` documents of `index` nearest `question`, as RAG sources: the `fields` of each joined
-/// (by default the index's text fields, or every string field). For RAG through the OpenAI API.
+/// The `k` documents of `index` that best match `question` in `mode`, as RAG sources: the
+/// `fields` of each joined (by default the index's text fields, or every string field). For RAG
+/// through the OpenAI API.
 pub(crate) fn retrieve(
     os: &OpenSearch,
     index: &str,
     question: &str,
     k: usize,
+    mode: SearchMode,
     fields: Option<&[String]>,
 ) -> Result<Vec<RagSource>, ApiError> {
     let c = super::collection(os, index)?;
     let hits = os
         .store
-        .search_text(&c, question, k)
+        .search_mode(&c, mode, question, k)
         .map_err(|e| super::store_error(&e))?;
     let fields: Option<Vec<String>> = fields
         .map(<[String]>::to_vec)
@@ -878,7 +1015,7 @@ pub(crate) fn retrieve(
             RagSource {
                 index: c.name().to_string(),
                 id: h.doc.id,
-                score: h.cosine,
+                score: h.score,
                 text,
             }
         })
