@@ -616,6 +616,66 @@ fn lexical_and_hybrid_search_find_exact_option_strings() {
     let vector = search(&index, "localectl set-keymap", 4, &[]);
     assert!(vector["hits"]["hits"][0].get("lexical_score").is_none());
 
+    // `thinkrag eval` over labeled questions: the exact-name question is first in lexical search.
+    let questions = tmp.path().join("questions.jsonl");
+    std::fs::write(
+        &questions,
+        concat!(
+            "{\"id\":\"a\",\"question\":\"what does localectl set-keymap change\",\"relevant\":[{\"source\":\"keyboard.txt\"}],\"kind\":\"exact\"}\n",
+            "{\"id\":\"b\",\"question\":\"where are downloaded package files kept\",\"relevant\":[{\"source\":\"cache.txt\"}],\"kind\":\"concept\"}\n",
+        ),
+    )
+    .unwrap();
+    let eval = run_json(
+        &mut cmd(
+            &["eval"],
+            &index,
+            &[
+                questions.to_str().unwrap(),
+                "-k",
+                "2",
+                "--json",
+                "--threads",
+                "2",
+            ],
+        ),
+        0,
+    );
+    assert_eq!(eval["questions"], 2, "{eval}");
+    let modes: Vec<&str> = eval["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["vector", "lexical", "hybrid"]);
+    let lexical = &eval["modes"][1];
+    assert_eq!(lexical["by_kind"]["exact"]["mrr"], 1.0, "{eval}");
+    for m in eval["modes"].as_array().unwrap() {
+        for key in ["recall", "mrr", "ndcg"] {
+            let v = m["all"][key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} {v}");
+        }
+    }
+    let text = cmd(
+        &["eval"],
+        &index,
+        &[
+            questions.to_str().unwrap(),
+            "--modes",
+            "hybrid",
+            "--threads",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    let table = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        table.contains("recall@10") && table.contains("hybrid") && table.contains("exact"),
+        "{table}"
+    );
+
     let out = cmd(&["search", "x"], &index, &["--mode", "bm25"])
         .output()
         .unwrap();

@@ -4,6 +4,7 @@
 mod ask;
 mod bench;
 mod chat;
+mod eval;
 mod generate;
 mod hint;
 mod index_cmd;
@@ -73,6 +74,9 @@ enum Command {
     Search(Box<search::SearchArgs>),
     /// Inspect the index.
     Index(index_cmd::IndexCommand),
+    /// Measure retrieval quality on labeled questions: recall@k, MRR and nDCG@10 for vector,
+    /// lexical and hybrid search.
+    Eval(Box<eval::EvalArgs>),
     /// Download a model into the Hugging Face cache (for later offline use).
     Download(load::DownloadArgs),
     /// List the built-in models (language models and embedders).
@@ -133,6 +137,7 @@ fn run(cli: Cli) -> Result<bool> {
         Command::Download(args) => load::download(args),
         Command::Search(args) => search::run(*args),
         Command::Index(cmd) => index_cmd::run(cmd),
+        Command::Eval(args) => eval::run(*args),
         Command::Models => {
             // Memory for a 4,096-position context: the weights as they sit in memory plus the KV
             // cache; safetensors models run in f32 on a CPU by default (bf16 with --dtype bf16).

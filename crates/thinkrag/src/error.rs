@@ -40,6 +40,14 @@ pub enum Error {
         /// The valid range.
         expected: String,
     },
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// There is no index to search.
     #[error("no index at {dir}: ingest documents into it first")]
     NoIndex {

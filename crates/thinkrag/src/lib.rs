@@ -53,6 +53,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod eval;
 pub mod json;
 pub mod pipeline;
 pub mod prompt;
