@@ -169,16 +169,16 @@ impl std::fmt::Debug for Embedder {
 }
 
 /// The local files of an embedder, plus what a manifest says about it.
-struct Files {
-    dir: PathBuf,
-    config: PathBuf,
-    tokenizer: PathBuf,
-    weights: PathBuf,
-    manifest: Option<EmbedderManifest>,
-    identity: String,
+pub(crate) struct Files {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: PathBuf,
+    pub manifest: Option<EmbedderManifest>,
+    pub identity: String,
 }
 
-fn resolve(source: &EmbedderSource, hub: &HubOptions) -> Result<Files> {
+pub(crate) fn resolve(source: &EmbedderSource, hub: &HubOptions) -> Result<Files> {
     let from_repo = |repo: &str, revision: &str, manifest: Option<EmbedderManifest>| {
         let files = RepoFiles::new(repo, revision, hub)?;
         let config = files.require("config.json")?;

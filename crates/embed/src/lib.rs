@@ -23,6 +23,7 @@ pub mod embedder;
 pub mod error;
 pub mod manifest;
 pub mod pooling;
+pub mod reranker;
 #[doc(hidden)]
 pub mod test_models;
 
@@ -33,3 +34,4 @@ pub use embedder::{
 pub use error::{EmbedError, Result};
 pub use manifest::EmbedderManifest;
 pub use pooling::Pooling;
+pub use reranker::{Reranker, RerankerOptions};
