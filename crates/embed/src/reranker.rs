@@ -79,10 +79,7 @@ fn read_config(path: &Path, identity: &str) -> Result<(Config, usize)> {
         .and_then(|a| a.as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    if !architectures.is_empty()
-        && !architectures
-            .iter()
-            .any(|a| *a == "XLMRobertaForSequenceClassification")
+    if !architectures.is_empty() && !architectures.contains(&"XLMRobertaForSequenceClassification")
     {
         return Err(EmbedError::Unsupported {
             model: identity.to_string(),
@@ -131,7 +128,7 @@ fn tokenizer_max_length(dir: &Path) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let n = v.get("model_max_length")?.as_f64()?;
     // transformers writes a huge sentinel when there is no limit.
-    (n >= 1.0 && n < 1e9).then_some(n as usize)
+    (1.0..1e9).contains(&n).then_some(n as usize)
 }
 
 impl Reranker {
