@@ -676,6 +676,63 @@ fn lexical_and_hybrid_search_find_exact_option_strings() {
         "{table}"
     );
 
+    // Reranking (the tiny random cross-encoder: plumbing, not quality): scores come from it, in
+    // order, over the candidates retrieved; eval reports each mode reranked too.
+    let reranker = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-reranker");
+    let reranker = reranker.to_str().unwrap();
+    let reranked = search(
+        &index,
+        "localectl set-keymap",
+        3,
+        &[
+            "--mode",
+            "hybrid",
+            "--rerank",
+            reranker,
+            "--rerank-candidates",
+            "4",
+        ],
+    );
+    let hits = reranked["hits"]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 3, "{reranked}");
+    for w in hits.windows(2) {
+        assert!(
+            w[0]["rerank_score"].as_f64() >= w[1]["rerank_score"].as_f64(),
+            "{reranked}"
+        );
+    }
+    assert!(hits
+        .iter()
+        .all(|h| h["_score"] == h["rerank_score"] && h.get("vector_score").is_some()));
+    let eval = run_json(
+        &mut cmd(
+            &["eval"],
+            &index,
+            &[
+                questions.to_str().unwrap(),
+                "--json",
+                "--threads",
+                "2",
+                "--rerank",
+                reranker,
+            ],
+        ),
+        0,
+    );
+    let runs: Vec<(String, bool)> = eval["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["mode"].as_str().unwrap().to_string(),
+                m["reranked"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(runs.len(), 6, "{eval}");
+    assert_eq!(runs[5], ("hybrid".to_string(), true));
+
     let out = cmd(&["search", "x"], &index, &["--mode", "bm25"])
         .output()
         .unwrap();

@@ -16,7 +16,7 @@ use thinkrag_llm::DeviceChoice;
 use crate::generate::SamplingArgs;
 use crate::load::{init_threads, load_engine, ModelArgs};
 use crate::output::{arg_or_stdin, finish_writes, keep_writing, Output, Printer};
-use crate::retrieval_args::{EmbedderChoice, IndexArgs};
+use crate::retrieval_args::{EmbedderChoice, IndexArgs, RerankArgs};
 use crate::search::{hits_json, snippet};
 
 /// Retrieval, prompt and model flags shared by `ask` and `chat`.
@@ -65,6 +65,8 @@ pub struct RagArgs {
     #[command(flatten)]
     pub index: IndexArgs,
     #[command(flatten)]
+    pub rerank: RerankArgs,
+    #[command(flatten)]
     pub embedder: EmbedderChoice,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -111,7 +113,11 @@ impl RagArgs {
             let embedder =
                 self.embedder
                     .load(Some(&index), &self.embedder_device, &self.model.hub)?;
-            Some(Retriever::new(&dir, index, embedder)?)
+            let retriever = Retriever::new(&dir, index, embedder)?;
+            match self.rerank.load(&self.embedder_device, &self.model.hub)? {
+                Some(r) => Some(retriever.with_reranker(r, self.rerank.rerank_candidates as usize)),
+                None => Some(retriever),
+            }
         };
         let engine = load_engine(&self.model)?;
         let params = self.sampling.apply(engine.default_params())?;

@@ -11,7 +11,7 @@ use serde::Serialize;
 use thinkrag::eval::{load_questions, score, MeanScores, QuestionScores, NDCG_DEPTH};
 use thinkrag::index::SearchMode;
 
-use crate::retrieval_args::{EmbedderArgs, IndexArgs};
+use crate::retrieval_args::{EmbedderArgs, IndexArgs, RerankArgs};
 use crate::search::parse_mode;
 
 /// `thinkrag eval`.
@@ -33,6 +33,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub rerank: RerankArgs,
+    #[command(flatten)]
     pub index: IndexArgs,
     #[command(flatten)]
     pub embedder: EmbedderArgs,
@@ -41,6 +43,7 @@ pub struct EvalArgs {
 #[derive(Serialize)]
 struct ModeReport {
     mode: SearchMode,
+    reranked: bool,
     all: MeanScores,
     by_kind: BTreeMap<String, MeanScores>,
     ms_per_query: f64,
@@ -59,15 +62,37 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Err(thinkrag::Error::EmptyIndex { dir }.into());
     }
     let embedder = args.embedder.load(Some(&index))?;
+    let reranker = args
+        .rerank
+        .load(&args.embedder.device, &args.embedder.hub)?;
     let k = args.k as usize;
     let depth = k.max(NDCG_DEPTH);
+    let mut runs: Vec<(SearchMode, bool)> = args.modes.iter().map(|&m| (m, false)).collect();
+    if reranker.is_some() {
+        runs.extend(args.modes.iter().map(|&m| (m, true)));
+    }
     let mut reports = Vec::new();
-    for &mode in &args.modes {
+    for (mode, reranked) in runs {
         let mut scores = Vec::with_capacity(questions.len());
         let started = Instant::now();
         for q in &questions {
-            let hits = thinkrag::search(&index, &embedder, &q.question, depth, args.exact, mode)
-                .with_context(|| format!("{mode} search for question {:?} failed", q.id))?;
+            let hits = match (&reranker, reranked) {
+                (Some(r), true) => {
+                    let candidates = depth.max(args.rerank.rerank_candidates as usize);
+                    let hits = thinkrag::search(
+                        &index,
+                        &embedder,
+                        &q.question,
+                        candidates,
+                        args.exact,
+                        mode,
+                    )
+                    .with_context(|| format!("{mode} search for question {:?} failed", q.id))?;
+                    thinkrag::rerank(r, &q.question, hits, depth).context("reranking failed")?
+                }
+                _ => thinkrag::search(&index, &embedder, &q.question, depth, args.exact, mode)
+                    .with_context(|| format!("{mode} search for question {:?} failed", q.id))?,
+            };
             scores.push(score(&hits, &q.relevant, k));
         }
         let ms_per_query = started.elapsed().as_secs_f64() * 1e3 / questions.len() as f64;
@@ -79,6 +104,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         reports.push(ModeReport {
             mode,
+            reranked,
             all: MeanScores::of(&scores),
             by_kind: kinds
                 .iter()
@@ -107,7 +133,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         index.embedder().model
     );
     println!(
-        "{:<9} {:<10} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "{:<16} {:<10} {:>9} {:>9} {:>8} {:>9} {:>9}",
         "mode",
         "questions",
         "n",
@@ -119,8 +145,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     for r in &reports {
         let row = |label: &str, m: &MeanScores, ms: Option<f64>| {
             println!(
-                "{:<9} {:<10} {:>9} {:>9.3} {:>8.3} {:>9.3} {:>9}",
-                r.mode.name(),
+                "{:<16} {:<10} {:>9} {:>9.3} {:>8.3} {:>9.3} {:>9}",
+                if r.reranked {
+                    format!("{}+rerank", r.mode)
+                } else {
+                    r.mode.to_string()
+                },
                 label,
                 m.questions,
                 m.recall,

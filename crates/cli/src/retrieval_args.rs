@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use thinkrag::embed::{
     Embedder, EmbedderManifest, EmbedderOptions, EmbedderSource, Pooling, QueryInstruction,
+    Reranker, RerankerOptions,
 };
 use thinkrag::index::Index;
 use thinkrag_llm::DeviceChoice;
@@ -140,4 +141,41 @@ pub fn bar(len: u64, unit: &str) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+/// Reranking of retrieved chunks by a cross-encoder.
+#[derive(Debug, Clone, Args)]
+pub struct RerankArgs {
+    /// Rerank the retrieved chunks with this cross-encoder (a directory or a hub repo such as
+    /// BAAI/bge-reranker-base): more candidates are retrieved, reordered, and the best k kept.
+    #[arg(long, value_name = "MODEL")]
+    pub rerank: Option<String>,
+    /// How many candidates the reranker reorders (at least k are retrieved).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rerank_candidates: u32,
+}
+
+impl RerankArgs {
+    /// Loads the reranker, if one was asked for, on `device`.
+    pub fn load(
+        &self,
+        device: &DeviceChoice,
+        hub: &HubArgs,
+    ) -> Result<Option<std::sync::Arc<Reranker>>> {
+        let Some(spec) = &self.rerank else {
+            return Ok(None);
+        };
+        let device = device
+            .open()
+            .with_context(|| format!("cannot open device {device:?}"))?;
+        let opts = RerankerOptions {
+            device,
+            hub: hub.options(),
+            ..RerankerOptions::default()
+        };
+        let source = EmbedderSource::parse(spec)?;
+        let reranker = Reranker::load(&source, &opts)
+            .with_context(|| format!("cannot load reranker {spec}"))?;
+        Ok(Some(std::sync::Arc::new(reranker)))
+    }
 }

@@ -13,7 +13,7 @@ pub fn parse_mode(s: &str) -> Result<SearchMode, thinkrag::index::UnknownSearchM
     s.parse()
 }
 
-use crate::retrieval_args::{EmbedderArgs, IndexArgs};
+use crate::retrieval_args::{EmbedderArgs, IndexArgs, RerankArgs};
 
 /// `thinkrag search`.
 #[derive(Debug, Args)]
@@ -34,6 +34,8 @@ pub struct SearchArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub rerank: RerankArgs,
+    #[command(flatten)]
     pub index: IndexArgs,
     #[command(flatten)]
     pub embedder: EmbedderArgs,
@@ -47,16 +49,21 @@ pub fn run(args: SearchArgs) -> Result<()> {
         return Err(thinkrag::Error::EmptyIndex { dir }.into());
     }
     let embedder = args.embedder.load(Some(&index))?;
+    let reranker = args
+        .rerank
+        .load(&args.embedder.device, &args.embedder.hub)?;
     let started = Instant::now();
-    let hits = thinkrag::search(
-        &index,
-        &embedder,
-        &args.query,
-        args.k as usize,
-        args.exact,
-        args.mode,
-    )
-    .with_context(|| format!("search in {} failed", dir.display()))?;
+    let k = args.k as usize;
+    let depth = match &reranker {
+        Some(_) => k.max(args.rerank.rerank_candidates as usize),
+        None => k,
+    };
+    let hits = thinkrag::search(&index, &embedder, &args.query, depth, args.exact, args.mode)
+        .with_context(|| format!("search in {} failed", dir.display()))?;
+    let hits = match &reranker {
+        Some(r) => thinkrag::rerank(r, &args.query, hits, k).context("reranking failed")?,
+        None => hits,
+    };
     let took_ms = started.elapsed().as_millis() as u64;
     if args.json {
         let out = hits_json(&dir.display().to_string(), &hits, took_ms);

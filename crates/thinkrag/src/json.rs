@@ -60,6 +60,9 @@ pub struct Hit {
     /// BM25 score, when lexical search found the chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical_score: Option<f32>,
+    /// The cross-encoder's score, when the hits were reranked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank_score: Option<f32>,
     /// The chunk.
     #[serde(rename = "_source")]
     pub source: HitSource,
@@ -97,6 +100,7 @@ impl Hits {
                     score: h.score,
                     vector_score: h.vector_score,
                     lexical_score: h.lexical_score,
+                    rerank_score: h.rerank_score,
                     source: HitSource {
                         text: h.text.clone(),
                         source: h.source.clone(),

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
-use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource};
+use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource, Reranker};
 use thinkrag_index::{Index, SearchMode};
 use thinkrag_llm::{
     Conversation, Engine, Event, Generation, GenerationParams, LoadOptions, Message, ModelSource,
@@ -16,7 +16,7 @@ use thinkrag_llm::{
 
 use crate::error::{Error, Result};
 use crate::prompt::{build_prompt, citations, BuiltPrompt, PromptLimits, PromptOptions};
-use crate::retrieval::{default_index_dir, embedder_info, open_index, search, SearchHit};
+use crate::retrieval::{default_index_dir, embedder_info, open_index, rerank, search, SearchHit};
 
 /// An index and the embedder that built it, checked to belong together and to hold chunks. It
 /// follows the index directory: documents another process ingests (a new generation saved) are
@@ -26,6 +26,8 @@ pub struct Retriever {
     dir: PathBuf,
     index: RwLock<Arc<Index>>,
     embedder: Embedder,
+    /// A cross-encoder that reorders this many retrieved candidates, if set.
+    reranker: Option<(Arc<Reranker>, usize)>,
 }
 
 impl Retriever {
@@ -42,6 +44,7 @@ impl Retriever {
             dir: dir.to_path_buf(),
             index: RwLock::new(Arc::new(index)),
             embedder,
+            reranker: None,
         })
     }
 
@@ -117,7 +120,15 @@ impl Retriever {
         &self.embedder
     }
 
-    /// The `k` chunks that best match `query` in `mode`, best first (see [`search`]).
+    /// Reranks every search: `candidates` chunks are retrieved (at least k), `reranker`
+    /// reorders them and the best k are kept.
+    pub fn with_reranker(mut self, reranker: Arc<Reranker>, candidates: usize) -> Self {
+        self.reranker = Some((reranker, candidates.max(1)));
+        self
+    }
+
+    /// The `k` chunks that best match `query` in `mode`, best first (see [`search`]), reranked
+    /// when the retriever has a reranker.
     pub fn search(
         &self,
         query: &str,
@@ -126,7 +137,20 @@ impl Retriever {
         mode: SearchMode,
     ) -> Result<Vec<SearchHit>> {
         self.refresh();
-        search(&self.index(), &self.embedder, query, k, exact, mode)
+        match &self.reranker {
+            None => search(&self.index(), &self.embedder, query, k, exact, mode),
+            Some((reranker, candidates)) => {
+                let hits = search(
+                    &self.index(),
+                    &self.embedder,
+                    query,
+                    (*candidates).max(k),
+                    exact,
+                    mode,
+                )?;
+                rerank(reranker, query, hits, k)
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use thinkrag_embed::{Embedder, EmbedderSpec};
+use thinkrag_embed::{Embedder, EmbedderSpec, Reranker};
 use thinkrag_index::{EmbedderInfo, Index, IndexError, NewChunk, SearchMode};
 use thinkrag_ingest::{Chunker, Failure};
 
@@ -447,6 +447,25 @@ fn embed_prepared(
     Ok(())
 }
 
+/// Reorders retrieved `hits` with a cross-encoder and keeps the best `keep`: each hit's
+/// `score` becomes its relevance score (also in `rerank_score`); its retrieval scores stay.
+pub fn rerank(
+    reranker: &Reranker,
+    query: &str,
+    hits: Vec<SearchHit>,
+    keep: usize,
+) -> Result<Vec<SearchHit>> {
+    Ok(reranker
+        .rerank(query, hits, |h| h.text.as_str(), keep)?
+        .into_iter()
+        .map(|(mut h, s)| {
+            h.score = s;
+            h.rerank_score = Some(s);
+            h
+        })
+        .collect())
+}
+
 /// One search result.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SearchHit {
@@ -461,6 +480,9 @@ pub struct SearchHit {
     /// BM25 score, when lexical search found the chunk (lexical and hybrid search).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lexical_score: Option<f32>,
+    /// The cross-encoder's relevance score, when the hits were reranked (it is then `score`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rerank_score: Option<f32>,
     /// The chunk's text.
     pub text: String,
     /// The document it came from.
@@ -505,6 +527,7 @@ pub fn search(
             score: h.score,
             vector_score: h.vector_score,
             lexical_score: h.lexical_score,
+            rerank_score: None,
             text: h.chunk.text.clone(),
             source: h.chunk.source.clone(),
             page: h.chunk.page,
