@@ -1,6 +1,7 @@
 //! thinkrag-index: a persistent index of document chunks and their embedding vectors.
-//! Approximate search runs on an HNSW graph (hnsw_rs), exact search by brute force; the index
-//! lives in a versioned directory that is replaced atomically and updated per document.
+//! Approximate search runs on an HNSW graph (hnsw_rs), exact search by brute force, lexical
+//! search by BM25 (tantivy), hybrid search by fusing both; the index lives in a versioned
+//! directory that is replaced atomically and updated per document.
 //!
 //! # On-disk layout
 //!
@@ -17,6 +18,8 @@
 //!     vectors.f32       "TRVECF32", dim u64 LE, count u64 LE, count*dim f32 LE (normalised)
 //!     hnsw.hnsw.graph   hnsw_rs graph dump
 //!     hnsw.hnsw.data    hnsw_rs data dump
+//!     lexical/          tantivy's files of the BM25 index over the chunk texts (derived:
+//!                       rebuilt from chunks.jsonl when absent or damaged)
 //! ```
 //!
 //! A save writes a fresh `gen-N+1/`, fsyncs it, then renames a new manifest over `index.json`;
