@@ -37,14 +37,15 @@
 //! # }
 //! ```
 //!
-//! Search alone:
+//! Search alone (by embeddings; `SearchMode::Lexical` for BM25 over the words, `Hybrid` for both):
 //!
 //! ```no_run
 //! # use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderSource};
+//! # use thinkrag::index::SearchMode;
 //! # fn main() -> thinkrag::Result<()> {
 //! # let embedder = Embedder::load(&EmbedderSource::parse("bge-base-en-v1.5")?, &EmbedderOptions::default())?;
 //! let index = thinkrag::open_index("my-index".as_ref())?;
-//! for hit in thinkrag::search(&index, &embedder, "What changed in 2023?", 3, false)? {
+//! for hit in thinkrag::search(&index, &embedder, "What changed in 2023?", 3, false, SearchMode::Hybrid)? {
 //!     println!("{:.3} {} p.{:?}: {}", hit.score, hit.source, hit.page, hit.text);
 //! }
 //! # Ok(())
