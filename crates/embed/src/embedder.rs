@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
+
+use crate::bert::BertEncoder;
 use serde::{Deserialize, Serialize};
 use thinkrag_hub::{HubOptions, RepoFiles};
 use tokenizers::{
@@ -152,7 +154,7 @@ pub struct Embedded {
 
 /// A loaded embedding model.
 pub struct Embedder {
-    model: BertModel,
+    model: BertEncoder,
     tokenizer: Tokenizer,
     device: Device,
     spec: EmbedderSpec,
@@ -331,7 +333,7 @@ impl Embedder {
             path: files.weights.clone(),
             message: e.to_string(),
         })?;
-        let model = BertModel::load(vb, &cfg).map_err(|e| EmbedError::Weights {
+        let model = BertEncoder::load(vb, &cfg).map_err(|e| EmbedError::Weights {
             path: files.weights.clone(),
             message: e.to_string(),
         })?;
@@ -454,7 +456,7 @@ impl Embedder {
             let ids = Tensor::from_vec(ids, shape, &self.device)?;
             let mask = Tensor::from_vec(mask, shape, &self.device)?;
             let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+            let hidden = self.model.forward(&ids, &types, &mask)?;
             let pooled = self.spec.pooling.pool(&hidden, &mask)?;
             let rows = l2_normalize(&pooled)?.to_vec2::<f32>()?;
             for (&i, row) in batch.iter().zip(rows) {

@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod bert;
 pub mod embedder;
 pub mod error;
 pub mod manifest;
