@@ -130,6 +130,17 @@ hs = hybrid["hits"]["hits"]
 check(len(hs) == 3 and all(a["_score"] >= b["_score"] for a, b in zip(hs, hs[1:])), hybrid)
 check(any("Miami" in t for t in texts(hybrid)), hybrid)
 check(all(h["_score"] <= 2 / 61 + 1e-6 for h in hs), "reciprocal-rank-fusion scores")
+# The pipeline clients create for hybrid search: OpenSearch's rrf score ranker is what thinkrag does.
+rrf = {"description": "rrf", "phase_results_processors": [
+    {"score-ranker-processor": {"combination": {"technique": "rrf", "rank_constant": 60}}}]}
+check(client.search_pipeline.put(id="hybrid-rrf", body=rrf) == {"acknowledged": True}, "rrf pipeline")
+via = client.search(index="my-nlp-index", body={"query": {"hybrid": {"queries": [
+    {"match": {"text": "Miami"}}, search["query"]]}}, "size": 3}, params={"search_pipeline": "hybrid-rrf"})
+check([h["_id"] for h in via["hits"]["hits"]] == [h["_id"] for h in hs], via)
+fails(lambda: client.search_pipeline.put(id="norm", body={"phase_results_processors": [
+    {"normalization-processor": {"normalization": {"technique": "min_max"}}}]}), RequestError, 400, "illegal_argument_exception", "rrf")
+fails(lambda: client.search_pipeline.put(id="rc", body={"phase_results_processors": [
+    {"score-ranker-processor": {"combination": {"technique": "rrf", "rank_constant": 10}}}]}), RequestError, 400, "illegal_argument_exception", "60")
 rag_lexical = client.search(index="my-nlp-index", body={**search, "query": {"match": {"text": "Miami New York"}}},
                             params={"search_pipeline": pipeline_name})
 check(isinstance(rag_lexical["ext"]["retrieval_augmented_generation"]["answer"], str), rag_lexical)

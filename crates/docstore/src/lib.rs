@@ -30,8 +30,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use thinkrag_embed::Embedder;
-pub use thinkrag_index::SearchMode;
 use thinkrag_index::{EmbedderInfo, Index, NewChunk};
+pub use thinkrag_index::{SearchMode, RRF_K};
 use thinkrag_ingest::{Chunker, DocumentKind, Page};
 
 pub use error::{DocStoreError, Result};

@@ -428,8 +428,50 @@ pub(crate) fn context_fields(cfg: &Map<String, Value>) -> Option<Vec<String>> {
     )
 }
 
-/// Checks a pipeline body: only the RAG response processor is implemented, and an unknown
-/// processor is refused rather than silently skipped.
+/// Checks a `phase_results_processors` entry. thinkrag fuses hybrid queries by reciprocal rank
+/// with rank constant 60, which is OpenSearch's `score-ranker-processor` with `rrf`: that one is
+/// accepted (so clients that create it before a hybrid search work); min-max or L2 score
+/// normalization would rank differently, so `normalization-processor` is refused, not ignored.
+fn validate_fusion_processor(p: &Value) -> Result<(), ApiError> {
+    let obj = p.as_object().filter(|o| o.len() == 1).ok_or_else(|| {
+        parse_error("a phase_results_processors entry must be an object naming one processor")
+    })?;
+    let (kind, cfg) = obj.iter().next().expect("one key");
+    match kind.as_str() {
+        "score-ranker-processor" => {
+            let cfg = cfg
+                .as_object()
+                .ok_or_else(|| parse_error("[score-ranker-processor] must be an object"))?;
+            only(cfg, "score-ranker-processor", &["combination", "tag", "description", "ignore_failure"])?;
+            let combination = cfg
+                .get("combination")
+                .and_then(Value::as_object)
+                .ok_or_else(|| parse_error("[score-ranker-processor] needs a [combination] object"))?;
+            only(combination, "combination", &["technique", "rank_constant"])?;
+            if combination.get("technique").and_then(Value::as_str) != Some("rrf") {
+                return Err(invalid("[score-ranker-processor.combination.technique] must be rrf"));
+            }
+            match combination.get("rank_constant") {
+                None => Ok(()),
+                Some(v) if v.as_f64() == Some(f64::from(thinkrag_docstore::RRF_K)) => Ok(()),
+                Some(v) => Err(invalid(format!(
+                    "[rank_constant] {v} is not supported: thinkrag fuses with rank constant {} (reciprocal rank fusion's standard)",
+                    thinkrag_docstore::RRF_K
+                ))),
+            }
+        }
+        "normalization-processor" => Err(invalid(
+            "[normalization-processor] is not supported: thinkrag fuses hybrid queries by reciprocal rank; \
+             use {\"score-ranker-processor\": {\"combination\": {\"technique\": \"rrf\"}}} or no pipeline",
+        )),
+        other => Err(invalid(format!(
+            "phase results processor [{other}] is not supported: thinkrag implements score-ranker-processor (rrf)"
+        ))),
+    }
+}
+
+/// Checks a pipeline body: the RAG response processor and the rrf score ranker are implemented,
+/// and an unknown processor is refused rather than silently skipped.
 fn validate_pipeline(body: &Map<String, Value>) -> Result<(), ApiError> {
     only(
         body,
@@ -442,7 +484,15 @@ fn validate_pipeline(body: &Map<String, Value>) -> Result<(), ApiError> {
             "phase_results_processors",
         ],
     )?;
-    for key in ["request_processors", "phase_results_processors"] {
+    if let Some(list) = body.get("phase_results_processors") {
+        let list = list
+            .as_array()
+            .ok_or_else(|| parse_error("[phase_results_processors] must be an array"))?;
+        for p in list {
+            validate_fusion_processor(p)?;
+        }
+    }
+    for key in ["request_processors"] {
         match body.get(key) {
             None => {}
             Some(Value::Array(a)) if a.is_empty() => {}
