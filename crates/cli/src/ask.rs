@@ -105,11 +105,7 @@ impl RagArgs {
         let retriever = if self.no_retrieval {
             None
         } else {
-            let dir = self.index.dir();
-            let index = thinkrag::open_index(&dir)?;
-            if index.is_empty() {
-                return Err(thinkrag::Error::EmptyIndex { dir }.into());
-            }
+            let (dir, index) = self.index.open_nonempty()?;
             let embedder =
                 self.embedder
                     .load(Some(&index), &self.embedder_device, &self.model.hub)?;

@@ -56,11 +56,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if questions.is_empty() {
         anyhow::bail!("{} holds no questions", args.questions.display());
     }
-    let dir = args.index.dir();
-    let index = thinkrag::open_index(&dir)?;
-    if index.is_empty() {
-        return Err(thinkrag::Error::EmptyIndex { dir }.into());
-    }
+    let (dir, index) = args.index.open_nonempty()?;
     let embedder = args.embedder.load(Some(&index))?;
     let reranker = args
         .rerank
@@ -76,23 +72,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let mut scores = Vec::with_capacity(questions.len());
         let started = Instant::now();
         for q in &questions {
-            let hits = match (&reranker, reranked) {
-                (Some(r), true) => {
-                    let candidates = depth.max(args.rerank.rerank_candidates as usize);
-                    let hits = thinkrag::search(
-                        &index,
-                        &embedder,
-                        &q.question,
-                        candidates,
-                        args.exact,
-                        mode,
-                    )
-                    .with_context(|| format!("{mode} search for question {:?} failed", q.id))?;
-                    thinkrag::rerank(r, &q.question, hits, depth).context("reranking failed")?
-                }
-                _ => thinkrag::search(&index, &embedder, &q.question, depth, args.exact, mode)
-                    .with_context(|| format!("{mode} search for question {:?} failed", q.id))?,
+            let rerank = if reranked {
+                args.rerank.with(reranker.as_deref())
+            } else {
+                None
             };
+            let hits = thinkrag::search_reranked(
+                &index,
+                &embedder,
+                &q.question,
+                depth,
+                args.exact,
+                mode,
+                rerank,
+            )
+            .with_context(|| format!("{mode} search for question {:?} failed", q.id))?;
             scores.push(score(&hits, &q.relevant, k));
         }
         let ms_per_query = started.elapsed().as_secs_f64() * 1e3 / questions.len() as f64;

@@ -30,6 +30,16 @@ impl IndexArgs {
             .clone()
             .unwrap_or_else(thinkrag::default_index_dir)
     }
+
+    /// Opens the index to search: its directory and the index, which must hold chunks.
+    pub fn open_nonempty(&self) -> Result<(PathBuf, Index)> {
+        let dir = self.dir();
+        let index = thinkrag::open_index(&dir)?;
+        if index.is_empty() {
+            return Err(thinkrag::Error::EmptyIndex { dir }.into());
+        }
+        Ok((dir, index))
+    }
 }
 
 /// Which embedding model, and how it embeds.
@@ -156,6 +166,12 @@ pub struct RerankArgs {
 }
 
 impl RerankArgs {
+    /// The loaded reranker with the number of candidates it reorders, as
+    /// `thinkrag::search_reranked` takes them.
+    pub fn with<'a>(&self, reranker: Option<&'a Reranker>) -> Option<(&'a Reranker, usize)> {
+        reranker.map(|r| (r, self.rerank_candidates as usize))
+    }
+
     /// Loads the reranker, if one was asked for, on `device`.
     pub fn load(
         &self,

@@ -43,27 +43,22 @@ pub struct SearchArgs {
 
 /// Runs the command.
 pub fn run(args: SearchArgs) -> Result<()> {
-    let dir = args.index.dir();
-    let index = thinkrag::open_index(&dir)?;
-    if index.is_empty() {
-        return Err(thinkrag::Error::EmptyIndex { dir }.into());
-    }
+    let (dir, index) = args.index.open_nonempty()?;
     let embedder = args.embedder.load(Some(&index))?;
     let reranker = args
         .rerank
         .load(&args.embedder.device, &args.embedder.hub)?;
     let started = Instant::now();
-    let k = args.k as usize;
-    let depth = match &reranker {
-        Some(_) => k.max(args.rerank.rerank_candidates as usize),
-        None => k,
-    };
-    let hits = thinkrag::search(&index, &embedder, &args.query, depth, args.exact, args.mode)
-        .with_context(|| format!("search in {} failed", dir.display()))?;
-    let hits = match &reranker {
-        Some(r) => thinkrag::rerank(r, &args.query, hits, k).context("reranking failed")?,
-        None => hits,
-    };
+    let hits = thinkrag::search_reranked(
+        &index,
+        &embedder,
+        &args.query,
+        args.k as usize,
+        args.exact,
+        args.mode,
+        args.rerank.with(reranker.as_deref()),
+    )
+    .with_context(|| format!("search in {} failed", dir.display()))?;
     let took_ms = started.elapsed().as_millis() as u64;
     if args.json {
         let out = hits_json(&dir.display().to_string(), &hits, took_ms);

@@ -319,23 +319,16 @@ impl Embedder {
             },
         };
         let max_tokens = max_tokens(&files, &cfg)?;
-        let tokenizer = configure_tokenizer(&files.tokenizer, max_tokens, &cfg)?;
-        // SAFETY: the file is memory-mapped read-only; candle copies what it needs into tensors,
-        // and a file changed underneath is a user error we cannot guard against anyway.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                std::slice::from_ref(&files.weights),
-                DType::F32,
-                &opts.device,
+        let tokenizer = configure_tokenizer(&files.tokenizer, max_tokens, cfg.vocab_size, |t| {
+            // BERT vocabularies name it [PAD]; the config's id otherwise.
+            let token = "[PAD]".to_string();
+            (
+                t.token_to_id(&token).unwrap_or(cfg.pad_token_id as u32),
+                token,
             )
-        }
-        .map_err(|e| EmbedError::Weights {
-            path: files.weights.clone(),
-            message: e.to_string(),
         })?;
-        let model = BertEncoder::load(vb, &cfg).map_err(|e| EmbedError::Weights {
-            path: files.weights.clone(),
-            message: e.to_string(),
+        let model = load_weights(&files.weights, &opts.device, |vb| {
+            BertEncoder::load(vb, &cfg)
         })?;
         let model_instruction = files
             .manifest
@@ -493,31 +486,50 @@ fn real_len(e: &tokenizers::Encoding) -> usize {
     e.get_attention_mask().iter().filter(|&&m| m == 1).count()
 }
 
-/// The model's tokenizer set to cut at `max_tokens` and pad to the longest input: a
-/// tokenizer.json often carries its own settings (all-MiniLM-L6-v2's pads and cuts at 128, while
-/// the model takes 256), which must not decide what the model sees.
-fn configure_tokenizer(path: &Path, max_tokens: usize, cfg: &BertConfig) -> Result<Tokenizer> {
+/// Builds a model from a memory-mapped safetensors file as f32 on `device`; any failure (a
+/// truncated file, a missing or misshapen tensor) is a [`EmbedError::Weights`] naming the file.
+pub(crate) fn load_weights<M>(
+    path: &Path,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
+    let weights_err = |e: candle_core::Error| EmbedError::Weights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    // SAFETY: the file is memory-mapped read-only; candle copies what it needs into tensors,
+    // and a file changed underneath is a user error we cannot guard against anyway.
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(std::slice::from_ref(&path), DType::F32, device)
+    }
+    .map_err(weights_err)?;
+    build(vb).map_err(weights_err)
+}
+
+/// The model's tokenizer set to cut at `max_tokens` (the longer side of a pair first) and pad
+/// to the longest input: a tokenizer.json often carries its own settings (all-MiniLM-L6-v2's
+/// pads and cuts at 128, while the model takes 256), which must not decide what the model sees.
+/// Padding keeps the tokenizer's own pad token, else `default_pad` gives one.
+pub(crate) fn configure_tokenizer(
+    path: &Path,
+    max_tokens: usize,
+    vocab_size: usize,
+    default_pad: impl FnOnce(&Tokenizer) -> (u32, String),
+) -> Result<Tokenizer> {
     let err = |message: String| EmbedError::Tokenizer {
         path: path.to_path_buf(),
         message,
     };
     let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
-    if tokenizer.get_vocab_size(true) > cfg.vocab_size {
+    if tokenizer.get_vocab_size(true) > vocab_size {
         return Err(err(format!(
-            "has {} tokens but the model's config.json has a vocabulary of {}: the tokenizer belongs to another model",
+            "has {} tokens but the model's config.json has a vocabulary of {vocab_size}: the tokenizer belongs to another model",
             tokenizer.get_vocab_size(true),
-            cfg.vocab_size
         )));
     }
     let (pad_id, pad_token) = match tokenizer.get_padding() {
         Some(p) => (p.pad_id, p.pad_token.clone()),
-        None => {
-            let token = "[PAD]".to_string();
-            let id = tokenizer
-                .token_to_id(&token)
-                .unwrap_or(cfg.pad_token_id as u32);
-            (id, token)
-        }
+        None => default_pad(&tokenizer),
     };
     tokenizer.with_padding(Some(PaddingParams {
         strategy: PaddingStrategy::BatchLongest,

@@ -6,15 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::xlm_roberta::{Config, XLMRobertaForSequenceClassification};
 use thinkrag_hub::HubOptions;
-use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
-};
+use tokenizers::Tokenizer;
 
-use crate::embedder::{resolve, EmbedderSource};
+use crate::embedder::{configure_tokenizer, load_weights, resolve, EmbedderSource};
 use crate::error::{EmbedError, Result};
 
 /// How a reranker is loaded and run.
@@ -140,55 +136,12 @@ impl Reranker {
         let max_tokens = tokenizer_max_length(&files.dir)
             .map_or(positions, |n| n.min(positions))
             .max(4);
-        let tok_err = |message: String| EmbedError::Tokenizer {
-            path: files.tokenizer.clone(),
-            message,
-        };
-        let mut tokenizer =
-            Tokenizer::from_file(&files.tokenizer).map_err(|e| tok_err(e.to_string()))?;
-        if tokenizer.get_vocab_size(true) > cfg.vocab_size {
-            return Err(tok_err(format!(
-                "has {} tokens but config.json has a vocabulary of {}: the tokenizer belongs to another model",
-                tokenizer.get_vocab_size(true),
-                cfg.vocab_size
-            )));
-        }
-        let pad_token = tokenizer
-            .id_to_token(cfg.pad_token_id)
-            .unwrap_or_else(|| "<pad>".into());
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            direction: PaddingDirection::Right,
-            pad_to_multiple_of: None,
-            pad_id: cfg.pad_token_id,
-            pad_type_id: 0,
-            pad_token,
-        }));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| tok_err(e.to_string()))?;
-        // SAFETY: the file is memory-mapped read-only; candle copies what it needs into tensors.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                std::slice::from_ref(&files.weights),
-                DType::F32,
-                &opts.device,
-            )
-        }
-        .map_err(|e| EmbedError::Weights {
-            path: files.weights.clone(),
-            message: e.to_string(),
+        let tokenizer = configure_tokenizer(&files.tokenizer, max_tokens, cfg.vocab_size, |t| {
+            let id = cfg.pad_token_id;
+            (id, t.id_to_token(id).unwrap_or_else(|| "<pad>".into()))
         })?;
-        let model = XLMRobertaForSequenceClassification::new(1, &cfg, vb).map_err(|e| {
-            EmbedError::Weights {
-                path: files.weights.clone(),
-                message: e.to_string(),
-            }
+        let model = load_weights(&files.weights, &opts.device, |vb| {
+            XLMRobertaForSequenceClassification::new(1, &cfg, vb)
         })?;
         Ok(Self {
             model,

@@ -168,20 +168,16 @@ impl LexicalIndex {
             .map_err(|e| LexicalError::new("reloading the lexical reader", e))
     }
 
-    /// The query's terms as the index analyses text (lower-cased words, numbers), deduplicated in order.
+    /// The query's terms in order, as the index analyses text (lower-cased words, numbers).
     fn query_terms(&self, query: &str) -> Result<Vec<Term>> {
         let mut analyzer = self
             .index
             .tokenizer_for_field(self.text)
             .map_err(|e| LexicalError::new("analysing the query", e))?;
         let mut stream = analyzer.token_stream(query);
-        let mut seen = std::collections::HashSet::new();
         let mut terms = Vec::new();
         while stream.advance() {
-            let word = stream.token().text.clone();
-            if seen.insert(word.clone()) {
-                terms.push(Term::from_field_text(self.text, &word));
-            }
+            terms.push(Term::from_field_text(self.text, &stream.token().text));
         }
         Ok(terms)
     }
@@ -198,17 +194,19 @@ impl LexicalIndex {
         if terms.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
+        // One optional term per distinct word, and the whole sequence as a phrase.
+        let mut seen = std::collections::HashSet::new();
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = terms
             .iter()
+            .filter(|t| seen.insert(*t))
             .map(|t| {
                 let q: Box<dyn Query> =
                     Box::new(TermQuery::new(t.clone(), IndexRecordOption::WithFreqs));
                 (Occur::Should, q)
             })
             .collect();
-        let sequence = self.phrase_terms(query)?;
-        if sequence.len() >= 2 {
-            clauses.push((Occur::Should, Box::new(PhraseQuery::new(sequence))));
+        if terms.len() >= 2 {
+            clauses.push((Occur::Should, Box::new(PhraseQuery::new(terms))));
         }
         let searcher = self.reader.searcher();
         let top = searcher
@@ -226,20 +224,6 @@ impl LexicalIndex {
             }
         }
         Ok(out)
-    }
-
-    /// All of the query's terms in order (repeats kept), for the phrase clause.
-    fn phrase_terms(&self, query: &str) -> Result<Vec<Term>> {
-        let mut analyzer = self
-            .index
-            .tokenizer_for_field(self.text)
-            .map_err(|e| LexicalError::new("analysing the query", e))?;
-        let mut stream = analyzer.token_stream(query);
-        let mut terms = Vec::new();
-        while stream.advance() {
-            terms.push(Term::from_field_text(self.text, &stream.token().text));
-        }
-        Ok(terms)
     }
 
     /// Number of live (searchable) chunks.

@@ -66,8 +66,8 @@ pub use pipeline::{
 };
 pub use prompt::{BuiltPrompt, LeftOut, PromptOptions, PromptSource, SourceField};
 pub use retrieval::{
-    chunker, default_index_dir, embedder_info, ingest, open_index, rerank, search, Chunking,
-    FailureReport, IngestEvent, IngestOptions, IngestReport, SearchHit,
+    chunker, default_index_dir, embedder_info, ingest, open_index, rerank, search, search_reranked,
+    Chunking, FailureReport, IngestEvent, IngestOptions, IngestReport, SearchHit,
 };
 /// The embedding models.
 pub use thinkrag_embed as embed;

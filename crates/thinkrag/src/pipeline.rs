@@ -16,7 +16,7 @@ use thinkrag_llm::{
 
 use crate::error::{Error, Result};
 use crate::prompt::{build_prompt, citations, BuiltPrompt, PromptLimits, PromptOptions};
-use crate::retrieval::{default_index_dir, embedder_info, open_index, rerank, search, SearchHit};
+use crate::retrieval::{default_index_dir, embedder_info, open_index, search_reranked, SearchHit};
 
 /// An index and the embedder that built it, checked to belong together and to hold chunks. It
 /// follows the index directory: documents another process ingests (a new generation saved) are
@@ -137,20 +137,16 @@ impl Retriever {
         mode: SearchMode,
     ) -> Result<Vec<SearchHit>> {
         self.refresh();
-        match &self.reranker {
-            None => search(&self.index(), &self.embedder, query, k, exact, mode),
-            Some((reranker, candidates)) => {
-                let hits = search(
-                    &self.index(),
-                    &self.embedder,
-                    query,
-                    (*candidates).max(k),
-                    exact,
-                    mode,
-                )?;
-                rerank(reranker, query, hits, k)
-            }
-        }
+        let reranker = self.reranker.as_ref().map(|(r, n)| (r.as_ref(), *n));
+        search_reranked(
+            &self.index(),
+            &self.embedder,
+            query,
+            k,
+            exact,
+            mode,
+            reranker,
+        )
     }
 }
 

@@ -447,6 +447,26 @@ fn embed_prepared(
     Ok(())
 }
 
+/// [`search`], then, with a reranker, reranked: `(reranker, candidates)` retrieves that many
+/// chunks (at least `k`), reorders them with [`rerank`] and keeps the best `k`.
+pub fn search_reranked(
+    index: &Index,
+    embedder: &Embedder,
+    query: &str,
+    k: usize,
+    exact: bool,
+    mode: SearchMode,
+    reranker: Option<(&Reranker, usize)>,
+) -> Result<Vec<SearchHit>> {
+    match reranker {
+        None => search(index, embedder, query, k, exact, mode),
+        Some((reranker, candidates)) => {
+            let hits = search(index, embedder, query, candidates.max(k), exact, mode)?;
+            rerank(reranker, query, hits, k)
+        }
+    }
+}
+
 /// Reorders retrieved `hits` with a cross-encoder and keeps the best `keep`: each hit's
 /// `score` becomes its relevance score (also in `rerank_score`); its retrieval scores stay.
 pub fn rerank(
