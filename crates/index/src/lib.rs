@@ -32,6 +32,7 @@ mod error;
 mod fusion;
 mod lexical;
 mod storage;
+mod store;
 mod vector;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,6 +47,10 @@ use sha2::{Digest, Sha256};
 
 pub use error::IndexError;
 pub use fusion::{hybrid_candidates, reciprocal_rank_fusion, SearchMode, UnknownSearchMode, RRF_K};
+pub use store::{
+    check_embedder, source_under, ChunkStore, DirStore, NewDocument, SearchFilter, StoreError,
+    StoreHit, StoreQuery, StoreStats, StoredDocument, NOT_FOUND_PREFIX,
+};
 pub use vector::{dot, normalized, HnswParams, UnitCosine, VectorIndex};
 
 use lexical::{LexicalError, LexicalIndex};
@@ -395,19 +400,7 @@ impl Index {
     /// Checks the index was built by `wanted` (same model, dimension, pooling and
     /// normalisation; `max_tokens` may differ since it only changes truncation of long chunks).
     pub fn check_embedder(&self, wanted: &EmbedderInfo) -> Result<(), IndexError> {
-        let e = &self.embedder;
-        if e.model == wanted.model
-            && e.dim == wanted.dim
-            && e.pooling == wanted.pooling
-            && e.normalized == wanted.normalized
-        {
-            Ok(())
-        } else {
-            Err(IndexError::EmbedderMismatch {
-                index: Box::new(e.clone()),
-                wanted: Box::new(wanted.clone()),
-            })
-        }
+        store::check_embedder(&self.embedder, wanted)
     }
 
     /// The embedder that made this index's vectors.
@@ -662,38 +655,7 @@ impl Index {
         k: usize,
         exact: bool,
     ) -> Result<Vec<Hit<'_>>, IndexError> {
-        let q = self.prepare_query(query_vector)?;
-        if k == 0 || self.chunks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let depth = hybrid_candidates(k);
-        let candidates = if exact {
-            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, depth);
-            self.hits(&q, found)
-        } else {
-            self.search_normalized(&q, depth)?
-        };
-        let vector: Vec<u64> = candidates.iter().map(|h| h.chunk.id).collect();
-        let lexical = self
-            .lexical()?
-            .search(query_text, depth)
-            .map_err(lexical_error)?;
-        let bm25: HashMap<u64, f32> = lexical.iter().copied().collect();
-        let lexical_ids: Vec<u64> = lexical.iter().map(|l| l.0).collect();
-        let dim = self.embedder.dim;
-        Ok(reciprocal_rank_fusion(&[vector, lexical_ids], RRF_K)
-            .into_iter()
-            .filter_map(|(id, fused)| {
-                let slot = *self.slot_of.get(&id)?;
-                Some(Hit {
-                    chunk: &self.chunks[slot],
-                    score: fused,
-                    vector_score: Some(dot(&q, &self.vectors[slot * dim..(slot + 1) * dim])),
-                    lexical_score: bm25.get(&id).copied(),
-                })
-            })
-            .take(k)
-            .collect())
+        self.search_mode(SearchMode::Hybrid, query_text, Some(query_vector), k, exact)
     }
 
     /// Searches in `mode`: `query_vector` (the embedded `query_text`) is needed for vector and
@@ -707,19 +669,149 @@ impl Index {
         k: usize,
         exact: bool,
     ) -> Result<Vec<Hit<'_>>, IndexError> {
+        self.search_filtered(&StoreQuery {
+            text: query_text,
+            vector: query_vector,
+            k,
+            mode,
+            exact,
+            filter: &SearchFilter::default(),
+            ef_search: None,
+        })
+    }
+
+    /// Searches as [`ChunkStore::search`] does: `query.mode` over the chunks `query.filter`
+    /// lets through, with `query.ef_search` as the HNSW candidate list when set.
+    ///
+    /// With a filter, vector candidates come from an exact scan of the matching chunks (a
+    /// filter usually narrows to a few documents, where a scan is both exact and fast; HNSW
+    /// would have to over-fetch blindly), and lexical candidates from BM25 results fetched
+    /// deeper until enough pass the filter.
+    pub fn search_filtered(&self, query: &StoreQuery<'_>) -> Result<Vec<Hit<'_>>, IndexError> {
+        let (k, mode, filter) = (query.k, query.mode, query.filter);
         let vector = || {
-            query_vector.ok_or_else(|| IndexError::DimensionMismatch {
+            let v = query.vector.ok_or_else(|| IndexError::DimensionMismatch {
                 what: format!("the query of a {mode} search (none given)"),
                 expected: self.embedder.dim,
                 found: 0,
-            })
+            })?;
+            self.prepare_query(v)
         };
-        match mode {
-            SearchMode::Vector if exact => self.search_exact(vector()?, k),
-            SearchMode::Vector => self.search(vector()?, k),
-            SearchMode::Lexical => self.search_lexical(query_text, k),
-            SearchMode::Hybrid => self.search_hybrid(query_text, vector()?, k, exact),
+        if k == 0 || self.chunks.is_empty() {
+            if mode.uses_vectors() {
+                vector()?;
+            }
+            return Ok(Vec::new());
         }
+        match mode {
+            SearchMode::Vector => {
+                let q = vector()?;
+                self.vector_candidates(&q, k, query.exact, filter, query.ef_search)
+            }
+            SearchMode::Lexical => self.lexical_candidates(query.text, k, filter),
+            SearchMode::Hybrid => {
+                let q = vector()?;
+                let depth = hybrid_candidates(k);
+                let vector_hits =
+                    self.vector_candidates(&q, depth, query.exact, filter, query.ef_search)?;
+                let lexical_hits = self.lexical_candidates(query.text, depth, filter)?;
+                Ok(self.fuse(&q, &vector_hits, &lexical_hits, k))
+            }
+        }
+    }
+
+    /// The `depth` nearest chunks that pass `filter`.
+    fn vector_candidates(
+        &self,
+        q: &[f32],
+        depth: usize,
+        exact: bool,
+        filter: &SearchFilter,
+        ef: Option<usize>,
+    ) -> Result<Vec<Hit<'_>>, IndexError> {
+        if !filter.is_empty() {
+            let dim = self.embedder.dim;
+            let mut found: Vec<(usize, f32)> = self
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| filter.matches(&c.source, c.page))
+                .map(|(slot, _)| (slot, dot(q, &self.vectors[slot * dim..(slot + 1) * dim])))
+                .collect();
+            if found.len() > depth {
+                found.select_nth_unstable_by(depth, |a, b| b.1.total_cmp(&a.1));
+                found.truncate(depth);
+            }
+            return Ok(self.hits(q, found));
+        }
+        if exact {
+            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, q, depth);
+            return Ok(self.hits(q, found));
+        }
+        match ef {
+            Some(ef) if self.chunks.len() > self.exact_scan_limit => {
+                let found = self.graph()?.search_normalized(q, depth, ef.max(depth));
+                Ok(self.hits(q, found))
+            }
+            _ => self.search_normalized(q, depth),
+        }
+    }
+
+    /// The `depth` best BM25 matches that pass `filter`, fetching deeper while the filter
+    /// leaves too few.
+    fn lexical_candidates(
+        &self,
+        text: &str,
+        depth: usize,
+        filter: &SearchFilter,
+    ) -> Result<Vec<Hit<'_>>, IndexError> {
+        if filter.is_empty() {
+            return self.search_lexical(text, depth);
+        }
+        let mut fetch = depth.saturating_mul(4).max(64);
+        loop {
+            let all = self.search_lexical(text, fetch)?;
+            let exhausted = all.len() < fetch || fetch >= self.chunks.len();
+            let passed: Vec<Hit<'_>> = all
+                .into_iter()
+                .filter(|h| filter.matches(&h.chunk.source, h.chunk.page))
+                .take(depth)
+                .collect();
+            if passed.len() >= depth || exhausted {
+                return Ok(passed);
+            }
+            fetch = fetch.saturating_mul(4);
+        }
+    }
+
+    /// Reciprocal rank fusion of vector and lexical candidates, the `k` best.
+    fn fuse(
+        &self,
+        q: &[f32],
+        vector_hits: &[Hit<'_>],
+        lexical_hits: &[Hit<'_>],
+        k: usize,
+    ) -> Vec<Hit<'_>> {
+        let vector_ids: Vec<u64> = vector_hits.iter().map(|h| h.chunk.id).collect();
+        let lexical_ids: Vec<u64> = lexical_hits.iter().map(|h| h.chunk.id).collect();
+        let bm25: HashMap<u64, f32> = lexical_hits
+            .iter()
+            .filter_map(|h| Some((h.chunk.id, h.lexical_score?)))
+            .collect();
+        let dim = self.embedder.dim;
+        reciprocal_rank_fusion(&[vector_ids, lexical_ids], RRF_K)
+            .into_iter()
+            .filter_map(|(id, fused)| {
+                let slot = *self.slot_of.get(&id)?;
+                Some(Hit {
+                    chunk: &self.chunks[slot],
+                    score: fused,
+                    vector_score: Some(dot(q, &self.vectors[slot * dim..(slot + 1) * dim])),
+                    lexical_score: bm25.get(&id).copied(),
+                })
+            })
+            .take(k)
+            .collect()
     }
 
     /// [`Index::search`] for an already normalised query.
