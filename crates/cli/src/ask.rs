@@ -16,7 +16,7 @@ use thinkrag_llm::DeviceChoice;
 use crate::generate::SamplingArgs;
 use crate::load::{init_threads, load_engine, ModelArgs};
 use crate::output::{arg_or_stdin, finish_writes, keep_writing, Output, Printer};
-use crate::retrieval_args::{EmbedderChoice, IndexArgs, RerankArgs};
+use crate::retrieval_args::{EmbedderChoice, FilterArgs, IndexArgs, RerankArgs};
 use crate::search::{hits_json, snippet};
 
 /// Retrieval, prompt and model flags shared by `ask` and `chat`.
@@ -65,6 +65,8 @@ pub struct RagArgs {
     #[command(flatten)]
     pub index: IndexArgs,
     #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
     pub rerank: RerankArgs,
     #[command(flatten)]
     pub embedder: EmbedderChoice,
@@ -105,11 +107,13 @@ impl RagArgs {
         let retriever = if self.no_retrieval {
             None
         } else {
-            let (dir, index) = self.index.open_nonempty()?;
-            let embedder =
-                self.embedder
-                    .load(Some(&index), &self.embedder_device, &self.model.hub)?;
-            let retriever = Retriever::new(&dir, index, embedder)?;
+            let store = self.index.open_nonempty()?;
+            let embedder = self.embedder.load(
+                Some(store.embedder()),
+                &self.embedder_device,
+                &self.model.hub,
+            )?;
+            let retriever = Retriever::new(store, embedder)?;
             match self.rerank.load(&self.embedder_device, &self.model.hub)? {
                 Some(r) => Some(retriever.with_reranker(r, self.rerank.rerank_candidates as usize)),
                 None => Some(retriever),
@@ -121,6 +125,8 @@ impl RagArgs {
             k: self.k as usize,
             exact: self.exact,
             mode: self.mode,
+            filter: self.filter.filter(),
+            ef_search: self.filter.ef_search.map(|e| e as usize),
             prompt,
             params: Some(params),
             answer_reserve: None,
@@ -316,7 +322,7 @@ pub fn print_sources(out: &mut impl Write, answer: &Answer) -> std::io::Result<(
 fn hits_value(pipeline: &Pipeline, hits: &[thinkrag::SearchHit]) -> serde_json::Value {
     let index = pipeline
         .retriever()
-        .map(|r| r.dir().display().to_string())
+        .map(Retriever::location)
         .unwrap_or_default();
     hits_json(&index, hits, 0)["hits"].clone()
 }
@@ -326,7 +332,7 @@ fn hits_value(pipeline: &Pipeline, hits: &[thinkrag::SearchHit]) -> serde_json::
 pub fn answer_json(pipeline: &Pipeline, answer: &Answer) -> serde_json::Value {
     let index = pipeline
         .retriever()
-        .map(|r| r.dir().display().to_string())
+        .map(Retriever::location)
         .unwrap_or_default();
     let report = thinkrag::json::AnswerReport::new(answer, pipeline.engine().name(), &index, |t| {
         snippet(t, 160)

@@ -46,8 +46,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         Some(r) => eprintln!(
             "thinkrag chat: {} over {} ({} chunks). /help for commands, /quit to leave.",
             pipeline.engine().name(),
-            r.dir().display(),
-            r.index().len()
+            r.location(),
+            r.store().stats().map(|s| s.chunks).unwrap_or(0)
         ),
         None => eprintln!(
             "thinkrag chat: {} without retrieval. /help for commands, /quit to leave.",

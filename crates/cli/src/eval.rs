@@ -56,8 +56,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if questions.is_empty() {
         anyhow::bail!("{} holds no questions", args.questions.display());
     }
-    let (dir, index) = args.index.open_nonempty()?;
-    let embedder = args.embedder.load(Some(&index))?;
+    let store = args.index.open_nonempty()?;
+    let embedder = args.embedder.load(Some(store.embedder()))?;
     let reranker = args
         .rerank
         .load(&args.embedder.device, &args.embedder.hub)?;
@@ -78,12 +78,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 None
             };
             let hits = thinkrag::search_reranked(
-                &index,
+                store.as_ref(),
                 &embedder,
                 &q.question,
-                depth,
-                args.exact,
-                mode,
+                &thinkrag::SearchOptions {
+                    exact: args.exact,
+                    ..thinkrag::SearchOptions::new(depth, mode)
+                },
                 rerank,
             )
             .with_context(|| format!("{mode} search for question {:?} failed", q.id))?;
@@ -112,8 +113,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let out = serde_json::json!({
             "questions": questions.len(),
             "k": k,
-            "index": dir,
-            "embedder": index.embedder().model,
+            "index": store.location(),
+            "embedder": store.embedder().model,
             "modes": reports,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -122,9 +123,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     println!(
         "{} questions, index {} ({} chunks, embedder {})",
         questions.len(),
-        dir.display(),
-        index.len(),
-        index.embedder().model
+        store.location(),
+        store.stats()?.chunks,
+        store.embedder().model
     );
     println!(
         "{:<16} {:<10} {:>9} {:>9} {:>8} {:>9} {:>9}",

@@ -11,10 +11,9 @@ pub fn for_error(err: &anyhow::Error) -> Option<String> {
                 thinkrag::Error::PromptTooLong { .. } => {
                     return Some("lower --max-tokens or raise --context-window".into())
                 }
-                thinkrag::Error::NoIndex { dir } => {
+                thinkrag::Error::NoIndex { location } => {
                     return Some(format!(
-                        "build it with `thinkrag ingest PATH...` (add `--index {}` if that is where it should live)",
-                        dir.display()
+                        "build it with `thinkrag ingest PATH...` (add `--store {location}` if that is where it should live)"
                     ))
                 }
                 thinkrag::Error::EmptyIndex { .. } => {

@@ -43,16 +43,19 @@ pub fn run(cmd: IndexCommand) -> Result<()> {
 }
 
 fn info(args: InfoArgs) -> Result<()> {
-    let dir = args.index.dir();
-    let index = thinkrag::open_index(&dir)?;
-    let info = index.info();
-    let bytes = Index::disk_size(&dir)?;
-    let e = index.embedder();
-    let mut docs: Vec<_> = index.documents().collect();
-    docs.sort_by(|a, b| a.source.cmp(&b.source));
+    let location = args.index.location();
+    let store = location.open()?;
+    let info = store.stats()?;
+    // Bytes on disk for an index directory; a database reports its own sizes.
+    let bytes = match location.dir() {
+        Some(dir) => Some(Index::disk_size(dir)?),
+        None => None,
+    };
+    let e = store.embedder();
+    let docs = store.documents()?;
     if args.json {
         let mut out = json!({
-            "index": dir.display().to_string(),
+            "index": store.location(),
             "documents": info.documents,
             "chunks": info.chunks,
             "embedder": e,
@@ -62,28 +65,25 @@ fn info(args: InfoArgs) -> Result<()> {
         if args.documents {
             out["document_list"] = docs
                 .iter()
-                .map(|d| json!({"source": d.source, "chunks": d.chunk_ids.len(), "pages": d.pages, "content_hash": d.content_hash}))
+                .map(|d| json!({"source": d.source, "chunks": d.chunks, "pages": d.pages, "content_hash": d.content_hash}))
                 .collect();
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("index      {}", dir.display());
+    println!("index      {}", store.location());
     println!("documents  {}", info.documents);
     println!("chunks     {}", info.chunks);
     println!(
         "embedder   {} ({} dims, {} pooling, up to {} tokens)",
         e.model, e.dim, e.pooling, e.max_tokens
     );
-    println!("on disk    {:.1} MB", bytes as f64 / 1e6);
+    if let Some(bytes) = bytes {
+        println!("on disk    {:.1} MB", bytes as f64 / 1e6);
+    }
     if args.documents {
         for d in docs {
-            println!(
-                "  {} ({} chunks, {} pages)",
-                d.source,
-                d.chunk_ids.len(),
-                d.pages
-            );
+            println!("  {} ({} chunks, {} pages)", d.source, d.chunks, d.pages);
         }
     }
     Ok(())

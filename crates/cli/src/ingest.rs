@@ -95,14 +95,16 @@ fn isolation(args: &IngestArgs, verbose: u8) -> Result<Option<thinkrag::document
 
 /// Runs the command; `Ok(false)` when some inputs yielded no text (the rest is indexed).
 pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
-    let dir = args.index.dir();
-    let existing = match thinkrag::index::Index::open(&dir) {
-        Ok(index) => Some(index),
-        Err(thinkrag::index::IndexError::NotFound { .. }) => None,
-        Err(e) => return Err(e).context(format!("cannot open the index at {}", dir.display())),
+    let location = args.index.location();
+    // The embedder the store was built with, when there is one: it embeds the new documents.
+    let existing = match location.open() {
+        Ok(store) => Some(store.embedder().clone()),
+        Err(thinkrag::Error::NoIndex { .. }) => None,
+        Err(e) => {
+            return Err(e).context(format!("cannot open the index at {}", location.display()))
+        }
     };
     let embedder = args.embedder.load(existing.as_ref())?;
-    drop(existing);
     let opts = IngestOptions {
         chunking: match args.chunk_chars {
             Some(max) => Chunking::Chars {
@@ -127,7 +129,7 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
     let files = multi.add(bar(0, "files"));
     let chunks = multi.add(bar(0, "chunks"));
     let mut progress = Progress::new(std::time::Duration::from_secs(args.progress_every));
-    let report = thinkrag::ingest(&dir, &args.paths, &embedder, &opts, &mut |ev| {
+    let report = thinkrag::ingest(&location, &args.paths, &embedder, &opts, &mut |ev| {
         progress.record(&ev);
         if terminal {
             files.set_position(progress.files_done as u64);
@@ -156,7 +158,7 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
             | IngestEvent::Failed(_) => {}
         }
     })
-    .with_context(|| format!("ingestion into {} failed", dir.display()))?;
+    .with_context(|| format!("ingestion into {} failed", location.display()))?;
     files.finish_and_clear();
     chunks.finish_and_clear();
 
@@ -300,9 +302,7 @@ fn print_summary(r: &IngestReport, model: &str) {
     }
     println!(
         "Index {}: {} documents, {} chunks, embedder {model}.",
-        r.index.display(),
-        r.total_documents,
-        r.total_chunks
+        r.index, r.total_documents, r.total_chunks
     );
     if !r.failures.is_empty() {
         println!(

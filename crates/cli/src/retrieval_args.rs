@@ -10,36 +10,112 @@ use thinkrag::embed::{
     Embedder, EmbedderManifest, EmbedderOptions, EmbedderSource, Pooling, QueryInstruction,
     Reranker, RerankerOptions,
 };
-use thinkrag::index::Index;
+use thinkrag::index::{ChunkStore, EmbedderInfo, SearchFilter, SearchMode};
+use thinkrag::pgstore::PgOptions;
+use thinkrag::{SearchOptions, StoreLocation};
 use thinkrag_llm::DeviceChoice;
 
 use crate::load::{init_threads, HubArgs};
 
-/// Where the index lives.
+/// Where the chunks live.
 #[derive(Debug, Clone, Args)]
 pub struct IndexArgs {
     /// Index directory (default: $THINKRAG_INDEX, else ~/.local/share/thinkrag/index).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "store")]
     pub index: Option<PathBuf>,
+    /// Where the chunks live: an index directory, or a PostgreSQL database with pgvector that
+    /// several thinkrag processes share: postgres://USER@HOST[:PORT]/DB, with ?schema=NAME to
+    /// keep several stores in one database and ?sslmode=require|verify-full (&sslrootcert=FILE)
+    /// for TLS. The password comes from the URL or $PGPASSWORD; $PGSSLMODE and $PGSSLROOTCERT
+    /// are read as libpq reads them.
+    #[arg(long, value_name = "DIR|URL")]
+    pub store: Option<String>,
 }
 
 impl IndexArgs {
-    /// The index directory to use.
-    pub fn dir(&self) -> PathBuf {
-        self.index
-            .clone()
-            .unwrap_or_else(thinkrag::default_index_dir)
+    /// The store to use.
+    pub fn location(&self) -> StoreLocation {
+        match (&self.store, &self.index) {
+            (Some(s), _) => StoreLocation::parse(s, PgOptions::from_env()),
+            (None, Some(dir)) => StoreLocation::Dir(dir.clone()),
+            (None, None) => StoreLocation::Dir(thinkrag::default_index_dir()),
+        }
     }
 
-    /// Opens the index to search: its directory and the index, which must hold chunks.
-    pub fn open_nonempty(&self) -> Result<(PathBuf, Index)> {
-        let dir = self.dir();
-        let index = thinkrag::open_index(&dir)?;
-        if index.is_empty() {
-            return Err(thinkrag::Error::EmptyIndex { dir }.into());
+    /// Opens the store to search; it must hold chunks.
+    pub fn open_nonempty(&self) -> Result<Box<dyn ChunkStore>> {
+        let store = self.location().open()?;
+        if store.stats()?.chunks == 0 {
+            return Err(thinkrag::Error::EmptyIndex {
+                location: store.location(),
+            }
+            .into());
         }
-        Ok((dir, index))
+        Ok(store)
     }
+}
+
+/// Which chunks a search may return, and how hard the approximate index looks.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
+    /// Only chunks of this document, or of the documents under this directory (repeatable).
+    #[arg(long = "source", value_name = "PATH")]
+    pub sources: Vec<PathBuf>,
+    /// Only chunks on these pages: N or FIRST-LAST, counted from 1.
+    #[arg(long, value_name = "N|FIRST-LAST", value_parser = parse_pages)]
+    pub pages: Option<(u32, u32)>,
+    /// HNSW candidate list size for this search (higher: better recall, slower).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub ef_search: Option<u32>,
+}
+
+impl FilterArgs {
+    /// The filter: sources as the absolute paths documents are stored under.
+    pub fn filter(&self) -> SearchFilter {
+        SearchFilter {
+            sources: self
+                .sources
+                .iter()
+                .map(|p| {
+                    std::path::absolute(p)
+                        .unwrap_or_else(|_| p.clone())
+                        .display()
+                        .to_string()
+                })
+                .collect(),
+            pages: self.pages,
+        }
+    }
+
+    /// The search options with this filter.
+    pub fn options(&self, k: usize, mode: SearchMode, exact: bool) -> SearchOptions {
+        SearchOptions {
+            k,
+            mode,
+            exact,
+            filter: self.filter(),
+            ef_search: self.ef_search.map(|e| e as usize),
+        }
+    }
+}
+
+/// Parses `--pages`: `7` or `3-9`.
+fn parse_pages(s: &str) -> std::result::Result<(u32, u32), String> {
+    let bad = || format!("{s:?}: expected a page N or a range FIRST-LAST, counted from 1");
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        ),
+        None => {
+            let n = s.trim().parse().map_err(|_| bad())?;
+            (n, n)
+        }
+    };
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 /// Which embedding model, and how it embeds.
@@ -70,12 +146,11 @@ pub struct EmbedderChoice {
 
 impl EmbedderChoice {
     /// The model to load: the flag, else the index's, else the default.
-    pub fn spec(&self, index: Option<&Index>) -> String {
+    pub fn spec(&self, index: Option<&EmbedderInfo>) -> String {
         if let Some(spec) = &self.embedder {
             return spec.clone();
         }
-        if let Some(index) = index {
-            let info = index.embedder();
+        if let Some(info) = index {
             return info.source.clone().unwrap_or_else(|| info.model.clone());
         }
         EmbedderManifest::default_name().to_string()
@@ -84,7 +159,7 @@ impl EmbedderChoice {
     /// Loads the embedder on `device`, with a spinner on a terminal.
     pub fn load(
         &self,
-        index: Option<&Index>,
+        index: Option<&EmbedderInfo>,
         device: &DeviceChoice,
         hub: &HubArgs,
     ) -> Result<Embedder> {
@@ -134,7 +209,7 @@ pub struct EmbedderArgs {
 
 impl EmbedderArgs {
     /// Loads the embedder, with a spinner on a terminal.
-    pub fn load(&self, index: Option<&Index>) -> Result<Embedder> {
+    pub fn load(&self, index: Option<&EmbedderInfo>) -> Result<Embedder> {
         init_threads(self.threads)?;
         self.choice.load(index, &self.device, &self.hub)
     }

@@ -13,7 +13,7 @@ pub fn parse_mode(s: &str) -> Result<SearchMode, thinkrag::index::UnknownSearchM
     s.parse()
 }
 
-use crate::retrieval_args::{EmbedderArgs, IndexArgs, RerankArgs};
+use crate::retrieval_args::{EmbedderArgs, FilterArgs, IndexArgs, RerankArgs};
 
 /// `thinkrag search`.
 #[derive(Debug, Args)]
@@ -38,30 +38,30 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub index: IndexArgs,
     #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
     pub embedder: EmbedderArgs,
 }
 
 /// Runs the command.
 pub fn run(args: SearchArgs) -> Result<()> {
-    let (dir, index) = args.index.open_nonempty()?;
-    let embedder = args.embedder.load(Some(&index))?;
+    let store = args.index.open_nonempty()?;
+    let embedder = args.embedder.load(Some(store.embedder()))?;
     let reranker = args
         .rerank
         .load(&args.embedder.device, &args.embedder.hub)?;
     let started = Instant::now();
     let hits = thinkrag::search_reranked(
-        &index,
+        store.as_ref(),
         &embedder,
         &args.query,
-        args.k as usize,
-        args.exact,
-        args.mode,
+        &args.filter.options(args.k as usize, args.mode, args.exact),
         args.rerank.with(reranker.as_deref()),
     )
-    .with_context(|| format!("search in {} failed", dir.display()))?;
+    .with_context(|| format!("search in {} failed", store.location()))?;
     let took_ms = started.elapsed().as_millis() as u64;
     if args.json {
-        let out = hits_json(&dir.display().to_string(), &hits, took_ms);
+        let out = hits_json(&store.location(), &hits, took_ms);
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }

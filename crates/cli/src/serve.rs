@@ -95,11 +95,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 ),
                 None => None,
             };
-            let spec = args.embedder.spec(index.as_ref());
+            let info = index.as_ref().map(|i| i.embedder());
+            let spec = args.embedder.spec(info);
             eprintln!("loading embedder {spec}");
             let e = args
                 .embedder
-                .load(index.as_ref(), &args.embedder_device, &args.model.hub)?;
+                .load(info, &args.embedder_device, &args.model.hub)?;
             let name = thinkrag::embed::EmbedderManifest::find(&spec)
                 .map(|m| m.name.clone())
                 .unwrap_or_else(|| {

@@ -166,7 +166,7 @@ pub struct StoreStats {
 /// Writes become durable at [`ChunkStore::commit`] (or sooner: PostgreSQL commits each
 /// document in its own transaction); a crash before it loses at most the uncommitted documents,
 /// never leaves one half-written, and never damages what was committed.
-pub trait ChunkStore: Send + Sync {
+pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     /// Where the store is, for messages (a directory, or a URL without its password).
     fn location(&self) -> String;
 

@@ -325,7 +325,7 @@ fn migrate(
                      content_hash text NOT NULL,
                      text text NOT NULL,
                      embedding vector({dim}) NOT NULL,
-                     tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED);
+                     tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED);
                  CREATE INDEX chunks_embedding ON {chunks} USING hnsw (embedding vector_cosine_ops);
                  CREATE INDEX chunks_tsv ON {chunks} USING gin (tsv);
                  CREATE INDEX chunks_source ON {chunks} (source, ord);",
@@ -447,8 +447,12 @@ impl PgStore {
     }
 
     /// Lexical candidates: chunks holding any of the query's words, ranked by `ts_rank_cd`
-    /// plus 1 when they hold the words as a phrase (as the in-process index ranks an exact
-    /// phrase first). The query is taken as words, never as tsquery syntax.
+    /// (scaled into [0, 1)) plus 1 when they hold the words as a phrase (as the in-process index
+    /// ranks an exact phrase first). The query is taken as words, never as tsquery syntax.
+    ///
+    /// PostgreSQL's ranks know nothing of how rare a word is (BM25's IDF), so the `english`
+    /// configuration drops stop words ("the", "of", "which"), which would otherwise outweigh
+    /// the words that matter; it also stems, on the text and the query alike.
     fn lexical_candidates(
         &self,
         tx: &mut Transaction<'_>,
@@ -473,10 +477,10 @@ impl PgStore {
         let stmt = format!(
             "WITH terms AS (
                  SELECT string_agg('''' || replace(replace(lexeme, '\\', '\\\\'), '''', '''''') || '''', ' | ')::tsquery AS any_word,
-                        phraseto_tsquery('simple', $1) AS phrase
-                 FROM unnest(to_tsvector('simple', $1)))
+                        phraseto_tsquery('english', $1) AS phrase
+                 FROM unnest(to_tsvector('english', $1)))
              SELECT c.id, c.source, c.page, c.start_offset, c.end_offset, c.text, {cosine},
-                    (ts_rank_cd(c.tsv, t.any_word) + CASE WHEN c.tsv @@ t.phrase THEN 1 ELSE 0 END)::real AS lexical
+                    (ts_rank_cd(c.tsv, t.any_word, 32) + CASE WHEN c.tsv @@ t.phrase THEN 1 ELSE 0 END)::real AS lexical
              FROM {} c, terms t
              WHERE t.any_word IS NOT NULL AND c.tsv @@ t.any_word AND {cond}
              ORDER BY lexical DESC, c.id LIMIT ${}",

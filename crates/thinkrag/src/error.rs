@@ -10,6 +10,9 @@ pub enum Error {
     /// The index.
     #[error(transparent)]
     Index(#[from] thinkrag_index::IndexError),
+    /// The chunk store (an index directory or PostgreSQL).
+    #[error(transparent)]
+    Store(thinkrag_index::StoreError),
     /// The language model.
     #[error(transparent)]
     Llm(#[from] thinkrag_llm::Error),
@@ -48,19 +51,29 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// There is no index to search.
-    #[error("no index at {dir}: ingest documents into it first")]
+    /// There is no store to search.
+    #[error("no index at {location}: ingest documents into it first")]
     NoIndex {
-        /// Where it was looked for.
-        dir: std::path::PathBuf,
+        /// Where it was looked for (a directory, or a URL without its password).
+        location: String,
     },
-    /// The index holds no chunks.
-    #[error("the index at {dir} is empty: ingest documents into it first")]
+    /// The store holds no chunks.
+    #[error("the index at {location} is empty: ingest documents into it first")]
     EmptyIndex {
-        /// The index directory.
-        dir: std::path::PathBuf,
+        /// The store's location.
+        location: String,
     },
 }
 
 /// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<thinkrag_index::StoreError> for Error {
+    /// The in-process index's errors stay [`Error::Index`], so callers match them in one place.
+    fn from(e: thinkrag_index::StoreError) -> Self {
+        match e {
+            thinkrag_index::StoreError::Index(ix) => Error::Index(ix),
+            other => Error::Store(other),
+        }
+    }
+}

@@ -59,6 +59,7 @@ pub mod json;
 pub mod pipeline;
 pub mod prompt;
 pub mod retrieval;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use pipeline::{
@@ -67,8 +68,9 @@ pub use pipeline::{
 pub use prompt::{BuiltPrompt, LeftOut, PromptOptions, PromptSource, SourceField};
 pub use retrieval::{
     chunker, default_index_dir, embedder_info, ingest, open_index, rerank, search, search_reranked,
-    Chunking, FailureReport, IngestEvent, IngestOptions, IngestReport, SearchHit,
+    Chunking, FailureReport, IngestEvent, IngestOptions, IngestReport, SearchHit, SearchOptions,
 };
+pub use store::StoreLocation;
 /// The embedding models.
 pub use thinkrag_embed as embed;
 /// The vector index.
@@ -77,3 +79,5 @@ pub use thinkrag_index as index;
 pub use thinkrag_ingest as documents;
 /// The reasoning-model engine.
 pub use thinkrag_llm as llm;
+/// The PostgreSQL store.
+pub use thinkrag_pgstore as pgstore;

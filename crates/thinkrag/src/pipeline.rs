@@ -3,150 +3,123 @@
 //! conversation that reuses the KV cache between turns ([`Chat`]).
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource, Reranker};
-use thinkrag_index::{Index, SearchMode};
+use thinkrag_index::{ChunkStore, SearchFilter, SearchMode};
 use thinkrag_llm::{
     Conversation, Engine, Event, Generation, GenerationParams, LoadOptions, Message, ModelSource,
 };
 
 use crate::error::{Error, Result};
 use crate::prompt::{build_prompt, citations, BuiltPrompt, PromptLimits, PromptOptions};
-use crate::retrieval::{default_index_dir, embedder_info, open_index, search_reranked, SearchHit};
+use crate::retrieval::{
+    default_index_dir, embedder_info, search_reranked, SearchHit, SearchOptions,
+};
+use crate::store::StoreLocation;
 
-/// An index and the embedder that built it, checked to belong together and to hold chunks. It
-/// follows the index directory: documents another process ingests (a new generation saved) are
-/// searched from the next query on, without a restart.
-#[derive(Debug)]
+/// A chunk store and the embedder that built it, checked to belong together and to hold
+/// chunks. It follows the store: documents another process ingests are found without a restart
+/// (an index directory's new generation is taken up on the next search; PostgreSQL is always
+/// read as committed).
 pub struct Retriever {
-    dir: PathBuf,
-    index: RwLock<Arc<Index>>,
+    store: Box<dyn ChunkStore>,
     embedder: Embedder,
-    /// A cross-encoder that reorders this many retrieved candidates, if set.
     reranker: Option<(Arc<Reranker>, usize)>,
 }
 
+impl std::fmt::Debug for Retriever {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retriever")
+            .field("store", &self.store.location())
+            .field("embedder", &self.embedder.spec().model)
+            .field("reranker", &self.reranker.as_ref().map(|(_, n)| n))
+            .finish()
+    }
+}
+
 impl Retriever {
-    /// Joins an opened index and a loaded embedder: an error when the index is empty or was
+    /// Joins an opened store and a loaded embedder: an error when the store is empty or was
     /// built by another embedder.
-    pub fn new(dir: &Path, index: Index, embedder: Embedder) -> Result<Self> {
-        if index.is_empty() {
+    pub fn new(store: Box<dyn ChunkStore>, embedder: Embedder) -> Result<Self> {
+        if store.stats()?.chunks == 0 {
             return Err(Error::EmptyIndex {
-                dir: dir.to_path_buf(),
+                location: store.location(),
             });
         }
-        index.check_embedder(&embedder_info(embedder.spec()))?;
+        store.check_embedder(&embedder_info(embedder.spec()))?;
         Ok(Self {
-            dir: dir.to_path_buf(),
-            index: RwLock::new(Arc::new(index)),
+            store,
             embedder,
             reranker: None,
         })
     }
 
-    /// Opens the index in `dir` and loads `embedder`, or the one the index was built with.
-    pub fn open(dir: &Path, embedder: Option<&str>, opts: &EmbedderOptions) -> Result<Self> {
-        let index = open_index(dir)?;
-        if index.is_empty() {
+    /// Opens the store at `location` and loads `embedder`, or the one the store was built with.
+    pub fn open(
+        location: &StoreLocation,
+        embedder: Option<&str>,
+        opts: &EmbedderOptions,
+    ) -> Result<Self> {
+        let store = location.open()?;
+        if store.stats()?.chunks == 0 {
             return Err(Error::EmptyIndex {
-                dir: dir.to_path_buf(),
+                location: store.location(),
             });
         }
-        let info = index.embedder();
+        let info = store.embedder();
         let spec = embedder
             .map(str::to_string)
             .or_else(|| info.source.clone())
             .unwrap_or_else(|| info.model.clone());
         let embedder = Embedder::load(&EmbedderSource::parse(&spec)?, opts)?;
-        Self::new(dir, index, embedder)
+        Self::new(store, embedder)
     }
 
-    /// The index directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Where the chunks are (a directory, or a URL without its password).
+    pub fn location(&self) -> String {
+        self.store.location()
     }
 
-    /// The index as of the last query (or the newest saved, after [`Self::refresh`]).
-    pub fn index(&self) -> Arc<Index> {
-        self.index
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    /// The store.
+    pub fn store(&self) -> &dyn ChunkStore {
+        self.store.as_ref()
     }
 
-    /// Takes up the index directory's newest generation when another process has saved one since
-    /// it was opened. Returns whether it did. A newer generation that cannot be opened (or was
-    /// built by another embedder) leaves the current one in use, with a warning: searching goes
-    /// on over what was there.
+    /// Takes up what other processes committed to the store since the last search; returns
+    /// whether anything changed. A store that changed but cannot be read is reported and the
+    /// previous state searched.
     pub fn refresh(&self) -> bool {
-        let current = self.index();
-        let Ok(now) = Index::current_generation(&self.dir) else {
-            return false;
-        };
-        if current.generation() == Some(now.as_str()) {
-            return false;
-        }
-        let opened = open_index(&self.dir).and_then(|index| {
-            index.check_embedder(&embedder_info(self.embedder.spec()))?;
-            Ok(index)
-        });
-        match opened {
-            Ok(index) => {
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    generation = index.generation().unwrap_or("?"),
-                    chunks = index.len(),
-                    "index changed on disk: searching the new generation"
-                );
-                *self
-                    .index
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(index);
-                true
-            }
+        match self.store.refresh() {
+            Ok(changed) => changed,
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "the index changed on disk but cannot be opened; searching the previous generation");
+                tracing::warn!(store = %self.store.location(), error = %e, "the index changed on disk but cannot be opened; searching the previous generation");
                 false
             }
         }
     }
 
-    /// The embedder.
+    /// The embedder that embeds questions.
     pub fn embedder(&self) -> &Embedder {
         &self.embedder
     }
 
-    /// Reranks every search: `candidates` chunks are retrieved (at least k), `reranker`
-    /// reorders them and the best k are kept.
+    /// Reranks what this retriever finds with `reranker`: `candidates` chunks are retrieved
+    /// and the best `k` of them by the cross-encoder kept.
     pub fn with_reranker(mut self, reranker: Arc<Reranker>, candidates: usize) -> Self {
         self.reranker = Some((reranker, candidates.max(1)));
         self
     }
 
-    /// The `k` chunks that best match `query` in `mode`, best first (see [`search`]), reranked
-    /// when the retriever has a reranker.
-    pub fn search(
-        &self,
-        query: &str,
-        k: usize,
-        exact: bool,
-        mode: SearchMode,
-    ) -> Result<Vec<SearchHit>> {
+    /// The chunks that best match `query`, after taking up what other processes ingested;
+    /// reranked when the retriever has a reranker.
+    pub fn search(&self, query: &str, opts: &SearchOptions) -> Result<Vec<SearchHit>> {
         self.refresh();
         let reranker = self.reranker.as_ref().map(|(r, n)| (r.as_ref(), *n));
-        search_reranked(
-            &self.index(),
-            &self.embedder,
-            query,
-            k,
-            exact,
-            mode,
-            reranker,
-        )
+        search_reranked(self.store.as_ref(), &self.embedder, query, opts, reranker)
     }
 }
 
@@ -159,6 +132,10 @@ pub struct AskOptions {
     pub exact: bool,
     /// Vector, lexical (BM25) or hybrid retrieval.
     pub mode: SearchMode,
+    /// Which documents and pages may be retrieved.
+    pub filter: SearchFilter,
+    /// The HNSW candidate list size (default: the store's choice).
+    pub ef_search: Option<usize>,
     /// How the prompt is built.
     pub prompt: PromptOptions,
     /// Sampling and stopping (`None`: the model's defaults).
@@ -168,11 +145,26 @@ pub struct AskOptions {
     pub answer_reserve: Option<usize>,
 }
 
+impl AskOptions {
+    /// The retrieval part of these options.
+    pub fn search_options(&self) -> SearchOptions {
+        SearchOptions {
+            k: self.k,
+            mode: self.mode,
+            exact: self.exact,
+            filter: self.filter.clone(),
+            ef_search: self.ef_search,
+        }
+    }
+}
+
 impl Default for AskOptions {
     fn default() -> Self {
         Self {
             k: 4,
             exact: false,
+            filter: SearchFilter::default(),
+            ef_search: None,
             mode: SearchMode::Vector,
             prompt: PromptOptions::default(),
             params: None,
@@ -306,7 +298,7 @@ impl Pipeline {
     /// The chunks nearest to `query` (empty without a retriever).
     pub fn search(&self, query: &str) -> Result<Vec<SearchHit>> {
         match &self.retriever {
-            Some(r) => r.search(query, self.options.k, self.options.exact, self.options.mode),
+            Some(r) => r.search(query, &self.options.search_options()),
             None => Ok(Vec::new()),
         }
     }
@@ -573,7 +565,7 @@ impl Chat<'_> {
 pub struct PipelineBuilder {
     model: Option<String>,
     load: LoadOptions,
-    index_dir: Option<PathBuf>,
+    store: Option<StoreLocation>,
     no_retrieval: bool,
     embedder: Option<String>,
     embedder_options: Option<EmbedderOptions>,
@@ -596,7 +588,13 @@ impl PipelineBuilder {
 
     /// The index directory (default: [`default_index_dir`]).
     pub fn index(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.index_dir = Some(dir.into());
+        self.store = Some(StoreLocation::Dir(dir.into()));
+        self
+    }
+
+    /// The chunk store: an index directory or a PostgreSQL database.
+    pub fn store(mut self, location: StoreLocation) -> Self {
+        self.store = Some(location);
         self
     }
 
@@ -659,9 +657,11 @@ impl PipelineBuilder {
         let retriever = if self.no_retrieval {
             None
         } else {
-            let dir = self.index_dir.unwrap_or_else(default_index_dir);
+            let location = self
+                .store
+                .unwrap_or_else(|| StoreLocation::Dir(default_index_dir()));
             let opts = self.embedder_options.unwrap_or_default();
-            Some(Retriever::open(&dir, self.embedder.as_deref(), &opts)?)
+            Some(Retriever::open(&location, self.embedder.as_deref(), &opts)?)
         };
         let model = self
             .model

@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thinkrag_embed::{Embedder, EmbedderSpec, Reranker};
-use thinkrag_index::{EmbedderInfo, Index, IndexError, NewChunk, SearchMode};
+use thinkrag_index::{
+    ChunkStore, EmbedderInfo, Index, IndexError, NewChunk, NewDocument, SearchFilter, SearchMode,
+    StoreQuery,
+};
 use thinkrag_ingest::{Chunker, Failure};
 
 use crate::error::{Error, Result};
+use crate::store::StoreLocation;
 
 /// How documents are cut into chunks (the ingestion crate's sizes; default 256 tokens with 32
 /// of overlap).
@@ -110,8 +114,9 @@ impl From<&Failure> for FailureReport {
 /// What an ingestion did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IngestReport {
-    /// The index directory.
-    pub index: PathBuf,
+    /// Where the chunks were stored: the index directory, or the database URL without its
+    /// password.
+    pub index: String,
     /// Supported files found under the given paths.
     pub files_seen: usize,
     /// Files read and indexed (new or changed).
@@ -175,7 +180,7 @@ pub fn open_index(dir: &Path) -> Result<Index> {
     match Index::open(dir) {
         Ok(index) => Ok(index),
         Err(IndexError::NotFound { .. }) => Err(Error::NoIndex {
-            dir: dir.to_path_buf(),
+            location: dir.display().to_string(),
         }),
         Err(e) => Err(e.into()),
     }
@@ -212,12 +217,14 @@ fn source_key(path: &Path) -> String {
         .to_string()
 }
 
-/// Ingests files and directories into the index at `index_dir` (created if needed): new and
+/// Ingests files and directories into the store at `location` (created if needed): new and
 /// changed files are read, chunked, embedded and stored; unchanged ones are skipped; files that
-/// yield no text are reported, never fatal. The index on disk is replaced atomically at the end
-/// (and at checkpoints), so an interruption leaves the previous one intact.
+/// yield no text are reported, never fatal. An index directory is replaced atomically at the
+/// end (and at checkpoints), so an interruption leaves the previous one intact; PostgreSQL
+/// commits each document in its own transaction, so an interruption leaves every document
+/// either as it was or as it is now.
 pub fn ingest(
-    index_dir: &Path,
+    location: &StoreLocation,
     paths: &[PathBuf],
     embedder: &Embedder,
     opts: &IngestOptions,
@@ -225,17 +232,15 @@ pub fn ingest(
 ) -> Result<IngestReport> {
     let started = Instant::now();
     let wanted = embedder_info(embedder.spec());
-    let (mut index, existed) = match Index::open(index_dir) {
-        Ok(index) => {
-            index.check_embedder(&wanted)?;
-            (index, true)
-        }
-        Err(IndexError::NotFound { .. }) => (Index::new(wanted), false),
-        Err(e) => return Err(e.into()),
+    // A new index directory is written even when nothing was ingested, so it can be opened.
+    let existed = match location.dir() {
+        Some(dir) => Index::current_generation(dir).is_ok(),
+        None => true,
     };
+    let mut store = location.open_or_create(&wanted)?;
     let chunker = chunker(embedder, opts.chunking)?;
     let mut report = IngestReport {
-        index: index_dir.to_path_buf(),
+        index: location.display(),
         ..IngestReport::default()
     };
     let (files, missing) = thinkrag_ingest::discover(paths);
@@ -250,9 +255,10 @@ pub fn ingest(
     // Reading, parsing and chunking run a few files ahead in a thread of their own while this one
     // embeds, so a corpus takes about the time of its slower stage rather than the sum of both.
     // The stored hashes are copied first: the reader never touches the index this thread writes.
-    let known: HashMap<String, String> = index
-        .documents()
-        .map(|d| (d.source.clone(), d.content_hash.clone()))
+    let known: HashMap<String, String> = store
+        .documents()?
+        .into_iter()
+        .map(|d| (d.source, d.content_hash))
         .collect();
     let (sender, prepared) = std::sync::mpsc::sync_channel::<Prepared>(READ_AHEAD);
     std::thread::scope(|scope| -> Result<()> {
@@ -269,8 +275,7 @@ pub fn ingest(
         });
         embed_prepared(
             prepared,
-            &mut index,
-            index_dir,
+            store.as_mut(),
             embedder,
             opts,
             &mut report,
@@ -280,24 +285,25 @@ pub fn ingest(
         )
     })?;
     if opts.prune {
-        let gone: Vec<String> = index
-            .documents()
+        let gone: Vec<String> = store
+            .documents()?
+            .into_iter()
             .filter(|d| !Path::new(&d.source).exists())
-            .map(|d| d.source.clone())
+            .map(|d| d.source)
             .collect();
         for source in gone {
-            index.remove_document(&source);
+            store.remove_document(&source)?;
             report.documents_pruned.push(source);
             changed = true;
         }
     }
     if changed || !existed {
         on_event(IngestEvent::Saving);
-        index.save(index_dir)?;
+        store.commit()?;
     }
-    let info = index.info();
-    report.total_documents = info.documents;
-    report.total_chunks = info.chunks;
+    let stats = store.stats()?;
+    report.total_documents = stats.documents;
+    report.total_chunks = stats.chunks;
     report.seconds = started.elapsed().as_secs_f64();
     report.chunks_per_second = report.chunks_added as f64 / report.seconds.max(1e-9);
     Ok(report)
@@ -361,8 +367,7 @@ fn prepare<'p>(
 #[allow(clippy::too_many_arguments)]
 fn embed_prepared(
     prepared: std::sync::mpsc::Receiver<Prepared<'_>>,
-    index: &mut Index,
-    index_dir: &Path,
+    store: &mut dyn ChunkStore,
     embedder: &Embedder,
     opts: &IngestOptions,
     report: &mut IngestReport,
@@ -426,13 +431,13 @@ fn embed_prepared(
         report.chunks_added += new_chunks.len();
         report.pages += document.pages.len();
         report.files_indexed += 1;
-        index.upsert_document(
-            &key,
-            &document.content_hash,
-            document.page_count,
-            new_chunks,
+        store.upsert_document(NewDocument {
+            source: key,
+            content_hash: document.content_hash.clone(),
+            pages: document.page_count,
+            chunks: new_chunks,
             vectors,
-        )?;
+        })?;
         *changed = true;
         on_event(IngestEvent::FileDone { path });
         if opts
@@ -440,33 +445,72 @@ fn embed_prepared(
             .is_some_and(|every| last_save.elapsed() >= every)
         {
             on_event(IngestEvent::Saving);
-            index.save(index_dir)?;
+            store.commit()?;
             *last_save = Instant::now();
         }
     }
     Ok(())
 }
 
-/// [`search`], then, with a reranker, reranked: `(reranker, candidates)` retrieves that many
-/// chunks (at least `k`), reorders them with [`rerank`] and keeps the best `k`.
-pub fn search_reranked(
-    index: &Index,
-    embedder: &Embedder,
-    query: &str,
-    k: usize,
-    exact: bool,
-    mode: SearchMode,
-    reranker: Option<(&Reranker, usize)>,
-) -> Result<Vec<SearchHit>> {
-    match reranker {
-        None => search(index, embedder, query, k, exact, mode),
-        Some((reranker, candidates)) => {
-            let hits = search(index, embedder, query, candidates.max(k), exact, mode)?;
-            rerank(reranker, query, hits, k)
+/// How a search runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchOptions {
+    /// How many chunks.
+    pub k: usize,
+    /// Vector, lexical or hybrid.
+    pub mode: SearchMode,
+    /// Exact vector search instead of the approximate index.
+    pub exact: bool,
+    /// Which documents and pages may be returned.
+    pub filter: SearchFilter,
+    /// The HNSW candidate list size (default: the store's choice).
+    pub ef_search: Option<usize>,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        Self {
+            k: 4,
+            mode: SearchMode::Vector,
+            exact: false,
+            filter: SearchFilter::default(),
+            ef_search: None,
         }
     }
 }
 
+impl SearchOptions {
+    /// `k` chunks in `mode`, approximate, unfiltered.
+    pub fn new(k: usize, mode: SearchMode) -> Self {
+        Self {
+            k,
+            mode,
+            ..Self::default()
+        }
+    }
+}
+
+/// [`search`], then, with a reranker, reranked: `(reranker, candidates)` retrieves that many
+/// chunks (at least `k`), reorders them with [`rerank`] and keeps the best `k`.
+pub fn search_reranked(
+    store: &dyn ChunkStore,
+    embedder: &Embedder,
+    query: &str,
+    opts: &SearchOptions,
+    reranker: Option<(&Reranker, usize)>,
+) -> Result<Vec<SearchHit>> {
+    match reranker {
+        None => search(store, embedder, query, opts),
+        Some((reranker, candidates)) => {
+            let wide = SearchOptions {
+                k: candidates.max(opts.k),
+                ..opts.clone()
+            };
+            let hits = search(store, embedder, query, &wide)?;
+            rerank(reranker, query, hits, opts.k)
+        }
+    }
+}
 /// Reorders retrieved `hits` with a cross-encoder and keeps the best `keep`: each hit's
 /// `score` becomes its relevance score (also in `rerank_score`); its retrieval scores stay.
 pub fn rerank(
@@ -516,43 +560,59 @@ pub struct SearchHit {
 }
 
 /// The `k` chunks that best match `query` in `mode`, best first: by their vectors (approximate
-/// HNSW, or `exact` brute force), by BM25 over their words, or both fused (see
-/// [`thinkrag_index::SearchMode`]). Lexical search does not embed the query.
+/// HNSW, or `exact` brute force), by their words (BM25 in an index directory, full-text rank in
+/// PostgreSQL), or both fused (see [`thinkrag_index::SearchMode`]), among those the filter lets
+/// through. Lexical search does not embed the query.
 pub fn search(
-    index: &Index,
+    store: &dyn ChunkStore,
     embedder: &Embedder,
     query: &str,
-    k: usize,
-    exact: bool,
-    mode: SearchMode,
+    opts: &SearchOptions,
 ) -> Result<Vec<SearchHit>> {
-    if k == 0 {
+    if opts.k == 0 {
         return Err(Error::InvalidParameter {
             name: "k",
-            value: k.to_string(),
+            value: opts.k.to_string(),
             expected: "1 or more".into(),
         });
     }
-    index.check_embedder(&embedder_info(embedder.spec()))?;
-    let vector = if mode.uses_vectors() {
+    if let Some((lo, hi)) = opts.filter.pages {
+        if lo > hi || lo == 0 {
+            return Err(Error::InvalidParameter {
+                name: "pages",
+                value: format!("{lo}-{hi}"),
+                expected: "a range FIRST-LAST of pages counted from 1, FIRST <= LAST".into(),
+            });
+        }
+    }
+    store.check_embedder(&embedder_info(embedder.spec()))?;
+    let vector = if opts.mode.uses_vectors() {
         Some(embedder.embed_query(query)?)
     } else {
         None
     };
-    let hits = index.search_mode(mode, query, vector.as_deref(), k, exact)?;
+    let hits = store.search(&StoreQuery {
+        text: query,
+        vector: vector.as_deref(),
+        k: opts.k,
+        mode: opts.mode,
+        exact: opts.exact,
+        filter: &opts.filter,
+        ef_search: opts.ef_search,
+    })?;
     Ok(hits
         .into_iter()
         .map(|h| SearchHit {
-            id: h.chunk.id,
+            id: h.id,
             score: h.score,
             vector_score: h.vector_score,
             lexical_score: h.lexical_score,
             rerank_score: None,
-            text: h.chunk.text.clone(),
-            source: h.chunk.source.clone(),
-            page: h.chunk.page,
-            start: h.chunk.start,
-            end: h.chunk.end,
+            text: h.text,
+            source: h.source,
+            page: h.page,
+            start: h.start,
+            end: h.end,
         })
         .collect())
 }

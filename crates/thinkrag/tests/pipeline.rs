@@ -13,7 +13,18 @@ use thinkrag::index::SearchMode;
 use thinkrag::llm::{
     DTypeChoice, DeviceChoice, Engine, GenerationParams, LoadOptions, ModelFiles, SamplingParams,
 };
-use thinkrag::{AskEvent, AskOptions, IngestOptions, Pipeline, PromptOptions, Retriever};
+use thinkrag::{
+    AskEvent, AskOptions, IngestOptions, Pipeline, PromptOptions, Retriever, SearchOptions,
+    StoreLocation,
+};
+
+/// Exact vector search for `k` chunks.
+fn exact(k: usize) -> SearchOptions {
+    SearchOptions {
+        exact: true,
+        ..SearchOptions::new(k, SearchMode::Vector)
+    }
+}
 
 /// Compile-time: what a server shares between threads is `Send + Sync`.
 #[allow(dead_code)]
@@ -41,7 +52,7 @@ fn embedder() -> Embedder {
 /// The sample corpus, ingested into `dir`.
 fn build_index(dir: &Path) {
     let report = thinkrag::ingest(
-        dir,
+        &dir.into(),
         &[root().join("samples/population")],
         &embedder(),
         &IngestOptions::default(),
@@ -63,8 +74,8 @@ fn tiny_engine(context_window: Option<usize>) -> Engine {
 }
 
 fn pipeline(dir: &Path, context_window: Option<usize>, prompt: PromptOptions) -> Pipeline {
-    let index = thinkrag::open_index(dir).unwrap();
-    let retriever = Retriever::new(dir, index, embedder()).unwrap();
+    let store = StoreLocation::from(dir).open().unwrap();
+    let retriever = Retriever::new(store, embedder()).unwrap();
     let params = GenerationParams {
         sampling: SamplingParams::greedy(),
         max_tokens: 16,
@@ -319,11 +330,9 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     build_index(dir.path());
     let p = pipeline(dir.path(), None, PromptOptions::default());
     let retriever = p.retriever().unwrap();
-    let before = retriever.index().len();
+    let before = retriever.store().stats().unwrap().chunks;
     let question = "Which river carries the zebra mussels of Lake Quinsigamond?";
-    let hits = retriever
-        .search(question, 3, true, SearchMode::Vector)
-        .unwrap();
+    let hits = retriever.search(question, &exact(3)).unwrap();
     assert!(hits.iter().all(|h| !h.source.contains("quinsigamond")));
 
     // Another ingest (as `thinkrag ingest` in another process would) adds a document.
@@ -336,7 +345,7 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     )
     .unwrap();
     let report = thinkrag::ingest(
-        dir.path(),
+        &dir.path().into(),
         &[new_doc],
         &embedder(),
         &IngestOptions::default(),
@@ -345,15 +354,13 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     .unwrap();
     assert_eq!(report.files_indexed, 1);
 
-    let hits = retriever
-        .search(question, 3, true, SearchMode::Vector)
-        .unwrap();
+    let hits = retriever.search(question, &exact(3)).unwrap();
     assert!(
         hits[0].source.contains("quinsigamond"),
         "the new document is found: {:?}",
         hits.iter().map(|h| &h.source).collect::<Vec<_>>()
     );
-    assert!(retriever.index().len() > before);
+    assert!(retriever.store().stats().unwrap().chunks > before);
     assert!(!retriever.refresh(), "nothing newer to take up");
 
     // A manifest naming a generation that is not there: the index's own recovery opens the
@@ -362,15 +369,11 @@ fn a_running_pipeline_sees_documents_ingested_after_it_started() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let current = thinkrag::index::Index::current_generation(dir.path()).unwrap();
     std::fs::write(&manifest, text.replace(&current, "gen-999999")).unwrap();
-    let hits = retriever
-        .search(question, 3, true, SearchMode::Vector)
-        .unwrap();
+    let hits = retriever.search(question, &exact(3)).unwrap();
     assert!(hits[0].source.contains("quinsigamond"));
     // An index directory gone altogether: nothing to take up, the loaded one keeps answering.
     std::fs::remove_dir_all(dir.path()).unwrap();
     assert!(!retriever.refresh());
-    let hits = retriever
-        .search(question, 3, true, SearchMode::Vector)
-        .unwrap();
+    let hits = retriever.search(question, &exact(3)).unwrap();
     assert!(hits[0].source.contains("quinsigamond"));
 }

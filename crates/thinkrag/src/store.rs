@@ -1,0 +1,103 @@
+//! Where the chunks live: an index directory (the in-process store) or a PostgreSQL database
+//! shared by many thinkrag processes (`postgres://...`). Everything above this module (ingest,
+//! search, ask, chat, the server) works on a [`ChunkStore`] and behaves the same on both.
+
+use std::path::{Path, PathBuf};
+
+use thinkrag_index::{ChunkStore, DirStore, EmbedderInfo, StoreError};
+use thinkrag_pgstore::{is_postgres_url, PgOptions, PgStore};
+
+use crate::error::{Error, Result};
+
+/// A store's location, as given on a command line (`--store DIR` or `--store postgres://...`).
+#[derive(Clone, Debug)]
+pub enum StoreLocation {
+    /// An index directory.
+    Dir(PathBuf),
+    /// A PostgreSQL database (libpq's URL form; `?schema=NAME` picks thinkrag's schema).
+    Postgres {
+        /// The URL.
+        url: String,
+        /// Password and TLS settings taken from the environment (`PGPASSWORD`, `PGSSLMODE`,
+        /// `PGSSLROOTCERT`) by the caller; the URL's own win.
+        options: PgOptions,
+    },
+}
+
+impl StoreLocation {
+    /// A `postgres://`/`postgresql://` URL is a database, anything else a directory.
+    pub fn parse(s: &str, options: PgOptions) -> Self {
+        if is_postgres_url(s) {
+            StoreLocation::Postgres {
+                url: s.to_string(),
+                options,
+            }
+        } else {
+            StoreLocation::Dir(PathBuf::from(s))
+        }
+    }
+
+    /// The location for messages (a URL without its password).
+    pub fn display(&self) -> String {
+        match self {
+            StoreLocation::Dir(d) => d.display().to_string(),
+            StoreLocation::Postgres { url, .. } => thinkrag_pgstore::redact(url),
+        }
+    }
+
+    /// The directory, for a directory store.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            StoreLocation::Dir(d) => Some(d),
+            StoreLocation::Postgres { .. } => None,
+        }
+    }
+
+    /// Opens the store to read: [`Error::NoIndex`] when nothing was ingested there.
+    pub fn open(&self) -> Result<Box<dyn ChunkStore>> {
+        let opened: std::result::Result<Box<dyn ChunkStore>, StoreError> = match self {
+            StoreLocation::Dir(dir) => DirStore::open(dir)
+                .map(|s| Box::new(s) as Box<dyn ChunkStore>)
+                .map_err(StoreError::from),
+            StoreLocation::Postgres { url, options } => PgStore::open(url, options)
+                .map(|s| Box::new(s) as Box<dyn ChunkStore>)
+                .map_err(|e| StoreError::Backend(Box::new(e))),
+        };
+        match opened {
+            Ok(store) => Ok(store),
+            Err(e) if e.is_not_found() => Err(Error::NoIndex {
+                location: self.display(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens the store to write, creating it for `embedder` when there is none; an existing
+    /// store must have been built by `embedder`.
+    pub fn open_or_create(&self, embedder: &EmbedderInfo) -> Result<Box<dyn ChunkStore>> {
+        Ok(match self {
+            StoreLocation::Dir(dir) => Box::new(DirStore::open_or_create(dir, embedder)?),
+            StoreLocation::Postgres { url, options } => {
+                Box::new(PgStore::open_or_create(url, options, embedder)?)
+            }
+        })
+    }
+}
+
+impl From<&Path> for StoreLocation {
+    fn from(dir: &Path) -> Self {
+        StoreLocation::Dir(dir.to_path_buf())
+    }
+}
+
+impl From<PathBuf> for StoreLocation {
+    fn from(dir: PathBuf) -> Self {
+        StoreLocation::Dir(dir)
+    }
+}
+
+impl From<&PathBuf> for StoreLocation {
+    fn from(dir: &PathBuf) -> Self {
+        StoreLocation::Dir(dir.clone())
+    }
+}
