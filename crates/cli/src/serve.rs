@@ -54,6 +54,14 @@ pub struct ServeArgs {
     /// An index whose embedder /v1/embeddings serves.
     #[arg(long, value_name = "DIR")]
     pub index: Option<PathBuf>,
+    /// Answer RAG requests from this chunk store too: an index directory or a PostgreSQL
+    /// database (postgres://...; see `ingest --store`) that `thinkrag ingest` fills, from
+    /// this machine or others. Documents ingested while the server runs are found.
+    #[arg(long, value_name = "DIR|URL")]
+    pub store: Option<String>,
+    /// The name requests use for --store: `"rag": {"index": NAME}` or the model `rag/NAME`.
+    #[arg(long, value_name = "NAME", default_value = "docs", requires = "store")]
+    pub store_name: String,
     /// Where the OpenSearch-compatible routes keep their indices, search pipelines and
     /// conversation memories (default: thinkrag/serve in the user's data directory). Used when
     /// an embedder is loaded.
@@ -83,11 +91,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
 
+    // The store opens first: a wrong URL or password fails before anything else loads.
+    let store = match &args.store {
+        Some(s) => {
+            let location =
+                thinkrag::StoreLocation::parse(s, thinkrag::pgstore::PgOptions::from_env());
+            let store = location
+                .open()
+                .with_context(|| format!("cannot open the store {}", location.display()))?;
+            eprintln!(
+                "store {} ({} chunks) answers as \"{}\"",
+                store.location(),
+                store.stats()?.chunks,
+                args.store_name
+            );
+            Some(store)
+        }
+        None => None,
+    };
     eprintln!("loading model {}", args.model.model);
     let engine = Arc::new(load_engine(&args.model)?);
-    let embedder = match (&args.embedder.embedder, &args.index) {
-        (None, None) => None,
-        (_, index_dir) => {
+    let embedder = match (&args.embedder.embedder, &args.index, &store) {
+        (None, None, None) => None,
+        (_, index_dir, _) => {
             let index = match index_dir {
                 Some(dir) => Some(
                     thinkrag::open_index(dir)
@@ -95,7 +121,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 ),
                 None => None,
             };
-            let info = index.as_ref().map(|i| i.embedder());
+            let info = match (&store, &index) {
+                (Some(s), _) => Some(s.embedder()),
+                (None, Some(i)) => Some(i.embedder()),
+                (None, None) => None,
+            };
             let spec = args.embedder.spec(info);
             eprintln!("loading embedder {spec}");
             let e = args
@@ -111,6 +141,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Some((name, Arc::new(e)))
         }
     };
+    if let (Some(store), Some((_, e))) = (&store, &embedder) {
+        store
+            .check_embedder(&thinkrag::embedder_info(e.spec()))
+            .with_context(|| format!("--embedder cannot search the store {}", store.location()))?;
+    }
     let model_id = args
         .model_id
         .clone()
@@ -150,6 +185,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
     )?;
     state.opensearch = opensearch;
+    if let Some(store) = store {
+        state
+            .stores
+            .insert(args.store_name.clone(), Arc::from(store));
+    }
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -360,7 +360,7 @@ fn documents_are_replaced_and_removed_whole_and_the_schema_is_checked() {
 
     // A wrong password or port is a clear error naming the server, without the password.
     let err = PgStore::open(
-        &format!("postgres://postgres:hunter2@127.0.0.1:1/postgres?sslmode=disable"),
+        "postgres://postgres:hunter2@127.0.0.1:1/postgres?sslmode=disable",
         &PgOptions::default(),
     )
     .unwrap_err();

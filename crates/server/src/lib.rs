@@ -71,6 +71,9 @@ pub struct AppState {
     pub embedder_id: Option<String>,
     /// The OpenSearch-compatible indices, pipelines and memories (needs the embedder).
     pub opensearch: Option<Arc<opensearch::OpenSearch>>,
+    /// Chunk stores answered from by name (`thinkrag serve --store`): an index directory or a
+    /// PostgreSQL database that `thinkrag ingest` processes fill, searched with `embedder`.
+    pub stores: BTreeMap<String, Arc<dyn thinkrag::index::ChunkStore>>,
     /// Server behaviour.
     pub options: ServerOptions,
     /// Unix time the server started (OpenAI's `created`).
@@ -96,6 +99,7 @@ impl AppState {
             embedder,
             embedder_id,
             opensearch: None,
+            stores: BTreeMap::new(),
             options,
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

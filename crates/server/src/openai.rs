@@ -545,16 +545,22 @@ async fn rag_for_chat(
         ),
         None => None,
     };
-    let Some(os) = state.opensearch.clone() else {
-        return Err(ApiError::new(
-            F,
-            Kind::Invalid,
-            "RAG needs the server's indices: start `thinkrag serve` with --embedder",
-        ));
-    };
+    let mounted = state.stores.get(&index).cloned();
+    let os =
+        match (state.opensearch.clone(), &mounted) {
+            (Some(os), _) => Some(os),
+            (None, Some(_)) => None,
+            (None, None) => return Err(ApiError::new(
+                F,
+                Kind::Invalid,
+                "RAG needs the server's indices: start `thinkrag serve` with --embedder or --store",
+            )),
+        };
     let (mut system, mut instructions) = (None, None);
     if let Some(name) = f.string("search_pipeline")? {
         let body = os
+            .as_ref()
+            .ok_or_else(|| f.bad("search_pipeline", "this server keeps no search pipelines"))?
             .meta
             .pipeline(name)
             .ok_or_else(|| f.bad("search_pipeline", format!("no search pipeline {name:?}")))?;
@@ -587,10 +593,14 @@ async fn rag_for_chat(
         ));
     }
     let question = last.content.clone();
-    let os2 = Arc::clone(&os);
     let q = question.clone();
-    let sources = tokio::task::spawn_blocking(move || {
-        crate::opensearch::retrieve(&os2, &index, &q, k, mode, fields.as_deref())
+    let state2 = Arc::clone(state);
+    let sources = tokio::task::spawn_blocking(move || match (mounted, os) {
+        (Some(store), _) => rag::retrieve_from_store(&state2, &index, store.as_ref(), &q, k, mode),
+        (None, Some(os)) => {
+            crate::opensearch::retrieve(&os, &index, &q, k, mode, fields.as_deref())
+        }
+        (None, None) => unreachable!("checked above: a store or the indices"),
     })
     .await
     .map_err(|e| ApiError::new(F, Kind::Engine, e.to_string()))?

@@ -59,6 +59,55 @@ pub struct Prepared {
 }
 
 /// Builds the prompt for `req`; a question too long for the window is a 400.
+/// The `k` chunks of a mounted store (`thinkrag serve --store`) that best match `question`, as
+/// RAG sources named `SOURCE` or, for a page of a PDF, `SOURCE#page=N`. The store is searched as
+/// of now: what other processes ingested since the last request is found.
+pub fn retrieve_from_store(
+    state: &AppState,
+    name: &str,
+    store: &dyn thinkrag::index::ChunkStore,
+    question: &str,
+    k: usize,
+    mode: thinkrag::index::SearchMode,
+) -> Result<Vec<RagSource>, ApiError> {
+    let Some(embedder) = state.embedder.as_deref() else {
+        return Err(ApiError::new(
+            Flavor::OpenAi,
+            Kind::Invalid,
+            format!("the store {name} needs an embedder"),
+        ));
+    };
+    if let Err(e) = store.refresh() {
+        tracing::warn!(store = %store.location(), error = %e, "the store changed but cannot be reopened; searching what was loaded");
+    }
+    let hits = thinkrag::search(
+        store,
+        embedder,
+        question,
+        &thinkrag::SearchOptions::new(k, mode),
+    )
+    .map_err(|e| {
+        tracing::error!(store = %store.location(), error = %e, "store search failed");
+        ApiError::new(
+            Flavor::OpenAi,
+            Kind::Engine,
+            format!("searching the store {name} failed: {e}"),
+        )
+    })?;
+    Ok(hits
+        .into_iter()
+        .map(|h| RagSource {
+            index: name.to_string(),
+            id: match h.page {
+                Some(p) => format!("{}#page={p}", h.source),
+                None => h.source,
+            },
+            score: h.score,
+            text: h.text,
+        })
+        .collect())
+}
+
 pub fn prepare(state: &AppState, flavor: Flavor, req: RagRequest) -> Result<Prepared, ApiError> {
     let engine = &state.engine;
     let hits: Vec<SearchHit> = req
