@@ -1,7 +1,8 @@
 //! `thinkrag index info`: what an index holds (documents, chunks, embedder, dimensions, size on
-//! disk) and, with `--documents`, each document.
+//! disk) and, with `--documents`, each document; `thinkrag index copy`: its documents into another
+//! store, vectors and all.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use thinkrag::index::Index;
@@ -20,6 +21,22 @@ pub struct IndexCommand {
 pub enum IndexSubcommand {
     /// Chunk and document counts, embedder, dimensions, size on disk.
     Info(InfoArgs),
+    /// Copies the documents, chunks and vectors into another store without embedding again
+    /// (an index directory into a shared PostgreSQL, or back); re-run it to copy what changed.
+    Copy(CopyArgs),
+}
+
+/// `thinkrag index copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The store to copy into: a directory or postgres://... (created if needed).
+    #[arg(long, value_name = "DIR|URL")]
+    pub to: String,
+    #[command(flatten)]
+    pub index: IndexArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `thinkrag index info`.
@@ -39,7 +56,34 @@ pub struct InfoArgs {
 pub fn run(cmd: IndexCommand) -> Result<()> {
     match cmd.command {
         IndexSubcommand::Info(args) => info(args),
+        IndexSubcommand::Copy(args) => copy(args),
     }
+}
+
+fn copy(args: CopyArgs) -> Result<()> {
+    let from = args.index.location().open()?;
+    let to = thinkrag::StoreLocation::parse(&args.to, thinkrag::pgstore::PgOptions::from_env());
+    let quiet = args.json;
+    let report = thinkrag::copy(from.as_ref(), &to, &mut |source| {
+        if !quiet {
+            eprintln!("copied {source}");
+        }
+    })
+    .with_context(|| format!("copying {} into {} failed", from.location(), to.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "Copied {} documents ({} chunks) into {}; {} unchanged. It holds {} documents, {} chunks.",
+            report.documents_copied,
+            report.chunks_copied,
+            report.to,
+            report.documents_unchanged,
+            report.total_documents,
+            report.total_chunks
+        );
+    }
+    Ok(())
 }
 
 fn info(args: InfoArgs) -> Result<()> {

@@ -1108,6 +1108,14 @@ impl Index {
             .and_then(|&slot| self.chunks.get(slot))
     }
 
+    /// The (normalised) vector of the chunk with this id, if it is in the index.
+    pub fn vector(&self, id: u64) -> Option<&[f32]> {
+        let dim = self.embedder.dim;
+        self.slot_of
+            .get(&id)
+            .and_then(|&slot| self.vectors.get(slot * dim..(slot + 1) * dim))
+    }
+
     /// All chunks, in storage order.
     pub fn chunks(&self) -> impl Iterator<Item = &ChunkRecord> {
         self.chunks.iter()

@@ -105,7 +105,8 @@ pub struct StoreHit {
     /// Cosine similarity to the query, when it was embedded.
     pub vector_score: Option<f32>,
     /// The lexical score, when lexical search found the chunk: BM25 in the in-process index,
-    /// PostgreSQL's `ts_rank_cd` (not BM25) in PostgreSQL.
+    /// the sum of the inverse document frequencies of the query words it holds (plus a phrase
+    /// bonus) in PostgreSQL.
     pub lexical_score: Option<f32>,
     /// The chunk's text.
     pub text: String,
@@ -184,6 +185,11 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
 
     /// Every stored document, ordered by source.
     fn documents(&self) -> Result<Vec<StoredDocument>, StoreError>;
+
+    /// A stored document with its chunks (in document order) and their vectors, as
+    /// [`ChunkStore::upsert_document`] takes it: for copying between stores without embedding
+    /// again. `None` when there is no such document.
+    fn export_document(&self, source: &str) -> Result<Option<NewDocument>, StoreError>;
 
     /// Adds or replaces one document with all its chunks: afterwards searches see either the
     /// old version or the new one, never a mix. Vectors must have the store's dimension and be
@@ -306,6 +312,31 @@ impl ChunkStore for DirStore {
                     ingested_at: d.ingested_at,
                 })
                 .collect()
+        }))
+    }
+
+    fn export_document(&self, source: &str) -> Result<Option<NewDocument>, StoreError> {
+        Ok(self.with_index(|i| {
+            let doc = i.document(source)?;
+            let mut chunks = Vec::with_capacity(doc.chunk_ids.len());
+            let mut vectors = Vec::with_capacity(doc.chunk_ids.len());
+            for &id in &doc.chunk_ids {
+                let (c, v) = (i.chunk(id)?, i.vector(id)?);
+                chunks.push(NewChunk {
+                    text: c.text.clone(),
+                    page: c.page,
+                    start: c.start,
+                    end: c.end,
+                });
+                vectors.push(v.to_vec());
+            }
+            Some(NewDocument {
+                source: doc.source.clone(),
+                content_hash: doc.content_hash.clone(),
+                pages: doc.pages,
+                chunks,
+                vectors,
+            })
         }))
     }
 

@@ -446,13 +446,12 @@ impl PgStore {
         Ok(hits)
     }
 
-    /// Lexical candidates: chunks holding any of the query's words, ranked by `ts_rank_cd`
-    /// (scaled into [0, 1)) plus 1 when they hold the words as a phrase (as the in-process index
-    /// ranks an exact phrase first). The query is taken as words, never as tsquery syntax.
-    ///
-    /// PostgreSQL's ranks know nothing of how rare a word is (BM25's IDF), so the `english`
-    /// configuration drops stop words ("the", "of", "which"), which would otherwise outweigh
-    /// the words that matter; it also stems, on the text and the query alike.
+    /// Lexical candidates: chunks holding any of the query's words, ranked by how rare the
+    /// words they hold are (BM25's inverse document frequency; PostgreSQL's own `ts_rank_cd`
+    /// knows nothing of it, and ranking by it alone let common words outweigh the ones that
+    /// matter), first when they hold the words as a phrase (as the in-process index ranks an
+    /// exact phrase first). The query is taken as words, never as tsquery syntax. The
+    /// `english` configuration drops stop words and stems, on the text and the query alike.
     fn lexical_candidates(
         &self,
         tx: &mut Transaction<'_>,
@@ -472,20 +471,35 @@ impl PgStore {
         };
         let cond = filter_sql(filter, &mut params);
         params.push(Box::new(depth as i64));
-        // The words become an OR of quoted lexemes (quotes and backslashes escaped), cast to a
-        // tsquery as they are, so nothing in the user's text is read as operators.
+        // Each word becomes a quoted lexeme (quotes and backslashes escaped) cast to a tsquery
+        // as it is, so nothing in the user's text is read as operators. A chunk scores the
+        // BM25 inverse document frequency of each query word it holds (document frequencies
+        // counted through the GIN index, the chunk total from the documents table), the sum of
+        // all of them again when it holds the words as a phrase, and a little ts_rank_cd to
+        // order chunks that hold the same words.
         let stmt = format!(
-            "WITH terms AS (
-                 SELECT string_agg('''' || replace(replace(lexeme, '\\', '\\\\'), '''', '''''') || '''', ' | ')::tsquery AS any_word,
-                        phraseto_tsquery('english', $1) AS phrase
-                 FROM unnest(to_tsvector('english', $1)))
+            "WITH words AS (
+                 SELECT DISTINCT ('''' || replace(replace(lexeme, '\\', '\\\\'), '''', '''''') || '''')::tsquery AS q
+                 FROM unnest(to_tsvector('english', $1))),
+             total AS (SELECT greatest(coalesce(sum(chunks), 0), 1)::float8 AS n FROM {documents}),
+             weighted AS (
+                 SELECT w.q, ln(1 + (total.n - d.df + 0.5) / (d.df + 0.5)) AS idf
+                 FROM words w, total,
+                      LATERAL (SELECT count(*)::float8 AS df FROM {chunks} x WHERE x.tsv @@ w.q) d),
+             terms AS (
+                 SELECT (SELECT string_agg(q::text, ' | ') FROM words)::tsquery AS any_word,
+                        phraseto_tsquery('english', $1) AS phrase,
+                        (SELECT coalesce(sum(idf), 0) FROM weighted) AS all_idf)
              SELECT c.id, c.source, c.page, c.start_offset, c.end_offset, c.text, {cosine},
-                    (ts_rank_cd(c.tsv, t.any_word, 32) + CASE WHEN c.tsv @@ t.phrase THEN 1 ELSE 0 END)::real AS lexical
-             FROM {} c, terms t
+                    ((SELECT coalesce(sum(wt.idf), 0) FROM weighted wt WHERE c.tsv @@ wt.q)
+                     + CASE WHEN numnode(t.phrase) > 1 AND c.tsv @@ t.phrase THEN t.all_idf ELSE 0 END
+                     + 0.01 * ts_rank_cd(c.tsv, t.any_word, 32))::real AS lexical
+             FROM {chunks} c, terms t
              WHERE t.any_word IS NOT NULL AND c.tsv @@ t.any_word AND {cond}
              ORDER BY lexical DESC, c.id LIMIT ${}",
-            sql.t("chunks"),
-            params.len()
+            params.len(),
+            documents = sql.t("documents"),
+            chunks = sql.t("chunks"),
         );
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
         let rows = tx
@@ -641,6 +655,62 @@ impl ChunkStore for PgStore {
                     }
                 })
                 .collect())
+        })
+        .map_err(backend)
+    }
+
+    fn export_document(&self, source: &str) -> Result<Option<NewDocument>, StoreError> {
+        let q = self.q();
+        self.with_reader(|c| {
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(|e| q.err("starting an export", e))?;
+            let Some(doc) = tx
+                .query_opt(
+                    &format!(
+                        "SELECT content_hash, pages FROM {} WHERE source = $1",
+                        q.t("documents")
+                    ),
+                    &[&source],
+                )
+                .map_err(|e| q.err(&format!("reading document {source}"), e))?
+            else {
+                return Ok(None);
+            };
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT text, page, start_offset, end_offset, embedding FROM {} WHERE source = $1 ORDER BY ord",
+                        q.t("chunks")
+                    ),
+                    &[&source],
+                )
+                .map_err(|e| q.err(&format!("reading the chunks of {source}"), e))?;
+            let mut chunks = Vec::with_capacity(rows.len());
+            let mut vectors = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let page: Option<i32> = r.get(1);
+                let (start, end): (i64, i64) = (r.get(2), r.get(3));
+                let v: Vector = r.get(4);
+                chunks.push(thinkrag_index::NewChunk {
+                    text: r.get(0),
+                    page: page.map(|p| p as u32),
+                    start: start as usize,
+                    end: end as usize,
+                });
+                vectors.push(v.to_vec());
+            }
+            let pages: i32 = doc.get(1);
+            Ok(Some(NewDocument {
+                source: source.to_string(),
+                content_hash: doc.get(0),
+                pages: pages as u32,
+                chunks,
+                vectors,
+            }))
         })
         .map_err(backend)
     }

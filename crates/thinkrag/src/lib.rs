@@ -9,11 +9,14 @@
 //! ```no_run
 //! use std::ops::ControlFlow;
 //! use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderSource};
-//! use thinkrag::{ingest, AskEvent, IngestOptions, Pipeline};
+//! use thinkrag::{ingest, AskEvent, IngestOptions, Pipeline, StoreLocation};
 //!
 //! # fn main() -> thinkrag::Result<()> {
 //! let embedder = Embedder::load(&EmbedderSource::parse("bge-base-en-v1.5")?, &EmbedderOptions::default())?;
-//! let report = ingest("my-index".as_ref(), &["docs/".into()], &embedder, &IngestOptions::default(), &mut |_| {})?;
+//! // An index directory; `StoreLocation::parse("postgres://...", PgOptions::from_env())` for a
+//! // PostgreSQL database that many thinkrag processes share.
+//! let store = StoreLocation::Dir("my-index".into());
+//! let report = ingest(&store, &["docs/".into()], &embedder, &IngestOptions::default(), &mut |_| {})?;
 //! println!("{} chunks from {} files", report.chunks_added, report.files_indexed);
 //!
 //! let pipeline = Pipeline::builder()
@@ -37,15 +40,18 @@
 //! # }
 //! ```
 //!
-//! Search alone (by embeddings; `SearchMode::Lexical` for BM25 over the words, `Hybrid` for both):
+//! Search alone (by embeddings; `SearchMode::Lexical` for BM25 over the words, `Hybrid` for both),
+//! optionally only in some documents or pages (`SearchOptions::filter`):
 //!
 //! ```no_run
 //! # use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderSource};
 //! # use thinkrag::index::SearchMode;
+//! # use thinkrag::{SearchOptions, StoreLocation};
 //! # fn main() -> thinkrag::Result<()> {
 //! # let embedder = Embedder::load(&EmbedderSource::parse("bge-base-en-v1.5")?, &EmbedderOptions::default())?;
-//! let index = thinkrag::open_index("my-index".as_ref())?;
-//! for hit in thinkrag::search(&index, &embedder, "What changed in 2023?", 3, false, SearchMode::Hybrid)? {
+//! let store = StoreLocation::Dir("my-index".into()).open()?;
+//! let opts = SearchOptions::new(3, SearchMode::Hybrid);
+//! for hit in thinkrag::search(store.as_ref(), &embedder, "What changed in 2023?", &opts)? {
 //!     println!("{:.3} {} p.{:?}: {}", hit.score, hit.source, hit.page, hit.text);
 //! }
 //! # Ok(())
@@ -70,7 +76,7 @@ pub use retrieval::{
     chunker, default_index_dir, embedder_info, ingest, open_index, rerank, search, search_reranked,
     Chunking, FailureReport, IngestEvent, IngestOptions, IngestReport, SearchHit, SearchOptions,
 };
-pub use store::StoreLocation;
+pub use store::{copy, CopyReport, StoreLocation};
 /// The embedding models.
 pub use thinkrag_embed as embed;
 /// The vector index.

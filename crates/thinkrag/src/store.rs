@@ -101,3 +101,64 @@ impl From<&PathBuf> for StoreLocation {
         StoreLocation::Dir(dir.clone())
     }
 }
+
+/// What [`copy`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CopyReport {
+    /// Where from.
+    pub from: String,
+    /// Where to.
+    pub to: String,
+    /// Documents written (new or changed).
+    pub documents_copied: usize,
+    /// Documents the target already held with the same content hash.
+    pub documents_unchanged: usize,
+    /// Chunks written.
+    pub chunks_copied: usize,
+    /// Documents in the target afterwards.
+    pub total_documents: usize,
+    /// Chunks in the target afterwards.
+    pub total_chunks: usize,
+}
+
+/// Copies every document of `from` into the store at `to` (created with `from`'s embedder if
+/// needed; an existing one must have the same embedder) with its chunks and vectors, without
+/// embedding anything again: how a team moves an index directory into a shared PostgreSQL, or
+/// keeps an offline copy of one. Documents the target holds with the same hash are skipped, so a
+/// copy can be re-run after an interruption. `on_document` is told each source copied.
+pub fn copy(
+    from: &dyn ChunkStore,
+    to: &StoreLocation,
+    on_document: &mut dyn FnMut(&str),
+) -> Result<CopyReport> {
+    let mut target = to.open_or_create(from.embedder())?;
+    let have: std::collections::HashMap<String, String> = target
+        .documents()?
+        .into_iter()
+        .map(|d| (d.source, d.content_hash))
+        .collect();
+    let mut report = CopyReport {
+        from: from.location(),
+        to: target.location(),
+        ..CopyReport::default()
+    };
+    for doc in from.documents()? {
+        if have.get(&doc.source) == Some(&doc.content_hash) {
+            report.documents_unchanged += 1;
+            continue;
+        }
+        // A document removed meanwhile by another process is simply not copied.
+        let Some(full) = from.export_document(&doc.source)? else {
+            continue;
+        };
+        report.chunks_copied += full.chunks.len();
+        target.upsert_document(full)?;
+        report.documents_copied += 1;
+        on_document(&doc.source);
+    }
+    target.commit()?;
+    let stats = target.stats()?;
+    report.total_documents = stats.documents;
+    report.total_chunks = stats.chunks;
+    Ok(report)
+}
