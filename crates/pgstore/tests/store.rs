@@ -530,3 +530,69 @@ openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 
     let err = PgStore::open(&format!("{base}&sslmode=verify-full"), &bad).unwrap_err();
     assert!(err.to_string().contains("sslrootcert"), "{err}");
 }
+
+#[test]
+fn passwords_come_from_the_url_or_the_environment_and_never_show() {
+    let server = server();
+    // A role with a password, then password authentication for TCP connections.
+    let mut admin = postgres::Client::connect(
+        &format!("postgres://postgres@127.0.0.1:{}/postgres", server.port()),
+        postgres::NoTls,
+    )
+    .unwrap();
+    admin
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE rag LOGIN PASSWORD 'c0rrect-h0rse';
+             GRANT CREATE ON DATABASE postgres TO rag;
+             CREATE EXTENSION IF NOT EXISTS vector;",
+        )
+        .unwrap();
+    let hba = server.data_dir().join("pg_hba.conf");
+    let conf = std::fs::read_to_string(&hba).unwrap();
+    // First match wins: the role `rag` must give a password; the superuser stays trusted (the
+    // start script uses it).
+    let scram = format!("host all rag 127.0.0.1/32 scram-sha-256\n{conf}");
+    std::fs::write(&hba, scram).unwrap();
+    server.restart().unwrap();
+
+    let base = format!(
+        "127.0.0.1:{}/postgres?sslmode=disable&schema=secured",
+        server.port()
+    );
+    // In the URL.
+    let mut store = PgStore::open_or_create(
+        &format!("postgres://rag:c0rrect-h0rse@{base}"),
+        &PgOptions::default(),
+        &embedder(),
+    )
+    .unwrap();
+    store.upsert_document(corpus(7, 1, 2).remove(0)).unwrap();
+    // From the environment (as the CLI passes $PGPASSWORD).
+    let from_env = PgOptions {
+        password: Some("c0rrect-h0rse".into()),
+        ..PgOptions::default()
+    };
+    let store = PgStore::open(&format!("postgres://rag@{base}"), &from_env).unwrap();
+    assert_eq!(store.stats().unwrap().chunks, 2);
+    // A wrong one fails clearly, without showing either.
+    let wrong = PgOptions {
+        password: Some("guess-w0rk".into()),
+        ..PgOptions::default()
+    };
+    let err = PgStore::open(&format!("postgres://rag@{base}"), &wrong).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot connect") && msg.contains("password"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("guess-w0rk") && !msg.contains("c0rrect"),
+        "{msg}"
+    );
+    let err = PgStore::open(&format!("postgres://rag:guess-w0rk@{base}"), &from_env).unwrap_err();
+    assert!(!err.to_string().contains("guess-w0rk"), "{err}");
+    // None at all: the server asks for one and the error says where to put it.
+    let err = PgStore::open(&format!("postgres://rag@{base}"), &PgOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("PGPASSWORD"), "{err}");
+}

@@ -203,12 +203,30 @@ fn ingest_search_and_ask_behave_the_same_on_both_stores() {
                 ..AskOptions::default()
             };
             let p = Pipeline::new(tiny_engine(), Some(retriever), options).unwrap();
-            p.ask(QUESTIONS[0], &mut |_| std::ops::ControlFlow::Continue(()))
-                .unwrap()
+            let asked = p
+                .ask(QUESTIONS[0], &mut |_| std::ops::ControlFlow::Continue(()))
+                .unwrap();
+            // Chat: two turns, each retrieving afresh from the store.
+            let mut chat = p.chat();
+            let turns: Vec<_> = QUESTIONS[1..3]
+                .iter()
+                .map(|q| {
+                    chat.send(q, &mut |_| std::ops::ControlFlow::Continue(()))
+                        .unwrap()
+                })
+                .collect();
+            (asked, turns)
         })
         .collect();
-    assert_eq!(answers[0].prompt.messages, answers[1].prompt.messages);
-    assert_eq!(answers[0].generation.tokens, answers[1].generation.tokens);
+    let (ask_a, chat_a) = &answers[0];
+    let (ask_b, chat_b) = &answers[1];
+    assert_eq!(ask_a.prompt.messages, ask_b.prompt.messages);
+    assert_eq!(ask_a.generation.tokens, ask_b.generation.tokens);
+    for (a, b) in chat_a.iter().zip(chat_b) {
+        assert_eq!(a.prompt.messages, b.prompt.messages);
+        assert_eq!(a.generation.tokens, b.generation.tokens);
+        assert!(!a.hits.is_empty());
+    }
 
     // A changed file is re-read whole (its old chunks gone), a deleted one pruned: the same on both.
     let changed = corpus.join("miami.txt");
