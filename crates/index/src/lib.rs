@@ -8,16 +8,20 @@
 //! ```text
 //! dir/
 //!   index.json          manifest: format, version, generation, embedder, counts, next_id,
-//!                       HNSW params, SHA-256 of every file (replaced by atomic rename)
+//!                       HNSW params, SHA-256 of every file, segments and tombstones
+//!                       (replaced by atomic rename)
 //!   .lock               advisory lock: exclusive while saving, shared while opening
 //!   gen-000006/         the previous version, kept as the fallback
 //!   gen-000007/         one complete version ("generation"), never modified once written
 //!     manifest.json     this generation's manifest (written last: the directory is complete)
-//!     chunks.jsonl      one ChunkRecord per line, in vector order
+//!     chunks.jsonl      one ChunkRecord per line, in slot order          } the first segment
+//!     vectors.f32       "TRVECF32", dim u64 LE, count u64 LE, count*dim  }
+//!                       f32 LE (normalised)
+//!     chunks-gen-000007.jsonl, vectors-gen-000007.f32
+//!                       a later segment: the slots added by that save (version 2)
 //!     documents.json    DocumentRecords
-//!     vectors.f32       "TRVECF32", dim u64 LE, count u64 LE, count*dim f32 LE (normalised)
-//!     hnsw.hnsw.graph   hnsw_rs graph dump
-//!     hnsw.hnsw.data    hnsw_rs data dump
+//!     hnsw.hnsw.graph   hnsw_rs graph dump (of the first `graph_points` slots; the rest
+//!     hnsw.hnsw.data    are inserted on open)
 //!     lexical/          tantivy's files of the BM25 index over the chunk texts (derived:
 //!                       rebuilt from chunks.jsonl when absent or damaged)
 //! ```
@@ -27,6 +31,15 @@
 //! any point leaves the old manifest naming the old, complete generation, or the new manifest
 //! naming the new one. Opening verifies every file's checksum; a damaged current generation (a
 //! truncated file, a flipped bit) falls back to the previous one when that is intact.
+//!
+//! Saves are incremental: removing a document marks its chunks' slots removed (tombstones; the
+//! graph keeps their points and searches skip them), and a save hard-links the segments, graph
+//! dump and lexical files the previous generation already holds, writing only a segment with
+//! the new slots, the document list, the tombstones and the lexical index's new files. A save
+//! writes everything afresh (a plain version-1 generation: one segment, no tombstones) when
+//! removed slots pass a quarter of all of them, or after 32 segments; that compaction renumbers
+//! the slots and rebuilds the graph. Files shared between generations are one file on disk: a
+//! damaged shared file is named by both, so the fallback protects what each save wrote itself.
 
 mod error;
 mod fusion;
@@ -35,7 +48,7 @@ mod storage;
 mod store;
 mod vector;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -158,8 +171,9 @@ pub struct IndexInfo {
 /// A persistent, incrementally updated index of chunks and their vectors.
 ///
 /// Chunks and their (normalised) vectors are kept in parallel arrays; the HNSW graph's point
-/// `i` is vector `i`. The graph is kept in step with additions and dropped on removals, to be
-/// rebuilt from the vectors on the next search or save.
+/// `i` is vector `i` (slot `i`). The graph is kept in step with additions; removals mark their
+/// slots removed, which searches skip, until a save compacts the arrays (when removed slots pass
+/// a quarter of them) and the graph is rebuilt from the vectors.
 #[derive(Debug)]
 pub struct Index {
     embedder: EmbedderInfo,
@@ -167,6 +181,12 @@ pub struct Index {
     chunks: Vec<ChunkRecord>,
     /// `chunks.len() * dim` components, L2-normalised.
     vectors: Vec<f32>,
+    /// Per slot: removed (a tombstone). Removed chunks keep their slot, vector and graph point
+    /// until a compaction, so removing a document costs in proportion to the document.
+    dead: Vec<bool>,
+    /// How many slots are removed.
+    dead_count: usize,
+    /// Live chunks only.
     slot_of: HashMap<u64, usize>,
     documents: BTreeMap<String, DocumentRecord>,
     next_id: u64,
@@ -184,7 +204,43 @@ pub struct Index {
     origin: Option<(PathBuf, String)>,
     /// Set when opening fell back to an earlier generation.
     recovery: Option<Recovery>,
+    /// What the generation this index was opened from (or last saved as) holds for its first
+    /// slots, so the next save hard-links those files and writes only what changed; `None`
+    /// after a compaction moved the slots.
+    persisted: Option<Persisted>,
 }
+
+/// What [`Index::write_generation`] wrote, for the manifest.
+struct Written {
+    graph: Option<GraphFiles>,
+    graph_points: usize,
+    files: FileChecksums,
+    lexical: Option<LexicalFiles>,
+    segments: Vec<storage::SegmentFiles>,
+    tombstones: Vec<u64>,
+}
+
+/// The files of the generation an index was opened from or saved as, and the slots they hold.
+#[derive(Debug, Clone)]
+struct Persisted {
+    gen_dir: PathBuf,
+    segments: Vec<storage::SegmentFiles>,
+    /// Slots `0..slots` are in `segments`, in order.
+    slots: usize,
+    /// The graph dump and how many of the first slots it holds.
+    graph: Option<(GraphFiles, usize)>,
+    /// The saved lexical index's files.
+    lexical: Option<LexicalFiles>,
+}
+
+/// Removed slots beyond this share of all slots make the next save compact the index (drop
+/// them, renumber the slots, rebuild the graph) instead of saving incrementally.
+const COMPACT_DEAD_SHARE: f64 = 0.25;
+/// Segments beyond this make the next save write one segment afresh.
+const MAX_SEGMENTS: usize = 32;
+/// Points not in the saved graph dump beyond this share of the dump (or 4,096) make the next
+/// save dump the graph again; below it they are inserted on open.
+const GRAPH_REDUMP_SHARE: f64 = 0.25;
 
 /// How [`Index::open`] recovered from a damaged current version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -222,6 +278,8 @@ impl Index {
             params: HnswParams::default(),
             chunks: Vec::new(),
             vectors: Vec::new(),
+            dead: Vec::new(),
+            dead_count: 0,
             slot_of: HashMap::new(),
             documents: BTreeMap::new(),
             next_id: 0,
@@ -232,6 +290,7 @@ impl Index {
             embedder,
             origin: None,
             recovery: None,
+            persisted: None,
         }
     }
 
@@ -339,21 +398,46 @@ impl Index {
                 "the generation directory named by the manifest is missing",
             ));
         }
-        let sums = manifest.files.as_ref();
-        let vectors_path = gen_dir.join(storage::VECTORS_FILE);
-        let bytes = storage::read_data(&vectors_path)?;
-        let vectors = storage::parse_vectors(&vectors_path, &bytes, dim, manifest.chunks)?;
-        storage::verify_sha256(
-            &vectors_path,
-            &bytes,
-            sums.map(|s| s.vectors_sha256.as_str()),
-        )?;
-        drop(bytes);
-        let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
-        let bytes = storage::read_data(&chunks_path)?;
-        let chunks = parse_chunks(&chunks_path, &bytes, manifest.chunks)?;
-        storage::verify_sha256(&chunks_path, &bytes, sums.map(|s| s.chunks_sha256.as_str()))?;
-        drop(bytes);
+        // Version 1 has one implicit segment: chunks.jsonl and vectors.f32.
+        let segments: Vec<storage::SegmentFiles> = if manifest.segments.is_empty() {
+            let sums = manifest.files.as_ref();
+            vec![storage::SegmentFiles {
+                chunks_file: storage::CHUNKS_FILE.into(),
+                vectors_file: storage::VECTORS_FILE.into(),
+                count: manifest.chunks,
+                chunks_sha256: sums.map(|s| s.chunks_sha256.clone()).unwrap_or_default(),
+                vectors_sha256: sums.map(|s| s.vectors_sha256.clone()).unwrap_or_default(),
+            }]
+        } else {
+            manifest.segments.clone()
+        };
+        let slots: usize = segments.iter().map(|s| s.count).sum();
+        let mut vectors = Vec::with_capacity(slots.min(1 << 24) * dim);
+        let mut chunks = Vec::with_capacity(slots.min(1 << 24));
+        for seg in &segments {
+            if !seg.names_are_plain() {
+                return Err(IndexError::corrupt(
+                    dir.join(storage::MANIFEST),
+                    format!("invalid segment file names {seg:?}"),
+                ));
+            }
+            // Indexes written before checksums were recorded have none to check.
+            let want = |h: &str| (!h.is_empty()).then(|| h.to_string());
+            let vectors_path = gen_dir.join(&seg.vectors_file);
+            let bytes = storage::read_data(&vectors_path)?;
+            vectors.extend(storage::parse_vectors(
+                &vectors_path,
+                &bytes,
+                dim,
+                seg.count,
+            )?);
+            storage::verify_sha256(&vectors_path, &bytes, want(&seg.vectors_sha256).as_deref())?;
+            drop(bytes);
+            let chunks_path = gen_dir.join(&seg.chunks_file);
+            let bytes = storage::read_data(&chunks_path)?;
+            chunks.extend(parse_chunks(&chunks_path, &bytes, seg.count)?);
+            storage::verify_sha256(&chunks_path, &bytes, want(&seg.chunks_sha256).as_deref())?;
+        }
         let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
         let bytes = storage::read_data(&docs_path)?;
         let documents: Vec<DocumentRecord> = serde_json::from_slice(&bytes)
@@ -361,21 +445,47 @@ impl Index {
         storage::verify_sha256(
             &docs_path,
             &bytes,
-            sums.map(|s| s.documents_sha256.as_str()),
+            manifest.files.as_ref().map(|s| s.documents_sha256.as_str()),
         )?;
-        let (slot_of, documents) = check_consistency(&gen_dir, manifest, &chunks, documents)?;
+        let (slot_of, documents, dead) = check_consistency(&gen_dir, manifest, &chunks, documents)?;
+        let dead_count = dead.iter().filter(|d| **d).count();
 
         let graph = OnceLock::new();
+        let graph_points = manifest.graph_points.unwrap_or(slots).min(slots);
         if let Some(files) = &manifest.graph {
-            if let Some(g) = load_graph(&gen_dir, files, &vectors, dim, manifest.hnsw_params) {
+            if let Some(mut g) = load_graph(
+                &gen_dir,
+                files,
+                &vectors[..graph_points * dim],
+                dim,
+                manifest.hnsw_params,
+            ) {
+                // Points saved after the dump go in now: in proportion to what was added.
+                g.insert_normalized(&vectors[graph_points * dim..]);
                 let _ = graph.set(g);
             }
         }
+        let complete_sums = segments
+            .iter()
+            .all(|s| !s.chunks_sha256.is_empty() && !s.vectors_sha256.is_empty());
+        let persisted = complete_sums.then(|| Persisted {
+            gen_dir: gen_dir.clone(),
+            segments,
+            slots,
+            graph: manifest
+                .graph
+                .clone()
+                .filter(|_| graph.get().is_some())
+                .map(|g| (g, graph_points)),
+            lexical: manifest.lexical.clone(),
+        });
         Ok(Index {
             embedder: manifest.embedder.clone(),
             params: manifest.hnsw_params,
             chunks,
             vectors,
+            dead,
+            dead_count,
             slot_of,
             documents,
             next_id: manifest.next_id,
@@ -388,6 +498,7 @@ impl Index {
             exact_scan_limit: default_exact_scan_limit(dim),
             origin: None,
             recovery: None,
+            persisted,
         })
     }
 
@@ -482,6 +593,7 @@ impl Index {
         }
         self.next_id = first_id + chunk_ids.len() as u64;
         self.vectors.extend_from_slice(&flat);
+        self.dead.resize(self.chunks.len(), false);
         if let Some(graph) = self.graph.get_mut() {
             graph.insert_normalized(&flat);
         }
@@ -536,11 +648,27 @@ impl Index {
                 self.lexical = OnceLock::new();
             }
         }
-        let gone: HashSet<u64> = doc.chunk_ids.into_iter().collect();
+        // Tombstones: the slots, vectors and graph points stay until a compaction, so this
+        // costs in proportion to the document, and the graph stays usable.
+        for id in doc.chunk_ids {
+            if let Some(slot) = self.slot_of.remove(&id) {
+                self.dead[slot] = true;
+                self.dead_count += 1;
+            }
+        }
+        true
+    }
+
+    /// Drops the removed slots for good: the arrays are renumbered, so the graph is rebuilt on
+    /// next use and the next save writes everything afresh.
+    fn compact(&mut self) {
+        if self.dead_count == 0 {
+            return;
+        }
         let dim = self.embedder.dim;
         let mut write = 0;
         for read in 0..self.chunks.len() {
-            if gone.contains(&self.chunks[read].id) {
+            if self.dead[read] {
                 continue;
             }
             if write != read {
@@ -552,6 +680,8 @@ impl Index {
         }
         self.chunks.truncate(write);
         self.vectors.truncate(write * dim);
+        self.dead = vec![false; write];
+        self.dead_count = 0;
         self.slot_of = self
             .chunks
             .iter()
@@ -560,7 +690,15 @@ impl Index {
             .collect();
         // hnsw_rs cannot delete points, and slots have moved: rebuild on next use.
         self.graph = OnceLock::new();
-        true
+        self.persisted = None;
+    }
+
+    /// Live chunks with their slots.
+    fn live(&self) -> impl Iterator<Item = (usize, &ChunkRecord)> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| !self.dead[*slot])
     }
 
     /// A saved lexical index must be loaded before the chunks change, so that the change can be
@@ -608,11 +746,11 @@ impl Index {
         });
         let built = match loaded {
             Some(l) => l,
-            None => LexicalIndex::build(self.chunks.iter().map(|c| (c.id, c.text.as_str())))
+            None => LexicalIndex::build(self.live().map(|(_, c)| (c.id, c.text.as_str())))
                 .map_err(lexical_error)?,
         };
         tracing::debug!(
-            chunks = self.chunks.len(),
+            chunks = self.len(),
             loaded = self.lexical_files.is_some(),
             ms = started.elapsed().as_millis() as u64,
             "lexical index ready"
@@ -625,7 +763,7 @@ impl Index {
     /// a chunk holding the query's exact word sequence ranks above one with the words apart.
     /// A query without any word (only punctuation) finds nothing.
     pub fn search_lexical(&self, query: &str, k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
-        if k == 0 || self.chunks.is_empty() {
+        if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
         let found = self.lexical()?.search(query, k).map_err(lexical_error)?;
@@ -697,7 +835,7 @@ impl Index {
             })?;
             self.prepare_query(v)
         };
-        if k == 0 || self.chunks.is_empty() {
+        if k == 0 || self.is_empty() {
             if mode.uses_vectors() {
                 vector()?;
             }
@@ -735,7 +873,7 @@ impl Index {
                 .chunks
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| filter.matches(&c.source, c.page))
+                .filter(|(slot, c)| !self.dead[*slot] && filter.matches(&c.source, c.page))
                 .map(|(slot, _)| (slot, dot(q, &self.vectors[slot * dim..(slot + 1) * dim])))
                 .collect();
             if found.len() > depth {
@@ -745,12 +883,14 @@ impl Index {
             return Ok(self.hits(q, found));
         }
         if exact {
-            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, q, depth);
+            let found = self.exact(q, depth);
             return Ok(self.hits(q, found));
         }
         match ef {
             Some(ef) if self.chunks.len() > self.exact_scan_limit => {
-                let found = self.graph()?.search_normalized(q, depth, ef.max(depth));
+                let found =
+                    self.graph()?
+                        .search_live(q, depth, ef.max(depth), &self.dead, self.dead_count);
                 Ok(self.hits(q, found))
             }
             _ => self.search_normalized(q, depth),
@@ -816,11 +956,11 @@ impl Index {
 
     /// [`Index::search`] for an already normalised query.
     fn search_normalized(&self, q: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
-        if k == 0 || self.chunks.is_empty() {
+        if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
         if self.chunks.len() <= self.exact_scan_limit {
-            let found = vector::exact_top_k(&self.vectors, self.embedder.dim, q, k);
+            let found = self.exact(q, k);
             return Ok(self.hits(q, found));
         }
         self.search_hnsw_normalized(q, k)
@@ -841,12 +981,15 @@ impl Index {
         found
             .into_iter()
             .filter_map(|(slot, score)| {
-                self.chunks.get(slot).map(|chunk| Hit {
-                    chunk,
-                    score,
-                    vector_score: Some(score),
-                    lexical_score: None,
-                })
+                self.chunks
+                    .get(slot)
+                    .filter(|_| !self.dead[slot])
+                    .map(|chunk| Hit {
+                        chunk,
+                        score,
+                        vector_score: Some(score),
+                        lexical_score: None,
+                    })
             })
             .collect()
     }
@@ -870,17 +1013,19 @@ impl Index {
     }
 
     fn search_hnsw_normalized(&self, q: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
-        if k == 0 || self.chunks.is_empty() {
+        if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        let found = self.graph()?.search_normalized(q, k, self.params.ef_for(k));
+        let found =
+            self.graph()?
+                .search_live(q, k, self.params.ef_for(k), &self.dead, self.dead_count);
         Ok(self.hits(q, found))
     }
 
     /// Exact brute-force cosine search (for small indexes and to measure HNSW recall).
     pub fn search_exact(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
         let q = self.prepare_query(query)?;
-        let found = vector::exact_top_k(&self.vectors, self.embedder.dim, &q, k);
+        let found = self.exact(&q, k);
         Ok(self.hits(&q, found))
     }
 
@@ -930,22 +1075,52 @@ impl Index {
         let generation = storage::generation_name(newest + 1);
         let gen_dir = dir.join(&generation);
 
+        // Incremental when this index holds what the current generation holds plus changes:
+        // its files are hard-linked and only the new slots, the tombstones and the document
+        // list are written. Otherwise (or when removed slots pile up) compact and write all.
+        let base = self.persisted.clone().filter(|p| {
+            let opened_current = matches!(
+                (&self.origin, &current),
+                (Some((origin_dir, opened)), Some(cur))
+                    if *origin_dir == canonical && *opened == cur.generation
+                        && p.gen_dir.file_name().and_then(|n| n.to_str()) == Some(cur.generation.as_str())
+            );
+            opened_current
+                && self.recovery.is_none()
+                && p.slots <= self.chunks.len()
+                && p.segments.len() < MAX_SEGMENTS
+                && (self.dead_count as f64) <= COMPACT_DEAD_SHARE * self.chunks.len() as f64
+        });
+        if base.is_none() {
+            self.compact();
+        }
         let written = self
-            .write_generation(&gen_dir)
-            .and_then(|(graph, files, lexical)| {
+            .write_generation(&gen_dir, &generation, base.as_ref())
+            .and_then(|w| {
+                let plain = w.segments.len() == 1
+                    && w.segments[0].chunks_file == storage::CHUNKS_FILE
+                    && w.tombstones.is_empty()
+                    && w.graph_points == self.chunks.len();
                 let manifest = Manifest {
                     format: storage::FORMAT_NAME.to_string(),
-                    version: storage::FORMAT_VERSION,
+                    version: if plain {
+                        storage::FORMAT_VERSION_PLAIN
+                    } else {
+                        storage::FORMAT_VERSION
+                    },
                     generation: generation.clone(),
                     embedder: self.embedder.clone(),
-                    chunks: self.chunks.len(),
+                    chunks: self.len(),
                     documents: self.documents.len(),
                     next_id: self.next_id,
                     saved_at: now_unix(),
                     hnsw_params: self.params,
-                    graph,
-                    files: Some(files),
-                    lexical,
+                    graph: w.graph,
+                    files: Some(w.files),
+                    lexical: w.lexical,
+                    graph_points: (!plain).then_some(w.graph_points),
+                    segments: if plain { Vec::new() } else { w.segments },
+                    tombstones: w.tombstones,
                 };
                 // The generation's own copy, written last: a generation directory with it is
                 // complete, and can stand in if `index.json` or a later generation is damaged.
@@ -969,6 +1144,34 @@ impl Index {
         };
         storage::write_manifest(dir, &manifest)?;
         self.origin = Some((canonical, generation.clone()));
+        self.persisted = Some(Persisted {
+            gen_dir: gen_dir.clone(),
+            segments: if manifest.segments.is_empty() {
+                vec![storage::SegmentFiles {
+                    chunks_file: storage::CHUNKS_FILE.into(),
+                    vectors_file: storage::VECTORS_FILE.into(),
+                    count: self.chunks.len(),
+                    chunks_sha256: manifest
+                        .files
+                        .as_ref()
+                        .map(|f| f.chunks_sha256.clone())
+                        .unwrap_or_default(),
+                    vectors_sha256: manifest
+                        .files
+                        .as_ref()
+                        .map(|f| f.vectors_sha256.clone())
+                        .unwrap_or_default(),
+                }]
+            } else {
+                manifest.segments.clone()
+            },
+            slots: self.chunks.len(),
+            graph: manifest
+                .graph
+                .clone()
+                .map(|g| (g, manifest.graph_points.unwrap_or(self.chunks.len()))),
+            lexical: manifest.lexical.clone(),
+        });
 
         // The new version is published. The one it replaces stays, as the fallback should the
         // new one be damaged later (after a recovery, the intact one this index came from, not
@@ -989,69 +1192,143 @@ impl Index {
         Ok(())
     }
 
-    /// Writes all files of one generation into the new directory `gen_dir` and fsyncs them.
+    /// Writes one generation into the new directory `gen_dir` and fsyncs it: everything, or,
+    /// on top of `base` (the generation this index holds plus changes), hard links to its files
+    /// and a segment with the slots added since.
     fn write_generation(
         &self,
         gen_dir: &Path,
-    ) -> Result<(Option<GraphFiles>, FileChecksums, Option<LexicalFiles>), IndexError> {
+        generation: &str,
+        base: Option<&Persisted>,
+    ) -> Result<Written, IndexError> {
         fs::create_dir(gen_dir).map_err(|e| IndexError::io(gen_dir, e))?;
         let dim = self.embedder.dim;
-
-        let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
-        let file = fs::File::create(&chunks_path).map_err(|e| IndexError::io(&chunks_path, e))?;
-        let mut w = storage::HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
-        for c in &self.chunks {
-            serde_json::to_writer(&mut w, c).map_err(|e| IndexError::io(&chunks_path, e.into()))?;
-            w.write_all(b"\n")
+        let mut segments = Vec::new();
+        let first_new = match base {
+            Some(b) => {
+                for seg in &b.segments {
+                    for name in [&seg.chunks_file, &seg.vectors_file] {
+                        storage::link_or_copy(&b.gen_dir.join(name), &gen_dir.join(name))?;
+                    }
+                    segments.push(seg.clone());
+                }
+                b.slots
+            }
+            None => 0,
+        };
+        if first_new < self.chunks.len() || segments.is_empty() {
+            let (chunks_file, vectors_file) = if segments.is_empty() {
+                (
+                    storage::CHUNKS_FILE.to_string(),
+                    storage::VECTORS_FILE.to_string(),
+                )
+            } else {
+                (
+                    format!("chunks-{generation}.jsonl"),
+                    format!("vectors-{generation}.f32"),
+                )
+            };
+            let chunks_path = gen_dir.join(&chunks_file);
+            let file =
+                fs::File::create(&chunks_path).map_err(|e| IndexError::io(&chunks_path, e))?;
+            let mut w = storage::HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+            for c in &self.chunks[first_new..] {
+                serde_json::to_writer(&mut w, c)
+                    .map_err(|e| IndexError::io(&chunks_path, e.into()))?;
+                w.write_all(b"\n")
+                    .map_err(|e| IndexError::io(&chunks_path, e))?;
+            }
+            let (w, chunks_sha256) = w.finish();
+            w.into_inner()
+                .map_err(|e| IndexError::io(&chunks_path, e.into_error()))?
+                .sync_all()
                 .map_err(|e| IndexError::io(&chunks_path, e))?;
+            let vectors_sha256 = storage::write_vectors(
+                &gen_dir.join(&vectors_file),
+                &self.vectors[first_new * dim..],
+                dim,
+            )?;
+            segments.push(storage::SegmentFiles {
+                chunks_file,
+                vectors_file,
+                count: self.chunks.len() - first_new,
+                chunks_sha256,
+                vectors_sha256,
+            });
         }
-        let (w, chunks_sha256) = w.finish();
-        w.into_inner()
-            .map_err(|e| IndexError::io(&chunks_path, e.into_error()))?
-            .sync_all()
-            .map_err(|e| IndexError::io(&chunks_path, e))?;
+        let tombstones: Vec<u64> = self
+            .chunks
+            .iter()
+            .zip(&self.dead)
+            .filter(|(_, dead)| **dead)
+            .map(|(c, _)| c.id)
+            .collect();
 
         let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
         let docs: Vec<&DocumentRecord> = self.documents.values().collect();
         let json = serde_json::to_vec(&docs).map_err(|e| IndexError::io(&docs_path, e.into()))?;
         storage::write_file_synced(&docs_path, &json)?;
-
         // Checksums of the bytes as they were written, hashed on the way out (no second read).
         let files = FileChecksums {
-            chunks_sha256,
+            chunks_sha256: segments[0].chunks_sha256.clone(),
             documents_sha256: storage::sha256_bytes(&json),
-            vectors_sha256: storage::write_vectors(
-                &gen_dir.join(storage::VECTORS_FILE),
-                &self.vectors,
-                dim,
-            )?,
+            vectors_sha256: segments[0].vectors_sha256.clone(),
         };
 
         // Small indexes are searched by exact scan, so building a graph just to save it would
-        // only slow ingestion down; it is built when the index outgrows the scan limit.
-        let wanted = self.graph.get().is_some() || self.chunks.len() > self.exact_scan_limit;
-        let graph = if self.chunks.is_empty() || !wanted {
-            None
+        // only slow ingestion down; it is built when the index outgrows the scan limit. A saved
+        // dump that lacks only a few of the newest points is kept (they are inserted on open).
+        let slots = self.chunks.len();
+        let wanted = self.graph.get().is_some() || slots > self.exact_scan_limit;
+        let reusable =
+            base.and_then(|b| b.graph.as_ref().map(|g| (b, g)))
+                .filter(|(_, (_, points))| {
+                    let missing = slots.saturating_sub(*points) as f64;
+                    self.graph.get().is_some()
+                        && missing <= (GRAPH_REDUMP_SHARE * *points as f64).max(4096.0)
+                });
+        let (graph, graph_points) = if let Some((b, (files, points))) = reusable {
+            let (graph_path, data_path) = storage::graph_paths(&b.gen_dir, &files.basename);
+            let (to_graph, to_data) = storage::graph_paths(gen_dir, &files.basename);
+            storage::link_or_copy(&graph_path, &to_graph)?;
+            storage::link_or_copy(&data_path, &to_data)?;
+            (Some(files.clone()), *points)
+        } else if slots == 0 || !wanted {
+            (None, slots)
         } else {
             let basename = self.graph()?.dump(gen_dir, storage::GRAPH_BASENAME)?;
             let (graph_path, data_path) = storage::graph_paths(gen_dir, &basename);
             storage::sync_file(&graph_path)?;
             storage::sync_file(&data_path)?;
-            Some(GraphFiles {
-                graph_sha256: storage::sha256_file(&graph_path)?,
-                data_sha256: storage::sha256_file(&data_path)?,
-                basename,
-            })
+            (
+                Some(GraphFiles {
+                    graph_sha256: storage::sha256_file(&graph_path)?,
+                    data_sha256: storage::sha256_file(&data_path)?,
+                    basename,
+                }),
+                slots,
+            )
         };
-        let lexical = self.write_lexical(gen_dir)?;
+        let lexical = self.write_lexical(gen_dir, base)?;
         storage::sync_dir(gen_dir)?;
-        Ok((graph, files, lexical))
+        Ok(Written {
+            graph,
+            graph_points,
+            files,
+            lexical,
+            segments,
+            tombstones,
+        })
     }
 
     /// Writes the lexical index into the generation. It is derived from the chunks, so when
     /// tantivy fails the generation is saved without it (and rebuilt on first use) rather than
     /// failing the save; only I/O errors writing its files fail the save.
-    fn write_lexical(&self, gen_dir: &Path) -> Result<Option<LexicalFiles>, IndexError> {
+    fn write_lexical(
+        &self,
+        gen_dir: &Path,
+        base: Option<&Persisted>,
+    ) -> Result<Option<LexicalFiles>, IndexError> {
         let files = match self
             .lexical()
             .and_then(|l| l.files().map_err(lexical_error))
@@ -1064,10 +1341,24 @@ impl Index {
         };
         let dir = gen_dir.join(storage::LEXICAL_DIR);
         fs::create_dir(&dir).map_err(|e| IndexError::io(&dir, e))?;
+        // Tantivy never changes a segment file once written: the files the base generation
+        // already holds with the same bytes are linked, only new ones written.
+        let saved = base.and_then(|b| b.lexical.as_ref().map(|l| (b, l)));
         let mut sha256 = BTreeMap::new();
         for (name, bytes) in files {
-            storage::write_file_synced(&dir.join(&name), &bytes)?;
-            sha256.insert(name, storage::sha256_bytes(&bytes));
+            let hash = storage::sha256_bytes(&bytes);
+            let linked = saved.is_some_and(|(b, l)| {
+                l.sha256.get(&name) == Some(&hash)
+                    && storage::link_or_copy(
+                        &b.gen_dir.join(storage::LEXICAL_DIR).join(&name),
+                        &dir.join(&name),
+                    )
+                    .is_ok()
+            });
+            if !linked {
+                storage::write_file_synced(&dir.join(&name), &bytes)?;
+            }
+            sha256.insert(name, hash);
         }
         storage::sync_dir(&dir)?;
         Ok(Some(LexicalFiles { sha256 }))
@@ -1075,18 +1366,29 @@ impl Index {
 
     /// Number of chunks.
     pub fn len(&self) -> usize {
-        self.chunks.len()
+        self.chunks.len() - self.dead_count
     }
 
     /// Whether the index holds no chunks.
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        self.len() == 0
+    }
+
+    /// Exact top `k` of the live chunks: the scan skips nothing, so it asks for as many more
+    /// as there are removed slots and drops those.
+    fn exact(&self, q: &[f32], k: usize) -> Vec<(usize, f32)> {
+        let found = vector::exact_top_k(&self.vectors, self.embedder.dim, q, k + self.dead_count);
+        found
+            .into_iter()
+            .filter(|(slot, _)| !self.dead[*slot])
+            .take(k)
+            .collect()
     }
 
     /// Counts, embedder and parameters.
     pub fn info(&self) -> IndexInfo {
         IndexInfo {
-            chunks: self.chunks.len(),
+            chunks: self.len(),
             documents: self.documents.len(),
             embedder: self.embedder.clone(),
             dim: self.embedder.dim,
@@ -1118,7 +1420,7 @@ impl Index {
 
     /// All chunks, in storage order.
     pub fn chunks(&self) -> impl Iterator<Item = &ChunkRecord> {
-        self.chunks.iter()
+        self.live().map(|(_, c)| c)
     }
 }
 
@@ -1203,10 +1505,15 @@ fn parse_chunks(path: &Path, bytes: &[u8], count: usize) -> Result<Vec<ChunkReco
     Ok(chunks)
 }
 
-type Checked = (HashMap<u64, usize>, BTreeMap<String, DocumentRecord>);
+type Checked = (
+    HashMap<u64, usize>,
+    BTreeMap<String, DocumentRecord>,
+    Vec<bool>,
+);
 
-/// Cross-checks chunks, documents and manifest: unique ids below `next_id`, every chunk owned
-/// by exactly the document it names, counts as recorded.
+/// Cross-checks chunks, tombstones, documents and manifest: unique ids below `next_id`, every
+/// tombstone a stored chunk, every live chunk owned by exactly the document it names, counts as
+/// recorded. Returns the live chunks' slots, the documents and which slots are removed.
 fn check_consistency(
     gen_dir: &Path,
     manifest: &Manifest,
@@ -1215,6 +1522,7 @@ fn check_consistency(
 ) -> Result<Checked, IndexError> {
     let chunks_path = gen_dir.join(storage::CHUNKS_FILE);
     let docs_path = gen_dir.join(storage::DOCUMENTS_FILE);
+    let manifest_path = gen_dir.join(storage::GENERATION_MANIFEST);
     let mut slot_of = HashMap::with_capacity(chunks.len());
     for (slot, c) in chunks.iter().enumerate() {
         if c.id >= manifest.next_id {
@@ -1232,6 +1540,28 @@ fn check_consistency(
                 format!("chunk id {} appears twice", c.id),
             ));
         }
+    }
+    let mut dead = vec![false; chunks.len()];
+    for id in &manifest.tombstones {
+        match slot_of.remove(id) {
+            Some(slot) => dead[slot] = true,
+            None => {
+                return Err(IndexError::corrupt(
+                    &manifest_path,
+                    format!("removed chunk {id} is not stored, or removed twice"),
+                ))
+            }
+        }
+    }
+    if slot_of.len() != manifest.chunks {
+        return Err(IndexError::corrupt(
+            &manifest_path,
+            format!(
+                "{} chunks are stored, the manifest says {}",
+                slot_of.len(),
+                manifest.chunks
+            ),
+        ));
     }
     if documents.len() != manifest.documents {
         return Err(IndexError::corrupt(
@@ -1268,14 +1598,14 @@ fn check_consistency(
             ));
         }
     }
-    if owned != chunks.len() {
+    if owned != slot_of.len() {
         return Err(IndexError::corrupt(
             &docs_path,
             format!(
                 "documents own {owned} chunks but {} are stored",
-                chunks.len()
+                slot_of.len()
             ),
         ));
     }
-    Ok((slot_of, by_source))
+    Ok((slot_of, by_source, dead))
 }

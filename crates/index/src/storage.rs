@@ -20,8 +20,12 @@ pub(crate) const MANIFEST_TMP: &str = "index.json.tmp";
 pub(crate) const LOCK: &str = ".lock";
 /// Value of the manifest's `format` field.
 pub(crate) const FORMAT_NAME: &str = "thinkrag-index";
-/// The newest (and only) format version this build reads and writes.
-pub(crate) const FORMAT_VERSION: u64 = 1;
+/// The newest format version this build reads: 2 adds segments and tombstones (an
+/// incremental save). A save that writes everything afresh still writes version 1, which
+/// older builds read.
+pub(crate) const FORMAT_VERSION: u64 = 2;
+/// The version of a generation without segments or tombstones.
+pub(crate) const FORMAT_VERSION_PLAIN: u64 = 1;
 /// Chunk records, one JSON object per line, in vector order.
 pub(crate) const CHUNKS_FILE: &str = "chunks.jsonl";
 /// Per-document bookkeeping, a JSON array.
@@ -64,6 +68,51 @@ pub(crate) struct Manifest {
     /// lexical index is built from the chunks on first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical: Option<LexicalFiles>,
+    /// Version 2: the chunk and vector files, in slot order (the first may be `chunks.jsonl` and
+    /// `vectors.f32`); empty in version 1, whose only files are those two.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentFiles>,
+    /// Version 2: ids of chunks still in the segments but removed (a document replaced or
+    /// dropped since the segment was written); they are skipped on open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tombstones: Vec<u64>,
+    /// Version 2: how many of the first slots the graph dump holds (the rest are inserted on
+    /// open); absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_points: Option<usize>,
+}
+
+/// One segment of a version-2 generation: chunk records and their vectors for consecutive
+/// slots. Segments are never modified: a later generation hard-links the ones it keeps.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentFiles {
+    /// The chunk records file (JSON lines), in the generation directory.
+    pub chunks_file: String,
+    /// The vectors file (the `vectors.f32` format).
+    pub vectors_file: String,
+    /// Records (slots) in the segment, removed ones included.
+    pub count: usize,
+    pub chunks_sha256: String,
+    pub vectors_sha256: String,
+}
+
+impl SegmentFiles {
+    /// Whether the file names stay inside the generation directory.
+    pub(crate) fn names_are_plain(&self) -> bool {
+        [&self.chunks_file, &self.vectors_file]
+            .iter()
+            .all(|n| !n.is_empty() && !n.contains(['/', '\\']) && !n.starts_with(".."))
+    }
+}
+
+/// Puts `from` at `to` without copying data when the file system allows (a hard link: a
+/// generation shares the unchanged files of the one before), else copies it; fsynced either way.
+pub(crate) fn link_or_copy(from: &Path, to: &Path) -> Result<(), IndexError> {
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).map_err(|e| IndexError::io(to, e))?;
+        sync_file(to)?;
+    }
+    Ok(())
 }
 
 /// The tantivy files of one generation's lexical index (in `LEXICAL_DIR`), with checksums.
@@ -164,7 +213,7 @@ fn read_manifest_file(dir: &Path, path: &Path) -> Result<Manifest, IndexError> {
             supported: FORMAT_VERSION,
         });
     }
-    if version < FORMAT_VERSION {
+    if version < FORMAT_VERSION_PLAIN {
         return Err(IndexError::corrupt(
             &path,
             format!("unknown format version {version}"),

@@ -282,6 +282,31 @@ impl VectorIndex {
             .collect()
     }
 
+    /// [`VectorIndex::search_normalized`] leaving out the points marked in `dead` (removed
+    /// chunks whose points stay in the graph until a compaction): hnsw_rs still walks through
+    /// them but never returns them, so `k` live points come back when there are `k`.
+    pub(crate) fn search_live(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        dead: &[bool],
+        dead_count: usize,
+    ) -> Vec<(usize, f32)> {
+        if dead_count == 0 {
+            return self.search_normalized(q, k, ef);
+        }
+        if k == 0 || self.len == 0 {
+            return Vec::new();
+        }
+        let live = |id: &usize| !dead.get(*id).copied().unwrap_or(true);
+        self.hnsw
+            .search_filter(q, k, ef.max(k), Some(&live))
+            .into_iter()
+            .map(|n| (n.d_id, 1.0 - n.distance))
+            .collect()
+    }
+
     /// Number of points in the graph.
     pub fn len(&self) -> usize {
         self.len

@@ -592,8 +592,17 @@ fn a_damaged_current_generation_falls_back_to_the_previous_one() {
     assert_ne!(first, second);
     assert_eq!(Index::open(dir.path()).unwrap().len(), 65);
 
-    // One flipped bit inside a chunk's text: still valid JSON, so only a checksum sees it.
-    let chunks_path = second.join("chunks.jsonl");
+    // The second save was incremental: it hard-linked the first generation's files and wrote
+    // the new document's chunks in a segment of its own. One flipped bit inside a chunk's text
+    // there: still valid JSON, so only a checksum sees it.
+    let chunks_path = fs::read_dir(&second)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("chunks-") && name.ends_with(".jsonl")
+        })
+        .expect("the second generation's own segment");
     let good_chunks = fs::read(&chunks_path).unwrap();
     let mut flipped = good_chunks.clone();
     let at = flipped.windows(7).position(|w| w == b"\"text\":").unwrap() + 9;
@@ -602,7 +611,7 @@ fn a_damaged_current_generation_falls_back_to_the_previous_one() {
     let opened = Index::open(dir.path()).unwrap();
     assert_eq!(opened.len(), 60, "the previous generation, intact");
     let recovery = opened.recovery().expect("says it fell back");
-    assert!(recovery.damage.contains("chunks.jsonl"), "{recovery:?}");
+    assert!(recovery.damage.contains("chunks-gen-"), "{recovery:?}");
     assert!(recovery.damage.contains("checksum"), "{recovery:?}");
     assert_eq!(
         recovery.generation,
