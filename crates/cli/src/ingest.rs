@@ -291,6 +291,17 @@ fn print_summary(r: &IngestReport, model: &str) {
         r.files_unchanged,
         r.files_failed,
     );
+    if r.files_indexed > 0 {
+        // Reading runs ahead of embedding in a thread of its own: the slower stage sets the pace.
+        println!(
+            "Stages: reading and chunking {:.1} s ({:.1} pages/s), embedding {:.1} s ({:.1} chunks/s), storing {:.1} s.",
+            r.read_seconds,
+            r.pages as f64 / r.read_seconds.max(1e-9),
+            r.embed_seconds,
+            r.chunks_added as f64 / r.embed_seconds.max(1e-9),
+            r.store_seconds,
+        );
+    }
     if r.chunks_truncated > 0 {
         println!(
             "{} chunks were longer than {model} embeds and were cut (use token-sized chunks to avoid this).",

@@ -143,6 +143,15 @@ pub struct IngestReport {
     pub seconds: f64,
     /// Chunks embedded per second of wall time.
     pub chunks_per_second: f64,
+    /// Pages read per second of wall time.
+    pub pages_per_second: f64,
+    /// Seconds the reading thread spent hashing, reading, parsing and chunking files (it runs
+    /// ahead of embedding, so this overlaps the stages below).
+    pub read_seconds: f64,
+    /// Seconds spent embedding chunks.
+    pub embed_seconds: f64,
+    /// Seconds spent storing documents and committing (writing the index, or PostgreSQL).
+    pub store_seconds: f64,
 }
 
 impl IngestReport {
@@ -265,13 +274,17 @@ pub fn ingest(
         let chunker = &chunker;
         let known = &known;
         let files = &files;
-        scope.spawn(move || {
+        let reader = scope.spawn(move || {
+            let mut busy = Duration::ZERO;
             for path in files {
+                let started = Instant::now();
                 let item = prepare(path, known, opts, chunker);
+                busy += started.elapsed();
                 if sender.send(item).is_err() {
                     break; // the embedding side stopped (an error): read no further
                 }
             }
+            busy
         });
         embed_prepared(
             prepared,
@@ -282,7 +295,9 @@ pub fn ingest(
             &mut changed,
             &mut last_save,
             on_event,
-        )
+        )?;
+        report.read_seconds = reader.join().map_or(0.0, |busy| busy.as_secs_f64());
+        Ok(())
     })?;
     if opts.prune {
         let gone: Vec<String> = store
@@ -299,13 +314,16 @@ pub fn ingest(
     }
     if changed || !existed {
         on_event(IngestEvent::Saving);
+        let started = Instant::now();
         store.commit()?;
+        report.store_seconds += started.elapsed().as_secs_f64();
     }
     let stats = store.stats()?;
     report.total_documents = stats.documents;
     report.total_chunks = stats.chunks;
     report.seconds = started.elapsed().as_secs_f64();
     report.chunks_per_second = report.chunks_added as f64 / report.seconds.max(1e-9);
+    report.pages_per_second = report.pages as f64 / report.seconds.max(1e-9);
     Ok(report)
 }
 
@@ -411,7 +429,9 @@ fn embed_prepared(
         // Embedding file by file in slices keeps progress moving on long documents.
         for slice in chunks.chunks(128) {
             let texts: Vec<&str> = slice.iter().map(|c| c.text.as_str()).collect();
+            let started = Instant::now();
             let embedded = embedder.embed_passages(&texts)?;
+            report.embed_seconds += started.elapsed().as_secs_f64();
             report.chunks_truncated += embedded.truncated;
             vectors.extend(embedded.vectors);
             on_event(IngestEvent::Embedded {
@@ -431,6 +451,7 @@ fn embed_prepared(
         report.chunks_added += new_chunks.len();
         report.pages += document.pages.len();
         report.files_indexed += 1;
+        let started = Instant::now();
         store.upsert_document(NewDocument {
             source: key,
             content_hash: document.content_hash.clone(),
@@ -438,6 +459,7 @@ fn embed_prepared(
             chunks: new_chunks,
             vectors,
         })?;
+        report.store_seconds += started.elapsed().as_secs_f64();
         *changed = true;
         on_event(IngestEvent::FileDone { path });
         if opts
@@ -445,7 +467,9 @@ fn embed_prepared(
             .is_some_and(|every| last_save.elapsed() >= every)
         {
             on_event(IngestEvent::Saving);
+            let started = Instant::now();
             store.commit()?;
+            report.store_seconds += started.elapsed().as_secs_f64();
             *last_save = Instant::now();
         }
     }
