@@ -138,7 +138,7 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
             eprintln!("{line}");
         }
         match ev {
-            IngestEvent::Discovered { files: n } => files.set_length(n as u64),
+            IngestEvent::Discovered { files: n, .. } => files.set_length(n as u64),
             IngestEvent::FileStarted { path } => files.set_message(
                 path.file_name()
                     .unwrap_or_default()
@@ -171,7 +171,8 @@ pub fn run(args: IngestArgs, verbose: u8) -> Result<bool> {
 }
 
 /// What an ingest has done so far, for the progress display: files, pages and chunks, the rate
-/// and an ETA from the files left at the rate so far (files differ in size, so it is a rough one).
+/// and an ETA from the bytes of files left to read at the rate so far (files that are unchanged
+/// or yield no text cost next to nothing and are left out).
 struct Progress {
     started: std::time::Instant,
     every: std::time::Duration,
@@ -183,6 +184,16 @@ struct Progress {
     chunks: usize,
     /// Chunks of the current file embedded so far (added to `chunks` when it is done).
     current: usize,
+    /// Chunks the current file was cut into.
+    current_total: usize,
+    /// Size of the current file.
+    current_bytes: u64,
+    /// Size of all files found.
+    bytes_total: u64,
+    /// Size of the files read and embedded.
+    bytes_done: u64,
+    /// Size of the files that cost next to nothing (unchanged, or yielding no text).
+    bytes_skipped: u64,
 }
 
 impl Progress {
@@ -197,20 +208,38 @@ impl Progress {
             pages: 0,
             chunks: 0,
             current: 0,
+            current_total: 0,
+            current_bytes: 0,
+            bytes_total: 0,
+            bytes_done: 0,
+            bytes_skipped: 0,
         }
     }
 
     fn record(&mut self, ev: &IngestEvent<'_>) {
         match ev {
-            IngestEvent::Discovered { files } => self.files_total = *files,
-            IngestEvent::FileChunked { pages, .. } => {
+            IngestEvent::Discovered { files, bytes } => {
+                self.files_total = *files;
+                self.bytes_total = *bytes;
+            }
+            IngestEvent::FileStarted { path } => {
+                self.current_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+                self.current_total = 0;
+            }
+            IngestEvent::FileChunked { pages, chunks, .. } => {
                 self.pages += pages;
                 self.current = 0;
+                self.current_total = *chunks;
             }
             IngestEvent::Embedded { done, .. } => self.current = *done,
-            IngestEvent::FileDone { .. } | IngestEvent::FileUnchanged { .. } => {
+            IngestEvent::FileDone { .. } => {
                 self.chunks += std::mem::take(&mut self.current);
                 self.files_done += 1;
+                self.bytes_done += std::mem::take(&mut self.current_bytes);
+            }
+            IngestEvent::FileUnchanged { .. } => {
+                self.files_done += 1;
+                self.bytes_skipped += std::mem::take(&mut self.current_bytes);
             }
             IngestEvent::Failed(f) => {
                 // A damaged PDF read in part is also counted by its FileDone.
@@ -218,6 +247,7 @@ impl Progress {
                     matches!(f.reason, thinkrag::documents::FailureReason::Damaged { .. });
                 if f.page.is_none() && !partial {
                     self.files_done += 1;
+                    self.bytes_skipped += std::mem::take(&mut self.current_bytes);
                 }
             }
             _ => {}
@@ -233,16 +263,22 @@ impl Progress {
         } else {
             0.0
         };
-        let eta = match (
-            self.files_done,
-            self.files_total.saturating_sub(self.files_done),
-        ) {
-            (0, _) => "ETA -".to_string(),
-            (_, 0) => "ETA 0s".to_string(),
-            (done, left) => {
-                let secs = (elapsed / done as f64 * left as f64).round() as u64;
-                format!("ETA {}", duration_text(secs))
-            }
+        // Work is measured in bytes of the files that need reading (one large manual costs
+        // more than many small notes), counting the file being embedded by its share of chunks.
+        let work = self.bytes_total.saturating_sub(self.bytes_skipped) as f64;
+        let share = if self.current_total > 0 {
+            self.current as f64 / self.current_total as f64
+        } else {
+            0.0
+        };
+        let done = self.bytes_done as f64 + share * self.current_bytes as f64;
+        let eta = if self.files_done >= self.files_total && self.files_total > 0 {
+            "ETA 0s".to_string()
+        } else if done <= 0.0 || elapsed <= 0.0 {
+            "ETA -".to_string()
+        } else {
+            let secs = (elapsed * (work - done).max(0.0) / done).round() as u64;
+            format!("ETA {}", duration_text(secs))
         };
         format!(
             "{}/{} files, {} pages, {} chunks ({rate:.1}/s), {eta}",

@@ -52,6 +52,9 @@ pub enum IngestEvent<'a> {
     Discovered {
         /// How many.
         files: usize,
+        /// Their total size in bytes (for an estimate of the time left: pages and chunks
+        /// follow size far better than the number of files does).
+        bytes: u64,
     },
     /// A file is being read.
     FileStarted {
@@ -254,7 +257,15 @@ pub fn ingest(
     };
     let (files, missing) = thinkrag_ingest::discover(paths);
     report.files_seen = files.len();
-    on_event(IngestEvent::Discovered { files: files.len() });
+    let bytes = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    on_event(IngestEvent::Discovered {
+        files: files.len(),
+        bytes,
+    });
     for failure in &missing {
         on_event(IngestEvent::Failed(failure));
         report.failures.push(failure.into());
