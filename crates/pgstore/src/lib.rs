@@ -124,7 +124,7 @@ impl PgStore {
     /// Runs `f` on an idle search connection (or a new one), returning it afterwards.
     fn with_reader<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, PgStoreError>,
+        f: impl FnMut(&mut Client) -> Result<T, PgStoreError>,
     ) -> Result<T, PgStoreError> {
         let idle = self
             .idle
@@ -135,7 +135,14 @@ impl PgStore {
             Some(c) if !c.is_closed() => c,
             _ => open_client(&self.location)?,
         };
-        let out = f(&mut client);
+        let mut f = f;
+        let mut out = f(&mut client);
+        if out.is_err() && client.is_closed() {
+            // The server dropped the connection (a restart, a failover): searches are
+            // read-only, so one more try on a new connection is safe.
+            client = open_client(&self.location)?;
+            out = f(&mut client);
+        }
         if !client.is_closed() {
             let mut idle = self
                 .idle
@@ -148,10 +155,28 @@ impl PgStore {
         out
     }
 
-    fn writer(&self) -> std::sync::MutexGuard<'_, Client> {
-        self.writer
+    /// Runs `f` on the write connection. When the server dropped the connection (a restart,
+    /// a failover, an idle timeout) the connection is reopened and `f` tried once more, so a
+    /// long ingest or server survives them: every write is one transaction that either
+    /// committed or rolled back, and repeating it leaves the same state.
+    fn with_writer<T>(
+        &self,
+        mut f: impl FnMut(&mut Client) -> Result<T, PgStoreError>,
+    ) -> Result<T, PgStoreError> {
+        let mut client = self
+            .writer
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if client.is_closed() {
+            *client = open_client(&self.location)?;
+        }
+        match f(&mut client) {
+            Err(_) if client.is_closed() => {
+                *client = open_client(&self.location)?;
+                f(&mut client)
+            }
+            other => other,
+        }
     }
 
     fn q(&self) -> Q<'_> {
@@ -741,8 +766,7 @@ impl ChunkStore for PgStore {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |t| t.as_secs() as i64);
-        let mut client = self.writer();
-        let run = || -> Result<(), PgStoreError> {
+        let run = |client: &mut Client| -> Result<(), PgStoreError> {
             let mut tx = client
                 .transaction()
                 .map_err(|e| q.err("starting a document transaction", e))?;
@@ -777,7 +801,7 @@ impl ChunkStore for PgStore {
                 Type::INT8,
                 Type::TEXT,
                 Type::TEXT,
-                vector_type,
+                vector_type.clone(),
             ];
             let mut writer = BinaryCopyInWriter::new(sink, &types);
             for (ord, (c, v)) in d.chunks.iter().zip(&vectors).enumerate() {
@@ -795,18 +819,20 @@ impl ChunkStore for PgStore {
             tx.commit()
                 .map_err(|e| q.err(&format!("committing document {}", d.source), e))
         };
-        run().map_err(backend)
+        self.with_writer(run).map_err(backend)
     }
 
     fn remove_document(&mut self, source: &str) -> Result<bool, StoreError> {
         let q = self.q();
         let n = self
-            .writer()
-            .execute(
-                &format!("DELETE FROM {} WHERE source = $1", q.t("documents")),
-                &[&source],
-            )
-            .map_err(|e| backend(q.err(&format!("removing document {source}"), e)))?;
+            .with_writer(|c| {
+                c.execute(
+                    &format!("DELETE FROM {} WHERE source = $1", q.t("documents")),
+                    &[&source],
+                )
+                .map_err(|e| q.err(&format!("removing document {source}"), e))
+            })
+            .map_err(backend)?;
         Ok(n > 0)
     }
 

@@ -596,3 +596,41 @@ fn passwords_come_from_the_url_or_the_environment_and_never_show() {
     let err = PgStore::open(&format!("postgres://rag@{base}"), &PgOptions::default()).unwrap_err();
     assert!(err.to_string().contains("PGPASSWORD"), "{err}");
 }
+
+#[test]
+fn a_server_restart_between_writes_and_searches_is_survived() {
+    let server = server();
+    let mut store = pg(&server, "restarts");
+    let docs = corpus(8, 3, 4);
+    store.upsert_document(docs[0].clone()).unwrap();
+    let v = query_vector(3);
+    assert_eq!(
+        search(
+            &store,
+            SearchMode::Vector,
+            "",
+            &v,
+            2,
+            false,
+            &SearchFilter::default()
+        )
+        .len(),
+        2
+    );
+    server.restart().unwrap();
+    // Both the write connection and the pooled search connection were closed by the restart.
+    store.upsert_document(docs[1].clone()).unwrap();
+    assert!(store.remove_document(&docs[0].source).unwrap());
+    store.upsert_document(docs[2].clone()).unwrap();
+    let hits = search(
+        &store,
+        SearchMode::Hybrid,
+        "topic1",
+        &v,
+        3,
+        false,
+        &SearchFilter::default(),
+    );
+    assert_eq!(hits.len(), 3);
+    assert_eq!(store.stats().unwrap().documents, 2);
+}
