@@ -13,6 +13,7 @@ for_each_fixture!(
     gguf_export_reloads_bit_identical_to_quantizing_at_load,
     gguf_metadata_carries_tokenizer_and_chat_template,
     greedy_generation_from_gguf_q8_0_matches_f32,
+    a_split_gguf_loads_as_the_whole_file,
 );
 
 /// Prefill logits (every position) of the reference prompt.
@@ -310,4 +311,73 @@ fn the_gguf_input_found_by_fuzzing_is_an_error() {
         let result = thinkrag_llm::gguf::read_content(&mut std::io::Cursor::new(&bytes), &path);
         assert!(result.is_err(), "{}", path.display());
     }
+}
+
+/// A model split as llama.cpp's gguf-split writes it (all metadata in the first part, `split.no`,
+/// `split.count` and `split.tensors.count` in every part, the tensors spread over the parts)
+/// loads from its first part and computes exactly what the whole file does.
+fn a_split_gguf_loads_as_the_whole_file() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let whole = gguf_file(Quantization::Q8_0);
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&whole).unwrap());
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| {
+            let t = content
+                .tensor(&mut reader, n, &candle_core::Device::Cpu)
+                .unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let part = |i: usize| dir.path().join(format!("tiny-q8_0-{i:05}-of-00003.gguf"));
+    let total = Value::I32(tensors.len() as i32);
+    let count = Value::U16(3);
+    let thirds = tensors
+        .chunks(tensors.len().div_ceil(3))
+        .collect::<Vec<_>>();
+    for (no, chunk) in thirds.iter().enumerate() {
+        let no_value = Value::U16(no as u16);
+        let mut metadata: Vec<(&str, &Value)> = vec![
+            ("split.no", &no_value),
+            ("split.count", &count),
+            ("split.tensors.count", &total),
+        ];
+        if no == 0 {
+            metadata.extend(content.metadata.iter().map(|(k, v)| (k.as_str(), v)));
+        }
+        let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+            chunk.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut out = std::fs::File::create(part(no + 1)).unwrap();
+        gguf_file::write(&mut out, &metadata, &refs).unwrap();
+    }
+    let opts = LoadOptions {
+        device: test_device(),
+        ..LoadOptions::default()
+    };
+    let load = |p: &std::path::Path| {
+        let source = ModelSource::parse(p.to_str().unwrap()).unwrap();
+        Engine::load(&source, &opts, &mut |_| {})
+    };
+    let split = load(&part(1)).unwrap();
+    let want = prefill_logits(&gguf_engine(Quantization::Q8_0));
+    let got = prefill_logits(&split);
+    assert_eq!(
+        max_abs_diff(&got, &want),
+        0.0,
+        "the same weights, the same logits"
+    );
+
+    // A later part is not a model by itself; a missing part is named.
+    let err = load(&part(2)).err().unwrap().to_string();
+    assert!(err.contains("open the first part"), "{err}");
+    std::fs::remove_file(part(3)).unwrap();
+    let err = load(&part(1)).err().unwrap().to_string();
+    assert!(
+        err.contains("00003-of-00003") && err.contains("missing"),
+        "{err}"
+    );
 }

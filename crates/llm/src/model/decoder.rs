@@ -90,7 +90,7 @@ pub struct CausalLm {
     dtype: DType,
     device: Device,
     /// The memory-mapped file the weights live in, if any (a GGUF file on a CPU).
-    mapped_file: Option<std::sync::Arc<memmap2::Mmap>>,
+    mapped_files: Vec<std::sync::Arc<memmap2::Mmap>>,
 }
 
 /// Tensor names under a prefix, as Hugging Face writes them (`model.layers.0.self_attn`...).
@@ -385,7 +385,7 @@ impl CausalLm {
             cfg,
             dtype: weights.dtype(),
             device: weights.device().clone(),
-            mapped_file: weights.mapped_file(),
+            mapped_files: weights.mapped_files(),
         })
     }
 
@@ -582,8 +582,11 @@ impl CausalLm {
             let (_, k) = q.shape().dims2()?;
             let x = Tensor::zeros((1, 1, k), DType::F32, &self.device)?;
             l.forward_rows(&x)?;
-            if let Some(map) = &self.mapped_file {
-                let data = q.data()?;
+            if self.mapped_files.is_empty() {
+                return Ok(());
+            }
+            let data = q.data()?;
+            for map in &self.mapped_files {
                 let (start, base) = (data.as_ptr() as usize, map.as_ptr() as usize);
                 if start >= base && start + data.len() <= base + map.len() {
                     // SAFETY: DONTNEED on a read-only, file-backed mapping only drops page table

@@ -28,9 +28,9 @@ pub trait WeightSource {
     fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight>;
     /// Whether the source has a tensor of this name.
     fn contains(&self, name: &str) -> bool;
-    /// The memory-mapped file whose pages quantized tensors use in place, if any.
-    fn mapped_file(&self) -> Option<Arc<memmap2::Mmap>> {
-        None
+    /// The memory-mapped files whose pages quantized tensors use in place, if any.
+    fn mapped_files(&self) -> Vec<Arc<memmap2::Mmap>> {
+        Vec::new()
     }
 }
 
@@ -125,35 +125,160 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{short}.{kind}"))
 }
 
-/// A GGUF file with its header read (metadata and tensor directory), open for its tensors. The
+/// A GGUF model with its header read (metadata and tensor directory), open for its tensors. The
 /// header of a model with a 150k-token vocabulary is large: it is read once per load.
+///
+/// A model split by llama.cpp's `gguf-split` (`NAME-00001-of-00002.gguf`, ...: large files such
+/// as a 70B Q8_0 ship so) is opened from its first part: the others are found beside it, checked
+/// (`split.no`, `split.count`, `split.tensors.count`), and their tensors join the directory.
 pub struct GgufFile {
     path: PathBuf,
+    /// Metadata of the first part, tensor directory of all parts (each tensor's offset is
+    /// within its own part).
     content: gguf_file::Content,
+    parts: Vec<GgufPart>,
+    /// Which part holds a tensor (absent: the first).
+    part_of: std::collections::HashMap<String, usize>,
+}
+
+/// One file of a (possibly split) GGUF model.
+struct GgufPart {
+    path: PathBuf,
+    tensor_data_offset: u64,
     reader: BufReader<File>,
 }
 
+/// An integer metadata value of any width, as llama.cpp writes `split.*` keys (u16, i32).
+fn meta_int(c: &gguf_file::Content, key: &str) -> Option<u64> {
+    let v = c.metadata.get(key)?;
+    v.to_u64()
+        .ok()
+        .or_else(|| v.to_u32().ok().map(u64::from))
+        .or_else(|| v.to_u16().ok().map(u64::from))
+        .or_else(|| v.to_i32().ok().and_then(|x| u64::try_from(x).ok()))
+        .or_else(|| v.to_i64().ok().and_then(|x| u64::try_from(x).ok()))
+}
+
+/// The paths of all `count` parts of a split model, from the first part's path
+/// (`PREFIX-00001-of-0000N.gguf`, llama.cpp's naming).
+fn split_paths(first: &Path, count: u64) -> std::result::Result<Vec<PathBuf>, String> {
+    let name = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("the file name is not UTF-8")?;
+    let suffix = format!("-00001-of-{count:05}.gguf");
+    let prefix = name.strip_suffix(&suffix).ok_or_else(|| {
+        format!(
+            "a model split in {count} parts is opened from its first part, named PREFIX{suffix}"
+        )
+    })?;
+    Ok((1..=count)
+        .map(|i| first.with_file_name(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+        .collect())
+}
+
 impl GgufFile {
-    /// Opens `path` and reads its header, with errors that name the file.
+    /// Opens `path` and reads its header (and those of the other parts of a split model), with
+    /// errors that name the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = crate::gguf::read_content(&mut reader, path)?;
+        let read = |p: &Path| -> Result<(gguf_file::Content, BufReader<File>)> {
+            let file = File::open(p).map_err(|e| Error::io(p, e))?;
+            let mut reader = BufReader::new(file);
+            let content = crate::gguf::read_content(&mut reader, p)?;
+            Ok((content, reader))
+        };
+        let weights_error = |p: &Path, message: String| Error::Weights {
+            path: p.to_path_buf(),
+            message,
+        };
+        let (mut content, reader) = read(path)?;
+        let mut parts = vec![GgufPart {
+            path: path.to_path_buf(),
+            tensor_data_offset: content.tensor_data_offset,
+            reader,
+        }];
+        let mut part_of = std::collections::HashMap::new();
+        let count = meta_int(&content, "split.count").unwrap_or(1);
+        if count > 1 {
+            if meta_int(&content, "split.no").unwrap_or(0) != 0 {
+                return Err(weights_error(
+                    path,
+                    format!(
+                        "is part {} of a model split in {count}: open the first part",
+                        meta_int(&content, "split.no").unwrap_or(0) + 1
+                    ),
+                ));
+            }
+            let paths = split_paths(path, count).map_err(|m| weights_error(path, m))?;
+            for (no, part_path) in paths.iter().enumerate().skip(1) {
+                if !part_path.is_file() {
+                    return Err(weights_error(
+                        part_path,
+                        format!(
+                            "is missing: part {} of the {count} parts of {}",
+                            no + 1,
+                            path.display()
+                        ),
+                    ));
+                }
+                let (part, reader) = read(part_path)?;
+                if meta_int(&part, "split.no") != Some(no as u64)
+                    || meta_int(&part, "split.count") != Some(count)
+                {
+                    return Err(weights_error(
+                        part_path,
+                        format!(
+                            "is not part {} of {count} (its split.no/split.count say otherwise)",
+                            no + 1
+                        ),
+                    ));
+                }
+                for (name, info) in part.tensor_infos {
+                    if content.tensor_infos.contains_key(&name) {
+                        return Err(weights_error(part_path, format!("repeats tensor {name}")));
+                    }
+                    part_of.insert(name.clone(), no);
+                    content.tensor_infos.insert(name, info);
+                }
+                parts.push(GgufPart {
+                    path: part_path.clone(),
+                    tensor_data_offset: part.tensor_data_offset,
+                    reader,
+                });
+            }
+            if let Some(total) = meta_int(&content, "split.tensors.count") {
+                if total != content.tensor_infos.len() as u64 {
+                    return Err(weights_error(
+                        path,
+                        format!(
+                            "its {count} parts hold {} tensors, split.tensors.count says {total}",
+                            content.tensor_infos.len()
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            reader,
+            parts,
+            part_of,
         })
     }
 
-    /// The file's path.
+    /// The file's path (the first part's, for a split model).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The header: metadata and tensor directory.
+    /// The header: metadata and tensor directory (of all parts).
     pub fn content(&self) -> &gguf_file::Content {
         &self.content
+    }
+
+    /// How many files the model is in (1 unless split).
+    pub fn parts(&self) -> usize {
+        self.parts.len()
     }
 }
 
@@ -192,13 +317,22 @@ pub fn reorder_rows(q: &QTensor, from: &[usize], device: &Device) -> Result<QTen
 pub struct GgufWeights {
     path: PathBuf,
     content: gguf_file::Content,
-    reader: Mutex<BufReader<File>>,
-    map: Option<Arc<memmap2::Mmap>>,
+    /// Each file's data: where its tensors start, a reader, and its mapping on a CPU.
+    parts: Vec<MappedPart>,
+    part_of: std::collections::HashMap<String, usize>,
     device: Device,
     dtype: DType,
     /// For a Llama file, the query and key head counts: llama.cpp stores those projections with
     /// their rows reordered for interleaved RoPE, and they are put back in Hugging Face order.
     rope_heads: Option<(usize, usize)>,
+}
+
+/// One file of a [`GgufWeights`].
+struct MappedPart {
+    path: PathBuf,
+    tensor_data_offset: u64,
+    reader: Mutex<BufReader<File>>,
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 impl GgufWeights {
@@ -228,18 +362,31 @@ impl GgufWeights {
         } else {
             None
         };
-        // SAFETY: mapped read-only; thinkrag never writes model files while they are loaded, and
-        // the docs tell users not to modify a model in use (as for the safetensors mapping).
-        let map = device
-            .is_cpu()
-            .then(|| unsafe { memmap2::Mmap::map(file.reader.get_ref()) }.ok())
-            .flatten()
-            .map(Arc::new);
+        let parts = file
+            .parts
+            .into_iter()
+            .map(|p| {
+                // SAFETY: mapped read-only; thinkrag never writes model files while they are
+                // loaded, and the docs tell users not to modify a model in use (as for the
+                // safetensors mapping).
+                let map = device
+                    .is_cpu()
+                    .then(|| unsafe { memmap2::Mmap::map(p.reader.get_ref()) }.ok())
+                    .flatten()
+                    .map(Arc::new);
+                MappedPart {
+                    path: p.path,
+                    tensor_data_offset: p.tensor_data_offset,
+                    reader: Mutex::new(p.reader),
+                    map,
+                }
+            })
+            .collect();
         Self {
             path: file.path,
             content: file.content,
-            reader: Mutex::new(file.reader),
-            map,
+            parts,
+            part_of: file.part_of,
             device: device.clone(),
             dtype,
             rope_heads,
@@ -253,11 +400,11 @@ impl GgufWeights {
                 "has no tensor {name} (for {hf}): not a GGUF of a model thinkrag runs (qwen2, llama), or an incomplete one"
             ))
         })?;
-        if let Some(map) = &self.map {
+        let part = &self.parts[self.part_of.get(&name).copied().unwrap_or(0)];
+        if let Some(map) = &part.map {
             let dtype = info.ggml_dtype;
             let elems = info.shape.elem_count();
-            let start = self
-                .content
+            let start = part
                 .tensor_data_offset
                 .checked_add(info.offset)
                 .and_then(|s| usize::try_from(s).ok());
@@ -269,12 +416,15 @@ impl GgufWeights {
                 return Ok(t);
             }
         }
-        let mut reader = self
+        let mut reader = part
             .reader
             .lock()
             .map_err(|_| self.error("a previous read failed".into()))?;
-        info.read(&mut *reader, self.content.tensor_data_offset, &self.device)
-            .map_err(|e| self.error(format!("tensor {name}: {e}")))
+        info.read(&mut *reader, part.tensor_data_offset, &self.device)
+            .map_err(|e| Error::Weights {
+                path: part.path.clone(),
+                message: format!("tensor {name}: {e}"),
+            })
     }
 
     fn error(&self, message: String) -> Error {
@@ -331,8 +481,8 @@ impl WeightSource for GgufWeights {
         gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
     }
 
-    fn mapped_file(&self) -> Option<Arc<memmap2::Mmap>> {
-        self.map.clone()
+    fn mapped_files(&self) -> Vec<Arc<memmap2::Mmap>> {
+        self.parts.iter().filter_map(|p| p.map.clone()).collect()
     }
 }
 
@@ -393,7 +543,7 @@ mod mapping_tests {
         .unwrap();
         drop(out);
         let w = GgufWeights::new(GgufFile::open(&path).unwrap(), &Device::Cpu, DType::F32);
-        let map = w.map.clone().expect("a CPU load maps the file");
+        let map = w.parts[0].map.clone().expect("a CPU load maps the file");
         let inside = |p: *const u8| {
             let (lo, hi) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
             (lo..hi).contains(&(p as usize))
