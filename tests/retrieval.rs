@@ -11,41 +11,12 @@ use assert_cmd::Command;
 use serde_json::Value;
 use thinkrag::embed::test_models::minilm_dir;
 
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/population")
-}
+mod common;
+use common::{corpus, hit_sources, run_json};
 
 /// `thinkrag SUB --index DIR REST...` with the test embedder, offline.
 fn cmd(sub: &[&str], index: &Path, rest: &[&str]) -> Command {
-    let mut c = Command::cargo_bin("thinkrag").unwrap();
-    c.env_remove("THINKRAG_INDEX")
-        .env_remove("HF_TOKEN")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("THINKRAG_EMBEDDER", minilm_dir())
-        .env("RAYON_NUM_THREADS", "2")
-        .args(sub)
-        .arg("--index")
-        .arg(index)
-        .args(rest);
-    c
-}
-
-fn run_json(c: &mut Command, want_code: i32) -> Value {
-    let out = c.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(want_code),
-        "exit status; stderr: {stderr}; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!stderr.contains("panicked"), "no panics: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    common::cmd(sub, "--index", index, rest)
 }
 
 fn ingest(index: &Path, paths: &[&Path], extra: &[&str]) -> (Value, i32) {
@@ -76,21 +47,6 @@ fn search(index: &Path, query: &str, k: u32, extra: &[&str]) -> Value {
     );
     c.args(extra);
     run_json(&mut c, 0)
-}
-
-fn hit_sources(v: &Value) -> Vec<String> {
-    v["hits"]["hits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            Path::new(h["_source"]["source"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect()
 }
 
 fn info(index: &Path) -> Value {

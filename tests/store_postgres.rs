@@ -4,7 +4,7 @@
 //! killed with SIGKILL leaves every document either absent, old or new, never half-written;
 //! several processes ingesting at once leave no duplicates.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,41 +13,16 @@ use serde_json::Value;
 use thinkrag::embed::test_models::minilm_dir;
 use thinkrag::pgstore::test_server::TestServer;
 
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/population")
-}
+mod common;
+use common::{corpus, hit_sources, run_json, Server};
 
 fn server() -> TestServer {
     TestServer::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// `thinkrag SUB --store URL REST...` with the test embedder, offline.
+/// `thinkrag SUB --store LOCATION REST...` with the test embedder, offline.
 fn cmd(sub: &[&str], store: &str, rest: &[&str]) -> Command {
-    let mut c = Command::cargo_bin("thinkrag").unwrap();
-    c.env_remove("THINKRAG_INDEX")
-        .env_remove("PGPASSWORD")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("THINKRAG_EMBEDDER", minilm_dir())
-        .env("RAYON_NUM_THREADS", "2")
-        .args(sub)
-        .arg("--store")
-        .arg(store)
-        .args(rest);
-    c
-}
-
-fn json_of(c: &mut Command, want_code: i32) -> Value {
-    let out = c.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(want_code),
-        "stderr: {stderr}; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    common::cmd(sub, "--store", store, rest)
 }
 
 fn ingest(store: &str, paths: &[&Path]) -> Value {
@@ -57,22 +32,7 @@ fn ingest(store: &str, paths: &[&Path]) -> Value {
         &["--device", "cpu", "--threads", "2", "--json"],
     );
     c.args(paths);
-    json_of(&mut c, 0)
-}
-
-fn sources(v: &Value) -> Vec<String> {
-    v["hits"]["hits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            Path::new(h["_source"]["source"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect()
+    run_json(&mut c, 0)
 }
 
 /// Every stored document has exactly the chunks its row says, numbered 0..n: none half-written.
@@ -127,15 +87,15 @@ fn ingest_search_and_info_on_postgres() {
 
     // The same ranking test the index directory passes.
     let q = "What's the population increase of New York City from 2021 to 2023? How is the trending comparing with Miami?";
-    let v = json_of(
+    let v = run_json(
         cmd(&["search", q], &store, &["-k", "2", "--json"]).args(["--device", "cpu"]),
         0,
     );
-    let mut top = sources(&v);
+    let mut top = hit_sources(&v);
     top.sort();
     assert_eq!(top, ["miami.txt", "new-york-city.txt"], "{v}");
     for mode in ["lexical", "hybrid"] {
-        let v = json_of(
+        let v = run_json(
             cmd(
                 &["search", "Miami population"],
                 &store,
@@ -144,11 +104,11 @@ fn ingest_search_and_info_on_postgres() {
             .args(["--device", "cpu"]),
             0,
         );
-        assert_eq!(sources(&v), ["miami.txt"], "{mode}: {v}");
+        assert_eq!(hit_sources(&v), ["miami.txt"], "{mode}: {v}");
     }
     // Filters by document and page, and a per-query ef_search.
     let chicago = corpus().join("chicago.txt");
-    let v = json_of(
+    let v = run_json(
         cmd(
             &["search", "Miami population"],
             &store,
@@ -159,8 +119,8 @@ fn ingest_search_and_info_on_postgres() {
         .args(["--device", "cpu"]),
         0,
     );
-    assert_eq!(sources(&v), ["chicago.txt"], "{v}");
-    let v = json_of(
+    assert_eq!(hit_sources(&v), ["chicago.txt"], "{v}");
+    let v = run_json(
         &mut cmd(
             &["search", "Miami"],
             &store,
@@ -169,7 +129,7 @@ fn ingest_search_and_info_on_postgres() {
         0,
     );
     assert_eq!(
-        sources(&v),
+        hit_sources(&v),
         Vec::<String>::new(),
         "text files have no pages: {v}"
     );
@@ -178,7 +138,7 @@ fn ingest_search_and_info_on_postgres() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap refuses a reversed range");
 
-    let info = json_of(
+    let info = run_json(
         &mut cmd(&["index", "info"], &store, &["--json", "--documents"]),
         0,
     );
@@ -288,74 +248,21 @@ fn killing_ingest_leaves_no_half_written_document_and_parallel_ingests_no_duplic
     assert_eq!(v["total_chunks"].as_i64(), Some(chunks));
 }
 
-/// A running `thinkrag serve --store LOCATION`, killed when dropped.
-struct Served {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Served {
-    fn start(store: &str) -> Self {
-        use std::io::BufRead;
-        let data = tempfile::tempdir().unwrap();
-        let mut child = StdCommand::new(env!("CARGO_BIN_EXE_thinkrag"))
-            .args(["serve", "--port", "0", "--device", "cpu", "--threads", "2"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .arg("--model")
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2"))
-            .args(["--store", store])
-            .env_remove("THINKRAG_EMBEDDER")
-            .env_remove("THINKRAG_API_KEY")
-            .env("HF_HUB_OFFLINE", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _data = data;
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for _ in lines {}
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server prints its URL");
-        let base = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap()
-            .to_string();
-        Served { child, base }
-    }
-
-    /// A RAG chat over the mounted store; the `rag` extra of the answer.
-    fn rag(&self, question: &str) -> Value {
-        let body = serde_json::json!({
-            "model": "m",
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": 8,
-            "temperature": 0,
-            "rag": {"index": "docs", "k": 2, "mode": "hybrid"},
-        });
-        let resp = ureq::post(&format!("{}/v1/chat/completions", self.base))
-            .set("content-type", "application/json")
-            .send_string(&body.to_string())
-            .unwrap_or_else(|e| panic!("{e:?}"));
-        let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
-        v["rag"].clone()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A RAG chat over the store mounted as `docs`; the `rag` extra of the answer.
+fn ask_rag(server: &Server, question: &str) -> Value {
+    let body = serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "rag": {"index": "docs", "k": 2, "mode": "hybrid"},
+    });
+    let resp = ureq::post(&server.url("/v1/chat/completions"))
+        .set("content-type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    v["rag"].clone()
 }
 
 fn rag_ids(rag: &Value) -> Vec<String> {
@@ -375,24 +282,10 @@ fn serve_answers_from_either_store_and_sees_new_documents() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("index");
     for store in [dir.display().to_string(), server.url("served")] {
-        let mut c = Command::cargo_bin("thinkrag").unwrap();
-        c.env("HF_HUB_OFFLINE", "1")
-            .env("THINKRAG_EMBEDDER", minilm_dir())
-            .args([
-                "ingest",
-                "--device",
-                "cpu",
-                "--threads",
-                "2",
-                "--json",
-                "--store",
-                &store,
-            ])
-            .arg(corpus());
-        json_of(&mut c, 0);
+        ingest(&store, &[&corpus()]);
 
-        let served = Served::start(&store);
-        let rag = served.rag("How fast is Miami growing?");
+        let served = Server::start(&["--store", &store]);
+        let rag = ask_rag(&served, "How fast is Miami growing?");
         assert_eq!(rag["index"], "docs", "{rag}");
         let ids = rag_ids(&rag);
         assert!(
@@ -408,7 +301,10 @@ fn serve_answers_from_either_store_and_sees_new_documents() {
         )
         .unwrap();
         ingest(&store, &[&new_doc]);
-        let rag = served.rag("Which river carries the zebra mussels of Lake Quinsigamond?");
+        let rag = ask_rag(
+            &served,
+            "Which river carries the zebra mussels of Lake Quinsigamond?",
+        );
         assert!(
             rag_ids(&rag)[0].contains("quinsigamond"),
             "{store}: the document ingested while serving is found: {rag}"
@@ -426,9 +322,10 @@ fn index_copy_moves_a_directory_into_postgres_and_back() {
     let pg = server.url("copied");
     ingest(&dir, &[&corpus()]);
     let copy = |from: &str, to: &str| {
-        let mut c = Command::cargo_bin("thinkrag").unwrap();
-        c.args(["index", "copy", "--json", "--store", from, "--to", to]);
-        json_of(&mut c, 0)
+        run_json(
+            &mut cmd(&["index", "copy"], from, &["--json", "--to", to]),
+            0,
+        )
     };
     let r = copy(&dir, &pg);
     assert_eq!(
@@ -453,7 +350,7 @@ fn index_copy_moves_a_directory_into_postgres_and_back() {
     assert_eq!(r["total_chunks"], r["chunks_copied"], "{r}");
     let q = "How is the trend in Miami compared with Chicago?";
     let exact = |store: &str| {
-        let v = json_of(
+        let v = run_json(
             &mut cmd(
                 &["search", q],
                 store,

@@ -62,7 +62,7 @@ pub fn run(cmd: IndexCommand) -> Result<()> {
 
 fn copy(args: CopyArgs) -> Result<()> {
     let from = args.index.location().open()?;
-    let to = thinkrag::StoreLocation::parse(&args.to, thinkrag::pgstore::PgOptions::from_env());
+    let to = crate::retrieval_args::store_location(&args.to);
     let quiet = args.json;
     let report = thinkrag::copy(from.as_ref(), &to, &mut |source| {
         if !quiet {

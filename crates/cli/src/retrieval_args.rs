@@ -36,7 +36,7 @@ impl IndexArgs {
     /// The store to use.
     pub fn location(&self) -> StoreLocation {
         match (&self.store, &self.index) {
-            (Some(s), _) => StoreLocation::parse(s, PgOptions::from_env()),
+            (Some(s), _) => store_location(s),
             (None, Some(dir)) => StoreLocation::Dir(dir.clone()),
             (None, None) => StoreLocation::Dir(thinkrag::default_index_dir()),
         }
@@ -44,15 +44,14 @@ impl IndexArgs {
 
     /// Opens the store to search; it must hold chunks.
     pub fn open_nonempty(&self) -> Result<Box<dyn ChunkStore>> {
-        let store = self.location().open()?;
-        if store.stats()?.chunks == 0 {
-            return Err(thinkrag::Error::EmptyIndex {
-                location: store.location(),
-            }
-            .into());
-        }
-        Ok(store)
+        Ok(self.location().open_nonempty()?)
     }
+}
+
+/// A store named on the command line: a directory, or a `postgres://` URL whose password and TLS
+/// settings may also come from `$PGPASSWORD`, `$PGSSLMODE` and `$PGSSLROOTCERT`, as with libpq.
+pub fn store_location(arg: &str) -> StoreLocation {
+    StoreLocation::parse(arg, PgOptions::from_env())
 }
 
 /// Which chunks a search may return, and how hard the approximate index looks.

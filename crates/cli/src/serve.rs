@@ -94,8 +94,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // The store opens first: a wrong URL or password fails before anything else loads.
     let store = match &args.store {
         Some(s) => {
-            let location =
-                thinkrag::StoreLocation::parse(s, thinkrag::pgstore::PgOptions::from_env());
+            let location = crate::retrieval_args::store_location(s);
             let store = location
                 .open()
                 .with_context(|| format!("cannot open the store {}", location.display()))?;

@@ -6,44 +6,18 @@
 //!
 //!     cargo bench -p thinkrag-index --bench incremental
 
+mod corpus;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 
+use corpus::{unit, Corpus, DIM, PER_DOC};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
-use thinkrag_index::{EmbedderInfo, Index, NewChunk};
+use rand::SeedableRng;
+use thinkrag_index::Index;
 
 const CHUNKS: usize = 100_000;
-const PER_DOC: usize = 50;
-const DIM: usize = 384;
-
-fn unit(rng: &mut StdRng) -> Vec<f32> {
-    let v: Vec<f32> = (0..DIM).map(|_| StandardNormal.sample(rng)).collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn document(rng: &mut StdRng, d: usize) -> (Vec<NewChunk>, Vec<Vec<f32>>) {
-    let chunks = (0..PER_DOC)
-        .map(|i| {
-            let mut text = String::with_capacity(1100);
-            while text.len() < 1000 {
-                text.push_str(&format!("w{} ", rng.random_range(0..30_000u32)));
-            }
-            text.push_str(&format!("option --flag-{d}-{i}"));
-            NewChunk {
-                page: Some(i as u32 + 1),
-                start: 0,
-                end: text.len(),
-                text,
-            }
-        })
-        .collect();
-    let vectors = (0..PER_DOC).map(|_| unit(rng)).collect();
-    (chunks, vectors)
-}
 
 /// Bytes of the current generation's files that its save wrote (one link), and of all of them.
 fn written_bytes(dir: &Path) -> (u64, u64) {
@@ -84,18 +58,11 @@ fn row(what: &str, seconds: f64, bytes: Option<(u64, u64)>) {
 
 fn main() {
     let mut rng = StdRng::seed_from_u64(7);
-    let embedder = EmbedderInfo {
-        model: "bench/random-384".into(),
-        dim: DIM,
-        pooling: "mean".into(),
-        normalized: true,
-        max_tokens: 512,
-        source: None,
-    };
-    let mut index = Index::new(embedder);
+    let corpus = Corpus::new();
+    let mut index = Index::new(corpus::embedder());
     let docs = CHUNKS / PER_DOC;
     for d in 0..docs {
-        let (chunks, vectors) = document(&mut rng, d);
+        let (chunks, vectors) = corpus.document(&mut rng, d);
         index
             .upsert_document(
                 &format!("/corpus/doc{d}.pdf"),
@@ -133,7 +100,7 @@ fn main() {
         None,
     );
 
-    let (chunks, vectors) = document(&mut rng, docs);
+    let (chunks, vectors) = corpus.document(&mut rng, docs);
     let t = Instant::now();
     index
         .upsert_document("/corpus/new.pdf", "hnew", 50, chunks, vectors)
@@ -147,7 +114,7 @@ fn main() {
         Some(written_bytes(&dir)),
     );
 
-    let (chunks, vectors) = document(&mut rng, 1);
+    let (chunks, vectors) = corpus.document(&mut rng, 1);
     let t = Instant::now();
     index
         .upsert_document("/corpus/doc1.pdf", "h1-changed", 50, chunks, vectors)

@@ -5,81 +5,24 @@
 //!
 //!     cargo bench -p thinkrag-index --bench lexical
 
+mod corpus;
+
 use std::time::Instant;
 
+use corpus::{unit, Corpus, PER_DOC};
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal, Zipf};
-use thinkrag_index::{EmbedderInfo, Index, NewChunk};
+use thinkrag_index::Index;
 
 const CHUNKS: usize = 100_000;
-const PER_DOC: usize = 50;
-const DIM: usize = 384;
-const VOCAB: usize = 30_000;
-
-fn word(i: usize) -> String {
-    // Distinct pronounceable words from an index.
-    const SYL: [&str; 16] = [
-        "ka", "to", "ri", "mo", "sen", "la", "pu", "dex", "ni", "ro", "va", "ti", "gor", "el",
-        "su", "fa",
-    ];
-    let mut s = String::new();
-    let mut n = i + 1;
-    while n > 0 {
-        s.push_str(SYL[n % 16]);
-        n /= 16;
-    }
-    s
-}
-
-fn unit(rng: &mut StdRng) -> Vec<f32> {
-    let v: Vec<f32> = (0..DIM).map(|_| StandardNormal.sample(rng)).collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn document(
-    rng: &mut StdRng,
-    words: &[String],
-    zipf: &Zipf<f64>,
-    d: usize,
-) -> (Vec<NewChunk>, Vec<Vec<f32>>) {
-    let chunks = (0..PER_DOC)
-        .map(|i| {
-            let mut text = String::with_capacity(1100);
-            while text.len() < 1000 {
-                let w = zipf.sample(rng) as usize - 1;
-                text.push_str(&words[w]);
-                text.push(' ');
-            }
-            text.push_str(&format!("option --flag-{d}-{i}"));
-            NewChunk {
-                page: Some(i as u32 + 1),
-                start: 0,
-                end: text.len(),
-                text,
-            }
-        })
-        .collect();
-    let vectors = (0..PER_DOC).map(|_| unit(rng)).collect();
-    (chunks, vectors)
-}
 
 fn bench(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(3);
-    let words: Vec<String> = (0..VOCAB).map(word).collect();
-    let zipf = Zipf::new(VOCAB as f64, 1.07).unwrap();
-    let mut index = Index::new(EmbedderInfo {
-        model: "bench".into(),
-        dim: DIM,
-        pooling: "mean".into(),
-        normalized: true,
-        max_tokens: 256,
-        source: None,
-    });
+    let corpus = Corpus::new();
+    let mut index = Index::new(corpus::embedder());
     for d in 0..CHUNKS / PER_DOC {
-        let (chunks, vectors) = document(&mut rng, &words, &zipf, d);
+        let (chunks, vectors) = corpus.document(&mut rng, d);
         index
             .upsert_document(
                 &format!("/doc{d}.pdf"),
@@ -135,7 +78,7 @@ fn bench(c: &mut Criterion) {
     );
     // One document replaced in the 100,000-chunk index: the lexical index takes it incrementally.
     let t = Instant::now();
-    let (chunks, vectors) = document(&mut rng, &words, &zipf, 5);
+    let (chunks, vectors) = corpus.document(&mut rng, 5);
     opened
         .upsert_document("/doc5.pdf", "h2", PER_DOC as u32, chunks, vectors)
         .unwrap();
@@ -149,7 +92,7 @@ fn bench(c: &mut Criterion) {
     let queries: Vec<String> = (0..64)
         .map(|_| {
             (0..4)
-                .map(|_| words[zipf.sample(&mut rng) as usize - 1].clone())
+                .map(|_| corpus.word(&mut rng).to_string())
                 .collect::<Vec<_>>()
                 .join(" ")
         })

@@ -94,6 +94,44 @@ pub fn reciprocal_rank_fusion(lists: &[Vec<u64>], k_rrf: f32) -> Vec<(u64, f32)>
     fused.into_iter().map(|(id, s, _)| (id, s)).collect()
 }
 
+/// One result of [`fuse_candidates`]: its fusion score and what each list held for it (at least
+/// one of the two).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fused<T> {
+    /// The reciprocal-rank-fusion score.
+    pub score: f32,
+    /// The vector list's entry, if it had one.
+    pub by_vector: Option<T>,
+    /// The lexical list's entry, if it had one.
+    pub by_words: Option<T>,
+}
+
+/// A hybrid search's two candidate lists (each best first) fused by
+/// [`reciprocal_rank_fusion`] with [`RRF_K`], the best `k`: what every store does with its own
+/// candidates, so that hybrid ranking means the same on each.
+pub fn fuse_candidates<T>(
+    by_vector: Vec<T>,
+    by_words: Vec<T>,
+    id: impl Fn(&T) -> u64,
+    k: usize,
+) -> Vec<Fused<T>> {
+    let lists = [
+        by_vector.iter().map(&id).collect::<Vec<_>>(),
+        by_words.iter().map(&id).collect::<Vec<_>>(),
+    ];
+    let mut vector: HashMap<u64, T> = by_vector.into_iter().map(|t| (id(&t), t)).collect();
+    let mut words: HashMap<u64, T> = by_words.into_iter().map(|t| (id(&t), t)).collect();
+    reciprocal_rank_fusion(&lists, RRF_K)
+        .into_iter()
+        .take(k)
+        .map(|(i, score)| Fused {
+            score,
+            by_vector: vector.remove(&i),
+            by_words: words.remove(&i),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

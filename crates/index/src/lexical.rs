@@ -235,7 +235,23 @@ impl LexicalIndex {
 
     /// The index as files (name, bytes): what [`LexicalIndex::from_files`] reads back. Pending
     /// changes are committed first.
+    #[cfg(test)]
     pub fn files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .files_except(&|_| false)?
+            .into_iter()
+            .filter_map(|(name, bytes)| Some((name, bytes?)))
+            .collect())
+    }
+
+    /// The index's file names, each with its bytes unless `known(name)`: a segment file is
+    /// never changed once tantivy wrote it, so one a caller already holds under the same name
+    /// need not be read again (the meta file changes with every commit and is always read).
+    /// Pending changes are committed first.
+    pub fn files_except(
+        &self,
+        known: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Option<Vec<u8>>)>> {
         self.commit()?;
         let dir = self.index.directory();
         let metas = self
@@ -257,15 +273,20 @@ impl LexicalIndex {
             {
                 continue;
             }
-            let bytes = dir
-                .atomic_read(&path)
-                .map_err(|e| LexicalError::new("reading lexical files", e))?;
+            let bytes = if known(&name) {
+                None
+            } else {
+                Some(
+                    dir.atomic_read(&path)
+                        .map_err(|e| LexicalError::new("reading lexical files", e))?,
+                )
+            };
             out.push((name, bytes));
         }
         let meta = dir
             .atomic_read(Path::new(META_FILE))
             .map_err(|e| LexicalError::new("reading the lexical meta file", e))?;
-        out.push((META_FILE.to_string(), meta));
+        out.push((META_FILE.to_string(), Some(meta)));
         Ok(out)
     }
 }

@@ -59,10 +59,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use error::IndexError;
-pub use fusion::{hybrid_candidates, reciprocal_rank_fusion, SearchMode, UnknownSearchMode, RRF_K};
+pub use fusion::{
+    fuse_candidates, hybrid_candidates, reciprocal_rank_fusion, Fused, SearchMode,
+    UnknownSearchMode, RRF_K,
+};
 pub use store::{
     check_embedder, source_under, ChunkStore, DirStore, NewDocument, SearchFilter, StoreError,
-    StoreHit, StoreQuery, StoreStats, StoredDocument, NOT_FOUND_PREFIX,
+    StoreHit, StoreQuery, StoreStats, StoredDocument,
 };
 pub use vector::{dot, normalized, HnswParams, UnitCosine, VectorIndex};
 
@@ -233,6 +236,33 @@ struct Persisted {
     lexical: Option<LexicalFiles>,
 }
 
+impl Persisted {
+    /// What the generation in `gen_dir` holds, as its manifest says; `None` when a file lacks a
+    /// checksum (an index from before checksums: the next save writes everything). The graph
+    /// dump counts only when `graph_usable` (it loaded, or it was just written).
+    fn of(gen_dir: &Path, manifest: &Manifest, graph_usable: bool) -> Option<Self> {
+        let segments = manifest.segment_files();
+        if segments
+            .iter()
+            .any(|s| s.chunks_sha256.is_empty() || s.vectors_sha256.is_empty())
+        {
+            return None;
+        }
+        let slots = segments.iter().map(|s| s.count).sum();
+        Some(Persisted {
+            gen_dir: gen_dir.to_path_buf(),
+            slots,
+            graph: manifest
+                .graph
+                .clone()
+                .filter(|_| graph_usable)
+                .map(|g| (g, manifest.graph_points.unwrap_or(slots).min(slots))),
+            lexical: manifest.lexical.clone(),
+            segments,
+        })
+    }
+}
+
 /// Removed slots beyond this share of all slots make the next save compact the index (drop
 /// them, renumber the slots, rebuild the graph) instead of saving incrementally.
 const COMPACT_DEAD_SHARE: f64 = 0.25;
@@ -267,7 +297,8 @@ fn default_exact_scan_limit(dim: usize) -> usize {
     EXACT_SCAN_COMPONENTS / dim.max(1)
 }
 
-fn sha256_hex(text: &str) -> String {
+/// SHA-256 (hex) of a chunk's text: what [`ChunkRecord::content_hash`] holds, for every store.
+pub fn chunk_hash(text: &str) -> String {
     storage::hex(&Sha256::digest(text.as_bytes()))
 }
 
@@ -398,19 +429,7 @@ impl Index {
                 "the generation directory named by the manifest is missing",
             ));
         }
-        // Version 1 has one implicit segment: chunks.jsonl and vectors.f32.
-        let segments: Vec<storage::SegmentFiles> = if manifest.segments.is_empty() {
-            let sums = manifest.files.as_ref();
-            vec![storage::SegmentFiles {
-                chunks_file: storage::CHUNKS_FILE.into(),
-                vectors_file: storage::VECTORS_FILE.into(),
-                count: manifest.chunks,
-                chunks_sha256: sums.map(|s| s.chunks_sha256.clone()).unwrap_or_default(),
-                vectors_sha256: sums.map(|s| s.vectors_sha256.clone()).unwrap_or_default(),
-            }]
-        } else {
-            manifest.segments.clone()
-        };
+        let segments = manifest.segment_files();
         let slots: usize = segments.iter().map(|s| s.count).sum();
         let mut vectors = Vec::with_capacity(slots.min(1 << 24) * dim);
         let mut chunks = Vec::with_capacity(slots.min(1 << 24));
@@ -465,20 +484,7 @@ impl Index {
                 let _ = graph.set(g);
             }
         }
-        let complete_sums = segments
-            .iter()
-            .all(|s| !s.chunks_sha256.is_empty() && !s.vectors_sha256.is_empty());
-        let persisted = complete_sums.then(|| Persisted {
-            gen_dir: gen_dir.clone(),
-            segments,
-            slots,
-            graph: manifest
-                .graph
-                .clone()
-                .filter(|_| graph.get().is_some())
-                .map(|g| (g, graph_points)),
-            lexical: manifest.lexical.clone(),
-        });
+        let persisted = Persisted::of(&gen_dir, manifest, graph.get().is_some());
         Ok(Index {
             embedder: manifest.embedder.clone(),
             params: manifest.hnsw_params,
@@ -583,7 +589,7 @@ impl Index {
             self.slot_of.insert(id, base + i);
             self.chunks.push(ChunkRecord {
                 id,
-                content_hash: sha256_hex(&c.text),
+                content_hash: chunk_hash(&c.text),
                 text: c.text,
                 source: source.to_string(),
                 page: c.page,
@@ -853,7 +859,7 @@ impl Index {
                 let vector_hits =
                     self.vector_candidates(&q, depth, query.exact, filter, query.ef_search)?;
                 let lexical_hits = self.lexical_candidates(query.text, depth, filter)?;
-                Ok(self.fuse(&q, &vector_hits, &lexical_hits, k))
+                Ok(self.fuse(&q, vector_hits, lexical_hits, k))
             }
         }
     }
@@ -924,33 +930,32 @@ impl Index {
         }
     }
 
-    /// Reciprocal rank fusion of vector and lexical candidates, the `k` best.
-    fn fuse(
-        &self,
+    /// The hybrid result from both candidate lists ([`fuse_candidates`]): a chunk only the
+    /// lexical list found gets its cosine computed here.
+    fn fuse<'a>(
+        &'a self,
         q: &[f32],
-        vector_hits: &[Hit<'_>],
-        lexical_hits: &[Hit<'_>],
+        vector_hits: Vec<Hit<'a>>,
+        lexical_hits: Vec<Hit<'a>>,
         k: usize,
-    ) -> Vec<Hit<'_>> {
-        let vector_ids: Vec<u64> = vector_hits.iter().map(|h| h.chunk.id).collect();
-        let lexical_ids: Vec<u64> = lexical_hits.iter().map(|h| h.chunk.id).collect();
-        let bm25: HashMap<u64, f32> = lexical_hits
-            .iter()
-            .filter_map(|h| Some((h.chunk.id, h.lexical_score?)))
-            .collect();
+    ) -> Vec<Hit<'a>> {
         let dim = self.embedder.dim;
-        reciprocal_rank_fusion(&[vector_ids, lexical_ids], RRF_K)
+        fuse_candidates(vector_hits, lexical_hits, |h| h.chunk.id, k)
             .into_iter()
-            .filter_map(|(id, fused)| {
-                let slot = *self.slot_of.get(&id)?;
+            .filter_map(|f| {
+                let lexical_score = f.by_words.as_ref().and_then(|h| h.lexical_score);
+                let hit = f.by_vector.or(f.by_words)?;
+                let vector_score = hit.vector_score.or_else(|| {
+                    let slot = *self.slot_of.get(&hit.chunk.id)?;
+                    Some(dot(q, &self.vectors[slot * dim..(slot + 1) * dim]))
+                });
                 Some(Hit {
-                    chunk: &self.chunks[slot],
-                    score: fused,
-                    vector_score: Some(dot(q, &self.vectors[slot * dim..(slot + 1) * dim])),
-                    lexical_score: bm25.get(&id).copied(),
+                    score: f.score,
+                    vector_score,
+                    lexical_score,
+                    ..hit
                 })
             })
-            .take(k)
             .collect()
     }
 
@@ -1144,34 +1149,8 @@ impl Index {
         };
         storage::write_manifest(dir, &manifest)?;
         self.origin = Some((canonical, generation.clone()));
-        self.persisted = Some(Persisted {
-            gen_dir: gen_dir.clone(),
-            segments: if manifest.segments.is_empty() {
-                vec![storage::SegmentFiles {
-                    chunks_file: storage::CHUNKS_FILE.into(),
-                    vectors_file: storage::VECTORS_FILE.into(),
-                    count: self.chunks.len(),
-                    chunks_sha256: manifest
-                        .files
-                        .as_ref()
-                        .map(|f| f.chunks_sha256.clone())
-                        .unwrap_or_default(),
-                    vectors_sha256: manifest
-                        .files
-                        .as_ref()
-                        .map(|f| f.vectors_sha256.clone())
-                        .unwrap_or_default(),
-                }]
-            } else {
-                manifest.segments.clone()
-            },
-            slots: self.chunks.len(),
-            graph: manifest
-                .graph
-                .clone()
-                .map(|g| (g, manifest.graph_points.unwrap_or(self.chunks.len()))),
-            lexical: manifest.lexical.clone(),
-        });
+        // Everything it names was just written or linked, the graph dump from this graph.
+        self.persisted = Persisted::of(&gen_dir, &manifest, true);
 
         // The new version is published. The one it replaces stays, as the fallback should the
         // new one be damaged later (after a recovery, the intact one this index came from, not
@@ -1329,9 +1308,13 @@ impl Index {
         gen_dir: &Path,
         base: Option<&Persisted>,
     ) -> Result<Option<LexicalFiles>, IndexError> {
+        // Tantivy never changes a segment file once written: the ones the base generation
+        // already holds under the same name are linked, not read, hashed or written again.
+        let saved = base.and_then(|b| b.lexical.as_ref().map(|l| (b, l)));
+        let known = |name: &str| saved.is_some_and(|(_, l)| l.sha256.contains_key(name));
         let files = match self
             .lexical()
-            .and_then(|l| l.files().map_err(lexical_error))
+            .and_then(|l| l.files_except(&known).map_err(lexical_error))
         {
             Ok(files) => files,
             Err(e) => {
@@ -1341,23 +1324,22 @@ impl Index {
         };
         let dir = gen_dir.join(storage::LEXICAL_DIR);
         fs::create_dir(&dir).map_err(|e| IndexError::io(&dir, e))?;
-        // Tantivy never changes a segment file once written: the files the base generation
-        // already holds with the same bytes are linked, only new ones written.
-        let saved = base.and_then(|b| b.lexical.as_ref().map(|l| (b, l)));
         let mut sha256 = BTreeMap::new();
         for (name, bytes) in files {
-            let hash = storage::sha256_bytes(&bytes);
-            let linked = saved.is_some_and(|(b, l)| {
-                l.sha256.get(&name) == Some(&hash)
-                    && storage::link_or_copy(
+            let hash = match (bytes, saved) {
+                (Some(bytes), _) => {
+                    storage::write_file_synced(&dir.join(&name), &bytes)?;
+                    storage::sha256_bytes(&bytes)
+                }
+                (None, Some((b, l))) => {
+                    storage::link_or_copy(
                         &b.gen_dir.join(storage::LEXICAL_DIR).join(&name),
                         &dir.join(&name),
-                    )
-                    .is_ok()
-            });
-            if !linked {
-                storage::write_file_synced(&dir.join(&name), &bytes)?;
-            }
+                    )?;
+                    l.sha256[&name].clone()
+                }
+                (None, None) => unreachable!("only files the base holds are left unread"),
+            };
             sha256.insert(name, hash);
         }
         storage::sync_dir(&dir)?;

@@ -82,6 +82,24 @@ pub(crate) struct Manifest {
     pub graph_points: Option<usize>,
 }
 
+impl Manifest {
+    /// The generation's segments, in slot order: version 1's implicit one (`chunks.jsonl` and
+    /// `vectors.f32`, with the checksums of `files` when recorded) or version 2's list.
+    pub(crate) fn segment_files(&self) -> Vec<SegmentFiles> {
+        if !self.segments.is_empty() {
+            return self.segments.clone();
+        }
+        let sums = self.files.as_ref();
+        vec![SegmentFiles {
+            chunks_file: CHUNKS_FILE.into(),
+            vectors_file: VECTORS_FILE.into(),
+            count: self.chunks,
+            chunks_sha256: sums.map(|s| s.chunks_sha256.clone()).unwrap_or_default(),
+            vectors_sha256: sums.map(|s| s.vectors_sha256.clone()).unwrap_or_default(),
+        }]
+    }
+}
+
 /// One segment of a version-2 generation: chunk records and their vectors for consecutive
 /// slots. Segments are never modified: a later generation hard-links the ones it keeps.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

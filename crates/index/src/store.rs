@@ -17,6 +17,13 @@ pub enum StoreError {
     /// The in-process index failed (or a check shared by all stores did, e.g. the embedder).
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// Nothing was ingested into a backend's store yet (an index directory says so with
+    /// [`IndexError::NotFound`]).
+    #[error("no thinkrag store in {location}; ingest documents to create one")]
+    NotFound {
+        /// Where it was looked for (without a password).
+        location: String,
+    },
     /// A backend failed; its error names the store and what to do.
     #[error(transparent)]
     Backend(Box<dyn std::error::Error + Send + Sync + 'static>),
@@ -25,14 +32,12 @@ pub enum StoreError {
 impl StoreError {
     /// Whether this is "there is no store there yet" (nothing ingested).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, StoreError::Index(IndexError::NotFound { .. }))
-            || matches!(self, StoreError::Backend(e) if e.to_string().starts_with(NOT_FOUND_PREFIX))
+        matches!(
+            self,
+            StoreError::Index(IndexError::NotFound { .. }) | StoreError::NotFound { .. }
+        )
     }
 }
-
-/// How a backend's "nothing stored here yet" message starts, so [`StoreError::is_not_found`]
-/// recognises it without knowing the backend's type.
-pub const NOT_FOUND_PREFIX: &str = "no thinkrag store";
 
 /// Which chunks a search may return. Empty: all of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Typed errors of the PostgreSQL store. Each names the store (its URL without the password)
 //! and says what to do.
 
-use thinkrag_index::NOT_FOUND_PREFIX;
+use thinkrag_index::StoreError;
 
 /// Everything that can go wrong talking to the PostgreSQL store.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub enum PgStoreError {
     },
 
     /// The database has no thinkrag store in this schema.
-    #[error("{NOT_FOUND_PREFIX} in schema {schema} of {url}; ingest documents to create one")]
+    #[error("no thinkrag store in schema {schema} of {url}; ingest documents to create one")]
     NotFound {
         /// The URL, without its password.
         url: String,
@@ -87,6 +87,19 @@ pub enum PgStoreError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl From<PgStoreError> for StoreError {
+    /// "Nothing stored here yet" as the seam's own variant, so callers tell it from failures
+    /// without knowing this backend; every other error boxed as it is.
+    fn from(e: PgStoreError) -> Self {
+        match e {
+            PgStoreError::NotFound { url, schema } => StoreError::NotFound {
+                location: format!("schema {schema} of {url}"),
+            },
+            other => StoreError::Backend(Box::new(other)),
+        }
+    }
 }
 
 /// A server error's message with its detail and hint, or the client's error.

@@ -26,9 +26,9 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{Kind, ToSql, Type};
 use postgres::{Client, IsolationLevel, Transaction};
 use thinkrag_index::{
-    check_embedder, hybrid_candidates, normalized, reciprocal_rank_fusion, ChunkStore,
-    EmbedderInfo, IndexError, NewDocument, SearchFilter, SearchMode, StoreError, StoreHit,
-    StoreQuery, StoreStats, StoredDocument, RRF_K,
+    check_embedder, fuse_candidates, hybrid_candidates, normalized, ChunkStore, EmbedderInfo,
+    IndexError, NewDocument, SearchFilter, SearchMode, StoreError, StoreHit, StoreQuery,
+    StoreStats, StoredDocument,
 };
 
 pub use connect::{is_postgres_url, redact, PgLocation, PgOptions, TlsMode, DEFAULT_SCHEMA};
@@ -72,10 +72,6 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-fn backend(e: PgStoreError) -> StoreError {
-    StoreError::Backend(Box::new(e))
-}
-
 impl PgStore {
     /// Opens the store at `url` for searching: [`PgStoreError::NotFound`] when nothing was
     /// ingested there yet. Migrates an older schema.
@@ -90,8 +86,8 @@ impl PgStore {
         opts: &PgOptions,
         embedder: &EmbedderInfo,
     ) -> Result<Self, StoreError> {
-        let location = PgLocation::parse(url, opts).map_err(backend)?;
-        let store = Self::connect(location, Some(embedder)).map_err(backend)?;
+        let location = PgLocation::parse(url, opts).map_err(StoreError::from)?;
+        let store = Self::connect(location, Some(embedder)).map_err(StoreError::from)?;
         check_embedder(&store.embedder, embedder)?;
         Ok(store)
     }
@@ -371,6 +367,15 @@ fn migrate(
     Ok(embedder)
 }
 
+/// A read-only transaction that sees one snapshot of the database throughout.
+fn snapshot(client: &mut Client) -> Result<Transaction<'_>, postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+}
+
 /// The SQL condition for `filter` on table alias `c`, its parameters appended to `params`
 /// (numbered after those already there).
 fn filter_sql(filter: &SearchFilter, params: &mut Vec<Box<dyn ToSql + Sync>>) -> String {
@@ -559,12 +564,7 @@ impl PgStore {
         let sql = self.q();
         self.with_reader(|client| {
             // One snapshot for both halves of a hybrid search.
-            let mut tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(|e| sql.err("starting a search", e))?;
+            let mut tx = snapshot(client).map_err(|e| sql.err("starting a search", e))?;
             let hits = match q.mode {
                 SearchMode::Vector => {
                     self.vector_candidates(&mut tx, vector.as_ref().expect("checked"), q.k, q)?
@@ -584,33 +584,21 @@ impl PgStore {
             tx.commit().map_err(|e| sql.err("ending a search", e))?;
             Ok(hits)
         })
-        .map_err(backend)
+        .map_err(StoreError::from)
     }
 }
 
-/// Reciprocal rank fusion of both candidate lists (the function the in-process index uses),
-/// each fused hit keeping its cosine and lexical scores.
+/// Both candidate lists fused as every store fuses them ([`fuse_candidates`]), each hit keeping
+/// its cosine (both lists carry it) and its lexical score.
 fn fuse(by_vector: Vec<StoreHit>, by_words: Vec<StoreHit>, k: usize) -> Vec<StoreHit> {
-    let lists = [
-        by_vector.iter().map(|h| h.id).collect::<Vec<_>>(),
-        by_words.iter().map(|h| h.id).collect::<Vec<_>>(),
-    ];
-    let mut lexical = std::collections::HashMap::new();
-    for h in &by_words {
-        lexical.insert(h.id, h.lexical_score);
-    }
-    let mut all: std::collections::HashMap<u64, StoreHit> = std::collections::HashMap::new();
-    for h in by_words.into_iter().chain(by_vector) {
-        all.insert(h.id, h);
-    }
-    reciprocal_rank_fusion(&lists, RRF_K)
+    fuse_candidates(by_vector, by_words, |h| h.id, k)
         .into_iter()
-        .take(k)
-        .filter_map(|(id, fused)| {
-            let mut h = all.remove(&id)?;
-            h.score = fused;
-            h.lexical_score = lexical.get(&id).copied().flatten();
-            Some(h)
+        .filter_map(|f| {
+            let lexical_score = f.by_words.as_ref().and_then(|h| h.lexical_score);
+            let mut hit = f.by_vector.or(f.by_words)?;
+            hit.score = f.score;
+            hit.lexical_score = lexical_score;
+            Some(hit)
         })
         .collect()
 }
@@ -650,7 +638,7 @@ impl ChunkStore for PgStore {
                 embedder: self.embedder.clone(),
             })
         })
-        .map_err(backend)
+        .map_err(StoreError::from)
     }
 
     fn documents(&self) -> Result<Vec<StoredDocument>, StoreError> {
@@ -681,18 +669,14 @@ impl ChunkStore for PgStore {
                 })
                 .collect())
         })
-        .map_err(backend)
+        .map_err(StoreError::from)
     }
 
     fn export_document(&self, source: &str) -> Result<Option<NewDocument>, StoreError> {
         let q = self.q();
         self.with_reader(|c| {
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(|e| q.err("starting an export", e))?;
+            // The document row and its chunks as of one moment.
+            let mut tx = snapshot(c).map_err(|e| q.err("starting an export", e))?;
             let Some(doc) = tx
                 .query_opt(
                     &format!(
@@ -737,7 +721,7 @@ impl ChunkStore for PgStore {
                 vectors,
             }))
         })
-        .map_err(backend)
+        .map_err(StoreError::from)
     }
 
     /// One transaction: the document row is upserted first (its row lock makes a concurrent
@@ -808,7 +792,7 @@ impl ChunkStore for PgStore {
                 let ord = ord as i32;
                 let page = c.page.map(|p| i32::try_from(p).unwrap_or(i32::MAX));
                 let (start, end) = (c.start as i64, c.end as i64);
-                let hash = sha256_hex(&c.text);
+                let hash = thinkrag_index::chunk_hash(&c.text);
                 writer
                     .write(&[&d.source, &ord, &page, &start, &end, &hash, &c.text, v])
                     .map_err(|e| q.err(&format!("loading the chunks of {}", d.source), e))?;
@@ -819,7 +803,7 @@ impl ChunkStore for PgStore {
             tx.commit()
                 .map_err(|e| q.err(&format!("committing document {}", d.source), e))
         };
-        self.with_writer(run).map_err(backend)
+        self.with_writer(run).map_err(StoreError::from)
     }
 
     fn remove_document(&mut self, source: &str) -> Result<bool, StoreError> {
@@ -832,7 +816,7 @@ impl ChunkStore for PgStore {
                 )
                 .map_err(|e| q.err(&format!("removing document {source}"), e))
             })
-            .map_err(backend)?;
+            .map_err(StoreError::from)?;
         Ok(n > 0)
     }
 
@@ -844,13 +828,4 @@ impl ChunkStore for PgStore {
     fn search(&self, query: &StoreQuery<'_>) -> Result<Vec<StoreHit>, StoreError> {
         self.search_pg(query)
     }
-}
-
-/// SHA-256 of a chunk's text, hex (as the in-process index records it).
-fn sha256_hex(text: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }

@@ -272,7 +272,7 @@ fn documents_are_replaced_and_removed_whole_and_the_schema_is_checked() {
     // Nothing there yet: opening to search says so; nothing is created.
     let err = PgStore::open(&url, &PgOptions::default()).unwrap_err();
     assert!(matches!(err, PgStoreError::NotFound { .. }), "{err}");
-    assert!(StoreError::Backend(Box::new(err)).is_not_found());
+    assert!(StoreError::from(err).is_not_found());
 
     let mut store = pg(&server, "lifecycle");
     let docs = corpus(2, 2, 5);

@@ -64,12 +64,7 @@ impl Retriever {
         embedder: Option<&str>,
         opts: &EmbedderOptions,
     ) -> Result<Self> {
-        let store = location.open()?;
-        if store.stats()?.chunks == 0 {
-            return Err(Error::EmptyIndex {
-                location: store.location(),
-            });
-        }
+        let store = location.open_nonempty()?;
         let info = store.embedder();
         let spec = embedder
             .map(str::to_string)

@@ -61,7 +61,7 @@ impl StoreLocation {
                 .map_err(StoreError::from),
             StoreLocation::Postgres { url, options } => PgStore::open(url, options)
                 .map(|s| Box::new(s) as Box<dyn ChunkStore>)
-                .map_err(|e| StoreError::Backend(Box::new(e))),
+                .map_err(StoreError::from),
         };
         match opened {
             Ok(store) => Ok(store),
@@ -70,6 +70,18 @@ impl StoreLocation {
             }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Opens the store to search: [`Error::NoIndex`] when nothing was ingested there,
+    /// [`Error::EmptyIndex`] when it holds no chunks.
+    pub fn open_nonempty(&self) -> Result<Box<dyn ChunkStore>> {
+        let store = self.open()?;
+        if store.stats()?.chunks == 0 {
+            return Err(Error::EmptyIndex {
+                location: store.location(),
+            });
+        }
+        Ok(store)
     }
 
     /// Opens the store to write, creating it for `embedder` when there is none; an existing
