@@ -33,13 +33,18 @@ install() {
     local missing=()
     # openssl: the TLS tests make their own CA and server certificate with it.
     for pkg in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR build-essential dpkg-dev openssl; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+        # Not `dpkg -s`: it succeeds for a package removed but not purged ("deinstall ok
+        # config-files"), which is how fresh machines of this kind carry postgresql-15.
+        [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" = "install ok installed" ] || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing ${missing[*]}"
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
             || { as_root apt-get update && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; }
     fi
+    for bin in pg_ctl initdb postgres pg_config psql; do
+        [ -x "$PG_BIN/$bin" ] || { echo "PostgreSQL $PG_MAJOR is still missing $PG_BIN/$bin after installing" >&2; exit 1; }
+    done
     local pkglibdir
     pkglibdir=$("$PG_BIN/pg_config" --pkglibdir)
     if [ -f "$pkglibdir/vector.so" ]; then
