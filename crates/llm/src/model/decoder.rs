@@ -152,20 +152,24 @@ impl Attention {
     /// batched decode step (one row per sequence).
     fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let run = |l: &Linear| {
-            if rows {
-                l.forward_rows(x)
-            } else {
-                l.forward(x)
-            }
+        let [q, k, v]: [Tensor; 3] = if rows {
+            Linear::forward_rows_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("three projections".into()))?
+        } else {
+            [
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            ]
         };
-        let q = run(&self.q_proj)?
+        let q = q
             .reshape((b, s, self.heads, self.head_dim))?
             .transpose(1, 2)?;
-        let k = run(&self.k_proj)?
+        let k = k
             .reshape((b, s, self.kv_heads, self.head_dim))?
             .transpose(1, 2)?;
-        let v = run(&self.v_proj)?
+        let v = v
             .reshape((b, s, self.kv_heads, self.head_dim))?
             .transpose(1, 2)?;
         Ok((q, k, v))
@@ -296,8 +300,11 @@ impl Mlp {
 
     /// As `forward`, with the small-batch kernels of a decode step.
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward_rows(x)?)?;
-        let up = self.up_proj.forward_rows(x)?;
+        let [gate, up]: [Tensor; 2] =
+            Linear::forward_rows_many(&[&self.gate_proj, &self.up_proj], x)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("two projections".into()))?;
+        let gate = candle_nn::ops::silu(&gate)?;
         Ok(self.down_proj.forward_rows(&(gate * up)?)?)
     }
 }
@@ -565,10 +572,10 @@ impl CausalLm {
         out
     }
 
-    /// Readies the weights for the first prompt now, at load. On a CPU candle lays a quantized
-    /// weight out for its tiled kernels on the weight's first product (2.5 s for the 1.5B model,
-    /// all of it in the first prompt); this runs one product per weight, in parallel across the
-    /// weights. A weight read from a memory-mapped file is not read there again once laid out, so
+    /// Readies the weights for the first prompt now, at load. On a CPU a quantized weight is laid
+    /// out for its tiled kernels (thinkrag's for Q4_K and Q6_K, else candle's) on the weight's first
+    /// product (seconds for the 1.5B model, all of it in the first prompt otherwise); this runs one
+    /// product per weight, in parallel across the weights. A weight read from a memory-mapped file is not read there again once laid out, so
     /// its pages go back to the OS (they are reloaded from the file if ever touched again).
     pub fn prepare(&self) -> Result<()> {
         use rayon::prelude::*;

@@ -10,12 +10,13 @@
 //!
 //! Quantized prefill is the opposite problem: candle's generic quantized CPU matmul computes one
 //! activation row at a time against the whole weight matrix, so a 1,500-token prompt reads the
-//! weights 1,500 times and runs at decode speed. candle 0.11 has tiled, repacked kernels that reuse
-//! each weight tile across many rows (Q4_K, Q6_K and, with VNNI, Q8_0, on x86 with AVX2 or
-//! better); for the other formats and CPUs, a multi-row product dequantizes the weight once and runs
-//! one f32 GEMM, which is compute-bound like a full-precision prefill.
+//! weights 1,500 times and runs at decode speed. Q4_K and Q6_K weights on CPUs with AVX-512 VNNI
+//! and VBMI go through thinkrag's own tiles ([`KTiles`]) for every row count; otherwise candle 0.11's
+//! tiled, repacked kernels reuse each weight tile across many rows (Q4_K, Q6_K and, with VNNI, Q8_0,
+//! on x86 with AVX2 or better); for the other formats and CPUs, a multi-row product dequantizes the
+//! weight once and runs one f32 GEMM, which is compute-bound like a full-precision prefill.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -24,6 +25,8 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
+
+use super::ktiles::KTiles;
 
 /// Rows from which a quantized CPU matmul without a tiled candle kernel dequantizes its weight and
 /// runs a GEMM instead of one pass over the weights per row: dequantizing a matrix costs about as
@@ -35,6 +38,9 @@ const DEQUANTIZED_GEMM_ROWS: usize = 8;
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// A quantized weight laid out for [`KTiles`]' kernels on its first product, where they apply
+    /// (shared by clones).
+    tiles: Arc<OnceLock<Option<KTiles>>>,
 }
 
 /// A projection's weight matrix `(out, in)`.
@@ -67,7 +73,11 @@ impl Weight {
 impl Linear {
     /// Wraps a weight `(out, in)` and an optional bias `(out,)`.
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            tiles: Arc::default(),
+        }
     }
 
     /// Wraps a full-precision weight `(out, in)` and an optional bias.
@@ -84,6 +94,15 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// The weight in [`KTiles`]' layout (made on first use) when this CPU and its format take
+    /// those kernels: then every product with it, of any row count, runs there.
+    fn ktiles(&self) -> Option<&KTiles> {
+        match &self.weight {
+            Weight::Quantized(q) => self.tiles.get_or_init(|| KTiles::new(q)).as_ref(),
+            Weight::Dense(_) => None,
+        }
+    }
 }
 
 impl Module for Linear {
@@ -95,7 +114,10 @@ impl Module for Linear {
                 }
                 candle_nn::Linear::new(w.clone(), None).forward(x)?
             }
-            Weight::Quantized(q) => quantized_matmul(x, q)?,
+            Weight::Quantized(q) => match self.ktiles() {
+                Some(tiles) => tiles_matmul(x, tiles)?,
+                None => quantized_matmul(x, q)?,
+            },
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -109,17 +131,43 @@ impl Module for Linear {
 pub const MAX_SMALL_BATCH: usize = 64;
 
 impl Linear {
+    /// [`Linear::forward_rows`] of one input through several layers (a layer's query, key and
+    /// value projections; its gate and up projections): where all of them take [`KTiles`]' kernels
+    /// the input is quantized once and the products share one parallel region.
+    pub fn forward_rows_many(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let tiles: Option<Vec<&KTiles>> = layers.iter().map(|l| l.ktiles()).collect();
+        let small = x.dims().last().is_some_and(|&k| {
+            x.elem_count() / k.max(1) <= MAX_SMALL_BATCH && matches!(x.device(), Device::Cpu)
+        });
+        match tiles {
+            Some(tiles) if small && layers.len() > 1 => {
+                let ys = tiles_matmul_many(x, &tiles)?;
+                ys.into_iter()
+                    .zip(layers)
+                    .map(|(y, l)| match &l.bias {
+                        Some(b) => y.broadcast_add(b),
+                        None => Ok(y),
+                    })
+                    .collect()
+            }
+            _ => layers.iter().map(|l| l.forward_rows(x)).collect(),
+        }
+    }
+
     /// `x W^T + b` for the few rows of a batched decode step (one row per sequence), reading each
-    /// weight once for all rows: candle's tiled kernels where they apply, else every weight row
-    /// multiplied by each activation row while it is in the L1 cache. Each row's result does not
-    /// depend on the others (see `small_batch_tiles`; the block dot product and the f32 dot run on
-    /// the same inputs either way), so a sequence decoded in a batch gets bit-identical logits to
+    /// weight once for all rows: [`KTiles`] or candle's tiled kernels where they apply, else every
+    /// weight row multiplied by each activation row while it is in the L1 cache. Each row's result
+    /// does not depend on the others (see `KTiles::matmul_many` and `small_batch_tiles`; the block
+    /// dot product and the f32 dot run on the same inputs either way), so a sequence decoded in a batch gets bit-identical logits to
     /// the same sequence decoded alone. Falls back to [`Module::forward`] off the CPU, for other
     /// dtypes and above [`MAX_SMALL_BATCH`] rows.
     pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             Weight::Dense(w) => small_batch_f32(x, w)?,
-            Weight::Quantized(q) => small_batch_quantized(x, q)?,
+            Weight::Quantized(q) => match self.ktiles() {
+                Some(tiles) => Some(tiles_matmul(x, tiles)?),
+                None => small_batch_quantized(x, q)?,
+            },
         };
         let Some(y) = y else {
             return self.forward(x);
@@ -332,6 +380,57 @@ fn parallel_units(n: usize, rows: usize, y: &mut [f32], cell: impl Fn(usize, usi
             }
         }
     });
+}
+
+/// `x W^T` through [`KTiles`], in `x`'s dtype.
+fn tiles_matmul(x: &Tensor, tiles: &KTiles) -> candle_core::Result<Tensor> {
+    let mut ys = tiles_matmul_many(x, &[tiles])?;
+    Ok(ys.remove(0))
+}
+
+/// `x W^T` for several [`KTiles`] weights with the same input size, in `x`'s dtype.
+fn tiles_matmul_many(x: &Tensor, tiles: &[&KTiles]) -> candle_core::Result<Vec<Tensor>> {
+    let Some(k) = tiles.first().map(|t| t.dims().1) else {
+        return Ok(Vec::new());
+    };
+    if x.dims().last() != Some(&k) || tiles.iter().any(|t| t.dims().1 != k) {
+        candle_core::bail!(
+            "a product with ({k})-wide weights got an input of shape {:?}",
+            x.dims()
+        );
+    }
+    let dtype = x.dtype();
+    let x = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let rows = x.elem_count() / k;
+    let mut ys: Vec<Vec<f32>> = tiles
+        .iter()
+        .map(|t| vec![0f32; rows * t.dims().0])
+        .collect();
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
+            candle_core::bail!("a tiled product needs f32 input on the CPU");
+        };
+        let mut parts: Vec<(&KTiles, &mut [f32])> = tiles
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(t, y)| (*t, y.as_mut_slice()))
+            .collect();
+        KTiles::matmul_many(
+            &mut parts,
+            &xv[xl.start_offset()..xl.start_offset() + rows * k],
+        );
+    }
+    tiles
+        .iter()
+        .zip(ys)
+        .map(|(t, y)| {
+            Tensor::from_vec(y, output_shape(&x, t.dims().0), x.device())?.to_dtype(dtype)
+        })
+        .collect()
 }
 
 /// `x W^T` for a quantized `W`, in `x`'s dtype.
@@ -595,12 +694,47 @@ mod tests {
         for dtype in [
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
+            GgmlDType::Q6K,
             GgmlDType::Q4_0,
             GgmlDType::Q5K,
         ] {
             for rows in [1, 3, 40] {
                 let rel = quantized_vs_dequantized(dtype, rows, 96, 512);
                 assert!(rel < 0.02, "{dtype:?} x {rows} rows: relative error {rel}");
+            }
+        }
+    }
+
+    /// Projections sharing an input (query, key and value; gate and up), run together, give each
+    /// layer's own result to the bit, biases included, whatever their formats and sizes.
+    #[test]
+    fn layers_sharing_an_input_match_each_alone() {
+        let dev = Device::Cpu;
+        let k = 512;
+        let layer = |n: usize, dtype: GgmlDType, bias: bool| {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let b = bias.then(|| Tensor::randn(0f32, 1.0, n, &dev).unwrap());
+            Linear::new(Weight::Quantized(q), b)
+        };
+        let layers = [
+            layer(96, GgmlDType::Q4K, true),
+            layer(32, GgmlDType::Q4K, true),
+            layer(32, GgmlDType::Q6K, false),
+        ];
+        let refs: Vec<&Linear> = layers.iter().collect();
+        for rows in [1, 4, 7] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
+            let together = Linear::forward_rows_many(&refs, &x).unwrap();
+            assert_eq!(together.len(), layers.len());
+            for (l, got) in layers.iter().zip(&together) {
+                let alone = l.forward_rows(&x).unwrap();
+                assert_eq!(got.dims(), alone.dims());
+                let (got, alone) = (
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert_eq!(got, alone, "{rows} rows");
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod decode_attention;
 pub mod decoder;
+pub(crate) mod ktiles;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

@@ -1,0 +1,743 @@
+//! Q4_K and Q6_K weight products on x86 CPUs with AVX-512 VNNI, for every row count (a decode
+//! step of one sequence, a batched step of several, a prefill chunk), over weights re-laid in
+//! tiles of 16 weight rows by one 256-value superblock.
+//!
+//! Written by hand because no library has what a batched decode step needs here: candle 0.11's
+//! tiled kernels (`repack_x86`, crate-private) store each tile with f32 scales and 8-bit Q6_K
+//! values (1.33x and 1.52x the GGUF bytes, read on every step) and issue no prefetches, so with
+//! four sequences the weight stream stalls while the tile is multiplied: four rows cost 2.8x one.
+//! These tiles keep the GGUF's sizes (Q4_K: 2,432 bytes per tile against 2,304; Q6_K: 3,392
+//! against 3,360), prefetch the tiles a few ahead of the one being multiplied, and apply a
+//! sub-block's scale once per activation row in f32 (no per-row scale products).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+
+/// Weight rows per tile: one `vpdpbusd` multiplies four values of 16 rows.
+pub(crate) const TILE_ROWS: usize = 16;
+/// Values per K-quant superblock.
+const QK: usize = 256;
+
+/// A quantized weight laid out for the kernels below, or `None` where they do not apply (another
+/// CPU or format, a shape that does not split into tiles).
+pub(crate) struct KTiles {
+    n: usize,
+    k: usize,
+    tiles: Tiles,
+}
+
+enum Tiles {
+    Q4K(Vec<TileQ4K>),
+    Q6K(Vec<TileQ6K>),
+}
+
+impl std::fmt::Debug for KTiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let format = match self.tiles {
+            Tiles::Q4K(_) => "q4k",
+            Tiles::Q6K(_) => "q6k",
+        };
+        write!(f, "KTiles({format}, {}x{})", self.n, self.k)
+    }
+}
+
+/// One Q4_K superblock of 16 weight rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TileQ4K {
+    /// `[k8 group (32)][row (16)][4 bytes]`: byte `j` of a group `g` holds the values
+    /// `8g + j` (low nibble) and `8g + j + 4` (high nibble).
+    qs: [u8; QK / 2 * TILE_ROWS],
+    /// The 6-bit scales and mins of the eight 32-value sub-blocks, `[sub][row]`.
+    scales: [[u8; TILE_ROWS]; 8],
+    mins: [[u8; TILE_ROWS]; 8],
+    d: [f32; TILE_ROWS],
+    dmin: [f32; TILE_ROWS],
+}
+const _: () = assert!(std::mem::size_of::<TileQ4K>() == 2432);
+
+/// One Q6_K superblock of 16 weight rows; a value is `(low | high << 4) - 32`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TileQ6K {
+    /// Low four bits, laid out as [`TileQ4K::qs`].
+    ql: [u8; QK / 2 * TILE_ROWS],
+    /// High two bits, `[k16 group (16)][row (16)][4 bytes]`: bits `2s..2s+2` of byte `j` of a
+    /// group `G` belong to the value `16G + 4s + j`.
+    qh: [u8; QK / 4 * TILE_ROWS],
+    /// The signed scales of the sixteen 16-value sub-blocks, `[sub][row]`.
+    scales: [[i8; TILE_ROWS]; 16],
+    d: [f32; TILE_ROWS],
+}
+const _: () = assert!(std::mem::size_of::<TileQ6K>() == 3392);
+
+/// One activation superblock quantized as ggml's Q8_K (by candle, so the numbers are ggml's),
+/// with the sums the kernels need as f32.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct ActQ8K {
+    qs: [i8; QK],
+    d: f32,
+    /// Sums of the 32-value (Q4_K) and 16-value (Q6_K) sub-blocks' quants.
+    bsum32: [f32; 8],
+    bsum16: [f32; 16],
+}
+
+/// How far ahead of the tile being multiplied the kernels prefetch (in tiles).
+const PREFETCH_TILES: usize = 4;
+/// Activation rows one kernel call multiplies against a tile while it is in L1.
+const MAX_ROWS_PER_PASS: usize = 4;
+
+impl KTiles {
+    /// Lays `w` out in tiles when this CPU and `w`'s format and shape take these kernels.
+    pub(crate) fn new(w: &QTensor) -> Option<Self> {
+        if !Self::cpu_supported() || !w.device().is_cpu() {
+            return None;
+        }
+        let (n, k) = w.shape().dims2().ok()?;
+        if n == 0 || k == 0 || !n.is_multiple_of(TILE_ROWS) || !k.is_multiple_of(QK) {
+            return None;
+        }
+        let data = w.data().ok()?;
+        let tiles = match w.dtype() {
+            GgmlDType::Q4K => Tiles::Q4K(pack_q4k(&data, n, k)?),
+            GgmlDType::Q6K => Tiles::Q6K(pack_q6k(&data, n, k)?),
+            _ => return None,
+        };
+        Some(Self { n, k, tiles })
+    }
+
+    /// Whether this CPU runs the kernels (AVX-512 F/BW with VNNI).
+    pub(crate) fn cpu_supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vbmi")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `(n, k)`: the weight's output and input sizes.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `y = x W^T` for the `x.len() / k` rows of `x`, `y` laid out `[row][n]`. The rows are
+    /// independent: a row's result is bit-identical whatever rows come with it.
+    #[cfg(test)]
+    pub(crate) fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        Self::matmul_many(&mut [(self, y)], x);
+    }
+
+    /// [`KTiles::matmul`] of one input by several weights with the same `k` (a layer's query, key
+    /// and value projections): the input is quantized once and all products share one parallel
+    /// region, one wait for the threads instead of one per weight.
+    pub(crate) fn matmul_many(parts: &mut [(&KTiles, &mut [f32])], x: &[f32]) {
+        let Some(k) = parts.first().map(|(t, _)| t.k) else {
+            return;
+        };
+        let m = x.len() / k;
+        for (t, y) in parts.iter() {
+            assert!(
+                t.k == k && x.len() == m * k && y.len() == m * t.n,
+                "KTiles::matmul_many: shapes"
+            );
+        }
+        let acts = quantize_rows(x, k);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kb = k / QK;
+            let passes = m.div_ceil(MAX_ROWS_PER_PASS);
+            // (tiles, output, first unit): units ordered weight by weight, tile column first, so
+            // a thread's consecutive units reuse a column from L2 for the next rows and its
+            // prefetches run ahead along one stream.
+            let mut jobs = Vec::with_capacity(parts.len());
+            let mut units = 0;
+            for (t, y) in parts.iter_mut() {
+                jobs.push((*t, crate::model::linear::OutPtr(y.as_mut_ptr()), units));
+                units += t.n / TILE_ROWS * passes;
+            }
+            candle_core::utils::barrier_pool().execute_chunked(units, |range| {
+                for unit in range {
+                    let Some(&(t, out, first)) = jobs.iter().rev().find(|j| unit >= j.2) else {
+                        continue;
+                    };
+                    let local = unit - first;
+                    let (col, pass) = (local / passes, local % passes);
+                    let r0 = pass * MAX_ROWS_PER_PASS;
+                    let rows = (m - r0).min(MAX_ROWS_PER_PASS);
+                    let acts = &acts[r0 * kb..(r0 + rows) * kb];
+                    let n = t.n;
+                    // SAFETY: the CPU has the kernels' features (`new` checked them); each unit
+                    // writes the 16 columns of its tile column for its own rows of its own
+                    // weight's output only.
+                    unsafe {
+                        match &t.tiles {
+                            Tiles::Q4K(t) => {
+                                let column = &t[col * kb..(col + 1) * kb];
+                                let end = stream_end(t, pass);
+                                x86::q4k_rows(column, end, acts, kb, rows, out, r0, n, col)
+                            }
+                            Tiles::Q6K(t) => {
+                                let column = &t[col * kb..(col + 1) * kb];
+                                let end = stream_end(t, pass);
+                                x86::q6k_rows(column, end, acts, kb, rows, out, r0, n, col)
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = acts;
+            unreachable!("KTiles::new returns None off x86-64");
+        }
+    }
+}
+
+/// Where the kernels' prefetches stop: the end of the tiles for a column's first pass of rows,
+/// which streams it from memory; none (null) for later passes, which find it in L2.
+fn stream_end<T>(tiles: &[T], pass: usize) -> *const u8 {
+    if pass == 0 {
+        tiles.as_ptr_range().end.cast()
+    } else {
+        std::ptr::null()
+    }
+}
+
+/// ggml's unpacking of a Q4_K sub-block's 6-bit scale and min.
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Q4_K blocks (ggml's layout: `d`, `dmin` as f16, 12 bytes of scales, 128 of nibbles) to tiles.
+fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
+    const BLOCK: usize = 144;
+    let kb = k / QK;
+    if data.len() != n * kb * BLOCK {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
+    let mut vals = [0u8; QK];
+    for col in 0..n / TILE_ROWS {
+        for b in 0..kb {
+            let mut tile = TileQ4K {
+                qs: [0; QK / 2 * TILE_ROWS],
+                scales: [[0; TILE_ROWS]; 8],
+                mins: [[0; TILE_ROWS]; 8],
+                d: [0.0; TILE_ROWS],
+                dmin: [0.0; TILE_ROWS],
+            };
+            for r in 0..TILE_ROWS {
+                let at = ((col * TILE_ROWS + r) * kb + b) * BLOCK;
+                let blk = &data[at..at + BLOCK];
+                tile.d[r] = f16_at(blk, 0);
+                tile.dmin[r] = f16_at(blk, 2);
+                for sub in 0..8 {
+                    let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
+                    tile.scales[sub][r] = sc;
+                    tile.mins[sub][r] = mn;
+                }
+                // 32-byte chunk c holds values [64c, 64c + 32) low and [64c + 32, 64c + 64) high.
+                let qs = &blk[16..];
+                for c in 0..4 {
+                    for j in 0..32 {
+                        vals[c * 64 + j] = qs[c * 32 + j] & 0x0F;
+                        vals[c * 64 + 32 + j] = qs[c * 32 + j] >> 4;
+                    }
+                }
+                for g in 0..QK / 8 {
+                    for j in 0..4 {
+                        tile.qs[(g * TILE_ROWS + r) * 4 + j] =
+                            vals[g * 8 + j] | (vals[g * 8 + j + 4] << 4);
+                    }
+                }
+            }
+            out.push(tile);
+        }
+    }
+    Some(out)
+}
+
+/// Q6_K blocks (ggml's layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales,
+/// `d` as f16) to tiles.
+fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ6K>> {
+    const BLOCK: usize = 210;
+    let kb = k / QK;
+    if data.len() != n * kb * BLOCK {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
+    let mut vals = [0u8; QK];
+    for col in 0..n / TILE_ROWS {
+        for b in 0..kb {
+            let mut tile = TileQ6K {
+                ql: [0; QK / 2 * TILE_ROWS],
+                qh: [0; QK / 4 * TILE_ROWS],
+                scales: [[0; TILE_ROWS]; 16],
+                d: [0.0; TILE_ROWS],
+            };
+            for r in 0..TILE_ROWS {
+                let at = ((col * TILE_ROWS + r) * kb + b) * BLOCK;
+                let blk = &data[at..at + BLOCK];
+                let (ql, qh) = (&blk[..128], &blk[128..192]);
+                for sub in 0..16 {
+                    tile.scales[sub][r] = blk[192 + sub] as i8;
+                }
+                tile.d[r] = f16_at(blk, 208);
+                for h in 0..2 {
+                    let (ql, qh) = (&ql[h * 64..], &qh[h * 32..]);
+                    for j in 0..32 {
+                        vals[h * 128 + j] = (ql[j] & 0x0F) | ((qh[j] & 3) << 4);
+                        vals[h * 128 + j + 32] = (ql[j + 32] & 0x0F) | (((qh[j] >> 2) & 3) << 4);
+                        vals[h * 128 + j + 64] = (ql[j] >> 4) | (((qh[j] >> 4) & 3) << 4);
+                        vals[h * 128 + j + 96] = (ql[j + 32] >> 4) | (((qh[j] >> 6) & 3) << 4);
+                    }
+                }
+                for g in 0..QK / 8 {
+                    for j in 0..4 {
+                        tile.ql[(g * TILE_ROWS + r) * 4 + j] =
+                            (vals[g * 8 + j] & 0x0F) | ((vals[g * 8 + j + 4] & 0x0F) << 4);
+                    }
+                }
+                for g in 0..QK / 16 {
+                    for j in 0..4 {
+                        let mut byte = 0u8;
+                        for s in 0..4 {
+                            byte |= (vals[g * 16 + 4 * s + j] >> 4) << (2 * s);
+                        }
+                        tile.qh[(g * TILE_ROWS + r) * 4 + j] = byte;
+                    }
+                }
+            }
+            out.push(tile);
+        }
+    }
+    Some(out)
+}
+
+/// The rows of `x` (`k` values each) as Q8_K superblocks, `[row][superblock]`.
+fn quantize_rows(x: &[f32], k: usize) -> Vec<ActQ8K> {
+    use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
+    /// candle's `BlockQ8K`, whose fields are crate-private; the layout is ggml's and checked.
+    #[repr(C)]
+    struct Q8KFields {
+        d: f32,
+        qs: [i8; QK],
+        bsums: [i16; QK / 16],
+    }
+    const _: () = assert!(std::mem::size_of::<Q8KFields>() == std::mem::size_of::<BlockQ8K>());
+    let kb = k / QK;
+    let m = x.len() / k;
+    let empty = ActQ8K {
+        qs: [0; QK],
+        d: 0.0,
+        bsum32: [0.0; 8],
+        bsum16: [0.0; 16],
+    };
+    let mut out = vec![empty; m * kb];
+    let quantize = |row: &[f32], dst: &mut [ActQ8K]| {
+        let mut blocks = vec![BlockQ8K::zeros(); kb];
+        BlockQ8K::from_float(row, &mut blocks);
+        for (b, a) in blocks.iter().zip(dst) {
+            // SAFETY: `BlockQ8K` is `#[repr(C)]` with exactly these fields (size asserted above).
+            let f = unsafe { &*(b as *const BlockQ8K).cast::<Q8KFields>() };
+            a.qs = f.qs;
+            a.d = f.d;
+            for (s, v) in a.bsum16.iter_mut().enumerate() {
+                *v = f32::from(f.bsums[s]);
+            }
+            for (s, v) in a.bsum32.iter_mut().enumerate() {
+                *v = f32::from(f.bsums[2 * s]) + f32::from(f.bsums[2 * s + 1]);
+            }
+        }
+    };
+    // A few rows quantize in less time than the threads take to wake.
+    if m <= 2 * MAX_ROWS_PER_PASS {
+        for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kb)) {
+            quantize(row, dst);
+        }
+    } else {
+        let ptr = ActPtr(out.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+            for r in rows {
+                // SAFETY: each row `r` owns the disjoint range `r * kb .. (r + 1) * kb` of `out`,
+                // which outlives the call.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * kb), kb) };
+                quantize(&x[r * k..(r + 1) * k], dst);
+            }
+        });
+    }
+    out
+}
+
+/// `out`'s buffer, shared by the threads that each fill their own rows.
+#[derive(Clone, Copy)]
+struct ActPtr(*mut ActQ8K);
+impl ActPtr {
+    fn get(self) -> *mut ActQ8K {
+        self.0
+    }
+}
+// SAFETY: only used to write disjoint rows from the pool threads (see `quantize_rows`).
+unsafe impl Send for ActPtr {}
+// SAFETY: as above.
+unsafe impl Sync for ActPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ActQ8K, TileQ4K, TileQ6K, MAX_ROWS_PER_PASS, PREFETCH_TILES, TILE_ROWS};
+    use crate::model::linear::OutPtr;
+    use core::arch::x86_64::*;
+
+    /// The four quants at `at` of an activation row, in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn quads(a: &ActQ8K, at: usize) -> __m512i {
+        // SAFETY: the caller keeps `at + 4 <= 256`.
+        unsafe {
+            _mm512_set1_epi32(std::ptr::read_unaligned(
+                a.qs.as_ptr().add(at).cast::<i32>(),
+            ))
+        }
+    }
+
+    /// 16 bytes as 16 f32 lanes.
+    #[inline(always)]
+    unsafe fn u8_lanes(p: &[u8; TILE_ROWS]) -> __m512 {
+        // SAFETY: 16 readable bytes.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.as_ptr().cast()))) }
+    }
+
+    #[inline(always)]
+    unsafe fn i8_lanes(p: &[i8; TILE_ROWS]) -> __m512 {
+        // SAFETY: 16 readable bytes.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.as_ptr().cast()))) }
+    }
+
+    /// `vpmultishiftqb` controls that take, into each byte, the eight bits from `offset` bits
+    /// into the same byte of the source (wrapping within its 64-bit lane). A shift by byte on
+    /// port 5, where `vpsrlw` would compete with `vpdpbusd` for port 0.
+    #[inline(always)]
+    fn bit_offsets(offset: i8) -> __m512i {
+        let bytes: [u8; 8] = std::array::from_fn(|j| (8 * j as i8 + offset).rem_euclid(64) as u8);
+        // SAFETY: no memory access; AVX-512 F is present where the kernels run.
+        unsafe { _mm512_set1_epi64(i64::from_le_bytes(bytes)) }
+    }
+
+    /// Prefetches `bytes` bytes from `PREFETCH_TILES` tiles after `tile`, where they exist before
+    /// `end` (none when `end` is null).
+    #[inline(always)]
+    unsafe fn prefetch_ahead(tile: *const u8, bytes: usize, end: *const u8) {
+        let ahead = tile.wrapping_add(PREFETCH_TILES * bytes);
+        if ahead.wrapping_add(bytes) <= end {
+            let mut at = 0;
+            while at < bytes {
+                // SAFETY: a prefetch of a mapped address; it never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast()) };
+                at += 64;
+            }
+        }
+    }
+
+    /// Dispatches on the row count so each kernel keeps its accumulators in registers.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    pub(super) unsafe fn q4k_rows(
+        column: &[TileQ4K],
+        end: *const u8,
+        acts: &[ActQ8K],
+        kb: usize,
+        rows: usize,
+        out: OutPtr,
+        r0: usize,
+        n: usize,
+        col: usize,
+    ) {
+        debug_assert!(rows <= MAX_ROWS_PER_PASS);
+        // SAFETY: as the caller promises.
+        unsafe {
+            match rows {
+                1 => q4k::<1>(column, end, acts, kb, out, r0, n, col),
+                2 => q4k::<2>(column, end, acts, kb, out, r0, n, col),
+                3 => q4k::<3>(column, end, acts, kb, out, r0, n, col),
+                _ => q4k::<4>(column, end, acts, kb, out, r0, n, col),
+            }
+        }
+    }
+
+    /// `M` activation rows against one column of Q4_K tiles (16 outputs per row).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn q4k<const M: usize>(
+        column: &[TileQ4K],
+        end: *const u8,
+        acts: &[ActQ8K],
+        kb: usize,
+        out: OutPtr,
+        r0: usize,
+        n: usize,
+        col: usize,
+    ) {
+        let nib = _mm512_set1_epi8(0x0F);
+        let high_nibble = bit_offsets(4);
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, t) in column.iter().enumerate() {
+            // SAFETY: prefetches only.
+            unsafe { prefetch_ahead((t as *const TileQ4K).cast(), size_of::<TileQ4K>(), end) };
+            let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            let mut scaled = [_mm512_setzero_ps(); M];
+            let mut mins = [_mm512_setzero_ps(); M];
+            // Sub-blocks in pairs, low and high nibbles apart: four independent chains of
+            // `vpdpbusd` per row, so one row alone is not bound by the instruction's latency.
+            for pair in 0..4 {
+                let zero = _mm512_setzero_si512();
+                let mut sa = [[zero; 2]; M];
+                let mut sb = [[zero; 2]; M];
+                for g4 in 0..4 {
+                    let (ga, gb) = (8 * pair + g4, 8 * pair + 4 + g4);
+                    // SAFETY: groups < 32, inside `qs`.
+                    let (wa, wb) = unsafe {
+                        (
+                            _mm512_loadu_si512(t.qs.as_ptr().add(ga * 64).cast()),
+                            _mm512_loadu_si512(t.qs.as_ptr().add(gb * 64).cast()),
+                        )
+                    };
+                    let lo_a = _mm512_and_si512(wa, nib);
+                    let hi_a = _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, wa), nib);
+                    let lo_b = _mm512_and_si512(wb, nib);
+                    let hi_b = _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, wb), nib);
+                    for m in 0..M {
+                        // SAFETY: offsets < 256.
+                        unsafe {
+                            sa[m][0] = _mm512_dpbusd_epi32(sa[m][0], lo_a, quads(a[m], ga * 8));
+                            sa[m][1] = _mm512_dpbusd_epi32(sa[m][1], hi_a, quads(a[m], ga * 8 + 4));
+                            sb[m][0] = _mm512_dpbusd_epi32(sb[m][0], lo_b, quads(a[m], gb * 8));
+                            sb[m][1] = _mm512_dpbusd_epi32(sb[m][1], hi_b, quads(a[m], gb * 8 + 4));
+                        }
+                    }
+                }
+                // SAFETY: sub-blocks < 8.
+                let (sc_a, sc_b) = unsafe {
+                    (
+                        u8_lanes(&t.scales[2 * pair]),
+                        u8_lanes(&t.scales[2 * pair + 1]),
+                    )
+                };
+                for m in 0..M {
+                    let fa = _mm512_cvtepi32_ps(_mm512_add_epi32(sa[m][0], sa[m][1]));
+                    let fb = _mm512_cvtepi32_ps(_mm512_add_epi32(sb[m][0], sb[m][1]));
+                    scaled[m] = _mm512_fmadd_ps(fa, sc_a, scaled[m]);
+                    scaled[m] = _mm512_fmadd_ps(fb, sc_b, scaled[m]);
+                }
+            }
+            for sub in 0..8 {
+                // SAFETY: sub-blocks < 8.
+                let mn = unsafe { u8_lanes(&t.mins[sub]) };
+                for m in 0..M {
+                    mins[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a[m].bsum32[sub]), mins[m]);
+                }
+            }
+            // SAFETY: 16 f32 each.
+            let (d, dmin) = unsafe {
+                (
+                    _mm512_loadu_ps(t.d.as_ptr()),
+                    _mm512_loadu_ps(t.dmin.as_ptr()),
+                )
+            };
+            for m in 0..M {
+                let da = _mm512_set1_ps(a[m].d);
+                acc[m] = _mm512_fmadd_ps(scaled[m], _mm512_mul_ps(d, da), acc[m]);
+                acc[m] = _mm512_fnmadd_ps(mins[m], _mm512_mul_ps(dmin, da), acc[m]);
+            }
+        }
+        for (m, v) in acc.iter().enumerate() {
+            // SAFETY: row `r0 + m` and columns `16 col .. 16 col + 16` are this unit's own.
+            unsafe { _mm512_storeu_ps(out.0.add((r0 + m) * n + col * TILE_ROWS), *v) };
+        }
+    }
+
+    /// Dispatches on the row count so each kernel keeps its accumulators in registers.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    pub(super) unsafe fn q6k_rows(
+        column: &[TileQ6K],
+        end: *const u8,
+        acts: &[ActQ8K],
+        kb: usize,
+        rows: usize,
+        out: OutPtr,
+        r0: usize,
+        n: usize,
+        col: usize,
+    ) {
+        debug_assert!(rows <= MAX_ROWS_PER_PASS);
+        // SAFETY: as the caller promises.
+        unsafe {
+            match rows {
+                1 => q6k::<1>(column, end, acts, kb, out, r0, n, col),
+                2 => q6k::<2>(column, end, acts, kb, out, r0, n, col),
+                3 => q6k::<3>(column, end, acts, kb, out, r0, n, col),
+                _ => q6k::<4>(column, end, acts, kb, out, r0, n, col),
+            }
+        }
+    }
+
+    // Indexed loops over accumulator arrays: the kernel's register layout reads plainest so.
+    #[allow(clippy::needless_range_loop)]
+    /// `M` activation rows against one column of Q6_K tiles. The 6-bit values go into
+    /// `vpdpbusd` unsigned; the `- 32` comes back as `32 * scale * (sum of the row's quants)`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn q6k<const M: usize>(
+        column: &[TileQ6K],
+        end: *const u8,
+        acts: &[ActQ8K],
+        kb: usize,
+        out: OutPtr,
+        r0: usize,
+        n: usize,
+        col: usize,
+    ) {
+        let nib = _mm512_set1_epi8(0x0F);
+        let top = _mm512_set1_epi8(0x30);
+        let (high_nibble, pair0, pair1, pair3) = (
+            bit_offsets(4),
+            bit_offsets(-4),
+            bit_offsets(-2),
+            bit_offsets(2),
+        );
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, t) in column.iter().enumerate() {
+            // SAFETY: prefetches only.
+            unsafe { prefetch_ahead((t as *const TileQ6K).cast(), size_of::<TileQ6K>(), end) };
+            let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            let mut scaled = [_mm512_setzero_ps(); M];
+            let mut offset = [_mm512_setzero_ps(); M];
+            // Four 16-value sub-blocks at a time: four independent chains per row.
+            for quad in 0..4 {
+                let mut s = [[_mm512_setzero_si512(); 4]; M];
+                for u in 0..4 {
+                    let g = 4 * quad + u;
+                    // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
+                    let (h, l0, l1) = unsafe {
+                        (
+                            _mm512_loadu_si512(t.qh.as_ptr().add(g * 64).cast()),
+                            _mm512_loadu_si512(t.ql.as_ptr().add(2 * g * 64).cast()),
+                            _mm512_loadu_si512(t.ql.as_ptr().add((2 * g + 1) * 64).cast()),
+                        )
+                    };
+                    // Values 16g + j, + 4, + 8, + 12 (j < 4): high bit pairs 0, 1, 2, 3 of `h`.
+                    let bits =
+                        |ctrl, v| _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, v), top);
+                    let v0 = _mm512_or_si512(_mm512_and_si512(l0, nib), bits(pair0, h));
+                    let v1 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, l0), nib),
+                        bits(pair1, h),
+                    );
+                    let v2 = _mm512_or_si512(_mm512_and_si512(l1, nib), _mm512_and_si512(h, top));
+                    let v3 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, l1), nib),
+                        bits(pair3, h),
+                    );
+                    for m in 0..M {
+                        // SAFETY: offsets < 256.
+                        unsafe {
+                            let q = 16 * g;
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v0, quads(a[m], q));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v1, quads(a[m], q + 4));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v2, quads(a[m], q + 8));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v3, quads(a[m], q + 12));
+                        }
+                    }
+                }
+                for u in 0..4 {
+                    let g = 4 * quad + u;
+                    // SAFETY: sub-blocks < 16.
+                    let sc = unsafe { i8_lanes(&t.scales[g]) };
+                    for m in 0..M {
+                        scaled[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][u]), sc, scaled[m]);
+                        offset[m] = _mm512_fmadd_ps(sc, _mm512_set1_ps(a[m].bsum16[g]), offset[m]);
+                    }
+                }
+            }
+            // SAFETY: 16 f32.
+            let d = unsafe { _mm512_loadu_ps(t.d.as_ptr()) };
+            for m in 0..M {
+                let v = _mm512_fnmadd_ps(_mm512_set1_ps(32.0), offset[m], scaled[m]);
+                acc[m] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(a[m].d)), acc[m]);
+            }
+        }
+        for (m, v) in acc.iter().enumerate() {
+            // SAFETY: row `r0 + m` and columns `16 col .. 16 col + 16` are this unit's own.
+            unsafe { _mm512_storeu_ps(out.0.add((r0 + m) * n + col * TILE_ROWS), *v) };
+        }
+    }
+
+    const _: () = assert!(TILE_ROWS == 16);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// The tiles' product against candle's own quantized matmul (the same Q8_K activations, a
+    /// different order of float sums) for 1 to 9 rows, and rows independent of their company.
+    #[test]
+    fn tiles_match_candle_and_rows_are_independent() {
+        if !KTiles::cpu_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (n, k) = (48, 512);
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let tiles = KTiles::new(&q).expect("tiles");
+            let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (9, k), &dev).unwrap();
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mut all = vec![0f32; 9 * n];
+            tiles.matmul(&xv, &mut all);
+            for rows in 1..=9 {
+                let want: Vec<f32> =
+                    candle_core::Module::forward(&qm, &x.narrow(0, 0, rows).unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                let mut got = vec![0f32; rows * n];
+                tiles.matmul(&xv[..rows * k], &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{dtype:?} {rows} rows [{i}]: {g} vs {w}"
+                    );
+                }
+                assert_eq!(
+                    got,
+                    all[..rows * n],
+                    "{dtype:?}: rows depend on their company"
+                );
+            }
+        }
+    }
+}
