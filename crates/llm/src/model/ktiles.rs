@@ -180,12 +180,12 @@ impl KTiles {
                             Tiles::Q4K(t) => {
                                 let column = &t[col * kb..(col + 1) * kb];
                                 let end = stream_end(t, pass);
-                                x86::q4k_rows(column, end, acts, kb, rows, out, r0, n, col)
+                                by_rows!(x86::q4k, rows, (column, end, acts, kb, out, r0, n, col))
                             }
                             Tiles::Q6K(t) => {
                                 let column = &t[col * kb..(col + 1) * kb];
                                 let end = stream_end(t, pass);
-                                x86::q6k_rows(column, end, acts, kb, rows, out, r0, n, col)
+                                by_rows!(x86::q6k, rows, (column, end, acts, kb, out, r0, n, col))
                             }
                         }
                     }
@@ -199,6 +199,22 @@ impl KTiles {
         }
     }
 }
+
+/// Calls a kernel instance for the row count (1 to [`MAX_ROWS_PER_PASS`]), so each instance keeps
+/// its accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($($kernel:ident)::+, $rows:expr, ($($arg:expr),*)) => {
+        match $rows {
+            1 => $($kernel)::+::<1>($($arg),*),
+            2 => $($kernel)::+::<2>($($arg),*),
+            3 => $($kernel)::+::<3>($($arg),*),
+            _ => $($kernel)::+::<4>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_rows;
 
 /// Where the kernels' prefetches stop: the end of the tiles for a column's first pass of rows,
 /// which streams it from memory; none (null) for later passes, which find it in L2.
@@ -402,7 +418,7 @@ unsafe impl Sync for ActPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ActQ8K, TileQ4K, TileQ6K, MAX_ROWS_PER_PASS, PREFETCH_TILES, TILE_ROWS};
+    use super::{ActQ8K, TileQ4K, TileQ6K, PREFETCH_TILES, TILE_ROWS};
     use crate::model::linear::OutPtr;
     use core::arch::x86_64::*;
 
@@ -455,36 +471,10 @@ mod x86 {
         }
     }
 
-    /// Dispatches on the row count so each kernel keeps its accumulators in registers.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn q4k_rows(
-        column: &[TileQ4K],
-        end: *const u8,
-        acts: &[ActQ8K],
-        kb: usize,
-        rows: usize,
-        out: OutPtr,
-        r0: usize,
-        n: usize,
-        col: usize,
-    ) {
-        debug_assert!(rows <= MAX_ROWS_PER_PASS);
-        // SAFETY: as the caller promises.
-        unsafe {
-            match rows {
-                1 => q4k::<1>(column, end, acts, kb, out, r0, n, col),
-                2 => q4k::<2>(column, end, acts, kb, out, r0, n, col),
-                3 => q4k::<3>(column, end, acts, kb, out, r0, n, col),
-                _ => q4k::<4>(column, end, acts, kb, out, r0, n, col),
-            }
-        }
-    }
-
     /// `M` activation rows against one column of Q4_K tiles (16 outputs per row).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn q4k<const M: usize>(
+    pub(super) unsafe fn q4k<const M: usize>(
         column: &[TileQ4K],
         end: *const u8,
         acts: &[ActQ8K],
@@ -572,39 +562,13 @@ mod x86 {
         }
     }
 
-    /// Dispatches on the row count so each kernel keeps its accumulators in registers.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn q6k_rows(
-        column: &[TileQ6K],
-        end: *const u8,
-        acts: &[ActQ8K],
-        kb: usize,
-        rows: usize,
-        out: OutPtr,
-        r0: usize,
-        n: usize,
-        col: usize,
-    ) {
-        debug_assert!(rows <= MAX_ROWS_PER_PASS);
-        // SAFETY: as the caller promises.
-        unsafe {
-            match rows {
-                1 => q6k::<1>(column, end, acts, kb, out, r0, n, col),
-                2 => q6k::<2>(column, end, acts, kb, out, r0, n, col),
-                3 => q6k::<3>(column, end, acts, kb, out, r0, n, col),
-                _ => q6k::<4>(column, end, acts, kb, out, r0, n, col),
-            }
-        }
-    }
-
     // Indexed loops over accumulator arrays: the kernel's register layout reads plainest so.
     #[allow(clippy::needless_range_loop)]
     /// `M` activation rows against one column of Q6_K tiles. The 6-bit values go into
     /// `vpdpbusd` unsigned; the `- 32` comes back as `32 * scale * (sum of the row's quants)`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    unsafe fn q6k<const M: usize>(
+    pub(super) unsafe fn q6k<const M: usize>(
         column: &[TileQ6K],
         end: *const u8,
         acts: &[ActQ8K],
