@@ -12,7 +12,7 @@ use serde_json::Value;
 use thinkrag::embed::test_models::minilm_dir;
 
 mod common;
-use common::{corpus, hit_sources, run_json};
+use common::{corpus, hit_sources, run_json, write_reports};
 
 /// `thinkrag SUB --index DIR REST...` with the test embedder, offline.
 fn cmd(sub: &[&str], index: &Path, rest: &[&str]) -> Command {
@@ -362,15 +362,7 @@ fn killing_ingest_leaves_the_previous_index_intact() {
 
     // A bigger second batch so the kill lands while embedding or saving.
     let more = tmp.path().join("more");
-    std::fs::create_dir(&more).unwrap();
-    let base = std::fs::read_to_string(corpus().join("chicago.txt")).unwrap();
-    for i in 0..120 {
-        std::fs::write(
-            more.join(format!("doc-{i:03}.txt")),
-            format!("Report {i}. {}\n\nAppendix {i}: {}", base, base.repeat(3)),
-        )
-        .unwrap();
-    }
+    write_reports(&more, 120, 3);
     let bin = assert_cmd::cargo::cargo_bin("thinkrag");
     let mut killed_while_running = 0;
     for delay_ms in [300u64, 900, 1800, 3000] {

@@ -14,7 +14,7 @@ use thinkrag::embed::test_models::minilm_dir;
 use thinkrag::pgstore::test_server::TestServer;
 
 mod common;
-use common::{corpus, hit_sources, run_json, Server};
+use common::{corpus, hit_sources, run_json, write_reports, Server};
 
 fn server() -> TestServer {
     TestServer::start().unwrap_or_else(|e| panic!("{e}"))
@@ -186,15 +186,7 @@ fn killing_ingest_leaves_no_half_written_document_and_parallel_ingests_no_duplic
     let store = server.url("killed");
     let tmp = tempfile::tempdir().unwrap();
     let more = tmp.path().join("more");
-    std::fs::create_dir(&more).unwrap();
-    let base = std::fs::read_to_string(corpus().join("chicago.txt")).unwrap();
-    for i in 0..40 {
-        std::fs::write(
-            more.join(format!("doc-{i:03}.txt")),
-            format!("Report {i}. {}\n\nAppendix {i}: {}", base, base.repeat(4)),
-        )
-        .unwrap();
-    }
+    write_reports(&more, 40, 4);
     let bin = assert_cmd::cargo::cargo_bin("thinkrag");
     let spawn = |path: &Path| {
         StdCommand::new(&bin)

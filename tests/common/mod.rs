@@ -23,6 +23,24 @@ pub fn corpus() -> PathBuf {
     root().join("samples/population")
 }
 
+/// `count` documents `dir/doc-NNN.txt`, each the sample corpus's Chicago text with an appendix of
+/// `repeat` more copies: a batch big enough that a kill lands while it is embedded or saved.
+pub fn write_reports(dir: &Path, count: usize, repeat: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let base = std::fs::read_to_string(corpus().join("chicago.txt")).unwrap();
+    for i in 0..count {
+        std::fs::write(
+            dir.join(format!("doc-{i:03}.txt")),
+            format!(
+                "Report {i}. {}\n\nAppendix {i}: {}",
+                base,
+                base.repeat(repeat)
+            ),
+        )
+        .unwrap();
+    }
+}
+
 /// `thinkrag SUB FLAG LOCATION REST...` (FLAG `--index` or `--store`) with the test embedder,
 /// offline, with none of the user's defaults.
 pub fn cmd(sub: &[&str], flag: &str, location: impl AsRef<OsStr>, rest: &[&str]) -> Command {

@@ -152,10 +152,8 @@ impl Attention {
     /// batched decode step (one row per sequence).
     fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let [q, k, v]: [Tensor; 3] = if rows {
-            Linear::forward_rows_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("three projections".into()))?
+        let [q, k, v] = if rows {
+            Linear::forward_rows_many([&self.q_proj, &self.k_proj, &self.v_proj], x)?
         } else {
             [
                 self.q_proj.forward(x)?,
@@ -337,10 +335,7 @@ impl Mlp {
 
     /// As `forward`, with the small-batch kernels of a decode step.
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] =
-            Linear::forward_rows_many(&[&self.gate_proj, &self.up_proj], x)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("two projections".into()))?;
+        let [gate, up] = Linear::forward_rows_many([&self.gate_proj, &self.up_proj], x)?;
         Ok(self.down_proj.forward_rows(&silu_mul(&gate, &up)?)?)
     }
 }

@@ -12,6 +12,8 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use crate::model::linear::OutPtr;
+
 /// Weight rows per tile: one `vpdpbusd` multiplies four values of 16 rows.
 pub(crate) const TILE_ROWS: usize = 16;
 /// Values per K-quant superblock.
@@ -158,7 +160,7 @@ impl KTiles {
             let mut jobs = Vec::with_capacity(parts.len());
             let mut units = 0;
             for (t, y) in parts.iter_mut() {
-                jobs.push((*t, crate::model::linear::OutPtr(y.as_mut_ptr()), units));
+                jobs.push((*t, OutPtr(y.as_mut_ptr()), units));
                 units += t.n / TILE_ROWS * passes;
             }
             execute_fine(units, |range| {
@@ -259,48 +261,28 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Q4_K blocks (ggml's layout: `d`, `dmin` as f16, 12 bytes of scales, 128 of nibbles) to tiles.
-fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
-    const BLOCK: usize = 144;
+/// Tiles from `n` rows of `k / 256` ggml blocks of `block` bytes each (as a GGUF stores them),
+/// column of 16 rows by column, superblock by superblock: each tile starts as `empty` and
+/// `fill(tile, r, bytes)` lays in its row `r`. `None` when `data` is not that size.
+fn pack_tiles<T: Copy>(
+    data: &[u8],
+    n: usize,
+    k: usize,
+    block: usize,
+    empty: T,
+    fill: impl Fn(&mut T, usize, &[u8]),
+) -> Option<Vec<T>> {
     let kb = k / QK;
-    if data.len() != n * kb * BLOCK {
+    if data.len() != n * kb * block {
         return None;
     }
     let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
-    let mut vals = [0u8; QK];
     for col in 0..n / TILE_ROWS {
         for b in 0..kb {
-            let mut tile = TileQ4K {
-                qs: [0; QK / 2 * TILE_ROWS],
-                scales: [[0; TILE_ROWS]; 8],
-                mins: [[0; TILE_ROWS]; 8],
-                d: [0.0; TILE_ROWS],
-                dmin: [0.0; TILE_ROWS],
-            };
+            let mut tile = empty;
             for r in 0..TILE_ROWS {
-                let at = ((col * TILE_ROWS + r) * kb + b) * BLOCK;
-                let blk = &data[at..at + BLOCK];
-                tile.d[r] = f16_at(blk, 0);
-                tile.dmin[r] = f16_at(blk, 2);
-                for sub in 0..8 {
-                    let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
-                    tile.scales[sub][r] = sc;
-                    tile.mins[sub][r] = mn;
-                }
-                // 32-byte chunk c holds values [64c, 64c + 32) low and [64c + 32, 64c + 64) high.
-                let qs = &blk[16..];
-                for c in 0..4 {
-                    for j in 0..32 {
-                        vals[c * 64 + j] = qs[c * 32 + j] & 0x0F;
-                        vals[c * 64 + 32 + j] = qs[c * 32 + j] >> 4;
-                    }
-                }
-                for g in 0..QK / 8 {
-                    for j in 0..4 {
-                        tile.qs[(g * TILE_ROWS + r) * 4 + j] =
-                            vals[g * 8 + j] | (vals[g * 8 + j + 4] << 4);
-                    }
-                }
+                let at = ((col * TILE_ROWS + r) * kb + b) * block;
+                fill(&mut tile, r, &data[at..at + block]);
             }
             out.push(tile);
         }
@@ -308,61 +290,82 @@ fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
     Some(out)
 }
 
+/// Row `r`'s 256 values (their low four bits) into a `[k8 group][row][4 bytes]` array of nibbles:
+/// byte `j` of group `g` holds values `8g + j` (low nibble) and `8g + j + 4` (high).
+fn put_nibbles(dst: &mut [u8; QK / 2 * TILE_ROWS], r: usize, vals: &[u8; QK]) {
+    for g in 0..QK / 8 {
+        for j in 0..4 {
+            dst[(g * TILE_ROWS + r) * 4 + j] =
+                (vals[g * 8 + j] & 0x0F) | ((vals[g * 8 + j + 4] & 0x0F) << 4);
+        }
+    }
+}
+
+/// Q4_K blocks (ggml's layout: `d`, `dmin` as f16, 12 bytes of scales, 128 of nibbles) to tiles.
+fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
+    let empty = TileQ4K {
+        qs: [0; QK / 2 * TILE_ROWS],
+        scales: [[0; TILE_ROWS]; 8],
+        mins: [[0; TILE_ROWS]; 8],
+        d: [0.0; TILE_ROWS],
+        dmin: [0.0; TILE_ROWS],
+    };
+    pack_tiles(data, n, k, 144, empty, |tile, r, blk| {
+        tile.d[r] = f16_at(blk, 0);
+        tile.dmin[r] = f16_at(blk, 2);
+        for sub in 0..8 {
+            let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
+            tile.scales[sub][r] = sc;
+            tile.mins[sub][r] = mn;
+        }
+        // 32-byte chunk c holds values [64c, 64c + 32) low and [64c + 32, 64c + 64) high.
+        let qs = &blk[16..];
+        let mut vals = [0u8; QK];
+        for c in 0..4 {
+            for j in 0..32 {
+                vals[c * 64 + j] = qs[c * 32 + j] & 0x0F;
+                vals[c * 64 + 32 + j] = qs[c * 32 + j] >> 4;
+            }
+        }
+        put_nibbles(&mut tile.qs, r, &vals);
+    })
+}
+
 /// Q6_K blocks (ggml's layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales,
 /// `d` as f16) to tiles.
 fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ6K>> {
-    const BLOCK: usize = 210;
-    let kb = k / QK;
-    if data.len() != n * kb * BLOCK {
-        return None;
-    }
-    let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
-    let mut vals = [0u8; QK];
-    for col in 0..n / TILE_ROWS {
-        for b in 0..kb {
-            let mut tile = TileQ6K {
-                ql: [0; QK / 2 * TILE_ROWS],
-                qh: [0; QK / 4 * TILE_ROWS],
-                scales: [[0; TILE_ROWS]; 16],
-                d: [0.0; TILE_ROWS],
-            };
-            for r in 0..TILE_ROWS {
-                let at = ((col * TILE_ROWS + r) * kb + b) * BLOCK;
-                let blk = &data[at..at + BLOCK];
-                let (ql, qh) = (&blk[..128], &blk[128..192]);
-                for sub in 0..16 {
-                    tile.scales[sub][r] = blk[192 + sub] as i8;
-                }
-                tile.d[r] = f16_at(blk, 208);
-                for h in 0..2 {
-                    let (ql, qh) = (&ql[h * 64..], &qh[h * 32..]);
-                    for j in 0..32 {
-                        vals[h * 128 + j] = (ql[j] & 0x0F) | ((qh[j] & 3) << 4);
-                        vals[h * 128 + j + 32] = (ql[j + 32] & 0x0F) | (((qh[j] >> 2) & 3) << 4);
-                        vals[h * 128 + j + 64] = (ql[j] >> 4) | (((qh[j] >> 4) & 3) << 4);
-                        vals[h * 128 + j + 96] = (ql[j + 32] >> 4) | (((qh[j] >> 6) & 3) << 4);
-                    }
-                }
-                for g in 0..QK / 8 {
-                    for j in 0..4 {
-                        tile.ql[(g * TILE_ROWS + r) * 4 + j] =
-                            (vals[g * 8 + j] & 0x0F) | ((vals[g * 8 + j + 4] & 0x0F) << 4);
-                    }
-                }
-                for g in 0..QK / 16 {
-                    for j in 0..4 {
-                        let mut byte = 0u8;
-                        for s in 0..4 {
-                            byte |= (vals[g * 16 + 4 * s + j] >> 4) << (2 * s);
-                        }
-                        tile.qh[(g * TILE_ROWS + r) * 4 + j] = byte;
-                    }
-                }
-            }
-            out.push(tile);
+    let empty = TileQ6K {
+        ql: [0; QK / 2 * TILE_ROWS],
+        qh: [0; QK / 4 * TILE_ROWS],
+        scales: [[0; TILE_ROWS]; 16],
+        d: [0.0; TILE_ROWS],
+    };
+    pack_tiles(data, n, k, 210, empty, |tile, r, blk| {
+        for sub in 0..16 {
+            tile.scales[sub][r] = blk[192 + sub] as i8;
         }
-    }
-    Some(out)
+        tile.d[r] = f16_at(blk, 208);
+        let mut vals = [0u8; QK];
+        for h in 0..2 {
+            let (ql, qh) = (&blk[h * 64..128], &blk[128 + h * 32..192]);
+            for j in 0..32 {
+                vals[h * 128 + j] = (ql[j] & 0x0F) | ((qh[j] & 3) << 4);
+                vals[h * 128 + j + 32] = (ql[j + 32] & 0x0F) | (((qh[j] >> 2) & 3) << 4);
+                vals[h * 128 + j + 64] = (ql[j] >> 4) | (((qh[j] >> 4) & 3) << 4);
+                vals[h * 128 + j + 96] = (ql[j + 32] >> 4) | (((qh[j] >> 6) & 3) << 4);
+            }
+        }
+        put_nibbles(&mut tile.ql, r, &vals);
+        for g in 0..QK / 16 {
+            for j in 0..4 {
+                let mut byte = 0u8;
+                for s in 0..4 {
+                    byte |= (vals[g * 16 + 4 * s + j] >> 4) << (2 * s);
+                }
+                tile.qh[(g * TILE_ROWS + r) * 4 + j] = byte;
+            }
+        }
+    })
 }
 
 /// The rows of `x` (`k` values each) as Q8_K superblocks, `[row][superblock]`.
@@ -380,12 +383,12 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActQ8K> {
     if m <= 2 * MAX_ROWS_PER_PASS {
         quantize_blocks(x, &mut out);
     } else {
-        let ptr = ActPtr(out.as_mut_ptr());
+        let ptr = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
             for r in rows {
                 // SAFETY: each row `r` owns the disjoint range `r * kb .. (r + 1) * kb` of `out`,
                 // which outlives the call.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * kb), kb) };
+                let dst = unsafe { ptr.slice(r * kb, kb) };
                 quantize_blocks(&x[r * k..(r + 1) * k], dst);
             }
         });
@@ -435,23 +438,10 @@ fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
     }
 }
 
-/// `out`'s buffer, shared by the threads that each fill their own rows.
-#[derive(Clone, Copy)]
-struct ActPtr(*mut ActQ8K);
-impl ActPtr {
-    fn get(self) -> *mut ActQ8K {
-        self.0
-    }
-}
-// SAFETY: only used to write disjoint rows from the pool threads (see `quantize_rows`).
-unsafe impl Send for ActPtr {}
-// SAFETY: as above.
-unsafe impl Sync for ActPtr {}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::OutPtr;
     use super::{ActQ8K, TileQ4K, TileQ6K, PREFETCH_TILES, TILE_ROWS};
-    use crate::model::linear::OutPtr;
     use core::arch::x86_64::*;
 
     /// The four quants at `at` of an activation row, in every 32-bit lane.

@@ -119,10 +119,7 @@ impl Module for Linear {
                 None => quantized_matmul(x, q)?,
             },
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
 }
 
@@ -134,23 +131,35 @@ impl Linear {
     /// [`Linear::forward_rows`] of one input through several layers (a layer's query, key and
     /// value projections; its gate and up projections): where all of them take [`KTiles`]' kernels
     /// the input is quantized once and the products share one parallel region.
-    pub fn forward_rows_many(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    pub fn forward_rows_many<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
         let tiles: Option<Vec<&KTiles>> = layers.iter().map(|l| l.ktiles()).collect();
         let small = x.dims().last().is_some_and(|&k| {
             x.elem_count() / k.max(1) <= MAX_SMALL_BATCH && matches!(x.device(), Device::Cpu)
         });
-        match tiles {
-            Some(tiles) if small && layers.len() > 1 => {
-                let ys = tiles_matmul_many(x, &tiles)?;
-                ys.into_iter()
-                    .zip(layers)
-                    .map(|(y, l)| match &l.bias {
-                        Some(b) => y.broadcast_add(b),
-                        None => Ok(y),
-                    })
-                    .collect()
-            }
-            _ => layers.iter().map(|l| l.forward_rows(x)).collect(),
+        let ys: Vec<Tensor> = match tiles {
+            Some(tiles) if small && N > 1 => tiles_matmul_many(x, &tiles)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| l.add_bias(y))
+                .collect::<candle_core::Result<_>>()?,
+            _ => layers
+                .iter()
+                .map(|l| l.forward_rows(x))
+                .collect::<candle_core::Result<_>>()?,
+        };
+        ys.try_into().map_err(|ys: Vec<Tensor>| {
+            candle_core::Error::Msg(format!("{} products for {N} layers", ys.len()))
+        })
+    }
+
+    /// `y + b` where the layer has a bias.
+    fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 
@@ -172,10 +181,7 @@ impl Linear {
         let Some(y) = y else {
             return self.forward(x);
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(y)
     }
 }
 
@@ -458,22 +464,39 @@ fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor>
     y.to_dtype(dtype)
 }
 
-/// The output of a parallel product, shared by the threads that each write their own elements.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-impl OutPtr {
+/// The output of a parallel computation (f32 products, or other elements), shared by the threads
+/// that each write their own elements.
+pub(crate) struct OutPtr<T = f32>(pub(crate) *mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
+impl<T> OutPtr<T> {
     /// # Safety
     /// `i` is in bounds of the buffer, and no other thread writes or reads element `i` meanwhile.
-    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
+    pub(crate) unsafe fn write(&self, i: usize, v: T) {
         // SAFETY: as the caller promises.
         unsafe { self.0.add(i).write(v) }
+    }
+
+    /// Elements `start..start + len`, to fill.
+    ///
+    /// # Safety
+    /// The range is in bounds of the buffer, initialized, and no other thread touches it while the
+    /// slice lives.
+    #[allow(clippy::mut_from_ref)] // disjoint ranges per thread, as the caller promises
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 
 // SAFETY: only used to write disjoint elements from the pool threads (see `parallel_units`).
-unsafe impl Send for OutPtr {}
+unsafe impl<T: Send> Send for OutPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
 /// Whether candle 0.11 multiplies many rows by this weight with its tiled, repacked x86 kernels
 /// (the conditions of its `repack_x86::select` for more than one row): one weight pass for all rows.
@@ -722,10 +745,10 @@ mod tests {
             layer(32, GgmlDType::Q4K, true),
             layer(32, GgmlDType::Q6K, false),
         ];
-        let refs: Vec<&Linear> = layers.iter().collect();
+        let refs = [&layers[0], &layers[1], &layers[2]];
         for rows in [1, 4, 7] {
             let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
-            let together = Linear::forward_rows_many(&refs, &x).unwrap();
+            let together = Linear::forward_rows_many(refs, &x).unwrap();
             assert_eq!(together.len(), layers.len());
             for (l, got) in layers.iter().zip(&together) {
                 let alone = l.forward_rows(&x).unwrap();
