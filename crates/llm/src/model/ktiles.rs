@@ -49,9 +49,11 @@ struct TileQ4K {
     /// `[k8 group (32)][row (16)][4 bytes]`: byte `j` of a group `g` holds the values
     /// `8g + j` (low nibble) and `8g + j + 4` (high nibble).
     qs: [u8; QK / 2 * TILE_ROWS],
-    /// The 6-bit scales and mins of the eight 32-value sub-blocks, `[sub][row]`.
+    /// The 6-bit scales of the eight 32-value sub-blocks, `[sub][row]`.
     scales: [[u8; TILE_ROWS]; 8],
-    mins: [[u8; TILE_ROWS]; 8],
+    /// Their 6-bit mins, `[sub pair][row][2]`: a row's sub-blocks `2p` and `2p + 1` side by
+    /// side, as `vpdpwssd` takes them once widened to 16 bits.
+    mins: [[u8; 2 * TILE_ROWS]; 4],
     d: [f32; TILE_ROWS],
     dmin: [f32; TILE_ROWS],
 }
@@ -79,9 +81,11 @@ const _: () = assert!(std::mem::size_of::<TileQ6K>() == 3392);
 struct ActQ8K {
     qs: [i8; QK],
     d: f32,
-    /// Sums of the 32-value (Q4_K) and 16-value (Q6_K) sub-blocks' quants.
-    bsum32: [f32; 8],
-    bsum16: [f32; 16],
+    /// Sums of the 32-value sub-blocks' quants (for Q4_K's mins; at most 32 * 128).
+    bsum32: [i16; 8],
+    /// `-32` times the sums of the 16-value sub-blocks' quants: where Q6_K's integer sums start,
+    /// so they come out as sums over the values `q - 32` with no correction afterwards.
+    q6k_start: [i32; 16],
 }
 
 /// How far ahead of the tile being multiplied the kernels prefetch (in tiles).
@@ -306,7 +310,7 @@ fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
     let empty = TileQ4K {
         qs: [0; QK / 2 * TILE_ROWS],
         scales: [[0; TILE_ROWS]; 8],
-        mins: [[0; TILE_ROWS]; 8],
+        mins: [[0; 2 * TILE_ROWS]; 4],
         d: [0.0; TILE_ROWS],
         dmin: [0.0; TILE_ROWS],
     };
@@ -316,7 +320,7 @@ fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
         for sub in 0..8 {
             let (sc, mn) = scale_min_k4(sub, &blk[4..16]);
             tile.scales[sub][r] = sc;
-            tile.mins[sub][r] = mn;
+            tile.mins[sub / 2][2 * r + sub % 2] = mn;
         }
         // 32-byte chunk c holds values [64c, 64c + 32) low and [64c + 32, 64c + 64) high.
         let qs = &blk[16..];
@@ -375,8 +379,8 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActQ8K> {
     let empty = ActQ8K {
         qs: [0; QK],
         d: 0.0,
-        bsum32: [0.0; 8],
-        bsum16: [0.0; 16],
+        bsum32: [0; 8],
+        q6k_start: [0; 16],
     };
     let mut out = vec![empty; m * kb];
     // A few rows quantize in less time than the threads take to wake.
@@ -429,11 +433,11 @@ fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
         let f = unsafe { &*(b as *const BlockQ8K).cast::<Q8KFields>() };
         a.qs = f.qs;
         a.d = f.d;
-        for (s, v) in a.bsum16.iter_mut().enumerate() {
-            *v = f32::from(f.bsums[s]);
+        for (s, v) in a.q6k_start.iter_mut().enumerate() {
+            *v = -32 * i32::from(f.bsums[s]);
         }
         for (s, v) in a.bsum32.iter_mut().enumerate() {
-            *v = f32::from(f.bsums[2 * s]) + f32::from(f.bsums[2 * s + 1]);
+            *v = f.bsums[2 * s] + f.bsums[2 * s + 1];
         }
     }
 }
@@ -455,26 +459,11 @@ mod x86 {
         }
     }
 
-    /// 16 bytes as 16 f32 lanes. Through the float `2^23 + u` (its bits `0x4B000000 | u`) rather
-    /// than `vcvtdq2ps`, which runs only on port 0 beside `vpdpbusd`; the result is the same.
+    /// 16 bytes as 16 f32 lanes.
     #[inline(always)]
     unsafe fn u8_lanes(p: &[u8; TILE_ROWS]) -> __m512 {
         // SAFETY: 16 readable bytes.
-        let u = unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(p.as_ptr().cast())) };
-        let biased = _mm512_castsi512_ps(_mm512_or_si512(u, _mm512_set1_epi32(0x4B00_0000)));
-        _mm512_sub_ps(biased, _mm512_set1_ps(8_388_608.0))
-    }
-
-    /// `vcvtdq2ps` for integers of magnitude below 2^22 (a sub-block's sum of products is below
-    /// 2^16), off port 0: the float `1.5 * 2^23 + i` has the bits `0x4B400000 + i`. Exact, so the
-    /// same value `vcvtdq2ps` gives.
-    #[inline(always)]
-    fn small_ints_to_f32(i: __m512i) -> __m512 {
-        // SAFETY: no memory access; AVX-512 F is present where the kernels run.
-        unsafe {
-            let biased = _mm512_castsi512_ps(_mm512_add_epi32(i, _mm512_set1_epi32(0x4B40_0000)));
-            _mm512_sub_ps(biased, _mm512_set1_ps(12_582_912.0))
-        }
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.as_ptr().cast()))) }
     }
 
     #[inline(always)]
@@ -508,8 +497,8 @@ mod x86 {
         let Some(max) = first else {
             a.qs = [0; 256];
             a.d = 0.0;
-            a.bsum16 = [0.0; 16];
-            a.bsum32 = [0.0; 8];
+            a.q6k_start = [0; 16];
+            a.bsum32 = [0; 8];
             return;
         };
         let iscale = -127f32 / max;
@@ -532,10 +521,10 @@ mod x86 {
                     _mm512_cvtepi32_epi8(q),
                 )
             };
-            a.bsum16[i] = _mm512_reduce_add_epi32(q) as f32;
+            a.q6k_start[i] = -32 * _mm512_reduce_add_epi32(q);
         }
         for (j, s) in a.bsum32.iter_mut().enumerate() {
-            *s = a.bsum16[2 * j] + a.bsum16[2 * j + 1];
+            *s = ((a.q6k_start[2 * j] + a.q6k_start[2 * j + 1]) / -32) as i16;
         }
         a.d = 1.0 / iscale;
     }
@@ -550,17 +539,25 @@ mod x86 {
         unsafe { _mm512_set1_epi64(i64::from_le_bytes(bytes)) }
     }
 
-    /// Prefetches `bytes` bytes from `PREFETCH_TILES` tiles after `tile`, where they exist before
-    /// `end` (none when `end` is null).
+    /// Prefetches part `part` of `parts` of the `bytes` bytes of the tile `PREFETCH_TILES` tiles
+    /// after `tile`, where it exists before `end` (none when `end` is null). The kernels spread a
+    /// tile's prefetches over its sixteen steps: all at once, they overran the core's line-fill
+    /// buffers, and the prefetches left waiting held up retirement until the multiplication of
+    /// the tile stalled behind them (four sequences ran at 64 tokens/s rather than 70).
     #[inline(always)]
-    unsafe fn prefetch_ahead(tile: *const u8, bytes: usize, end: *const u8) {
+    unsafe fn prefetch_ahead(
+        tile: *const u8,
+        bytes: usize,
+        end: *const u8,
+        part: usize,
+        parts: usize,
+    ) {
         let ahead = tile.wrapping_add(PREFETCH_TILES * bytes);
         if ahead.wrapping_add(bytes) <= end {
-            let mut at = 0;
-            while at < bytes {
+            let lines = bytes / 64;
+            for line in part * lines / parts..(part + 1) * lines / parts {
                 // SAFETY: a prefetch of a mapped address; it never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast()) };
-                at += 64;
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast()) };
             }
         }
     }
@@ -582,11 +579,8 @@ mod x86 {
         let high_nibble = bit_offsets(4);
         let mut acc = [_mm512_setzero_ps(); M];
         for (b, t) in column.iter().enumerate() {
-            // SAFETY: prefetches only.
-            unsafe { prefetch_ahead((t as *const TileQ4K).cast(), size_of::<TileQ4K>(), end) };
             let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
             let mut scaled = [_mm512_setzero_ps(); M];
-            let mut mins = [_mm512_setzero_ps(); M];
             // Sub-blocks in pairs; for one or two rows, low and high nibbles apart too (four
             // chains of `vpdpbusd` per row), so few rows are not bound by the instruction's
             // latency; more rows have chains enough. Integer sums: the order changes no bit.
@@ -597,6 +591,11 @@ mod x86 {
                 let mut sb = [[zero; 2]; M];
                 for g4 in 0..4 {
                     let (ga, gb) = (8 * pair + g4, 8 * pair + 4 + g4);
+                    // SAFETY: prefetches only.
+                    unsafe {
+                        let tile = (t as *const TileQ4K).cast();
+                        prefetch_ahead(tile, size_of::<TileQ4K>(), end, 4 * pair + g4, 16)
+                    };
                     // SAFETY: groups < 32, inside `qs`.
                     let (wa, wb) = unsafe {
                         (
@@ -626,17 +625,24 @@ mod x86 {
                     )
                 };
                 for m in 0..M {
-                    let fa = small_ints_to_f32(_mm512_add_epi32(sa[m][0], sa[m][1]));
-                    let fb = small_ints_to_f32(_mm512_add_epi32(sb[m][0], sb[m][1]));
+                    let fa = _mm512_cvtepi32_ps(_mm512_add_epi32(sa[m][0], sa[m][1]));
+                    let fb = _mm512_cvtepi32_ps(_mm512_add_epi32(sb[m][0], sb[m][1]));
                     scaled[m] = _mm512_fmadd_ps(fa, sc_a, scaled[m]);
                     scaled[m] = _mm512_fmadd_ps(fb, sc_b, scaled[m]);
                 }
             }
-            for sub in 0..8 {
-                // SAFETY: sub-blocks < 8.
-                let mn = unsafe { u8_lanes(&t.mins[sub]) };
-                for m in 0..M {
-                    mins[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a[m].bsum32[sub]), mins[m]);
+            // The mins' sums, in integers (below 8 * 63 * 4096): two sub-blocks per `vpdpwssd`.
+            let mut mins = [_mm512_setzero_si512(); M];
+            for pair in 0..4 {
+                // SAFETY: 32 bytes; the activations' two i16 sums at `2 pair` < 8.
+                unsafe {
+                    let mn = _mm512_cvtepu8_epi16(_mm256_loadu_si256(t.mins[pair].as_ptr().cast()));
+                    for m in 0..M {
+                        let sums = std::ptr::read_unaligned(
+                            a[m].bsum32.as_ptr().add(2 * pair).cast::<i32>(),
+                        );
+                        mins[m] = _mm512_dpwssd_epi32(mins[m], mn, _mm512_set1_epi32(sums));
+                    }
                 }
             }
             // SAFETY: 16 f32 each.
@@ -647,9 +653,9 @@ mod x86 {
                 )
             };
             for m in 0..M {
-                let da = _mm512_set1_ps(a[m].d);
-                acc[m] = _mm512_fmadd_ps(scaled[m], _mm512_mul_ps(d, da), acc[m]);
-                acc[m] = _mm512_fnmadd_ps(mins[m], _mm512_mul_ps(dmin, da), acc[m]);
+                let v = _mm512_mul_ps(scaled[m], d);
+                let v = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins[m]), dmin, v);
+                acc[m] = _mm512_fmadd_ps(v, _mm512_set1_ps(a[m].d), acc[m]);
             }
         }
         for (m, v) in acc.iter().enumerate() {
@@ -661,7 +667,8 @@ mod x86 {
     // Indexed loops over accumulator arrays: the kernel's register layout reads plainest so.
     #[allow(clippy::needless_range_loop)]
     /// `M` activation rows against one column of Q6_K tiles. The 6-bit values go into
-    /// `vpdpbusd` unsigned; the `- 32` comes back as `32 * scale * (sum of the row's quants)`.
+    /// `vpdpbusd` unsigned; each sub-block's sum starts at `-32` times the activations' sum
+    /// ([`ActQ8K::q6k_start`]), which makes it the sum over the values `q - 32`, exactly.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
     pub(super) unsafe fn q6k<const M: usize>(
@@ -682,18 +689,24 @@ mod x86 {
             bit_offsets(-2),
             bit_offsets(2),
         );
+        // `(low & 0x0F) | high` in one instruction: `vpternlogd`'s table for `(A & C) | B`.
+        let join = |low, high| _mm512_ternarylogic_epi32::<0xEC>(low, high, nib);
         let mut acc = [_mm512_setzero_ps(); M];
         for (b, t) in column.iter().enumerate() {
-            // SAFETY: prefetches only.
-            unsafe { prefetch_ahead((t as *const TileQ6K).cast(), size_of::<TileQ6K>(), end) };
             let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
             let mut scaled = [_mm512_setzero_ps(); M];
-            let mut offset = [_mm512_setzero_ps(); M];
             // Four 16-value sub-blocks at a time: four independent chains per row.
             for quad in 0..4 {
-                let mut s = [[_mm512_setzero_si512(); 4]; M];
+                let mut s: [[__m512i; 4]; M] = std::array::from_fn(|m| {
+                    std::array::from_fn(|u| _mm512_set1_epi32(a[m].q6k_start[4 * quad + u]))
+                });
                 for u in 0..4 {
                     let g = 4 * quad + u;
+                    // SAFETY: prefetches only.
+                    unsafe {
+                        let tile = (t as *const TileQ6K).cast();
+                        prefetch_ahead(tile, size_of::<TileQ6K>(), end, g, 16)
+                    };
                     // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
                     let (h, l0, l1) = unsafe {
                         (
@@ -705,14 +718,14 @@ mod x86 {
                     // Values 16g + j, + 4, + 8, + 12 (j < 4): high bit pairs 0, 1, 2, 3 of `h`.
                     let bits =
                         |ctrl, v| _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, v), top);
-                    let v0 = _mm512_or_si512(_mm512_and_si512(l0, nib), bits(pair0, h));
-                    let v1 = _mm512_or_si512(
-                        _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, l0), nib),
+                    let v0 = join(l0, bits(pair0, h));
+                    let v1 = join(
+                        _mm512_multishift_epi64_epi8(high_nibble, l0),
                         bits(pair1, h),
                     );
-                    let v2 = _mm512_or_si512(_mm512_and_si512(l1, nib), _mm512_and_si512(h, top));
-                    let v3 = _mm512_or_si512(
-                        _mm512_and_si512(_mm512_multishift_epi64_epi8(high_nibble, l1), nib),
+                    let v2 = join(l1, _mm512_and_si512(h, top));
+                    let v3 = join(
+                        _mm512_multishift_epi64_epi8(high_nibble, l1),
                         bits(pair3, h),
                     );
                     for m in 0..M {
@@ -727,20 +740,18 @@ mod x86 {
                     }
                 }
                 for u in 0..4 {
-                    let g = 4 * quad + u;
                     // SAFETY: sub-blocks < 16.
-                    let sc = unsafe { i8_lanes(&t.scales[g]) };
+                    let sc = unsafe { i8_lanes(&t.scales[4 * quad + u]) };
                     for m in 0..M {
                         scaled[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m][u]), sc, scaled[m]);
-                        offset[m] = _mm512_fmadd_ps(sc, _mm512_set1_ps(a[m].bsum16[g]), offset[m]);
                     }
                 }
             }
             // SAFETY: 16 f32.
             let d = unsafe { _mm512_loadu_ps(t.d.as_ptr()) };
             for m in 0..M {
-                let v = _mm512_fnmadd_ps(_mm512_set1_ps(32.0), offset[m], scaled[m]);
-                acc[m] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(a[m].d)), acc[m]);
+                let da = _mm512_set1_ps(a[m].d);
+                acc[m] = _mm512_fmadd_ps(scaled[m], _mm512_mul_ps(d, da), acc[m]);
             }
         }
         for (m, v) in acc.iter().enumerate() {
@@ -786,8 +797,8 @@ mod tests {
         let empty = ActQ8K {
             qs: [0; QK],
             d: 0.0,
-            bsum32: [0.0; 8],
-            bsum16: [0.0; 16],
+            bsum32: [0; 8],
+            q6k_start: [0; 16],
         };
         let (mut fast, mut reference) = (vec![empty; 8], vec![empty; 8]);
         quantize_blocks(&x, &mut fast);
@@ -795,7 +806,7 @@ mod tests {
         for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
             assert_eq!(f.qs, r.qs, "block {b}");
             assert_eq!(f.d.to_bits(), r.d.to_bits(), "block {b}");
-            assert_eq!(f.bsum16, r.bsum16, "block {b}");
+            assert_eq!(f.q6k_start, r.q6k_start, "block {b}");
             assert_eq!(f.bsum32, r.bsum32, "block {b}");
         }
     }
