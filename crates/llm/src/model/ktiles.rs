@@ -1,14 +1,15 @@
-//! Q4_K and Q6_K weight products on x86 CPUs with AVX-512 VNNI, for every row count (a decode
-//! step of one sequence, a batched step of several, a prefill chunk), over weights re-laid in
-//! tiles of 16 weight rows by one 256-value superblock.
+//! Q4_K, Q6_K and Q8_0 weight products on x86 CPUs with AVX-512 VNNI, for every row count (a
+//! decode step of one sequence, a batched step of several, a prefill chunk), over weights re-laid
+//! in tiles of 16 weight rows by 256 values.
 //!
 //! Written by hand because no library has what a batched decode step needs here: candle 0.11's
 //! tiled kernels (`repack_x86`, crate-private) store each tile with f32 scales and 8-bit Q6_K
-//! values (1.33x and 1.52x the GGUF bytes, read on every step) and issue no prefetches, so with
-//! four sequences the weight stream stalls while the tile is multiplied: four rows cost 2.8x one.
+//! values (1.33x and 1.52x the GGUF bytes, read on every step), quantize Q8_0 products' activations
+//! with one scale per 256 values (ggml uses one per 32) and issue no prefetches, so with four
+//! sequences the weight stream stalls while the tile is multiplied: four rows cost 2.6-2.8x one.
 //! These tiles keep the GGUF's sizes (Q4_K: 2,432 bytes per tile against 2,304; Q6_K: 3,392
-//! against 3,360), prefetch the tiles a few ahead of the one being multiplied, and apply a
-//! sub-block's scale once per activation row in f32 (no per-row scale products).
+//! against 3,360; Q8_0: the same 4,352), prefetch a few tiles ahead of the one being multiplied,
+//! spread over its steps, and keep sums in integers as far as they are exact.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -30,6 +31,7 @@ pub(crate) struct KTiles {
 enum Tiles {
     Q4K(Vec<TileQ4K>),
     Q6K(Vec<TileQ6K>),
+    Q80(Vec<TileQ80>),
 }
 
 impl std::fmt::Debug for KTiles {
@@ -37,6 +39,7 @@ impl std::fmt::Debug for KTiles {
         let format = match self.tiles {
             Tiles::Q4K(_) => "q4k",
             Tiles::Q6K(_) => "q6k",
+            Tiles::Q80(_) => "q8_0",
         };
         write!(f, "KTiles({format}, {}x{})", self.n, self.k)
     }
@@ -74,6 +77,30 @@ struct TileQ6K {
 }
 const _: () = assert!(std::mem::size_of::<TileQ6K>() == 3392);
 
+/// Eight Q8_0 blocks (256 values) of 16 weight rows, each value stored as `q + 128`: unsigned, as
+/// `vpdpbusd` takes its first operand.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TileQ80 {
+    /// `[k4 group (64)][row (16)][4 bytes]`: byte `j` of group `g` holds value `4g + j`.
+    qs: [u8; QK * TILE_ROWS],
+    /// The blocks' scales, f16 bits as the GGUF stores them, `[block][row]`.
+    d: [[u16; TILE_ROWS]; 8],
+}
+const _: () = assert!(std::mem::size_of::<TileQ80>() == 4352);
+
+/// 256 activations quantized as eight ggml Q8_0 blocks, for Q8_0 weights.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct ActQ80 {
+    qs: [i8; QK],
+    /// The blocks' scales, rounded to f16 as ggml stores them.
+    d: [f32; 8],
+    /// `-128` times each block's sum of quants: where the integer sums start, which takes the
+    /// weights' `+ 128` back out exactly.
+    start: [i32; 8],
+}
+
 /// One activation superblock quantized as ggml's Q8_K (by candle, so the numbers are ggml's),
 /// with the sums the kernels need as f32.
 #[repr(C, align(64))]
@@ -107,6 +134,7 @@ impl KTiles {
         let tiles = match w.dtype() {
             GgmlDType::Q4K => Tiles::Q4K(pack_q4k(&data, n, k)?),
             GgmlDType::Q6K => Tiles::Q6K(pack_q6k(&data, n, k)?),
+            GgmlDType::Q8_0 => Tiles::Q80(pack_q80(&data, n, k)?),
             _ => return None,
         };
         Some(Self { n, k, tiles })
@@ -153,7 +181,18 @@ impl KTiles {
                 "KTiles::matmul_many: shapes"
             );
         }
-        let acts = quantize_rows(x, k);
+        // Q8_0 weights take Q8_0 activations; the K-quants take Q8_K ones.
+        let is_q80 = |t: &KTiles| matches!(t.tiles, Tiles::Q80(_));
+        let acts = if parts.iter().all(|(t, _)| is_q80(t)) {
+            Vec::new()
+        } else {
+            quantize_rows(x, k, quantize_blocks)
+        };
+        let acts80 = if parts.iter().any(|(t, _)| is_q80(t)) {
+            quantize_rows(x, k, quantize_blocks_q80)
+        } else {
+            Vec::new()
+        };
         #[cfg(target_arch = "x86_64")]
         {
             let kb = k / QK;
@@ -176,7 +215,7 @@ impl KTiles {
                     let (col, pass) = (local / passes, local % passes);
                     let r0 = pass * MAX_ROWS_PER_PASS;
                     let rows = (m - r0).min(MAX_ROWS_PER_PASS);
-                    let acts = &acts[r0 * kb..(r0 + rows) * kb];
+                    let span = r0 * kb..(r0 + rows) * kb;
                     let n = t.n;
                     // SAFETY: the CPU has the kernels' features (`new` checked them); each unit
                     // writes the 16 columns of its tile column for its own rows of its own
@@ -185,13 +224,18 @@ impl KTiles {
                         match &t.tiles {
                             Tiles::Q4K(t) => {
                                 let column = &t[col * kb..(col + 1) * kb];
-                                let end = stream_end(t, pass);
+                                let (end, acts) = (stream_end(t, pass), &acts[span]);
                                 by_rows!(x86::q4k, rows, (column, end, acts, kb, out, r0, n, col))
                             }
                             Tiles::Q6K(t) => {
                                 let column = &t[col * kb..(col + 1) * kb];
-                                let end = stream_end(t, pass);
+                                let (end, acts) = (stream_end(t, pass), &acts[span]);
                                 by_rows!(x86::q6k, rows, (column, end, acts, kb, out, r0, n, col))
+                            }
+                            Tiles::Q80(t) => {
+                                let column = &t[col * kb..(col + 1) * kb];
+                                let (end, acts) = (stream_end(t, pass), &acts80[span]);
+                                by_rows!(x86::q80, rows, (column, end, acts, kb, out, r0, n, col))
                             }
                         }
                     }
@@ -200,7 +244,7 @@ impl KTiles {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = acts;
+            let _ = (acts, acts80);
             unreachable!("KTiles::new returns None off x86-64");
         }
     }
@@ -372,20 +416,52 @@ fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ6K>> {
     })
 }
 
-/// The rows of `x` (`k` values each) as Q8_K superblocks, `[row][superblock]`.
-fn quantize_rows(x: &[f32], k: usize) -> Vec<ActQ8K> {
-    let kb = k / QK;
-    let m = x.len() / k;
-    let empty = ActQ8K {
+/// Q8_0 blocks (ggml's layout: `d` as f16, 32 signed bytes) to tiles.
+fn pack_q80(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ80>> {
+    let empty = TileQ80 {
+        qs: [0; QK * TILE_ROWS],
+        d: [[0; TILE_ROWS]; 8],
+    };
+    pack_tiles(data, n, k, 8 * 34, empty, |tile, r, blocks| {
+        for (b, blk) in blocks.chunks_exact(34).enumerate() {
+            tile.d[b][r] = u16::from_le_bytes([blk[0], blk[1]]);
+            for (i, &q) in blk[2..].iter().enumerate() {
+                let v = 32 * b + i;
+                tile.qs[((v / 4) * TILE_ROWS + r) * 4 + v % 4] = (q as i8 as i16 + 128) as u8;
+            }
+        }
+    })
+}
+
+/// Activation blocks of 256 values, with an all-zero value to allocate them.
+trait ActBlock: Copy + Send + Sync {
+    const EMPTY: Self;
+}
+impl ActBlock for ActQ8K {
+    const EMPTY: Self = Self {
         qs: [0; QK],
         d: 0.0,
         bsum32: [0; 8],
         q6k_start: [0; 16],
     };
-    let mut out = vec![empty; m * kb];
+}
+impl ActBlock for ActQ80 {
+    const EMPTY: Self = Self {
+        qs: [0; QK],
+        d: [0.0; 8],
+        start: [0; 8],
+    };
+}
+
+/// The rows of `x` (`k` values each) quantized by `quantize` 256 values at a time,
+/// `[row][superblock]`.
+fn quantize_rows<A: ActBlock>(x: &[f32], k: usize, quantize: fn(&[f32], &mut [A])) -> Vec<A> {
+    let kb = k / QK;
+    let m = x.len() / k;
+    let mut out = vec![A::EMPTY; m * kb];
     // A few rows quantize in less time than the threads take to wake.
     if m <= 2 * MAX_ROWS_PER_PASS {
-        quantize_blocks(x, &mut out);
+        quantize(x, &mut out);
     } else {
         let ptr = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
@@ -393,11 +469,48 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActQ8K> {
                 // SAFETY: each row `r` owns the disjoint range `r * kb .. (r + 1) * kb` of `out`,
                 // which outlives the call.
                 let dst = unsafe { ptr.slice(r * kb, kb) };
-                quantize_blocks(&x[r * k..(r + 1) * k], dst);
+                quantize(&x[r * k..(r + 1) * k], dst);
             }
         });
     }
     out
+}
+
+/// `x` (256 values per block of `out`) as eight Q8_0 blocks each: with AVX-512, to the bit what
+/// candle's (ggml's) `BlockQ8_0::from_float` gives.
+fn quantize_blocks_q80(x: &[f32], out: &mut [ActQ80]) {
+    #[cfg(target_arch = "x86_64")]
+    if KTiles::cpu_supported() {
+        for (block, a) in x.chunks_exact(QK).zip(out) {
+            // SAFETY: the CPU has AVX-512 F/BW (checked above); `block` holds 256 values.
+            unsafe { x86::quantize_q80(block, a) };
+        }
+        return;
+    }
+    quantize_blocks_q80_candle(x, out);
+}
+
+/// [`quantize_blocks_q80`] by candle's `BlockQ8_0::from_float` (the reference, and other CPUs).
+fn quantize_blocks_q80_candle(x: &[f32], out: &mut [ActQ80]) {
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    /// candle's `BlockQ8_0`, whose fields are crate-private; the layout is ggml's and checked.
+    #[repr(C)]
+    struct Q80Fields {
+        d: half::f16,
+        qs: [i8; 32],
+    }
+    const _: () = assert!(std::mem::size_of::<Q80Fields>() == std::mem::size_of::<BlockQ8_0>());
+    let mut blocks = vec![BlockQ8_0::zeros(); out.len() * 8];
+    BlockQ8_0::from_float(x, &mut blocks);
+    for (b8, a) in blocks.chunks_exact(8).zip(out) {
+        for (j, b) in b8.iter().enumerate() {
+            // SAFETY: `BlockQ8_0` is `#[repr(C)]` with exactly these fields (size asserted above).
+            let b = unsafe { &*(b as *const BlockQ8_0).cast::<Q80Fields>() };
+            a.qs[32 * j..32 * (j + 1)].copy_from_slice(&b.qs);
+            a.d[j] = b.d.to_f32();
+            a.start[j] = -128 * b.qs.iter().map(|&q| i32::from(q)).sum::<i32>();
+        }
+    }
 }
 
 /// `x` (256 values per block of `out`) as Q8_K: with AVX-512 (every CPU the kernels run on), to
@@ -445,7 +558,7 @@ fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::OutPtr;
-    use super::{ActQ8K, TileQ4K, TileQ6K, PREFETCH_TILES, TILE_ROWS};
+    use super::{ActQ80, ActQ8K, TileQ4K, TileQ6K, TileQ80, PREFETCH_TILES, TILE_ROWS};
     use core::arch::x86_64::*;
 
     /// The four quants at `at` of an activation row, in every 32-bit lane.
@@ -527,6 +640,53 @@ mod x86 {
             *s = ((a.q6k_start[2 * j] + a.q6k_start[2 * j + 1]) / -32) as i16;
         }
         a.d = 1.0 / iscale;
+    }
+
+    /// Eight Q8_0 blocks: candle's `BlockQ8_0::from_float` (scale `d = max |x| / 127`, stored as
+    /// f16; quants `round(x / d)` computed with the f32 `1 / d`, half away from zero).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_q80(x: &[f32], a: &mut ActQ80) {
+        debug_assert_eq!(x.len(), 256);
+        let p = x.as_ptr();
+        let sign = _mm512_set1_ps(-0.0);
+        let (one, half) = (_mm512_set1_ps(1.0), _mm512_set1_ps(0.5));
+        for b in 0..8 {
+            // SAFETY: `x` holds 256 values.
+            let (v0, v1) = unsafe {
+                (
+                    _mm512_loadu_ps(p.add(32 * b)),
+                    _mm512_loadu_ps(p.add(32 * b + 16)),
+                )
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let scale = _mm512_set1_ps(id);
+            let mut sum = 0;
+            for (i, v) in [v0, v1].into_iter().enumerate() {
+                let y = _mm512_mul_ps(v, scale);
+                // f32::round: the integer part, plus one away from zero from a half up.
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+                let away = _mm512_or_ps(_mm512_and_ps(y, sign), one);
+                let r = _mm512_mask_add_ps(t, up, t, away);
+                let r = _mm512_min_ps(
+                    _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+                    _mm512_set1_ps(127.0),
+                );
+                let q = _mm512_cvtps_epi32(r);
+                // SAFETY: 16 bytes at 32 b + 16 i inside `qs`.
+                unsafe {
+                    _mm_storeu_si128(
+                        a.qs.as_mut_ptr().add(32 * b + 16 * i).cast(),
+                        _mm512_cvtepi32_epi8(q),
+                    )
+                };
+                sum += _mm512_reduce_add_epi32(q);
+            }
+            a.d[b] = half::f16::from_f32(d).to_f32();
+            a.start[b] = -128 * sum;
+        }
     }
 
     /// `vpmultishiftqb` controls that take, into each byte, the eight bits from `offset` bits
@@ -760,6 +920,70 @@ mod x86 {
         }
     }
 
+    /// `M` activation rows against one column of Q8_0 tiles. The weights go into `vpdpbusd` as
+    /// `q + 128`; each block's sum starts at [`ActQ80::start`], which takes the `128` back out, so
+    /// the integer sums are exact.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi,f16c")]
+    pub(super) unsafe fn q80<const M: usize>(
+        column: &[TileQ80],
+        end: *const u8,
+        acts: &[ActQ80],
+        kb: usize,
+        out: OutPtr,
+        r0: usize,
+        n: usize,
+        col: usize,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, t) in column.iter().enumerate() {
+            let a: [&ActQ80; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            for blk in 0..8 {
+                // SAFETY: prefetches only.
+                unsafe {
+                    let tile = (t as *const TileQ80).cast();
+                    prefetch_ahead(tile, size_of::<TileQ80>(), end, blk, 8)
+                };
+                // Two chains per row, so one row is not bound by `vpdpbusd`'s latency.
+                let mut s: [[__m512i; 2]; M] = std::array::from_fn(|m| {
+                    [_mm512_set1_epi32(a[m].start[blk]), _mm512_setzero_si512()]
+                });
+                for j in 0..8 {
+                    let g = 8 * blk + j;
+                    // SAFETY: group g < 64, inside `qs`; offsets < 256.
+                    unsafe {
+                        let w = _mm512_loadu_si512(t.qs.as_ptr().add(g * 64).cast());
+                        for m in 0..M {
+                            s[m][j % 2] = _mm512_dpbusd_epi32(s[m][j % 2], w, quads80(a[m], 4 * g));
+                        }
+                    }
+                }
+                // SAFETY: 16 f16 scales.
+                let dw = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(t.d[blk].as_ptr().cast())) };
+                for m in 0..M {
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s[m][0], s[m][1]));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(a[m].d[blk]));
+                    acc[m] = _mm512_fmadd_ps(sum, scale, acc[m]);
+                }
+            }
+        }
+        for (m, v) in acc.iter().enumerate() {
+            // SAFETY: row `r0 + m` and columns `16 col .. 16 col + 16` are this unit's own.
+            unsafe { _mm512_storeu_ps(out.0.add((r0 + m) * n + col * TILE_ROWS), *v) };
+        }
+    }
+
+    /// The four quants at `at` of a Q8_0 activation superblock, in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn quads80(a: &ActQ80, at: usize) -> __m512i {
+        // SAFETY: the caller keeps `at + 4 <= 256`.
+        unsafe {
+            _mm512_set1_epi32(std::ptr::read_unaligned(
+                a.qs.as_ptr().add(at).cast::<i32>(),
+            ))
+        }
+    }
+
     const _: () = assert!(TILE_ROWS == 16);
 }
 
@@ -811,8 +1035,62 @@ mod tests {
         }
     }
 
+    /// The vectorized Q8_0 quantization of activations against candle's (ggml's), to the bit.
+    #[test]
+    fn q80_quantization_matches_ggml_to_the_bit() {
+        if !KTiles::cpu_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, 4 * QK, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // A block of halves between integers (scale 1), and a block of zeros.
+        for (j, v) in x[..32].iter_mut().enumerate() {
+            *v = j as f32 - 15.5;
+        }
+        x[5] = 127.0;
+        x[64..96].fill(0.0);
+        let (mut fast, mut reference) = (vec![ActQ80::EMPTY; 4], vec![ActQ80::EMPTY; 4]);
+        quantize_blocks_q80(&x, &mut fast);
+        quantize_blocks_q80_candle(&x, &mut reference);
+        for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
+            assert_eq!(f.qs, r.qs, "superblock {b}");
+            assert_eq!(
+                f.d.map(f32::to_bits),
+                r.d.map(f32::to_bits),
+                "superblock {b}"
+            );
+            assert_eq!(f.start, r.start, "superblock {b}");
+        }
+    }
+
+    /// `x W^T` in f64 over the dequantized Q8_0 weights `w` and `x` as ggml's Q8_0 activations:
+    /// what the Q8_0 tiles compute, as llama.cpp does. (candle's own Q8_0 matmul takes Q8_K
+    /// activations, with one scale per 256 values, so it rounds the activations differently.)
+    fn q80_reference(w: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut acts = vec![ActQ80::EMPTY; x.len() / QK];
+        quantize_blocks_q80_candle(x, &mut acts);
+        let xq: Vec<f64> = (0..x.len())
+            .map(|i| {
+                let a = &acts[i / QK];
+                f64::from(a.qs[i % QK]) * f64::from(a.d[i % QK / 32])
+            })
+            .collect();
+        let mut y = Vec::with_capacity(x.len() / k * n);
+        for row in xq.chunks_exact(k) {
+            for wr in w.chunks_exact(k) {
+                let dot: f64 = row.iter().zip(wr).map(|(a, b)| a * f64::from(*b)).sum();
+                y.push(dot as f32);
+            }
+        }
+        y
+    }
+
     /// The tiles' product against candle's own quantized matmul (the same Q8_K activations, a
-    /// different order of float sums) for 1 to 9 rows, and rows independent of their company.
+    /// different order of float sums; for Q8_0, [`q80_reference`]) for 1 to 9 rows, and rows
+    /// independent of their company.
     #[test]
     fn tiles_match_candle_and_rows_are_independent() {
         if !KTiles::cpu_supported() {
@@ -820,24 +1098,34 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
             let (n, k) = (48, 512);
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let tiles = KTiles::new(&q).expect("tiles");
+            let wq: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
             let x = Tensor::randn(0f32, 1.0, (9, k), &dev).unwrap();
             let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let mut all = vec![0f32; 9 * n];
             tiles.matmul(&xv, &mut all);
             for rows in 1..=9 {
-                let want: Vec<f32> =
+                let want: Vec<f32> = if dtype == GgmlDType::Q8_0 {
+                    q80_reference(&wq, &xv[..rows * k], n, k)
+                } else {
                     candle_core::Module::forward(&qm, &x.narrow(0, 0, rows).unwrap())
                         .unwrap()
                         .flatten_all()
                         .unwrap()
                         .to_vec1()
-                        .unwrap();
+                        .unwrap()
+                };
                 let mut got = vec![0f32; rows * n];
                 tiles.matmul(&xv[..rows * k], &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
