@@ -17,7 +17,7 @@ use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::decode_attention::decode_attention;
+use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Linear, Weight};
 use crate::model::weights::{WeightSource, ROPE_FREQS};
@@ -188,7 +188,8 @@ impl Attention {
 
     /// One decode step of several sequences: `x` is `(1, n, hidden)`, row `i` the new token of the
     /// sequence whose cache is `caches[i]` and whose position's RoPE is `ropes[i]`. Projections run
-    /// once for all rows; attention runs per sequence over its own cache.
+    /// once for all rows; attention runs for each sequence over its own cache, all in one parallel
+    /// region.
     fn forward_decode(
         &self,
         x: &Tensor,
@@ -197,20 +198,30 @@ impl Attention {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(x, true)?;
-        let mut outs = Vec::with_capacity(caches.len());
+        let mut seqs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
             let one = |t: &Tensor| t.narrow(2, i, 1);
-            outs.push(self.attend(
-                &one(&q)?,
-                &one(&k)?,
-                &one(&v)?,
-                &ropes[i],
-                None,
-                layer,
-                cache,
-            )?);
+            let (q, k, v) =
+                self.rope_and_cache(&one(&q)?, &one(&k)?, &one(&v)?, &ropes[i], layer, cache)?;
+            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
+            let group = self.heads / self.kv_heads;
+            seqs.push((q.reshape((1, self.kv_heads, group, self.head_dim))?, k, v));
         }
-        let out = Tensor::cat(&outs, 1)?;
+        let items: Vec<_> = seqs.iter().map(|(q, k, v)| (q, k, v)).collect();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = match decode_attention_many(&items, scale as f32)? {
+            Some(out) => out,
+            None => {
+                let outs = seqs
+                    .iter()
+                    .map(|(q, k, v)| {
+                        let q = q.reshape((1, self.heads, 1, self.head_dim))?;
+                        self.attention(&q, k, v, None)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)?
+            }
+        };
         Ok(self.o_proj.forward_rows(&out)?)
     }
 
@@ -228,8 +239,22 @@ impl Attention {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let (b, _, s, _) = q.dims4()?;
-        let dtype = q.dtype();
+        let (q, k, v) = self.rope_and_cache(q, k, v, rope, layer, cache)?;
+        self.attention(&q, &k, &v, mask)
+    }
+
+    /// RoPE on `q` and `k`, `k`/`v` appended to `cache`: the query and the keys and values it
+    /// attends to (the cache's views, cut to the sliding window where one applies).
+    fn rope_and_cache(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = q.dim(2)?;
         let q = apply_rope(q, rope)?;
         let k = apply_rope(k, rope)?;
         let (k, v) = cache.append(layer, &k, v)?;
@@ -241,13 +266,27 @@ impl Attention {
             }
             _ => (k, v),
         };
+        Ok((q, k, v))
+    }
+
+    /// `softmax(q k^T * scale + mask) v` for `q` `(b, heads, s, hd)` after RoPE and the cache's
+    /// `k`, `v`, as `(b, s, heads * hd)`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let dtype = q.dtype();
         let kv_len = k.dim(2)?;
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if s == 1 && b == 1 {
             // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
             let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
-            if let Some(out) = decode_attention(&q, &k, &v, scale as f32)? {
+            if let Some(out) = decode_attention(&q, k, v, scale as f32)? {
                 return Ok(out);
             }
         }
@@ -266,7 +305,7 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?; // (b, kv_heads, group * s, head_dim)
+        let out = probs.matmul(v)?; // (b, kv_heads, group * s, head_dim)
         Ok(out
             .reshape((b, self.heads, s, self.head_dim))?
             .transpose(1, 2)?
