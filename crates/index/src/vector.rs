@@ -32,10 +32,61 @@ impl Distance<f32> for UnitCosine {
 
 /// Dot product of two equally long slices (extra elements of the longer one are ignored).
 ///
-/// Eight independent accumulators let the compiler keep several multiply-adds in flight
-/// (and vectorise at higher optimisation levels) instead of one serial dependency chain.
+/// With AVX-512 (checked at run time), four 16-lane accumulators. The portable version below
+/// compiled to 128-bit multiplies with shuffles, and it was 48% of an HNSW search's time.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F (checked just above).
+        return unsafe { dot_avx512(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// [`dot`] with 16-lane fused multiply-adds; the last `len % 16` values through a masked load.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use core::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY (every load below): offsets stay below `n`, inside both slices; the masked load
+    // reads only the lanes below `n`.
+    let at = |p: *const f32, i: usize| unsafe { _mm512_loadu_ps(p.add(i)) };
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, s) in acc.iter_mut().enumerate() {
+            *s = _mm512_fmadd_ps(at(pa, i + 16 * j), at(pb, i + 16 * j), *s);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(at(pa, i), at(pb, i), acc[0]);
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = (1u16 << (n - i)) - 1;
+        // SAFETY: as above.
+        let (x, y) = unsafe {
+            (
+                _mm512_maskz_loadu_ps(mask, pa.add(i)),
+                _mm512_maskz_loadu_ps(mask, pb.add(i)),
+            )
+        };
+        acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(sum)
+}
+
+/// [`dot`] without AVX-512: eight independent accumulators let the compiler keep several
+/// multiply-adds in flight instead of one serial dependency chain.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    // Cut to one length first: the chunks' remainders must line up.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let tail: f32 = ca
@@ -435,4 +486,36 @@ pub(crate) fn exact_top_k(flat: &[f32], dim: usize, query: &[f32], k: usize) -> 
     }
     scored.sort_unstable_by(order);
     scored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both versions of [`dot`] against an f64 sum, for every length up to 200 (all the tails of
+    /// the 64- and 16-lane loops) and the embedders' 384 and 768, slices of unequal length too.
+    #[test]
+    fn dot_matches_an_f64_sum_for_every_length() {
+        let value = |i: usize, salt: f32| ((i as f32 * 0.37 + salt).sin() * 1.7).clamp(-1.5, 1.5);
+        for n in (0..=200).chain([384, 768]) {
+            let a: Vec<f32> = (0..n).map(|i| value(i, 0.1)).collect();
+            let b: Vec<f32> = (0..n + 3).map(|i| value(i, 2.3)).collect();
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            let scale: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from((x * y).abs()))
+                .sum();
+            for (name, got) in [("dot", dot(&a, &b)), ("portable", dot_portable(&a, &b))] {
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-6 * (1.0 + scale),
+                    "{name}, length {n}: {got} vs {want}"
+                );
+            }
+        }
+    }
 }

@@ -690,8 +690,10 @@ mod x86 {
     }
 
     /// `vpmultishiftqb` controls that take, into each byte, the eight bits from `offset` bits
-    /// into the same byte of the source (wrapping within its 64-bit lane). A shift by byte on
-    /// port 5, where `vpsrlw` would compete with `vpdpbusd` for port 0.
+    /// into the same byte of the source (wrapping within its 64-bit lane): a shift by byte, right
+    /// or left, in one instruction on port 5. (`vpsrlw`/`vpsllw` with the masks that follow would
+    /// give the same bytes; the last stop's reason, keeping port 0 free for `vpdpbusd`, does not
+    /// hold on this CPU, which issues `vpdpbusd` on two ports.)
     #[inline(always)]
     fn bit_offsets(offset: i8) -> __m512i {
         let bytes: [u8; 8] = std::array::from_fn(|j| (8 * j as i8 + offset).rem_euclid(64) as u8);
