@@ -558,18 +558,14 @@ fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::OutPtr;
-    use super::{ActQ80, ActQ8K, TileQ4K, TileQ6K, TileQ80, PREFETCH_TILES, TILE_ROWS};
+    use super::{ActQ80, ActQ8K, TileQ4K, TileQ6K, TileQ80, PREFETCH_TILES, QK, TILE_ROWS};
     use core::arch::x86_64::*;
 
-    /// The four quants at `at` of an activation row, in every 32-bit lane.
+    /// The four quants at `at` of an activation superblock (Q8_K or Q8_0), in every 32-bit lane.
     #[inline(always)]
-    unsafe fn quads(a: &ActQ8K, at: usize) -> __m512i {
+    unsafe fn quads(qs: &[i8; QK], at: usize) -> __m512i {
         // SAFETY: the caller keeps `at + 4 <= 256`.
-        unsafe {
-            _mm512_set1_epi32(std::ptr::read_unaligned(
-                a.qs.as_ptr().add(at).cast::<i32>(),
-            ))
-        }
+        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(qs.as_ptr().add(at).cast::<i32>())) }
     }
 
     /// 16 bytes as 16 f32 lanes.
@@ -772,10 +768,12 @@ mod x86 {
                     for m in 0..M {
                         // SAFETY: offsets < 256.
                         unsafe {
-                            sa[m][0] = _mm512_dpbusd_epi32(sa[m][0], lo_a, quads(a[m], ga * 8));
-                            sa[m][h] = _mm512_dpbusd_epi32(sa[m][h], hi_a, quads(a[m], ga * 8 + 4));
-                            sb[m][0] = _mm512_dpbusd_epi32(sb[m][0], lo_b, quads(a[m], gb * 8));
-                            sb[m][h] = _mm512_dpbusd_epi32(sb[m][h], hi_b, quads(a[m], gb * 8 + 4));
+                            sa[m][0] = _mm512_dpbusd_epi32(sa[m][0], lo_a, quads(&a[m].qs, ga * 8));
+                            sa[m][h] =
+                                _mm512_dpbusd_epi32(sa[m][h], hi_a, quads(&a[m].qs, ga * 8 + 4));
+                            sb[m][0] = _mm512_dpbusd_epi32(sb[m][0], lo_b, quads(&a[m].qs, gb * 8));
+                            sb[m][h] =
+                                _mm512_dpbusd_epi32(sb[m][h], hi_b, quads(&a[m].qs, gb * 8 + 4));
                         }
                     }
                 }
@@ -894,10 +892,10 @@ mod x86 {
                         // SAFETY: offsets < 256.
                         unsafe {
                             let q = 16 * g;
-                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v0, quads(a[m], q));
-                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v1, quads(a[m], q + 4));
-                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v2, quads(a[m], q + 8));
-                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v3, quads(a[m], q + 12));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v0, quads(&a[m].qs, q));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v1, quads(&a[m].qs, q + 4));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v2, quads(&a[m].qs, q + 8));
+                            s[m][u] = _mm512_dpbusd_epi32(s[m][u], v3, quads(&a[m].qs, q + 12));
                         }
                     }
                 }
@@ -956,7 +954,8 @@ mod x86 {
                     unsafe {
                         let w = _mm512_loadu_si512(t.qs.as_ptr().add(g * 64).cast());
                         for m in 0..M {
-                            s[m][j % 2] = _mm512_dpbusd_epi32(s[m][j % 2], w, quads80(a[m], 4 * g));
+                            s[m][j % 2] =
+                                _mm512_dpbusd_epi32(s[m][j % 2], w, quads(&a[m].qs, 4 * g));
                         }
                     }
                 }
@@ -972,17 +971,6 @@ mod x86 {
         for (m, v) in acc.iter().enumerate() {
             // SAFETY: row `r0 + m` and columns `16 col .. 16 col + 16` are this unit's own.
             unsafe { _mm512_storeu_ps(out.0.add((r0 + m) * n + col * TILE_ROWS), *v) };
-        }
-    }
-
-    /// The four quants at `at` of a Q8_0 activation superblock, in every 32-bit lane.
-    #[inline(always)]
-    unsafe fn quads80(a: &ActQ80, at: usize) -> __m512i {
-        // SAFETY: the caller keeps `at + 4 <= 256`.
-        unsafe {
-            _mm512_set1_epi32(std::ptr::read_unaligned(
-                a.qs.as_ptr().add(at).cast::<i32>(),
-            ))
         }
     }
 
