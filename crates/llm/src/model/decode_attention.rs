@@ -163,30 +163,26 @@ struct Heads<'a> {
 /// a multiple of 16 (the compiler's own vectorization of [`scores_of`] used 256-bit vectors, spilt
 /// its accumulators and summed them one lane at a time: 2.4% of a four-sequence decode step).
 fn scores_for(n: usize, hd: usize) -> ScoresFn {
-    #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
-        return match n {
-            1 => scores_avx512::<1>,
-            2 => scores_avx512::<2>,
-            3 => scores_avx512::<3>,
-            4 => scores_avx512::<4>,
-            5 => scores_avx512::<5>,
-            6 => scores_avx512::<6>,
-            7 => scores_avx512::<7>,
-            _ => scores_avx512::<8>,
+    // The query count fixed at compile time keeps the accumulators in registers.
+    macro_rules! by_count {
+        ($kernel:ident) => {
+            match n {
+                1 => $kernel::<1>,
+                2 => $kernel::<2>,
+                3 => $kernel::<3>,
+                4 => $kernel::<4>,
+                5 => $kernel::<5>,
+                6 => $kernel::<6>,
+                7 => $kernel::<7>,
+                _ => $kernel::<8>,
+            }
         };
     }
-    // The query count fixed at compile time keeps the accumulators in registers.
-    match n {
-        1 => scores_of::<1>,
-        2 => scores_of::<2>,
-        3 => scores_of::<3>,
-        4 => scores_of::<4>,
-        5 => scores_of::<5>,
-        6 => scores_of::<6>,
-        7 => scores_of::<7>,
-        _ => scores_of::<8>,
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
+        return by_count!(scores_avx512);
     }
+    by_count!(scores_of)
 }
 
 /// [`scores_of`] with 16-lane vectors: one accumulator register per query, one horizontal sum per

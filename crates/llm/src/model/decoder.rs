@@ -201,23 +201,30 @@ impl Attention {
         let mut seqs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
             let one = |t: &Tensor| t.narrow(2, i, 1);
-            let (q, k, v) =
-                self.rope_and_cache(&one(&q)?, &one(&k)?, &one(&v)?, &ropes[i], layer, cache)?;
-            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
-            let group = self.heads / self.kv_heads;
-            seqs.push((q.reshape((1, self.kv_heads, group, self.head_dim))?, k, v));
+            seqs.push(self.rope_and_cache(
+                &one(&q)?,
+                &one(&k)?,
+                &one(&v)?,
+                &ropes[i],
+                layer,
+                cache,
+            )?);
         }
-        let items: Vec<_> = seqs.iter().map(|(q, k, v)| (q, k, v)).collect();
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = match decode_attention_many(&items, scale as f32)? {
+        let grouped = seqs
+            .iter()
+            .map(|(q, _, _)| self.grouped_query(q))
+            .collect::<Result<Vec<_>>>()?;
+        let items: Vec<_> = grouped
+            .iter()
+            .zip(&seqs)
+            .map(|(q, (_, k, v))| (q, k, v))
+            .collect();
+        let out = match decode_attention_many(&items, self.scale() as f32)? {
             Some(out) => out,
             None => {
                 let outs = seqs
                     .iter()
-                    .map(|(q, k, v)| {
-                        let q = q.reshape((1, self.heads, 1, self.head_dim))?;
-                        self.attention(&q, k, v, None)
-                    })
+                    .map(|(q, k, v)| self.attention(q, k, v, None))
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&outs, 1)?
             }
@@ -269,6 +276,18 @@ impl Attention {
         Ok((q, k, v))
     }
 
+    /// The attention's scale, `1 / sqrt(head_dim)`.
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// One token's query `(1, heads, 1, hd)` as `(1, kv_heads, group, hd)`, the layout
+    /// [`decode_attention`] takes: it already is, as heads `h*group..` share KV head `h`.
+    fn grouped_query(&self, q: &Tensor) -> Result<Tensor> {
+        let group = self.heads / self.kv_heads;
+        Ok(q.reshape((1, self.kv_heads, group, self.head_dim))?)
+    }
+
     /// `softmax(q k^T * scale + mask) v` for `q` `(b, heads, s, hd)` after RoPE and the cache's
     /// `k`, `v`, as `(b, s, heads * hd)`.
     fn attention(
@@ -282,11 +301,9 @@ impl Attention {
         let dtype = q.dtype();
         let kv_len = k.dim(2)?;
         let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale();
         if s == 1 && b == 1 {
-            // (1, heads, 1, hd) is already (1, kv_heads, group, hd): heads h*group.. share KV head h.
-            let q = q.reshape((1, self.kv_heads, group, self.head_dim))?;
-            if let Some(out) = decode_attention(&q, k, v, scale as f32)? {
+            if let Some(out) = decode_attention(&self.grouped_query(q)?, k, v, scale as f32)? {
                 return Ok(out);
             }
         }

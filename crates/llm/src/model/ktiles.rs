@@ -186,10 +186,10 @@ impl KTiles {
         let acts = if parts.iter().all(|(t, _)| is_q80(t)) {
             Vec::new()
         } else {
-            quantize_rows(x, k, quantize_blocks)
+            quantize_rows::<ActQ8K>(x, k)
         };
         let acts80 = if parts.iter().any(|(t, _)| is_q80(t)) {
-            quantize_rows(x, k, quantize_blocks_q80)
+            quantize_rows::<ActQ80>(x, k)
         } else {
             Vec::new()
         };
@@ -433,9 +433,15 @@ fn pack_q80(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ80>> {
     })
 }
 
-/// Activation blocks of 256 values, with an all-zero value to allocate them.
+/// Activation blocks of 256 values: an all-zero value to allocate them, and their quantizers.
 trait ActBlock: Copy + Send + Sync {
     const EMPTY: Self;
+    /// 256 values into one block with AVX-512, to the bit what [`ActBlock::reference`] gives.
+    /// Unsafe: the CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx512(x: &[f32], a: &mut Self);
+    /// 256 values per block of `out` through candle (ggml's numbers; other CPUs).
+    fn reference(x: &[f32], out: &mut [Self]);
 }
 impl ActBlock for ActQ8K {
     const EMPTY: Self = Self {
@@ -444,6 +450,14 @@ impl ActBlock for ActQ8K {
         bsum32: [0; 8],
         q6k_start: [0; 16],
     };
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx512(x: &[f32], a: &mut Self) {
+        // SAFETY: as the caller promises.
+        unsafe { x86::quantize_q8k(x, a) }
+    }
+    fn reference(x: &[f32], out: &mut [Self]) {
+        quantize_blocks_candle(x, out)
+    }
 }
 impl ActBlock for ActQ80 {
     const EMPTY: Self = Self {
@@ -451,17 +465,25 @@ impl ActBlock for ActQ80 {
         d: [0.0; 8],
         start: [0; 8],
     };
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx512(x: &[f32], a: &mut Self) {
+        // SAFETY: as the caller promises.
+        unsafe { x86::quantize_q80(x, a) }
+    }
+    fn reference(x: &[f32], out: &mut [Self]) {
+        quantize_blocks_q80_candle(x, out)
+    }
 }
 
 /// The rows of `x` (`k` values each) quantized by `quantize` 256 values at a time,
 /// `[row][superblock]`.
-fn quantize_rows<A: ActBlock>(x: &[f32], k: usize, quantize: fn(&[f32], &mut [A])) -> Vec<A> {
+fn quantize_rows<A: ActBlock>(x: &[f32], k: usize) -> Vec<A> {
     let kb = k / QK;
     let m = x.len() / k;
     let mut out = vec![A::EMPTY; m * kb];
     // A few rows quantize in less time than the threads take to wake.
     if m <= 2 * MAX_ROWS_PER_PASS {
-        quantize(x, &mut out);
+        quantize_blocks(x, &mut out);
     } else {
         let ptr = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
@@ -469,28 +491,15 @@ fn quantize_rows<A: ActBlock>(x: &[f32], k: usize, quantize: fn(&[f32], &mut [A]
                 // SAFETY: each row `r` owns the disjoint range `r * kb .. (r + 1) * kb` of `out`,
                 // which outlives the call.
                 let dst = unsafe { ptr.slice(r * kb, kb) };
-                quantize(&x[r * k..(r + 1) * k], dst);
+                quantize_blocks(&x[r * k..(r + 1) * k], dst);
             }
         });
     }
     out
 }
 
-/// `x` (256 values per block of `out`) as eight Q8_0 blocks each: with AVX-512, to the bit what
-/// candle's (ggml's) `BlockQ8_0::from_float` gives.
-fn quantize_blocks_q80(x: &[f32], out: &mut [ActQ80]) {
-    #[cfg(target_arch = "x86_64")]
-    if KTiles::cpu_supported() {
-        for (block, a) in x.chunks_exact(QK).zip(out) {
-            // SAFETY: the CPU has AVX-512 F/BW (checked above); `block` holds 256 values.
-            unsafe { x86::quantize_q80(block, a) };
-        }
-        return;
-    }
-    quantize_blocks_q80_candle(x, out);
-}
-
-/// [`quantize_blocks_q80`] by candle's `BlockQ8_0::from_float` (the reference, and other CPUs).
+/// Eight Q8_0 blocks per block of `out` by candle's `BlockQ8_0::from_float` (the reference, and
+/// other CPUs).
 fn quantize_blocks_q80_candle(x: &[f32], out: &mut [ActQ80]) {
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
     /// candle's `BlockQ8_0`, whose fields are crate-private; the layout is ggml's and checked.
@@ -513,22 +522,22 @@ fn quantize_blocks_q80_candle(x: &[f32], out: &mut [ActQ80]) {
     }
 }
 
-/// `x` (256 values per block of `out`) as Q8_K: with AVX-512 (every CPU the kernels run on), to
-/// the bit what ggml's and candle's scalar `quantize_row_q8_K` gives, in a tenth of its time (it
-/// was 6% of a four-sequence decode step).
-fn quantize_blocks(x: &[f32], out: &mut [ActQ8K]) {
+/// `x` (256 values per block of `out`) quantized: with AVX-512 (every CPU the kernels run on), to
+/// the bit what ggml's and candle's scalar quantizers give, in a tenth of their time (Q8_K's was
+/// 6% of a four-sequence decode step).
+fn quantize_blocks<A: ActBlock>(x: &[f32], out: &mut [A]) {
     #[cfg(target_arch = "x86_64")]
     if KTiles::cpu_supported() {
         for (block, a) in x.chunks_exact(QK).zip(out) {
             // SAFETY: the CPU has AVX-512 F/BW (checked above); `block` holds 256 values.
-            unsafe { x86::quantize_q8k(block, a) };
+            unsafe { A::quantize_avx512(block, a) };
         }
         return;
     }
-    quantize_blocks_candle(x, out);
+    A::reference(x, out);
 }
 
-/// [`quantize_blocks`] by candle's `BlockQ8K::from_float` (the reference, and other CPUs).
+/// Q8_K blocks by candle's `BlockQ8K::from_float` (the reference, and other CPUs).
 fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
     use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
     /// candle's `BlockQ8K`, whose fields are crate-private; the layout is ggml's and checked.
@@ -612,30 +621,36 @@ mod x86 {
         };
         let iscale = -127f32 / max;
         let scale = _mm512_set1_ps(iscale);
-        let sign = _mm512_set1_ps(-0.0);
-        let (one, half) = (_mm512_set1_ps(1.0), _mm512_set1_ps(0.5));
-        let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
         for i in 0..16 {
-            let y = _mm512_mul_ps(scale, v(i));
-            // f32::round: the integer part, plus one away from zero from a half up.
-            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
-            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
-            let away = _mm512_or_ps(_mm512_and_ps(y, sign), one);
-            let r = _mm512_min_ps(_mm512_max_ps(_mm512_mask_add_ps(t, up, t, away), lo), hi);
-            let q = _mm512_cvtps_epi32(r);
-            // SAFETY: 16 bytes at 16 i inside `qs`.
-            unsafe {
-                _mm_storeu_si128(
-                    a.qs.as_mut_ptr().add(16 * i).cast(),
-                    _mm512_cvtepi32_epi8(q),
-                )
-            };
-            a.q6k_start[i] = -32 * _mm512_reduce_add_epi32(q);
+            // SAFETY: the CPU has AVX-512 F/BW, as for this function.
+            let sum = unsafe { store_rounded(_mm512_mul_ps(scale, v(i)), &mut a.qs[16 * i..]) };
+            a.q6k_start[i] = -32 * sum;
         }
         for (j, s) in a.bsum32.iter_mut().enumerate() {
             *s = ((a.q6k_start[2 * j] + a.q6k_start[2 * j + 1]) / -32) as i16;
         }
         a.d = 1.0 / iscale;
+    }
+
+    /// `y` rounded as `f32::round` does (half away from zero) and clamped to i8, into the first
+    /// 16 bytes of `dst`; returns their sum. Unsafe: the CPU must have AVX-512 F and BW.
+    #[inline(always)]
+    unsafe fn store_rounded(y: __m512, dst: &mut [i8]) -> i32 {
+        assert!(dst.len() >= 16);
+        // The integer part, plus one away from zero from a half up.
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let half = _mm512_set1_ps(0.5);
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+        let away = _mm512_or_ps(_mm512_and_ps(y, _mm512_set1_ps(-0.0)), _mm512_set1_ps(1.0));
+        let r = _mm512_mask_add_ps(t, up, t, away);
+        let r = _mm512_min_ps(
+            _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+            _mm512_set1_ps(127.0),
+        );
+        let q = _mm512_cvtps_epi32(r);
+        // SAFETY: `dst` holds 16 bytes (asserted).
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        _mm512_reduce_add_epi32(q)
     }
 
     /// Eight Q8_0 blocks: candle's `BlockQ8_0::from_float` (scale `d = max |x| / 127`, stored as
@@ -644,8 +659,6 @@ mod x86 {
     pub(super) unsafe fn quantize_q80(x: &[f32], a: &mut ActQ80) {
         debug_assert_eq!(x.len(), 256);
         let p = x.as_ptr();
-        let sign = _mm512_set1_ps(-0.0);
-        let (one, half) = (_mm512_set1_ps(1.0), _mm512_set1_ps(0.5));
         for b in 0..8 {
             // SAFETY: `x` holds 256 values.
             let (v0, v1) = unsafe {
@@ -660,25 +673,9 @@ mod x86 {
             let scale = _mm512_set1_ps(id);
             let mut sum = 0;
             for (i, v) in [v0, v1].into_iter().enumerate() {
-                let y = _mm512_mul_ps(v, scale);
-                // f32::round: the integer part, plus one away from zero from a half up.
-                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
-                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
-                let away = _mm512_or_ps(_mm512_and_ps(y, sign), one);
-                let r = _mm512_mask_add_ps(t, up, t, away);
-                let r = _mm512_min_ps(
-                    _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
-                    _mm512_set1_ps(127.0),
-                );
-                let q = _mm512_cvtps_epi32(r);
-                // SAFETY: 16 bytes at 32 b + 16 i inside `qs`.
-                unsafe {
-                    _mm_storeu_si128(
-                        a.qs.as_mut_ptr().add(32 * b + 16 * i).cast(),
-                        _mm512_cvtepi32_epi8(q),
-                    )
-                };
-                sum += _mm512_reduce_add_epi32(q);
+                let at = 32 * b + 16 * i;
+                // SAFETY: the CPU has AVX-512 F/BW, as for this function.
+                sum += unsafe { store_rounded(_mm512_mul_ps(v, scale), &mut a.qs[at..]) };
             }
             a.d[b] = half::f16::from_f32(d).to_f32();
             a.start[b] = -128 * sum;
@@ -1043,7 +1040,7 @@ mod tests {
         x[5] = 127.0;
         x[64..96].fill(0.0);
         let (mut fast, mut reference) = (vec![ActQ80::EMPTY; 4], vec![ActQ80::EMPTY; 4]);
-        quantize_blocks_q80(&x, &mut fast);
+        quantize_blocks(&x, &mut fast);
         quantize_blocks_q80_candle(&x, &mut reference);
         for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
             assert_eq!(f.qs, r.qs, "superblock {b}");
