@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// Reopening a saved 20k index: graph loaded from its hnsw_rs dump versus rebuilt from the
+/// Reopening a saved 20k index: graph loaded from its dump versus rebuilt from the
 /// stored vectors (what happens when the dump is missing or damaged). Timed once each.
 fn reopen(data: &[f32]) {
     let embedder = EmbedderInfo {
@@ -155,7 +155,7 @@ fn reopen(data: &[f32]) {
         if gen.is_dir() {
             for f in std::fs::read_dir(&gen).expect("gen dir") {
                 let f = f.expect("entry").path();
-                if f.to_string_lossy().contains(".hnsw.") {
+                if f.extension().is_some_and(|e| e == "links0" || e == "upper") {
                     std::fs::remove_file(f).expect("remove");
                 }
             }

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use thinkrag_index::{HnswParams, VectorIndex};
+use thinkrag_index::{dot, HnswParams, VectorIndex};
 
 const DIM: usize = 384;
 const K: usize = 10;
@@ -42,7 +42,35 @@ fn main() {
     );
     let queries: Vec<&[f32]> = q.chunks_exact(DIM).collect();
     // One query per call, on this thread only.
-    for ef in [64, 128, 256] {
+    // The exact scan the index uses below its scan limit, for the same queries: every dot
+    // product on this thread, then the top 10.
+    let exact = |query: &[f32]| {
+        let mut scored: Vec<(usize, f32)> = x
+            .chunks_exact(DIM)
+            .map(|v| dot(query, v))
+            .enumerate()
+            .collect();
+        scored.select_nth_unstable_by(K - 1, |a, b| b.1.total_cmp(&a.1));
+        scored.truncate(K);
+        scored
+    };
+    let started = Instant::now();
+    for query in queries.iter().take(200) {
+        std::hint::black_box(exact(query));
+    }
+    let per_query = started.elapsed().as_secs_f64() / 200.0;
+    println!(
+        "RESULT exact scan 1 thread: {:.0} QPS, {:.3} ns per component",
+        1.0 / per_query,
+        per_query * 1e9 / x.len() as f64
+    );
+    // `EFS=64,96,128` sets the search widths timed (default 64, 128, 256).
+    let efs: Vec<usize> = std::env::var("EFS").map_or(vec![64, 128, 256], |v| {
+        v.split(',')
+            .map(|e| e.trim().parse().expect("EFS"))
+            .collect()
+    });
+    for ef in efs {
         let search = |query: &[f32]| index.search(query, K, ef).expect("valid query");
         for query in queries.iter().take(50) {
             std::hint::black_box(search(query));

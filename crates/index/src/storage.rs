@@ -35,7 +35,7 @@ pub(crate) const VECTORS_FILE: &str = "vectors.f32";
 /// A copy of the generation's manifest inside its directory, so a damaged `index.json` or a
 /// damaged newer generation can fall back to an intact generation.
 pub(crate) const GENERATION_MANIFEST: &str = "manifest.json";
-/// Basename we ask hnsw_rs to dump the graph under.
+/// Basename the graph is dumped under.
 pub(crate) const GRAPH_BASENAME: &str = "hnsw";
 
 /// Subdirectory of a generation holding the lexical (tantivy) index's files.
@@ -150,8 +150,10 @@ pub(crate) struct FileChecksums {
     pub vectors_sha256: String,
 }
 
-/// The hnsw_rs dump of one generation, with checksums: hnsw_rs's loader trusts its input and
-/// may abort on a damaged file, so it is only fed files whose hash matches.
+/// The graph dump of one generation, with checksums: the loader checks the structure, and the
+/// hashes catch damage that would still be well formed. `graph_sha256` is the level-0 links
+/// file's, `data_sha256` the header and upper levels' (the names are those of the earlier
+/// hnsw_rs dump, kept so manifests keep one shape).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub(crate) struct GraphFiles {
     pub basename: String,
@@ -304,7 +306,7 @@ pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), IndexEr
     f.sync_all().map_err(|e| IndexError::io(path, e))
 }
 
-/// Fsyncs an existing file (e.g. one hnsw_rs wrote without syncing).
+/// Fsyncs an existing file.
 pub(crate) fn sync_file(path: &Path) -> Result<(), IndexError> {
     File::open(path)
         .and_then(|f| f.sync_all())
@@ -458,10 +460,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Paths of the two files of a graph dump.
 pub(crate) fn graph_paths(gen_dir: &Path, basename: &str) -> (PathBuf, PathBuf) {
-    (
-        gen_dir.join(format!("{basename}.hnsw.graph")),
-        gen_dir.join(format!("{basename}.hnsw.data")),
-    )
+    crate::VectorIndex::dump_paths(gen_dir, basename)
+}
+
+/// The graph file an index saved before thinkrag's own graph (by hnsw_rs) has instead.
+pub(crate) fn legacy_graph_path(gen_dir: &Path, basename: &str) -> PathBuf {
+    gen_dir.join(format!("{basename}.hnsw.graph"))
 }
 
 /// Total size in bytes of the regular files under `path` (recursively).

@@ -1,34 +1,13 @@
-//! A standalone HNSW index over unit vectors (cosine similarity) on top of hnsw_rs,
+//! A standalone HNSW index over unit vectors (cosine similarity) on thinkrag's own graph,
 //! plus the vector maths (validation, normalisation, dot product) shared with exact search.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use hnsw_rs::api::AnnT;
-use hnsw_rs::hnswio::HnswIo;
-use hnsw_rs::prelude::{Distance, Hnsw};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::graph::Graph;
 use crate::IndexError;
-
-/// hnsw_rs never has more layers than this; asking for more is clamped anyway.
-const MAX_LAYERS: usize = 16;
-
-/// Cosine distance `1 - a.b` for vectors that are already L2-normalised.
-///
-/// hnsw_rs's `DistDot` asserts `1 - a.b >= 0` and panics when rounding pushes a unit vector's
-/// self-product above 1, and `DistCosine` recomputes both norms in f64 on every call (several
-/// times slower). Clamping into `[0, 2]` keeps the distance valid for hnsw_rs's internal
-/// `dist >= 0` assertions while staying a single f32 dot product.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct UnitCosine;
-
-impl Distance<f32> for UnitCosine {
-    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
-        (1.0 - dot(va, vb)).clamp(0.0, 2.0)
-    }
-}
 
 /// Dot product of two equally long slices (extra elements of the longer one are ignored).
 ///
@@ -47,7 +26,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// [`dot`] with 16-lane fused multiply-adds; the last `len % 16` values through a masked load.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+#[inline]
+pub(crate) unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     use core::arch::x86_64::*;
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -149,14 +129,16 @@ pub struct HnswParams {
 }
 
 impl Default for HnswParams {
-    /// `m` 16 and `ef_construction` 100 keep the build affordable (about 18 s for 20,000
-    /// 384-dimensional vectors on 2 cores with hnsw_rs); `ef_search` 128 is a conservative
-    /// setting for text embeddings, which cluster far more than random vectors do.
+    /// Chosen on the clustered 100,000 x 384 set of `../shared/reference/ann-bench/` (2 cores;
+    /// `cargo run --release -p thinkrag-index --example ann_files`): `m` 16 and
+    /// `ef_construction` 200 build it in about 23 s; `ef_search` 160 gives recall@10 0.97 at
+    /// about 2,900 queries/s on one thread (128 gave 0.953, too close to 0.95 for graphs that
+    /// vary from build to build; 256 gives 0.992 at 2,000 queries/s).
     fn default() -> Self {
         HnswParams {
             m: 16,
-            ef_construction: 100,
-            ef_search: 128,
+            ef_construction: 200,
+            ef_search: 160,
         }
     }
 }
@@ -167,7 +149,8 @@ impl HnswParams {
         self.ef_search.max(k.saturating_mul(4))
     }
 
-    /// Rejects values hnsw_rs cannot handle (it exits the process for `m > 256`).
+    /// Rejects values the graph cannot work with (`m` is kept to 2..=256, as stored indexes
+    /// have always had it).
     pub fn validate(&self) -> Result<(), IndexError> {
         if !(2..=256).contains(&self.m) {
             return Err(IndexError::InvalidParams(format!(
@@ -188,9 +171,8 @@ impl HnswParams {
 ///
 /// Points are identified by their insertion position `0..len()`.
 pub struct VectorIndex {
-    hnsw: Hnsw<'static, f32, UnitCosine>,
+    graph: Graph,
     dim: usize,
-    len: usize,
     params: HnswParams,
 }
 
@@ -198,32 +180,26 @@ impl std::fmt::Debug for VectorIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VectorIndex")
             .field("dim", &self.dim)
-            .field("len", &self.len)
+            .field("len", &self.len())
             .field("params", &self.params)
             .finish()
     }
 }
 
 impl VectorIndex {
-    /// An empty graph for `dim`-dimensional vectors, sized for about `capacity` points.
+    /// An empty graph for `dim`-dimensional vectors. `capacity` is a hint only (the graph grows
+    /// as points come).
     pub fn new(dim: usize, capacity: usize, params: HnswParams) -> Result<Self, IndexError> {
+        let _ = capacity;
         params.validate()?;
         if dim == 0 {
             return Err(IndexError::InvalidParams(
                 "vector dimension must be at least 1".to_string(),
             ));
         }
-        let hnsw = Hnsw::new(
-            params.m,
-            capacity.max(1),
-            MAX_LAYERS,
-            params.ef_construction,
-            UnitCosine,
-        );
         Ok(VectorIndex {
-            hnsw,
+            graph: Graph::new(dim, params.m, params.ef_construction),
             dim,
-            len: 0,
             params,
         })
     }
@@ -269,22 +245,7 @@ impl VectorIndex {
 
     /// Appends already validated, normalised vectors as points `len()..`.
     pub(crate) fn insert_normalized(&mut self, flat: &[f32]) {
-        let base = self.len;
-        let items: Vec<(&[f32], usize)> = flat
-            .chunks_exact(self.dim)
-            .enumerate()
-            .map(|(i, v)| (v, base + i))
-            .collect();
-        // hnsw_rs's parallel insert gains nothing for a handful of points and parallel
-        // insertion deviates slightly from serial; small batches go in one by one.
-        if items.len() < 64 {
-            for item in &items {
-                self.hnsw.insert_slice(*item);
-            }
-        } else {
-            self.hnsw.parallel_insert_slice(&items);
-        }
-        self.len += items.len();
+        self.graph.insert(flat);
     }
 
     /// Appends `flat` (vectors of `dim()` components laid end to end) as points `len()..`,
@@ -302,7 +263,7 @@ impl VectorIndex {
             norm.extend(normalized(
                 v,
                 self.dim,
-                &format!("vector {}", self.len + i),
+                &format!("vector {}", self.len() + i),
             )?);
         }
         self.insert_normalized(&norm);
@@ -323,19 +284,12 @@ impl VectorIndex {
 
     /// Search with an already validated, normalised query.
     pub(crate) fn search_normalized(&self, q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
-        if k == 0 || self.len == 0 {
-            return Vec::new();
-        }
-        self.hnsw
-            .search(q, k, ef.max(k))
-            .into_iter()
-            .map(|n| (n.d_id, 1.0 - n.distance))
-            .collect()
+        self.graph.search(q, k, ef, None)
     }
 
     /// [`VectorIndex::search_normalized`] leaving out the points marked in `dead` (removed
-    /// chunks whose points stay in the graph until a compaction): hnsw_rs still walks through
-    /// them but never returns them, so `k` live points come back when there are `k`.
+    /// chunks whose points stay in the graph until a compaction): the search still walks
+    /// through them but never returns them, so `k` live points come back when there are `k`.
     pub(crate) fn search_live(
         &self,
         q: &[f32],
@@ -344,28 +298,18 @@ impl VectorIndex {
         dead: &[bool],
         dead_count: usize,
     ) -> Vec<(usize, f32)> {
-        if dead_count == 0 {
-            return self.search_normalized(q, k, ef);
-        }
-        if k == 0 || self.len == 0 {
-            return Vec::new();
-        }
-        let live = |id: &usize| !dead.get(*id).copied().unwrap_or(true);
-        self.hnsw
-            .search_filter(q, k, ef.max(k), Some(&live))
-            .into_iter()
-            .map(|n| (n.d_id, 1.0 - n.distance))
-            .collect()
+        let dead = (dead_count > 0).then_some(dead);
+        self.graph.search(q, k, ef, dead)
     }
 
     /// Number of points in the graph.
     pub fn len(&self) -> usize {
-        self.len
+        self.graph.len()
     }
 
     /// Whether the graph has no points.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Dimension of the vectors.
@@ -378,87 +322,52 @@ impl VectorIndex {
         self.params
     }
 
-    /// Writes the graph into `dir` (which must exist) as `<basename>.hnsw.graph` and
-    /// `<basename>.hnsw.data`; returns the basename actually used (hnsw_rs picks a fresh one
-    /// rather than overwrite files of a graph that was itself loaded from disk).
+    /// Writes the graph's links into `dir` (which must exist) as the two files of
+    /// [`VectorIndex::dump_paths`]; the vectors are not written (the index stores them).
+    /// Returns `basename`.
     pub fn dump(&self, dir: &Path, basename: &str) -> Result<String, IndexError> {
-        let fail = |message: String| IndexError::GraphDump {
-            path: dir.to_path_buf(),
-            message,
-        };
-        // hnsw_rs panics instead of returning an error when it cannot create its files.
-        match catch_unwind(AssertUnwindSafe(|| self.hnsw.file_dump(dir, basename))) {
-            Ok(Ok(name)) => Ok(name),
-            Ok(Err(e)) => Err(fail(e.to_string())),
-            Err(_) => Err(fail("hnsw_rs could not create its dump files".to_string())),
-        }
+        self.graph
+            .dump(dir, basename)
+            .map_err(|e| IndexError::GraphDump {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(basename.to_string())
     }
 
-    /// Loads a graph written by [`VectorIndex::dump`] and checks that it holds exactly
-    /// `expected` (already normalised, `dim` components each) as points `0..n`.
+    /// The two files [`VectorIndex::dump`] writes for `basename` in `dir`.
+    pub fn dump_paths(dir: &Path, basename: &str) -> (PathBuf, PathBuf) {
+        Graph::paths(dir, basename)
+    }
+
+    /// Loads a graph written by [`VectorIndex::dump`] over `vectors` (already normalised, `dim`
+    /// components each, points `0..n`), checking that it is a graph of exactly those points.
     /// Returns `None` (after logging why) when the dump is missing, unreadable or does not
     /// match, so the caller can rebuild the graph from the vectors instead.
     pub(crate) fn load_checked(
         dir: &Path,
         basename: &str,
-        expected: &[f32],
+        vectors: &[f32],
         dim: usize,
         params: HnswParams,
     ) -> Option<Self> {
-        if dim == 0 || expected.is_empty() {
+        if dim == 0 || vectors.is_empty() {
             return None;
         }
-        // A graph loaded by hnsw_rs borrows its HnswIo for the graph's lifetime (it may point
-        // into a memory map). We never enable mmap, so the graph owns all its data and the
-        // borrow is only nominal; leaking the small HnswIo (a path and a name, no data, once per
-        // open) gives the graph a 'static lifetime without self-referential structs or unsafe.
-        let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, basename)));
-        // hnsw_rs asserts (panics) on malformed dumps rather than returning errors.
-        let loaded = catch_unwind(AssertUnwindSafe(move || {
-            // Moving the reference in makes this closure FnOnce, so the 'static borrow can escape.
-            let io = io;
-            io.load_hnsw::<f32, UnitCosine>()
-        }));
-        let hnsw = match loaded {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "HNSW graph unreadable; rebuilding it from the stored vectors");
-                return None;
-            }
-            Err(_) => {
-                tracing::warn!(dir = %dir.display(), "HNSW graph is malformed; rebuilding it from the stored vectors");
-                return None;
-            }
-        };
-        let n = expected.len() / dim;
-        if hnsw.get_nb_point() != n {
-            tracing::warn!(
-                dir = %dir.display(),
-                graph = hnsw.get_nb_point(),
-                vectors = n,
-                "HNSW graph does not match the stored vectors; rebuilding it"
-            );
-            return None;
-        }
-        // Every point must be present exactly once with exactly its stored vector, otherwise
-        // search could return the wrong chunk for a hit.
-        let mut seen = vec![false; n];
-        for point in hnsw.get_point_indexation() {
-            let id = point.get_origin_id();
-            let ok = id < n
-                && !std::mem::replace(&mut seen[id], true)
-                && point.get_v() == &expected[id * dim..(id + 1) * dim];
-            if !ok {
-                tracing::warn!(dir = %dir.display(), point = id, "HNSW graph does not match the stored vectors; rebuilding it");
-                return None;
-            }
-        }
-        Some(VectorIndex {
-            hnsw,
+        match Graph::load(
+            dir,
+            basename,
+            vectors,
             dim,
-            len: n,
-            params,
-        })
+            params.m,
+            params.ef_construction,
+        ) {
+            Ok(graph) => Some(VectorIndex { graph, dim, params }),
+            Err(reason) => {
+                tracing::warn!(dir = %dir.display(), %reason, "HNSW graph unusable; rebuilding it from the stored vectors");
+                None
+            }
+        }
     }
 }
 

@@ -114,7 +114,8 @@ fn saves_write_only_what_changed_and_reopen_to_the_same_index() {
         "the first generation's segment is shared: {linked:?}"
     );
     assert!(
-        linked.iter().any(|n| n.ends_with(".hnsw.graph")),
+        linked.iter().any(|n| n.ends_with(".links0"))
+            && linked.iter().any(|n| n.ends_with(".upper")),
         "the graph dump is shared, not rebuilt: {linked:?}"
     );
     let new_segment: Vec<_> = written

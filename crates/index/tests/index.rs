@@ -305,17 +305,54 @@ fn damaged_graph_files_are_rebuilt_from_vectors() {
     let dir = tempfile::tempdir().unwrap();
     index.save(dir.path()).unwrap();
     let gen = current_generation(dir.path());
+    let mut damaged = 0;
     for entry in fs::read_dir(&gen).unwrap() {
         let p = entry.unwrap().path();
-        if p.to_string_lossy().ends_with(".hnsw.graph") {
+        if p.extension().is_some_and(|e| e == "links0" || e == "upper") {
             let mut bytes = fs::read(&p).unwrap();
             let mid = bytes.len() / 2;
             bytes[mid..].iter_mut().for_each(|b| *b = 0xff);
             fs::write(&p, bytes).unwrap();
+            damaged += 1;
         }
     }
+    assert_eq!(damaged, 2, "both graph files were found and damaged");
     let opened = Index::open(dir.path()).unwrap();
     assert_eq!(opened.search_hnsw(&vectors[77], 1).unwrap()[0].chunk.id, 77);
+}
+
+/// An index whose graph hnsw_rs saved (thinkrag before its own graph) opens with the graph
+/// rebuilt from its vectors, and its next save writes the graph in the current format.
+#[test]
+fn a_graph_in_the_earlier_format_is_rebuilt_and_saved_anew() {
+    let (mut index, vectors) = sample_index(2, 50, 40);
+    let dir = tempfile::tempdir().unwrap();
+    index.save(dir.path()).unwrap();
+    let gen = current_generation(dir.path());
+    // What an earlier build left: `hnsw.hnsw.graph` and `hnsw.hnsw.data`, no current files.
+    fs::rename(gen.join("hnsw.links0"), gen.join("hnsw.hnsw.graph")).unwrap();
+    fs::rename(gen.join("hnsw.upper"), gen.join("hnsw.hnsw.data")).unwrap();
+    let mut opened = Index::open(dir.path()).unwrap();
+    assert_eq!(opened.search_hnsw(&vectors[77], 1).unwrap()[0].chunk.id, 77);
+    let extra = common::unit_vectors(5, DIM, 41);
+    opened
+        .upsert_document(
+            "/docs/extra.md",
+            "h",
+            1,
+            common::chunks("/docs/extra.md", 5),
+            extra,
+        )
+        .unwrap();
+    opened.save(dir.path()).unwrap();
+    let next = current_generation(dir.path());
+    assert_ne!(next, gen);
+    assert!(next.join("hnsw.links0").exists() && next.join("hnsw.upper").exists());
+    let reopened = Index::open(dir.path()).unwrap();
+    assert_eq!(
+        reopened.search_hnsw(&vectors[77], 1).unwrap()[0].chunk.id,
+        77
+    );
 }
 
 fn expect_corrupt(dir: &Path, file: &str) -> String {
