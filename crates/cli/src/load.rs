@@ -29,6 +29,10 @@ pub struct RuntimeArgs {
     /// `thinkrag quantize` to skip this work next time.
     #[arg(long)]
     pub quantize: Option<Quantization>,
+    /// What the KV cache stores: auto (the compute dtype: f32 on a CPU), f32, f16 (half the
+    /// cache's memory, as llama.cpp's default; measured slightly slower than f32 on CPUs) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache: DTypeChoice,
 }
 
 impl RuntimeArgs {
@@ -38,6 +42,7 @@ impl RuntimeArgs {
             device: self.device,
             dtype: self.dtype,
             quantize: self.quantize,
+            kv_cache: self.kv_cache,
             ..LoadOptions::default()
         }
     }

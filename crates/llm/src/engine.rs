@@ -45,6 +45,19 @@ pub struct LoadOptions {
     /// Leave quantized weights as loaded instead of laying them out for the CPU kernels at load
     /// (see [`CausalLm::prepare`]): for tools that only convert weights and never run them.
     pub skip_weight_layout: bool,
+    /// What the KV cache stores keys and values as; `Auto` is the activations' dtype (see
+    /// [`CausalLm::set_kv_dtype`]).
+    pub kv_cache: DTypeChoice,
+}
+
+/// Applies `opts.kv_cache` to a loaded model (`Auto` keeps the model's default).
+fn apply_kv_cache(model: &mut CausalLm, opts: &LoadOptions) {
+    match opts.kv_cache {
+        DTypeChoice::Auto => {}
+        DTypeChoice::F32 => model.set_kv_dtype(candle_core::DType::F32),
+        DTypeChoice::F16 => model.set_kv_dtype(candle_core::DType::F16),
+        DTypeChoice::Bf16 => model.set_kv_dtype(candle_core::DType::BF16),
+    }
 }
 
 /// What the engine reports while loading.
@@ -178,7 +191,7 @@ impl Engine {
             opts.quantize,
             device.is_cpu(),
         );
-        let model = if cpu_default {
+        let mut model = if cpu_default {
             load_cached_quantization(
                 &config,
                 loaded.weights,
@@ -194,6 +207,7 @@ impl Engine {
         if !opts.skip_weight_layout {
             model.prepare()?;
         }
+        apply_kv_cache(&mut model, opts);
         Ok(Self {
             model,
             tokenizer,
@@ -811,10 +825,11 @@ pub fn load_model_only(
         (config, weights)
     };
     let device = opts.device.open()?;
-    let model = load_weights(&config, weights, opts, &device, progress)?;
+    let mut model = load_weights(&config, weights, opts, &device, progress)?;
     if !opts.skip_weight_layout {
         model.prepare()?;
     }
+    apply_kv_cache(&mut model, opts);
     Ok(model)
 }
 

@@ -1,4 +1,5 @@
-//! Attention of one new token over the KV cache, on the CPU in f32: the decode step's attention.
+//! Attention of one new token over the KV cache, on the CPU in f32 over an f32 or f16 cache: the
+//! decode step's attention.
 //!
 //! Through candle, each layer's `q k^T` and `p v` for a single query run as general matmuls whose
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
@@ -9,6 +10,8 @@
 //! region.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::model::linear::OutPtr;
 
@@ -17,8 +20,9 @@ const MAX_GROUP: usize = 8;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
 /// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, head_dim)`
-/// (views of the cache: rows contiguous, heads strided). Returns `(1, 1, kv_heads*group*head_dim)`,
-/// or `None` when the inputs are not f32 CPU tensors of that layout.
+/// (views of the cache: rows contiguous, heads strided; f32 or f16, both the same). Returns
+/// `(1, 1, kv_heads*group*head_dim)`, or `None` when the inputs are not CPU tensors of that
+/// layout, `q` in f32.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -37,14 +41,15 @@ pub fn decode_attention_many(
     items: &[(&Tensor, &Tensor, &Tensor)],
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
-    let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    let Some(&(q_first, _, _)) = items.first() else {
+    let on_cpu = |t: &Tensor, dtype: DType| matches!(t.device(), Device::Cpu) && t.dtype() == dtype;
+    let Some(&(q_first, k_first, _)) = items.first() else {
         return Ok(None);
     };
+    let kv_dtype = k_first.dtype();
     let (_, kv_heads, group, hd) = q_first.dims4()?;
     let mut queries = Vec::with_capacity(items.len());
     for &(q, k, v) in items {
-        if !(on_cpu_f32(q) && on_cpu_f32(k) && on_cpu_f32(v)) {
+        if !(on_cpu(q, DType::F32) && on_cpu(k, kv_dtype) && on_cpu(v, kv_dtype)) {
             return Ok(None);
         }
         let (b, kh, len, kd) = k.dims4()?;
@@ -67,36 +72,57 @@ pub fn decode_attention_many(
             )
         })
         .collect();
-    let mut heads = Vec::with_capacity(items.len());
+    let mut f32_heads = Vec::new();
+    let mut f16_heads = Vec::new();
     for ((qs, ql), (ks, kl), (vs, vl)) in &guards {
-        let (
-            Storage::Cpu(CpuStorage::F32(qv)),
-            Storage::Cpu(CpuStorage::F32(kv)),
-            Storage::Cpu(CpuStorage::F32(vv)),
-        ) = (&**qs, &**ks, &**vs)
-        else {
+        let Storage::Cpu(CpuStorage::F32(qv)) = &**qs else {
             return Ok(None);
         };
         let rows_ok = |s: &[usize]| s[3] == 1 && s[2] == hd;
         if !rows_ok(kl.stride()) || !rows_ok(vl.stride()) {
             return Ok(None);
         }
-        heads.push(Heads {
-            queries: &qv[ql.start_offset()..][..kv_heads * group * hd],
-            keys: &kv[kl.start_offset()..],
-            values: &vv[vl.start_offset()..],
-            k_head: kl.stride()[1],
-            v_head: vl.stride()[1],
-            len: kl.dims()[2],
-        });
+        let queries = &qv[ql.start_offset()..][..kv_heads * group * hd];
+        match (&**ks, &**vs) {
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+                f32_heads.push(Heads::over(queries, k, kl, v, vl))
+            }
+            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
+                f16_heads.push(Heads::over(queries, k, kl, v, vl))
+            }
+            _ => return Ok(None),
+        }
     }
+    let out = if f16_heads.is_empty() {
+        attend_all(&f32_heads, kv_heads, group, hd, scale)
+    } else {
+        attend_all(&f16_heads, kv_heads, group, hd, scale)
+    };
+    drop(guards);
+    Ok(Some(Tensor::from_vec(
+        out,
+        (1, items.len(), kv_heads * group * hd),
+        &Device::Cpu,
+    )?))
+}
+
+/// The attention of every sequence in `heads` over its cache, in one parallel region: rows of
+/// `kv_heads * group * hd` values, one per sequence.
+fn attend_all<T: KvElem>(
+    heads: &[Heads<'_, T>],
+    kv_heads: usize,
+    group: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
     let width = kv_heads * group * hd;
-    let mut out = vec![0f32; items.len() * width];
+    let mut out = vec![0f32; heads.len() * width];
     let out_ptr = OutPtr(out.as_mut_ptr());
     let max_len = heads.iter().map(|h| h.len).max().unwrap_or(0);
-    candle_core::utils::barrier_pool().execute_chunked(items.len() * kv_heads, |units| {
+    candle_core::utils::barrier_pool().execute_chunked(heads.len() * kv_heads, |units| {
         let mut scores = vec![0f32; group * max_len];
         let mut acc = vec![0f32; group * hd];
+        let mut widened = Vec::new();
         for unit in units {
             let (i, h) = (unit / kv_heads, unit % kv_heads);
             let seq = &heads[i];
@@ -105,9 +131,14 @@ pub fn decode_attention_many(
             let values = &seq.values[h * seq.v_head..][..len * hd];
             let queries = &seq.queries[h * group * hd..][..group * hd];
             let scores = &mut scores[..group * len];
-            for (first, qs) in queries.chunks(MAX_GROUP * hd).enumerate() {
-                let scores = &mut scores[first * MAX_GROUP * len..];
-                scores_for(qs.len() / hd, hd)(qs, keys, scale, scores, len);
+            // Keys (and below, values) in blocks widened to f32 once, then read from L1 by every
+            // query head of the group.
+            for (b, block) in keys.chunks(KEY_BLOCK * hd).enumerate() {
+                let block = T::widen(block, &mut widened);
+                for (first, qs) in queries.chunks(MAX_GROUP * hd).enumerate() {
+                    let scores = &mut scores[first * MAX_GROUP * len + b * KEY_BLOCK..];
+                    scores_for(qs.len() / hd, hd)(qs, block, scale, scores, len);
+                }
             }
             for row in scores.chunks_exact_mut(len) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -124,6 +155,7 @@ pub fn decode_attention_many(
             // head's output row stays in registers.
             const BLOCK: usize = 32;
             for (b, block) in values.chunks(BLOCK * hd).enumerate() {
+                let block = T::widen(block, &mut widened);
                 for (g, a) in acc.chunks_exact_mut(hd).enumerate() {
                     let probs = &scores[g * len + b * BLOCK..];
                     match hd {
@@ -140,23 +172,87 @@ pub fn decode_attention_many(
             }
         }
     });
-    drop(guards);
-    Ok(Some(Tensor::from_vec(
-        out,
-        (1, items.len(), width),
-        &Device::Cpu,
-    )?))
+    out
+}
+
+/// Keys widened and scored together: 256 rows of 128 f32 are 128 KiB, within L2.
+const KEY_BLOCK: usize = 256;
+
+/// An element of the KV cache: f32, or f16 (half the bytes to keep, and to stream per decode
+/// step at long contexts; llama.cpp's default cache type too).
+pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+    /// `rows` as f32: themselves for f32, else converted into `buf`.
+    fn widen<'a>(rows: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    fn widen<'a>(rows: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        rows
+    }
+}
+
+impl KvElem for f16 {
+    fn widen<'a>(rows: &'a [f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let n = rows.len();
+        buf.resize(n, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F (checked just above).
+            unsafe { widen_avx512(rows, &mut buf[..n]) };
+            return &buf[..n];
+        }
+        rows.convert_to_f32_slice(&mut buf[..n]);
+        &buf[..n]
+    }
+}
+
+/// f16 to f32, 16 values per instruction (half's own slice conversion goes 4 or 8 at a time and
+/// took 9% of a decode step at 4,000 positions, more than the bytes it saved).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
+    use core::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let whole = n / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        // SAFETY: `i + 16 <= n`, inside both slices.
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+    }
+    src[whole..n].convert_to_f32_slice(&mut dst[whole..n]);
 }
 
 /// One sequence's query rows and cache views for [`decode_attention_many`].
-struct Heads<'a> {
+struct Heads<'a, T> {
     queries: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
     /// Elements between KV heads in `keys` and `values`.
     k_head: usize,
     v_head: usize,
     len: usize,
+}
+
+impl<'a, T> Heads<'a, T> {
+    /// The views `kl` and `vl` of the cache buffers `k` and `v`.
+    fn over(
+        queries: &'a [f32],
+        k: &'a [T],
+        kl: &candle_core::Layout,
+        v: &'a [T],
+        vl: &candle_core::Layout,
+    ) -> Self {
+        Heads {
+            queries,
+            keys: &k[kl.start_offset()..],
+            values: &v[vl.start_offset()..],
+            k_head: kl.stride()[1],
+            v_head: vl.stride()[1],
+            len: kl.dims()[2],
+        }
+    }
 }
 
 /// The scores kernel for `n` query rows of `hd` values: AVX-512 where the CPU has it and `hd` is
@@ -205,7 +301,32 @@ fn scores_avx512<const N: usize>(
     ) {
         use core::arch::x86_64::*;
         let hd = q.len() / N;
-        for (t, key) in keys.chunks_exact(hd).take(len).enumerate() {
+        let rows = (keys.len() / hd).min(len);
+        // Sixteen keys at a time, one query row at a time: sixteen accumulators, then one
+        // transposing sum of all sixteen (about 3 instructions per key) instead of a horizontal
+        // sum per key and query (about 8), which cost as much as the multiply-adds.
+        let whole = rows / 16 * 16;
+        for t0 in (0..whole).step_by(16) {
+            let block = &keys[t0 * hd..(t0 + 16) * hd];
+            for g in 0..N {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for c in (0..hd).step_by(16) {
+                    // SAFETY: `c + 16 <= hd`: inside query row `g` and inside each key row.
+                    unsafe {
+                        let qv = _mm512_loadu_ps(q.as_ptr().add(g * hd + c));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let k = _mm512_loadu_ps(block.as_ptr().add(j * hd + c));
+                            *a = _mm512_fmadd_ps(qv, k, *a);
+                        }
+                    }
+                }
+                let sums = _mm512_mul_ps(sum16(&acc), _mm512_set1_ps(scale));
+                let out = &mut scores[g * len + t0..g * len + t0 + 16];
+                // SAFETY: `out` holds 16 values.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sums) };
+            }
+        }
+        for (t, key) in keys.chunks_exact(hd).enumerate().take(rows).skip(whole) {
             let mut acc = [_mm512_setzero_ps(); N];
             for c in (0..hd).step_by(16) {
                 // SAFETY: `c + 16 <= hd`, inside `key` and inside each query row of `q`.
@@ -221,13 +342,54 @@ fn scores_avx512<const N: usize>(
             }
         }
     }
-    assert!(queries.len().is_multiple_of(16 * N) && keys.len() >= len * (queries.len() / N));
+    assert!(queries.len().is_multiple_of(16 * N) && keys.len().is_multiple_of(queries.len() / N));
     // SAFETY: `scores_for` picks this kernel only where the CPU has AVX-512 F; the sizes are
     // checked above.
     unsafe { run::<N>(queries, keys, scale, scores, len) }
 }
 
-/// Writes `scores[g * len + t] = (queries[g] . keys[t]) * scale`.
+/// The horizontal sums of 16 vectors as one: lane `j` is the sum of `v[j]`'s lanes. Pairs are
+/// folded by halves (512 to 256 to 128 bits, then within 128-bit lanes), 15 additions in all;
+/// the result comes out with lane `4k + e` holding vector `4e + k`, put in order at the end.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum16(v: &[core::arch::x86_64::__m512; 16]) -> core::arch::x86_64::__m512 {
+    use core::arch::x86_64::*;
+    // 16 -> 8: lanes 0-7 one vector's partial sums, lanes 8-15 the next one's.
+    let s: [__m512; 8] = core::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    });
+    // 8 -> 4: 128-bit lane k of u[m] holds 4 partial sums of vector 4m + k.
+    let u: [__m512; 4] = core::array::from_fn(|m| {
+        let (a, b) = (s[2 * m], s[2 * m + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    });
+    // 4 -> 2: in lane k of w[r], elements 0-1 belong to vector 8r + k, 2-3 to 8r + 4 + k.
+    let w: [__m512; 2] = core::array::from_fn(|r| {
+        let (a, b) = (u[2 * r], u[2 * r + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(a, b),
+            _mm512_shuffle_ps::<0xEE>(a, b),
+        )
+    });
+    // 2 -> 1: element e of lane k is vector 4e + k.
+    let z = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+        _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, z)
+}
+
+/// Writes `scores[g * len + t] = (queries[g] . keys[t]) * scale` for the rows `t` of `keys` (a
+/// block of the cache: `scores` starts at its first row, `len` is the distance between queries).
 type ScoresFn = fn(&[f32], &[f32], f32, &mut [f32], usize);
 
 /// [`ScoresFn`] for `N` query rows: one pass over the keys with an independent accumulator per
@@ -322,6 +484,54 @@ mod tests {
         }
     }
 
+    /// An f16 cache gives what f32 gives over the same (f16-rounded) keys and values, for head
+    /// sizes with and without the AVX-512 kernels, one sequence and several.
+    #[test]
+    fn an_f16_cache_matches_f32_over_the_same_values() {
+        let dev = Device::Cpu;
+        for (kv_heads, group, hd, len) in [(2, 6, 128, 300), (2, 2, 64, 7), (1, 3, 40, 17)] {
+            let r = |shape: (usize, usize, usize, usize)| {
+                Tensor::randn(0f32, 1.0, shape, &dev).unwrap()
+            };
+            let (kc, vc) = (r((1, kv_heads, len + 2, hd)), r((1, kv_heads, len + 2, hd)));
+            let (k16, v16) = (
+                kc.to_dtype(DType::F16).unwrap(),
+                vc.to_dtype(DType::F16).unwrap(),
+            );
+            let (k32, v32) = (
+                k16.to_dtype(DType::F32).unwrap(),
+                v16.to_dtype(DType::F32).unwrap(),
+            );
+            let view = |t: &Tensor| t.narrow(2, 0, len).unwrap();
+            let q = r((1, kv_heads, group, hd));
+            let scale = 1.0 / (hd as f32).sqrt();
+            let wide = decode_attention(&q, &view(&k32), &view(&v32), scale)
+                .unwrap()
+                .unwrap();
+            let narrow = decode_attention(&q, &view(&k16), &view(&v16), scale)
+                .unwrap()
+                .expect("an f16 cache is read directly");
+            let d = max_diff(&wide, &narrow);
+            assert!(d < 1e-5, "kv_heads {kv_heads} group {group} hd {hd}: {d}");
+            let q2 = r((1, kv_heads, group, hd));
+            let (k, v) = (view(&k16), view(&v16));
+            let both = decode_attention_many(&[(&q, &k, &v), (&q2, &k, &v)], scale)
+                .unwrap()
+                .unwrap();
+            let first = both.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                first.to_vec1::<f32>().unwrap(),
+                narrow.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    /// The largest element-wise difference of two tensors of one shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap();
+        d.max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
     /// softmax(q k^T * scale) v through candle's matmuls.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor {
         let k = k.contiguous().unwrap();
@@ -351,14 +561,7 @@ mod tests {
             let scale = 1.0 / (hd as f32).sqrt();
             let got = decode_attention(&q, &k, &v, scale).unwrap().unwrap();
             let want = reference(&q, &k, &v, scale);
-            let d = (got.flatten_all().unwrap() - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&got.flatten_all().unwrap(), &want);
             assert!(
                 d < 1e-5,
                 "kv_heads {kv_heads} group {group} hd {hd} len {len}: {d}"
