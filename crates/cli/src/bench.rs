@@ -58,6 +58,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "CPU"
     };
     let dtype = thinkrag_llm::device::dtype_name(model.dtype());
+    let kv = thinkrag_llm::device::dtype_name(model.kv_dtype());
     let weights = model.weights_format();
     let weights_gib = model.weights_size_in_bytes() as f64 / (1u64 << 30) as f64;
     let params = cfg.parameter_count();
@@ -104,6 +105,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "params": params,
             "backend": backend,
             "dtype": dtype,
+            "kv_cache": kv,
             "weights": weights,
             "weights_gib": weights_gib,
             "threads": threads,
@@ -132,7 +134,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {name} | {:.2} B | {backend} | {weights} ({dtype} act.) | {weights_gib:.2} | {threads} | {} | {:.2} ({spread}) |",
+            "| {name} | {:.2} B | {backend} | {weights} ({dtype} act., {kv} KV) | {weights_gib:.2} | {threads} | {} | {:.2} ({spread}) |",
             params as f64 / 1e9,
             r.test,
             r.tokens_per_s

@@ -29,8 +29,9 @@ pub struct RuntimeArgs {
     /// `thinkrag quantize` to skip this work next time.
     #[arg(long)]
     pub quantize: Option<Quantization>,
-    /// What the KV cache stores: auto (the compute dtype: f32 on a CPU), f32, f16 (half the
-    /// cache's memory, as llama.cpp's default; measured slightly slower than f32 on CPUs) or bf16.
+    /// What the KV cache stores: auto (f16 for quantized weights on a CPU with AVX-512, as
+    /// llama.cpp does: half the memory, and faster at long contexts; else the compute dtype),
+    /// f32 (the reference's numbers exactly), f16 or bf16.
     #[arg(long, default_value = "auto")]
     pub kv_cache: DTypeChoice,
 }

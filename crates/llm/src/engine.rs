@@ -45,8 +45,8 @@ pub struct LoadOptions {
     /// Leave quantized weights as loaded instead of laying them out for the CPU kernels at load
     /// (see [`CausalLm::prepare`]): for tools that only convert weights and never run them.
     pub skip_weight_layout: bool,
-    /// What the KV cache stores keys and values as; `Auto` is the activations' dtype (see
-    /// [`CausalLm::set_kv_dtype`]).
+    /// What the KV cache stores keys and values as; `Auto` is f16 for quantized weights on a
+    /// CPU with AVX-512, the activations' dtype otherwise (see [`CausalLm::set_kv_dtype`]).
     pub kv_cache: DTypeChoice,
 }
 
