@@ -92,7 +92,7 @@ pub enum IndexError {
         vectors: usize,
     },
 
-    /// HNSW parameters that hnsw_rs cannot work with.
+    /// HNSW parameters the graph cannot work with.
     #[error("invalid HNSW parameters: {0}")]
     InvalidParams(String),
 
@@ -114,7 +114,7 @@ pub enum IndexError {
     GraphDump {
         /// Directory the graph was written to.
         path: PathBuf,
-        /// What hnsw_rs reported.
+        /// What went wrong (the operating system's error).
         message: String,
     },
 

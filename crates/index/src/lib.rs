@@ -698,7 +698,7 @@ impl Index {
             .enumerate()
             .map(|(slot, c)| (c.id, slot))
             .collect();
-        // hnsw_rs cannot delete points, and slots have moved: rebuild on next use.
+        // The graph's points are slot numbers, and slots have moved: rebuild on next use.
         self.graph = OnceLock::new();
         self.persisted = None;
     }
@@ -1007,8 +1007,8 @@ impl Index {
     /// wrong dimension, with non-finite values or all zeros is an error.
     ///
     /// Uses the HNSW graph (approximate) once the index holds more than
-    /// [`Index::exact_scan_limit`] chunks; below that an exact scan is faster than an
-    /// hnsw_rs query, so it is used instead.
+    /// [`Index::exact_scan_limit`] chunks; below that an exact scan costs at most about twice a
+    /// graph query and is exact, so it is used instead.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit<'_>>, IndexError> {
         let q = self.prepare_query(query)?;
         self.search_normalized(&q, k)
