@@ -112,13 +112,7 @@ const PREFETCH_LINES: usize = 2;
 /// Asks the memory system for the first lines of `v` ahead of use (a vector of 384 f32 is 24
 /// cache lines at a random place).
 #[inline]
-fn prefetch(v: &[f32]) {
-    prefetch_bytes(v);
-}
-
-/// [`prefetch`] for any slice.
-#[inline]
-fn prefetch_bytes<T>(v: &[T]) {
+fn prefetch<T>(v: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -692,7 +686,7 @@ impl Graph {
             let row = |id: u32| &self.half[id as usize * w..(id as usize + 1) * w];
             // SAFETY: this function only runs where the CPU has AVX-512 F.
             let dist = |id: u32| 1.0 - unsafe { dot_f16_avx512(&padded, row(id)) };
-            let fetch = |id: u32| prefetch_bytes(row(id));
+            let fetch = |id: u32| prefetch(row(id));
             self.search_layer_with(dist, fetch, s, entries, scratch);
             scratch.padded = padded;
         } else {

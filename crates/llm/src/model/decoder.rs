@@ -344,10 +344,7 @@ impl Attention {
 /// the reference's; an f16 cache moves the tiny parity models' logits about half as much as
 /// Q8_0 weights do.
 fn default_kv_dtype(layers: &[DecoderLayer], dtype: DType, device: &Device) -> DType {
-    #[cfg(target_arch = "x86_64")]
-    let widens_fast = std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let widens_fast = false;
+    let widens_fast = crate::model::decode_attention::widens_f16_fast();
     let quantized = layers
         .first()
         .is_some_and(|l| matches!(l.self_attn.k_proj.weight(), Weight::Quantized(_)));
