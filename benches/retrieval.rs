@@ -1,17 +1,18 @@
-//! Criterion benchmarks of retrieval: embedding throughput (passages/s) of the real
-//! all-MiniLM-L6-v2 at batch 32 on benches/data/passages.jsonl (the passages
-//! scripts/bench_embeddings.py also gives sentence-transformers), and document ingestion
-//! (reading and chunking PDF pages, pages/s).
+//! Criterion benchmarks of retrieval: embedding throughput (passages/s) at batch 32 on
+//! benches/data/passages.jsonl (the passages scripts/bench_embeddings.py also gives
+//! sentence-transformers), at the default precision (bf16 on AMX tiles where the CPU has them) and
+//! in f32, of the real all-MiniLM-L6-v2 or the model directory THINKRAG_BENCH_EMBEDDER names; and
+//! document ingestion (reading and chunking PDF pages, pages/s).
 //!
 //!   cargo bench --bench retrieval                  # both groups
 //!   python scripts/bench_embeddings.py --threads 2 # embedding, with sentence-transformers as peer
-//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_PASSAGES (64).
+//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_PASSAGES (64), THINKRAG_BENCH_EMBEDDER.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use thinkrag::embed::test_models::minilm_dir;
-use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderSource};
+use thinkrag::embed::{Embedder, EmbedderOptions, EmbedderPrecision, EmbedderSource};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -39,11 +40,13 @@ fn embed(c: &mut Criterion) {
     thinkrag_llm::device::set_cpu_threads(threads).expect("threads");
     // As the thinkrag binary does at start-up.
     thinkrag_llm::device::keep_tensor_memory();
-    let opts = EmbedderOptions {
-        batch_size: 32,
-        ..EmbedderOptions::default()
-    };
-    let embedder = Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).expect("MiniLM");
+    let dir = std::env::var_os("THINKRAG_BENCH_EMBEDDER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(minilm_dir);
+    let label = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "embedder".into());
     let texts = passages();
     let mut group = c.benchmark_group("embed");
     group
@@ -51,10 +54,30 @@ fn embed(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(20))
         .throughput(Throughput::Elements(texts.len() as u64));
-    group.bench_function("minilm_batch32", |b| {
-        b.iter(|| embedder.embed_passages(&texts).expect("embeds"))
-    });
+    // The vectors of both precisions, for the script's cosine against sentence-transformers.
+    let mut vectors = serde_json::Map::new();
+    for (precision, suffix, name) in [
+        (EmbedderPrecision::Auto, "", "default"),
+        (EmbedderPrecision::F32, "_f32", "f32"),
+    ] {
+        let opts = EmbedderOptions {
+            batch_size: 32,
+            precision,
+            ..EmbedderOptions::default()
+        };
+        let embedder = Embedder::load(&EmbedderSource::Dir(dir.clone()), &opts).expect("embedder");
+        eprintln!("{label}{suffix}: AMX tiles {}", embedder.uses_amx());
+        let out = embedder.embed_passages(&texts).expect("embeds");
+        vectors.insert(name.into(), serde_json::json!(out.vectors));
+        group.bench_function(format!("{label}_batch32{suffix}"), |b| {
+            b.iter(|| embedder.embed_passages(&texts).expect("embeds"))
+        });
+    }
     group.finish();
+    if let Some(path) = std::env::var_os("THINKRAG_BENCH_VECTORS") {
+        let json = serde_json::Value::Object(vectors).to_string();
+        std::fs::write(&path, json).expect("THINKRAG_BENCH_VECTORS is writable");
+    }
 }
 
 /// Reading and chunking a generated 40-page PDF (about 1,400 characters a page): the part of

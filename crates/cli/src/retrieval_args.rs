@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use thinkrag::embed::{
-    Embedder, EmbedderManifest, EmbedderOptions, EmbedderSource, Pooling, QueryInstruction,
-    Reranker, RerankerOptions,
+    Embedder, EmbedderManifest, EmbedderOptions, EmbedderPrecision, EmbedderSource, Pooling,
+    QueryInstruction, Reranker, RerankerOptions,
 };
 use thinkrag::index::{ChunkStore, EmbedderInfo, SearchFilter, SearchMode};
 use thinkrag::pgstore::PgOptions;
@@ -141,6 +141,14 @@ pub struct EmbedderChoice {
     /// short ones in large ones.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_tokens: u32,
+    /// The embedder's arithmetic on a CPU: auto (bf16 projections on AMX tiles where the CPU has
+    /// them, within cosine 0.9999 of f32, several times faster; f32 elsewhere) or f32.
+    #[arg(long, default_value = "auto", value_parser = parse_precision)]
+    pub embedder_precision: EmbedderPrecision,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<EmbedderPrecision, String> {
+    EmbedderPrecision::parse(s).ok_or_else(|| format!("{s:?}: expected auto or f32"))
 }
 
 impl EmbedderChoice {
@@ -177,6 +185,7 @@ impl EmbedderChoice {
             },
             pooling: self.pooling,
             hub: hub.options(),
+            precision: self.embedder_precision,
         };
         let spinner = ProgressBar::new_spinner();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

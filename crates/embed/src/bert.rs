@@ -47,7 +47,7 @@ fn erf(x: f32) -> f32 {
 
 /// GELU with the exact (erf) formulation, as BERT's `gelu`: x/2 (1 + erf(x / sqrt 2)).
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
@@ -218,6 +218,79 @@ impl BertEncoder {
             xs = layer.forward(&xs, &mask, &self.cfg)?;
         }
         Ok(xs)
+    }
+
+    /// The same encoder with its projections laid out as AMX tiles, when this CPU runs them and
+    /// every projection fills whole tile blocks; `None` otherwise.
+    pub(crate) fn tiled(&self) -> Result<Option<crate::amx::TiledBert>> {
+        use crate::amx::{TiledBert, TiledLayer, TiledLinear};
+        if !crate::amx::available() || !self.word.embeddings().device().is_cpu() {
+            return Ok(None);
+        }
+        let values = |t: &Tensor| -> Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let norm = |n: &LayerNorm| -> Result<(Vec<f32>, Vec<f32>)> {
+            let beta = match n.bias() {
+                Some(b) => values(b)?,
+                None => vec![0.0; n.weight().elem_count()],
+            };
+            Ok((values(n.weight())?, beta))
+        };
+        let tiled = |l: &Linear, scale_rows: usize, scale: f32| -> Result<Option<TiledLinear>> {
+            let (outputs, inputs) = l.weight().dims2()?;
+            let mut w = values(l.weight())?;
+            let mut b = match l.bias() {
+                Some(b) => values(b)?,
+                None => vec![0.0; outputs],
+            };
+            // The attention's 1/sqrt(head size) folded into the query rows.
+            for (row, bias) in w
+                .chunks_exact_mut(inputs)
+                .zip(b.iter_mut())
+                .take(scale_rows)
+            {
+                row.iter_mut().for_each(|v| *v *= scale);
+                *bias *= scale;
+            }
+            Ok(TiledLinear::new(&w, &b, outputs, inputs, 1.0))
+        };
+        let h = self.cfg.hidden_size;
+        let heads = self.cfg.num_attention_heads;
+        if heads == 0 || !h.is_multiple_of(heads) || self.cfg.hidden_act != HiddenAct::Gelu {
+            return Ok(None);
+        }
+        let scale = 1.0 / ((h / heads) as f32).sqrt();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (Some(qkv), Some(attention_out), Some(intermediate), Some(output)) = (
+                tiled(&layer.qkv, h, scale)?,
+                tiled(&layer.attention_out, 0, 1.0)?,
+                tiled(&layer.intermediate, 0, 1.0)?,
+                tiled(&layer.output, 0, 1.0)?,
+            ) else {
+                return Ok(None);
+            };
+            layers.push(TiledLayer {
+                qkv,
+                attention_out,
+                attention_norm: norm(&layer.attention_norm)?,
+                intermediate,
+                output,
+                output_norm: norm(&layer.output_norm)?,
+            });
+        }
+        Ok(Some(TiledBert {
+            word: values(self.word.embeddings())?,
+            position: values(self.position.embeddings())?,
+            token_type: values(self.token_type.embeddings())?,
+            norm: norm(&self.norm)?,
+            layers,
+            hidden: h,
+            heads,
+            intermediate: self.cfg.intermediate_size,
+            eps: self.cfg.layer_norm_eps as f32,
+        }))
     }
 }
 

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 
+use crate::amx::TiledBert;
 use crate::bert::BertEncoder;
 use serde::{Deserialize, Serialize};
 use thinkrag_hub::{HubOptions, RepoFiles};
@@ -91,6 +92,28 @@ pub enum QueryInstruction {
     Custom(String),
 }
 
+/// The arithmetic of an embedder's projections on a CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EmbedderPrecision {
+    /// bf16 x bf16 -> f32 on AMX tiles where the CPU has them (Intel Sapphire Rapids and later:
+    /// several times faster, embeddings within cosine 0.9999 of f32), f32 elsewhere.
+    #[default]
+    Auto,
+    /// f32 throughout.
+    F32,
+}
+
+impl EmbedderPrecision {
+    /// `auto` or `f32`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "f32" => Some(Self::F32),
+            _ => None,
+        }
+    }
+}
+
 /// How to load and run an embedder.
 #[derive(Debug, Clone)]
 pub struct EmbedderOptions {
@@ -108,6 +131,8 @@ pub struct EmbedderOptions {
     pub pooling: Option<Pooling>,
     /// Hub access.
     pub hub: HubOptions,
+    /// The projections' arithmetic on a CPU.
+    pub precision: EmbedderPrecision,
 }
 
 impl Default for EmbedderOptions {
@@ -119,6 +144,7 @@ impl Default for EmbedderOptions {
             query_instruction: QueryInstruction::ModelDefault,
             pooling: None,
             hub: HubOptions::from_env(),
+            precision: EmbedderPrecision::Auto,
         }
     }
 }
@@ -155,6 +181,8 @@ pub struct Embedded {
 /// A loaded embedding model.
 pub struct Embedder {
     model: BertEncoder,
+    /// The same model on AMX tiles, used instead of `model` when present.
+    tiled: Option<TiledBert>,
     tokenizer: Tokenizer,
     device: Device,
     spec: EmbedderSpec,
@@ -330,6 +358,13 @@ impl Embedder {
         let model = load_weights(&files.weights, &opts.device, |vb| {
             BertEncoder::load(vb, &cfg)
         })?;
+        let tiled = match opts.precision {
+            EmbedderPrecision::Auto => model.tiled()?,
+            EmbedderPrecision::F32 => None,
+        };
+        if tiled.is_some() {
+            tracing::debug!("embedder projections run as bf16 on AMX tiles");
+        }
         let model_instruction = files
             .manifest
             .as_ref()
@@ -341,6 +376,7 @@ impl Embedder {
         };
         Ok(Self {
             model,
+            tiled,
             tokenizer,
             device: opts.device.clone(),
             spec: EmbedderSpec {
@@ -355,6 +391,11 @@ impl Embedder {
             batch_size: opts.batch_size.max(1),
             max_batch_tokens: opts.max_batch_tokens.max(1),
         })
+    }
+
+    /// Whether the projections run as bf16 on AMX tiles (see [`EmbedderPrecision::Auto`]).
+    pub fn uses_amx(&self) -> bool {
+        self.tiled.is_some()
     }
 
     /// What this embedder is.
@@ -432,6 +473,20 @@ impl Embedder {
         let widths: Vec<usize> = order.iter().map(|&i| real_len(&encodings[i])).collect();
         for range in plan_batches(&widths, self.max_batch_tokens, self.batch_size) {
             let batch = &order[range];
+            if let Some(tiled) = &self.tiled {
+                let seqs: Vec<&[u32]> = batch
+                    .iter()
+                    .map(|&i| &encodings[i].get_ids()[..real_len(&encodings[i])])
+                    .collect();
+                let states = tiled.forward(&seqs);
+                let mut offset = 0;
+                for (&i, seq) in batch.iter().zip(&seqs) {
+                    let rows = &states[offset * tiled.hidden..(offset + seq.len()) * tiled.hidden];
+                    vectors[i] = self.spec.pooling.pool_rows(rows, tiled.hidden);
+                    offset += seq.len();
+                }
+                continue;
+            }
             let width = batch
                 .iter()
                 .map(|&i| real_len(&encodings[i]))

@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod amx;
 mod bert;
 pub mod embedder;
 pub mod error;
@@ -29,8 +30,8 @@ pub mod reranker;
 pub mod test_models;
 
 pub use embedder::{
-    plan_batches, Embedded, Embedder, EmbedderOptions, EmbedderSource, EmbedderSpec,
-    QueryInstruction,
+    plan_batches, Embedded, Embedder, EmbedderOptions, EmbedderPrecision, EmbedderSource,
+    EmbedderSpec, QueryInstruction,
 };
 pub use error::{EmbedError, Result};
 pub use manifest::EmbedderManifest;

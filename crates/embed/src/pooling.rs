@@ -28,6 +28,28 @@ impl Pooling {
         }
     }
 
+    /// Pools one sequence's token states (`rows`: its tokens' `hidden`-wide states, no padding)
+    /// and L2-normalises the result.
+    pub(crate) fn pool_rows(self, rows: &[f32], hidden: usize) -> Vec<f32> {
+        let tokens = rows.len() / hidden;
+        let mut v = match self {
+            Self::Cls => rows[..hidden].to_vec(),
+            Self::Mean => {
+                let mut sum = vec![0f32; hidden];
+                for row in rows.chunks_exact(hidden) {
+                    for (s, x) in sum.iter_mut().zip(row) {
+                        *s += x;
+                    }
+                }
+                sum.iter_mut().for_each(|s| *s /= tokens.max(1) as f32);
+                sum
+            }
+        };
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    }
+
     /// Reads sentence-transformers' `1_Pooling/config.json`; `Ok(None)` when the file is absent.
     pub fn from_sentence_transformers(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join("1_Pooling").join("config.json");

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use thinkrag_embed::test_models::minilm_dir;
-use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource, Pooling};
+use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderPrecision, EmbedderSource, Pooling};
 
 struct Reference {
     sentences: Vec<String>,
@@ -56,8 +56,13 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn minilm() -> Embedder {
+    minilm_with(EmbedderPrecision::Auto)
+}
+
+fn minilm_with(precision: EmbedderPrecision) -> Embedder {
     let mut opts = EmbedderOptions {
         batch_size: 5,
+        precision,
         ..EmbedderOptions::default()
     };
     // scripts/gpu-check.sh runs these on a GPU.
@@ -72,10 +77,45 @@ fn minilm() -> Embedder {
     Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).expect("MiniLM loads")
 }
 
+/// The default: bf16 projections on AMX tiles where the CPU has them, f32 elsewhere.
 #[test]
 fn vectors_match_sentence_transformers() {
-    let r = reference();
     let e = minilm();
+    eprintln!("AMX tiles: {}", e.uses_amx());
+    check_against_reference(e);
+}
+
+#[test]
+fn f32_vectors_match_sentence_transformers() {
+    let e = minilm_with(EmbedderPrecision::F32);
+    assert!(!e.uses_amx());
+    check_against_reference(e);
+}
+
+/// The tiled path's CLS pooling (BGE's) against f32's, on the real MiniLM weights: the mean
+/// pooling above is checked against sentence-transformers itself.
+#[test]
+fn cls_pooled_vectors_agree_across_precisions() {
+    let load = |precision| {
+        let opts = EmbedderOptions {
+            pooling: Some(Pooling::Cls),
+            precision,
+            ..EmbedderOptions::default()
+        };
+        Embedder::load(&EmbedderSource::Dir(minilm_dir()), &opts).expect("MiniLM loads")
+    };
+    let r = reference();
+    let (auto, f32) = (load(EmbedderPrecision::Auto), load(EmbedderPrecision::F32));
+    let a = auto.embed_passages(&r.sentences).unwrap();
+    let b = f32.embed_passages(&r.sentences).unwrap();
+    for (i, (x, y)) in a.vectors.iter().zip(&b.vectors).enumerate() {
+        let c = cosine(x, y);
+        assert!(c >= 0.9999, "sentence {i}: cosine {c} between precisions");
+    }
+}
+
+fn check_against_reference(e: Embedder) {
+    let r = reference();
     let spec = e.spec();
     assert_eq!(spec.model, "sentence-transformers/all-MiniLM-L6-v2");
     assert_eq!(
