@@ -1,5 +1,5 @@
-//! The embedder: a BERT-family model (candle-transformers' BERT) with its tokenizer, turning
-//! passages and queries into L2-normalised vectors in padded, masked batches.
+//! The embedder: a BERT-family model with its tokenizer, turning passages and queries into
+//! L2-normalised vectors, in padded, masked batches on candle, or packed on AMX tiles.
 
 use std::path::{Path, PathBuf};
 

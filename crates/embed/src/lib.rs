@@ -2,8 +2,9 @@
 //! bge-small-en-v1.5, all-MiniLM-L6-v2) on candle, loaded from a directory or the Hugging Face hub.
 //!
 //! Vectors are pooled as the model requires (CLS for BGE, mean for MiniLM), L2-normalised, computed
-//! in padded batches under an attention mask; inputs over the model's limit are cut and counted.
-//! BGE's query instruction goes on queries only.
+//! in padded batches under an attention mask (or, on CPUs with AMX tiles, with bf16 projections
+//! over the batch's tokens packed without padding: see [`EmbedderPrecision`]); inputs over the
+//! model's limit are cut and counted. BGE's query instruction goes on queries only.
 //!
 //! ```no_run
 //! use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderSource};
