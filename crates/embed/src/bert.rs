@@ -1,13 +1,12 @@
 //! The BERT encoder the embedders run (BGE, MiniLM): transformers' `BertModel` without its pooler,
-//! laid out for the CPU. Query, key and value are one matmul, the softmax is candle's fused
-//! last-dimension kernel, and GELU's erf is a vectorisable rational approximation computed in
-//! parallel: in candle-transformers' BERT these were separate matmuls, a five-op softmax and a
-//! per-element libm `erff`, 20% of embedding time in a profile.
+//! on candle (a GPU), with query, key and value in one matmul and candle's fused last-dimension
+//! softmax; on the CPU its weights go to the packed encoder (`crate::packed`), which uses this
+//! file's vectorisable GELU (a rational erf: libm's `erff` per element was 20% of embedding time
+//! in a profile).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
-use rayon::prelude::*;
 
 /// erf(x) as a rational function of x (Eigen's and TensorFlow's fast float erf; the input is
 /// clamped to [-4, 4], where erf is 1 to float precision): absolute error below 5e-7, and no
@@ -51,39 +50,8 @@ pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// [`gelu`] over a contiguous f32 CPU tensor, in parallel.
-struct GeluErf;
-
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "thinkrag-gelu-erf"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("thinkrag-gelu-erf takes a contiguous f32 tensor");
-        };
-        let input = &data[start..end];
-        let mut out = vec![0f32; input.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(input.par_chunks(16 * 1024))
-            .for_each(|(o, i)| {
-                for (o, &x) in o.iter_mut().zip(i) {
-                    *o = gelu(x);
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
 fn activation(act: HiddenAct, xs: &Tensor) -> Result<Tensor> {
     match act {
-        HiddenAct::Gelu
-            if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.is_contiguous() =>
-        {
-            xs.apply_op1_no_bwd(&GeluErf)
-        }
         HiddenAct::Gelu => xs.gelu_erf(),
         HiddenAct::GeluApproximate => xs.gelu(),
         HiddenAct::Relu => xs.relu(),
@@ -220,11 +188,11 @@ impl BertEncoder {
         Ok(xs)
     }
 
-    /// The same encoder with its projections laid out as AMX tiles, when this CPU runs them and
-    /// every projection fills whole tile blocks; `None` otherwise.
-    pub(crate) fn tiled(&self) -> Result<Option<crate::amx::TiledBert>> {
-        use crate::amx::{TiledBert, TiledLayer, TiledLinear};
-        if !crate::amx::available() || !self.word.embeddings().device().is_cpu() {
+    /// The same encoder over packed tokens on the CPU, its projections on AMX tiles where `tiles`
+    /// asks and the CPU has them; `None` on other devices and activations than GELU.
+    pub(crate) fn packed(&self, tiles: bool) -> Result<Option<crate::packed::PackedBert>> {
+        use crate::packed::{PackedBert, PackedLayer, PackedLinear};
+        if !self.word.embeddings().device().is_cpu() {
             return Ok(None);
         }
         let values = |t: &Tensor| -> Result<Vec<f32>> {
@@ -237,7 +205,7 @@ impl BertEncoder {
             };
             Ok((values(n.weight())?, beta))
         };
-        let tiled = |l: &Linear, scale_rows: usize, scale: f32| -> Result<Option<TiledLinear>> {
+        let packed = |l: &Linear, scale_rows: usize, scale: f32| -> Result<PackedLinear> {
             let (outputs, inputs) = l.weight().dims2()?;
             let mut w = values(l.weight())?;
             let mut b = match l.bias() {
@@ -253,7 +221,7 @@ impl BertEncoder {
                 row.iter_mut().for_each(|v| *v *= scale);
                 *bias *= scale;
             }
-            Ok(TiledLinear::new(&w, &b, outputs, inputs, 1.0))
+            Ok(PackedLinear::new(w, b, outputs, inputs, tiles))
         };
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
@@ -263,24 +231,16 @@ impl BertEncoder {
         let scale = 1.0 / ((h / heads) as f32).sqrt();
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (Some(qkv), Some(attention_out), Some(intermediate), Some(output)) = (
-                tiled(&layer.qkv, h, scale)?,
-                tiled(&layer.attention_out, 0, 1.0)?,
-                tiled(&layer.intermediate, 0, 1.0)?,
-                tiled(&layer.output, 0, 1.0)?,
-            ) else {
-                return Ok(None);
-            };
-            layers.push(TiledLayer {
-                qkv,
-                attention_out,
+            layers.push(PackedLayer {
+                qkv: packed(&layer.qkv, h, scale)?,
+                attention_out: packed(&layer.attention_out, 0, 1.0)?,
                 attention_norm: norm(&layer.attention_norm)?,
-                intermediate,
-                output,
+                intermediate: packed(&layer.intermediate, 0, 1.0)?,
+                output: packed(&layer.output, 0, 1.0)?,
                 output_norm: norm(&layer.output_norm)?,
             });
         }
-        Ok(Some(TiledBert {
+        Ok(Some(PackedBert {
             word: values(self.word.embeddings())?,
             position: values(self.position.embeddings())?,
             token_type: values(self.token_type.embeddings())?,
@@ -308,11 +268,9 @@ mod tests {
         }
         // The approximation itself is within 7e-8; float arithmetic adds a few ulp.
         assert!(worst < 1e-6, "erf error {worst}");
-        let t = Tensor::new(&[-3.0f32, -1.0, -0.1, 0.0, 0.5, 2.0, 10.0], &Device::Cpu).unwrap();
-        let ours = activation(HiddenAct::Gelu, &t)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let x = [-3.0f32, -1.0, -0.1, 0.0, 0.5, 2.0, 10.0];
+        let ours: Vec<f32> = x.iter().map(|&v| gelu(v)).collect();
+        let t = Tensor::new(&x, &Device::Cpu).unwrap();
         let candle = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in ours.iter().zip(&candle) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 
-use crate::amx::TiledBert;
 use crate::bert::BertEncoder;
+use crate::packed::PackedBert;
 use serde::{Deserialize, Serialize};
 use thinkrag_hub::{HubOptions, RepoFiles};
 use tokenizers::{
@@ -178,11 +178,17 @@ pub struct Embedded {
     pub truncated: usize,
 }
 
+/// The encoder an embedder runs.
+enum Encoder {
+    /// Padded, masked batches on candle: on a GPU, and for activations other than GELU.
+    Candle(BertEncoder),
+    /// Packed tokens on the CPU (AMX tiles or f32).
+    Packed(PackedBert),
+}
+
 /// A loaded embedding model.
 pub struct Embedder {
-    model: BertEncoder,
-    /// The same model on AMX tiles, used instead of `model` when present.
-    tiled: Option<TiledBert>,
+    model: Encoder,
     tokenizer: Tokenizer,
     device: Device,
     spec: EmbedderSpec,
@@ -358,13 +364,17 @@ impl Embedder {
         let model = load_weights(&files.weights, &opts.device, |vb| {
             BertEncoder::load(vb, &cfg)
         })?;
-        let tiled = match opts.precision {
-            EmbedderPrecision::Auto => model.tiled()?,
-            EmbedderPrecision::F32 => None,
+        // On the CPU the packed encoder takes over and candle's copy of the weights is dropped.
+        let model = match model.packed(opts.precision == EmbedderPrecision::Auto)? {
+            Some(packed) => {
+                tracing::debug!(
+                    tiles = packed.uses_tiles(),
+                    "embedder runs on packed tokens"
+                );
+                Encoder::Packed(packed)
+            }
+            None => Encoder::Candle(model),
         };
-        if tiled.is_some() {
-            tracing::debug!("embedder projections run as bf16 on AMX tiles");
-        }
         let model_instruction = files
             .manifest
             .as_ref()
@@ -376,7 +386,6 @@ impl Embedder {
         };
         Ok(Self {
             model,
-            tiled,
             tokenizer,
             device: opts.device.clone(),
             spec: EmbedderSpec {
@@ -395,7 +404,7 @@ impl Embedder {
 
     /// Whether the projections run as bf16 on AMX tiles (see [`EmbedderPrecision::Auto`]).
     pub fn uses_amx(&self) -> bool {
-        self.tiled.is_some()
+        matches!(&self.model, Encoder::Packed(p) if p.uses_tiles())
     }
 
     /// What this embedder is.
@@ -473,20 +482,24 @@ impl Embedder {
         let widths: Vec<usize> = order.iter().map(|&i| real_len(&encodings[i])).collect();
         for range in plan_batches(&widths, self.max_batch_tokens, self.batch_size) {
             let batch = &order[range];
-            if let Some(tiled) = &self.tiled {
-                let seqs: Vec<&[u32]> = batch
-                    .iter()
-                    .map(|&i| &encodings[i].get_ids()[..real_len(&encodings[i])])
-                    .collect();
-                let states = tiled.forward(&seqs);
-                let mut offset = 0;
-                for (&i, seq) in batch.iter().zip(&seqs) {
-                    let rows = &states[offset * tiled.hidden..(offset + seq.len()) * tiled.hidden];
-                    vectors[i] = self.spec.pooling.pool_rows(rows, tiled.hidden);
-                    offset += seq.len();
+            let model = match &self.model {
+                Encoder::Candle(model) => model,
+                Encoder::Packed(packed) => {
+                    let seqs: Vec<&[u32]> = batch
+                        .iter()
+                        .map(|&i| &encodings[i].get_ids()[..real_len(&encodings[i])])
+                        .collect();
+                    let states = packed.forward(&seqs);
+                    let h = packed.hidden;
+                    let mut offset = 0;
+                    for (&i, seq) in batch.iter().zip(&seqs) {
+                        let rows = &states[offset * h..(offset + seq.len()) * h];
+                        vectors[i] = self.spec.pooling.pool_rows(rows, h);
+                        offset += seq.len();
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             let width = batch
                 .iter()
                 .map(|&i| real_len(&encodings[i]))
@@ -504,7 +517,7 @@ impl Embedder {
             let ids = Tensor::from_vec(ids, shape, &self.device)?;
             let mask = Tensor::from_vec(mask, shape, &self.device)?;
             let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, &mask)?;
+            let hidden = model.forward(&ids, &types, &mask)?;
             let pooled = self.spec.pooling.pool(&hidden, &mask)?;
             let rows = l2_normalize(&pooled)?.to_vec2::<f32>()?;
             for (&i, row) in batch.iter().zip(rows) {

@@ -20,11 +20,11 @@
 //! ```
 #![warn(missing_docs)]
 
-mod amx;
 mod bert;
 pub mod embedder;
 pub mod error;
 pub mod manifest;
+mod packed;
 pub mod pooling;
 pub mod reranker;
 #[doc(hidden)]

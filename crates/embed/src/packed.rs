@@ -1,14 +1,15 @@
-//! The BERT encoder on Intel AMX tiles (Sapphire Rapids and later): projections as bf16 x bf16 ->
-//! f32 tile products (`tdpbf16ps`), attention, softmax, GELU and layer norms in f32, over the
-//! batch's tokens packed end to end (no padding, so no mask).
+//! The BERT encoder on the CPU over the batch's tokens packed end to end (no padding, so no mask),
+//! written as whole passes instead of candle's op-by-op graph, whose transposes, scale and mask
+//! passes over the attention scores and separate bias adds took half of embedding time. Each
+//! projection runs either on Intel AMX tiles (Sapphire Rapids and later) as bf16 x bf16 -> f32
+//! tile products (`tdpbf16ps`), or in f32 on the gemm crate's kernels; bias, residual and GELU
+//! are applied as results are stored; attention, softmax and the layer norms are f32.
 //!
-//! Written by hand because nothing else runs these instructions from Rust: candle's and the gemm
-//! crate's CPU kernels stop at AVX-512 f32 FMAs (this module's tiles reach about ten times their
-//! rate on one core), Rust's AMX intrinsics are unstable (so the tile instructions are inline
-//! assembly), and AVX-512 BF16's `vdpbf16ps` measured at half the f32 FMA rate on these CPUs.
-//! Writing the whole pass also removes what candle's op-by-op graph spent half of embedding time
-//! on: transposes, scale and mask passes over the attention scores, separate bias adds.
-//! Rounding the projections' inputs to bf16 keeps embeddings within cosine 0.9999 of
+//! The tile kernel is written by hand because nothing else runs these instructions from Rust:
+//! candle's and the gemm crate's CPU kernels stop at AVX-512 f32 FMAs (the tiles reach about ten
+//! times their rate on one core), Rust's AMX intrinsics are unstable (so the tile instructions
+//! are inline assembly), and AVX-512 BF16's `vdpbf16ps` measured at half the f32 FMA rate on these
+//! CPUs. Rounding the projections' inputs to bf16 keeps embeddings within cosine 0.9999 of
 //! sentence-transformers' f32 (the parity tests run this path wherever the CPU has AMX).
 
 use std::sync::OnceLock;
@@ -66,14 +67,21 @@ const TILE_K: usize = 32;
 /// bf16 elements in one tile (1 KiB).
 const TILE_ELEMS: usize = 512;
 
-/// A linear layer `y = x W^T + b` with W laid out as AMX B tiles: for each block of 16 outputs and
-/// each 32 of the inputs, a 16 x 64-byte tile whose row r holds, for each of the 16 outputs, the
-/// weights of inputs 2r and 2r + 1 (the pair layout `tdpbf16ps` multiplies).
-pub(crate) struct TiledLinear {
+/// A linear layer `y = x W^T + b`.
+pub(crate) struct PackedLinear {
     outputs: usize,
     inputs: usize,
-    tiles: Vec<u16>,
+    weights: Weights,
     bias: Vec<f32>,
+}
+
+enum Weights {
+    /// W as AMX B tiles: for each block of 16 outputs and each 32 of the inputs, a 16 x 64-byte
+    /// tile whose row r holds, for each of the 16 outputs, the bf16 weights of inputs 2r and
+    /// 2r + 1 (the pair layout `tdpbf16ps` multiplies).
+    Tiles(Vec<u16>),
+    /// W as given (`outputs x inputs`, row-major), f32.
+    F32(Vec<f32>),
 }
 
 /// What a projection adds to its product before storing it.
@@ -87,48 +95,109 @@ pub(crate) enum Epilogue<'a> {
     BiasGelu,
 }
 
-impl TiledLinear {
-    /// Lays out `weight` (`outputs x inputs`, row-major) scaled by `scale`; `None` when the shape
-    /// does not fill whole tile blocks (then the caller keeps the f32 path).
+impl PackedLinear {
+    /// `weight` (`outputs x inputs`, row-major) and `bias`, laid out as AMX tiles when `tiles` is
+    /// asked and the shape fills whole tile blocks, else kept in f32.
     pub fn new(
-        weight: &[f32],
-        bias: &[f32],
+        weight: Vec<f32>,
+        bias: Vec<f32>,
         outputs: usize,
         inputs: usize,
-        scale: f32,
-    ) -> Option<Self> {
-        if !outputs.is_multiple_of(BLOCK_COLS)
-            || !inputs.is_multiple_of(TILE_K)
-            || weight.len() != outputs * inputs
-            || bias.len() != outputs
-        {
-            return None;
-        }
-        let k_tiles = inputs / TILE_K;
-        let mut tiles = vec![0u16; outputs * inputs];
-        for nb in 0..outputs / 16 {
-            for kb in 0..k_tiles {
-                let tile = &mut tiles[(nb * k_tiles + kb) * TILE_ELEMS..][..TILE_ELEMS];
-                for r in 0..16 {
-                    for j in 0..16 {
-                        let row = &weight[(nb * 16 + j) * inputs + kb * TILE_K + 2 * r..][..2];
-                        tile[r * 32 + 2 * j] = bf16(row[0] * scale);
-                        tile[r * 32 + 2 * j + 1] = bf16(row[1] * scale);
-                    }
-                }
-            }
-        }
-        Some(Self {
+        tiles: bool,
+    ) -> Self {
+        assert_eq!(weight.len(), outputs * inputs, "weight shape");
+        assert_eq!(bias.len(), outputs, "bias shape");
+        let fits = outputs.is_multiple_of(BLOCK_COLS) && inputs.is_multiple_of(TILE_K);
+        let weights = if tiles && fits && available() {
+            Weights::Tiles(to_tiles(&weight, outputs, inputs))
+        } else {
+            Weights::F32(weight)
+        };
+        Self {
             outputs,
             inputs,
-            tiles,
-            bias: bias.iter().map(|b| b * scale).collect(),
-        })
+            weights,
+            bias,
+        }
+    }
+
+    /// Whether this projection runs on AMX tiles.
+    pub fn uses_tiles(&self) -> bool {
+        matches!(self.weights, Weights::Tiles(_))
+    }
+
+    /// `out` (`rows x outputs`) = `x` (`rows x inputs`) times the weights, plus the epilogue;
+    /// `scratch` holds the bf16 copy of `x` the tiles read.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        scratch: &mut Vec<u16>,
+        epilogue: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
+        match &self.weights {
+            Weights::Tiles(tiles) => {
+                to_bf16_rows(x, rows, self.inputs, scratch);
+                self.tiled_forward(tiles, scratch, rows, epilogue, out);
+            }
+            Weights::F32(w) => self.f32_forward(w, x, rows, epilogue, out),
+        }
+    }
+
+    fn f32_forward(
+        &self,
+        w: &[f32],
+        x: &[f32],
+        rows: usize,
+        epilogue: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
+        let (n, k) = (self.outputs, self.inputs);
+        let out = &mut out[..rows * n];
+        // Start from the bias (and the residual): the product is added to what is there.
+        out.par_chunks_mut(64 * n)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                for (r, row) in dst.chunks_exact_mut(n).enumerate() {
+                    row.copy_from_slice(&self.bias);
+                    if let Epilogue::BiasResidual(res) = epilogue {
+                        for (d, x) in row.iter_mut().zip(&res[(chunk * 64 + r) * n..][..n]) {
+                            *d += x;
+                        }
+                    }
+                }
+            });
+        // SAFETY: out is rows x n (row stride n), x rows x k (row stride k), and W^T's element
+        // (i, j) is w[j * k + i]; out overlaps neither.
+        unsafe {
+            product(
+                (rows, n, k),
+                (out.as_mut_ptr(), n as isize, true),
+                (x.as_ptr(), k as isize),
+                (w.as_ptr(), 1, k as isize),
+                gemm::Parallelism::Rayon(0),
+            )
+        };
+        if let Epilogue::BiasGelu = epilogue {
+            out.par_chunks_mut(16 * 1024).for_each(|c| {
+                for v in c {
+                    *v = crate::bert::gelu(*v);
+                }
+            });
+        }
     }
 
     /// `out` (`rows x outputs`) = `a` (bf16 rows of `inputs`, at least `rows` rounded up to 32
-    /// rows, the extra rows zero) times the weights, plus the epilogue.
-    fn forward(&self, a: &[u16], rows: usize, epilogue: Epilogue<'_>, out: &mut [f32]) {
+    /// rows, the extra rows zero) times the tiles, plus the epilogue.
+    fn tiled_forward(
+        &self,
+        tiles: &[u16],
+        a: &[u16],
+        rows: usize,
+        epilogue: Epilogue<'_>,
+        out: &mut [f32],
+    ) {
         let (n, k) = (self.outputs, self.inputs);
         let k_tiles = k / TILE_K;
         debug_assert!(a.len() >= rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * k);
@@ -141,9 +210,8 @@ impl TiledLinear {
                 let a_block = &a[rb * BLOCK_ROWS * k..][..BLOCK_ROWS * k];
                 let _tiles = TileSession::start();
                 for cb in 0..n / BLOCK_COLS {
-                    let b0 = &self.tiles[2 * cb * k_tiles * TILE_ELEMS..][..k_tiles * TILE_ELEMS];
-                    let b1 =
-                        &self.tiles[(2 * cb + 1) * k_tiles * TILE_ELEMS..][..k_tiles * TILE_ELEMS];
+                    let b0 = &tiles[2 * cb * k_tiles * TILE_ELEMS..][..k_tiles * TILE_ELEMS];
+                    let b1 = &tiles[(2 * cb + 1) * k_tiles * TILE_ELEMS..][..k_tiles * TILE_ELEMS];
                     // SAFETY: the tile configuration is loaded (TileSession), a_block holds 32
                     // rows of k, b0 and b1 k_tiles tiles each, block 32 x 32 floats.
                     unsafe { tile_product(a_block, k, b0, b1, k_tiles, &mut block) };
@@ -174,6 +242,25 @@ impl TiledLinear {
                 }
             });
     }
+}
+
+/// `weight` (`outputs x inputs`, row-major; whole tile blocks) in the layout of [`Weights::Tiles`].
+fn to_tiles(weight: &[f32], outputs: usize, inputs: usize) -> Vec<u16> {
+    let k_tiles = inputs / TILE_K;
+    let mut tiles = vec![0u16; outputs * inputs];
+    for nb in 0..outputs / 16 {
+        for kb in 0..k_tiles {
+            let tile = &mut tiles[(nb * k_tiles + kb) * TILE_ELEMS..][..TILE_ELEMS];
+            for r in 0..16 {
+                for j in 0..16 {
+                    let pair = &weight[(nb * 16 + j) * inputs + kb * TILE_K + 2 * r..][..2];
+                    tile[r * 32 + 2 * j] = bf16(pair[0]);
+                    tile[r * 32 + 2 * j + 1] = bf16(pair[1]);
+                }
+            }
+        }
+    }
+    tiles
 }
 
 /// The tile configuration of this thread, loaded for the lifetime of the value and released after
@@ -364,10 +451,10 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
                 // scores = Q K^T: Q's rows at stride 3h; K^T's column j is key row j.
                 product(
                     (len, len, d),
-                    scores.as_mut_ptr(),
-                    len as isize,
+                    (scores.as_mut_ptr(), len as isize, false),
                     (q, stride),
                     (k, 1, stride),
+                    gemm::Parallelism::None,
                 )
             };
             for row in scores.chunks_exact_mut(len) {
@@ -386,28 +473,28 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
                 let dst = ctx[head * d..].as_mut_ptr();
                 product(
                     (len, d, len),
-                    dst,
-                    h as isize,
+                    (dst, h as isize, false),
                     (scores.as_ptr(), len as isize),
                     (v, stride, 1),
+                    gemm::Parallelism::None,
                 )
             };
         }
     });
 }
 
-/// `dst` (m x n, row stride `dst_rs`) = `lhs` (m x k: pointer, row stride) x `rhs` (k x n:
-/// pointer, row stride, column stride), columns of dst and lhs contiguous, on this thread
-/// (attention runs a sequence per thread).
+/// `dst` (m x n: pointer, row stride, whether to add to what is there) = `lhs` (m x k: pointer,
+/// row stride) x `rhs` (k x n: pointer, row stride, column stride), columns of dst and lhs
+/// contiguous, in f32 on the gemm crate's kernels.
 ///
 /// # Safety
 /// The pointers must address matrices of these shapes and strides, dst not overlapping the others.
 unsafe fn product(
     (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: isize,
+    (dst, dst_rs, accumulate): (*mut f32, isize, bool),
     (lhs, lhs_rs): (*const f32, isize),
     (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -416,19 +503,19 @@ unsafe fn product(
         dst,
         1,
         dst_rs,
-        false,
+        accumulate,
         lhs,
         1,
         lhs_rs,
         rhs,
         rhs_cs,
         rhs_rs,
-        0.0,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
 }
 
@@ -446,29 +533,34 @@ fn sum(xs: &[f32]) -> f32 {
 }
 
 /// One encoder layer's weights.
-pub(crate) struct TiledLayer {
-    pub qkv: TiledLinear,
-    pub attention_out: TiledLinear,
+pub(crate) struct PackedLayer {
+    pub qkv: PackedLinear,
+    pub attention_out: PackedLinear,
     pub attention_norm: (Vec<f32>, Vec<f32>),
-    pub intermediate: TiledLinear,
-    pub output: TiledLinear,
+    pub intermediate: PackedLinear,
+    pub output: PackedLinear,
     pub output_norm: (Vec<f32>, Vec<f32>),
 }
 
-/// A BERT encoder with its projections in AMX tiles.
-pub(crate) struct TiledBert {
+/// A BERT encoder over packed tokens.
+pub(crate) struct PackedBert {
     pub word: Vec<f32>,
     pub position: Vec<f32>,
     pub token_type: Vec<f32>,
     pub norm: (Vec<f32>, Vec<f32>),
-    pub layers: Vec<TiledLayer>,
+    pub layers: Vec<PackedLayer>,
     pub hidden: usize,
     pub heads: usize,
     pub intermediate: usize,
     pub eps: f32,
 }
 
-impl TiledBert {
+impl PackedBert {
+    /// Whether its projections run on AMX tiles.
+    pub fn uses_tiles(&self) -> bool {
+        self.layers.iter().any(|l| l.qkv.uses_tiles())
+    }
+
     /// The last layer's states of each sequence of token ids, packed (`sum of lengths x hidden`).
     /// Ids must be below the vocabulary size and sequences within the position table (the
     /// tokenizer truncates to it).
@@ -497,23 +589,21 @@ impl TiledBert {
         let mut y = vec![0f32; rows * h];
         let mut inner = vec![0f32; rows * self.intermediate];
         for layer in &self.layers {
-            to_bf16_rows(&x, rows, h, &mut a);
-            layer.qkv.forward(&a, rows, Epilogue::Bias, &mut qkv);
+            layer
+                .qkv
+                .forward(&x, rows, &mut a, Epilogue::Bias, &mut qkv);
             attention(&qkv, &lens, h, self.heads, &mut ctx);
-            to_bf16_rows(&ctx, rows, h, &mut a);
             layer
                 .attention_out
-                .forward(&a, rows, Epilogue::BiasResidual(&x), &mut y);
+                .forward(&ctx, rows, &mut a, Epilogue::BiasResidual(&x), &mut y);
             let (g, b) = &layer.attention_norm;
             layer_norm(&mut y, h, g, b, self.eps);
-            to_bf16_rows(&y, rows, h, &mut a);
             layer
                 .intermediate
-                .forward(&a, rows, Epilogue::BiasGelu, &mut inner);
-            to_bf16_rows(&inner, rows, self.intermediate, &mut a);
+                .forward(&y, rows, &mut a, Epilogue::BiasGelu, &mut inner);
             layer
                 .output
-                .forward(&a, rows, Epilogue::BiasResidual(&y), &mut x);
+                .forward(&inner, rows, &mut a, Epilogue::BiasResidual(&y), &mut x);
             let (g, b) = &layer.output_norm;
             layer_norm(&mut x, h, g, b, self.eps);
         }
@@ -580,38 +670,51 @@ mod tests {
         }
     }
 
+    /// Both kinds of projection against a plain f64 product (of the bf16-rounded operands for
+    /// the tiles), with each epilogue.
     #[test]
-    fn tiled_product_matches_f32_on_bf16_inputs() {
-        if !available() {
-            eprintln!("no AMX on this CPU: the tiled product is not run");
-            return;
-        }
+    fn projections_match_a_plain_product() {
         let (rows, n, k) = (45, 64, 96);
         let val = |i: usize, m: usize| ((i * 7919 + m) % 97) as f32 / 48.0 - 1.0;
         let w: Vec<f32> = (0..n * k).map(|i| val(i, 3)).collect();
         let bias: Vec<f32> = (0..n).map(|i| val(i, 5)).collect();
         let x: Vec<f32> = (0..rows * k).map(|i| val(i, 11)).collect();
         let res: Vec<f32> = (0..rows * n).map(|i| val(i, 13)).collect();
-        let lin = TiledLinear::new(&w, &bias, n, k, 1.0).expect("whole tiles");
-        let mut a = Vec::new();
-        to_bf16_rows(&x, rows, k, &mut a);
-        let mut out = vec![0f32; rows * n];
-        lin.forward(&a, rows, Epilogue::BiasResidual(&res), &mut out);
         let round = |v: f32| f32::from_bits((bf16(v) as u32) << 16);
-        for r in 0..rows {
-            for c in 0..n {
-                let want: f32 = (0..k)
-                    .map(|i| round(x[r * k + i]) * round(w[c * k + i]))
-                    .sum::<f32>()
-                    + bias[c]
-                    + res[r * n + c];
-                let got = out[r * n + c];
-                assert!(
-                    (got - want).abs() < 1e-3,
-                    "row {r} col {c}: {got} vs {want}"
-                );
+        for tiles in [false, true] {
+            let lin = PackedLinear::new(w.clone(), bias.clone(), n, k, tiles);
+            if tiles && !lin.uses_tiles() {
+                eprintln!("no AMX on this CPU: the tiled product is not run");
+                continue;
+            }
+            let operand = |v: f32| if tiles { round(v) } else { v };
+            let mut scratch = Vec::new();
+            for epilogue in [Epilogue::BiasResidual(&res), Epilogue::BiasGelu] {
+                let mut out = vec![0f32; rows * n];
+                lin.forward(&x, rows, &mut scratch, epilogue, &mut out);
+                for r in 0..rows {
+                    for c in 0..n {
+                        let dot: f64 = (0..k)
+                            .map(|i| operand(x[r * k + i]) as f64 * operand(w[c * k + i]) as f64)
+                            .sum();
+                        let want = match epilogue {
+                            Epilogue::BiasResidual(_) => {
+                                (dot + bias[c] as f64 + res[r * n + c] as f64) as f32
+                            }
+                            _ => crate::bert::gelu((dot + bias[c] as f64) as f32),
+                        };
+                        let got = out[r * n + c];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "tiles {tiles}, row {r} col {c}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
-        assert!(TiledLinear::new(&w[..48 * k], &bias[..48], 48, k, 1.0).is_none());
+        // 48 outputs do not fill 32-wide tile blocks: f32 instead.
+        assert!(
+            !PackedLinear::new(w[..48 * k].to_vec(), bias[..48].to_vec(), 48, k, true).uses_tiles()
+        );
     }
 }
