@@ -225,7 +225,11 @@ impl BertEncoder {
         };
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
-        if heads == 0 || !h.is_multiple_of(heads) || self.cfg.hidden_act != HiddenAct::Gelu {
+        if heads == 0
+            || !h.is_multiple_of(heads)
+            || self.cfg.type_vocab_size == 0
+            || self.cfg.hidden_act != HiddenAct::Gelu
+        {
             return Ok(None);
         }
         let scale = 1.0 / ((h / heads) as f32).sqrt();

@@ -458,7 +458,7 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
                 )
             };
             for row in scores.chunks_exact_mut(len) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let max = max(row);
                 for s in row.iter_mut() {
                     *s = exp(*s - max);
                 }
@@ -517,6 +517,27 @@ unsafe fn product(
         false,
         parallelism,
     )
+}
+
+/// The largest of `xs` (not NaN), in 16 lanes: a fold with `f32::max` stays a scalar
+/// compare-and-move loop (it showed in the softmax's profile).
+fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let mut tail = f32::NEG_INFINITY;
+    for &x in chunks.remainder() {
+        if x > tail {
+            tail = x;
+        }
+    }
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            if x > *l {
+                *l = x;
+            }
+        }
+    }
+    lanes.iter().fold(tail, |m, &l| if l > m { l } else { m })
 }
 
 /// A sum in 16 lanes (vectorises, unlike a sequential float fold).
@@ -614,6 +635,19 @@ impl PackedBert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_max_and_sum_match_sequential_folds() {
+        for len in [1usize, 15, 16, 17, 40, 255] {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| -((i * 37 % 101) as f32) / 7.0 - 1.0)
+                .collect();
+            let want = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&xs), want, "len {len}");
+            let total: f64 = xs.iter().map(|&x| x as f64).sum();
+            assert!((sum(&xs) as f64 - total).abs() < 1e-3, "len {len}");
+        }
+    }
 
     #[test]
     fn exp_is_within_a_few_ulp() {
