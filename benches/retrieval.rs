@@ -40,6 +40,7 @@ fn embed(c: &mut Criterion) {
     thinkrag_llm::device::set_cpu_threads(threads).expect("threads");
     // As the thinkrag binary does at start-up.
     thinkrag_llm::device::keep_tensor_memory();
+    thinkrag::embed::request_amx_tiles();
     let dir = std::env::var_os("THINKRAG_BENCH_EMBEDDER")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(minilm_dir);

@@ -99,6 +99,8 @@ fn main() -> ExitCode {
     thinkrag::documents::quiet_parser_panics();
     // Activation buffers are reused instead of mapped and faulted in afresh for every batch.
     thinkrag_llm::device::keep_tensor_memory();
+    // Embedders run their projections on AMX tiles where the CPU has them.
+    thinkrag::embed::request_amx_tiles();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -36,5 +36,6 @@ pub use embedder::{
 };
 pub use error::{EmbedError, Result};
 pub use manifest::EmbedderManifest;
+pub use packed::request_amx_tiles;
 pub use pooling::Pooling;
 pub use reranker::{Reranker, RerankerOptions};

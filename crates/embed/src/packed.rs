@@ -12,43 +12,68 @@
 //! CPUs. Rounding the projections' inputs to bf16 keeps embeddings within cosine 0.9999 of
 //! sentence-transformers' f32 (the parity tests run this path wherever the CPU has AMX).
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// Whether this process can run AMX bf16 tiles: the CPU has them and Linux grants the tile
-/// register state. The first call asks Linux for that state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, as
-/// oneDNN does), which only lets this process's threads use the tiles (and makes their signal
-/// frames 8 KiB larger).
+/// Asks Linux to let this process use the AMX tile registers (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+/// as oneDNN does), so that embedders loaded afterwards run their projections on the tiles (see
+/// [`crate::EmbedderPrecision::Auto`]). An explicit process set-up call for binaries, like
+/// `thinkrag_llm::device::keep_tensor_memory`: the permission is process-wide (every thread may then
+/// use the tiles, and signal frames grow by 8 KiB), so the library never asks for it itself and
+/// embeds in f32 without it. Returns whether tiles are usable now; false on CPUs without AMX,
+/// on kernels older than Linux 5.16, and off Linux or x86_64.
+pub fn request_amx_tiles() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if cpu_has_amx() {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        // SAFETY: arch_prctl with these arguments only changes which XSAVE features the process
+        // may use; a refusal leaves everything as it was.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+    }
+    available()
+}
+
+/// Whether this process can run AMX bf16 tiles: the CPU has them and the process was granted the
+/// tile state ([`request_amx_tiles`]).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(request_tiles)
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if cpu_has_amx() {
+        const ARCH_GET_XCOMP_PERM: libc::c_long = 0x1022;
+        let mut permitted: u64 = 0;
+        // SAFETY: arch_prctl(ARCH_GET_XCOMP_PERM) writes the permitted feature mask to the u64.
+        let ok = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_GET_XCOMP_PERM,
+                &mut permitted as *mut u64,
+            )
+        };
+        return ok == 0 && permitted & (1 << XFEATURE_XTILEDATA) != 0;
+    }
+    false
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn request_tiles() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-    let has_amx = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
-    if !has_amx || !std::arch::is_x86_feature_detected!("avx512f") {
-        return false;
-    }
-    // SAFETY: arch_prctl with these arguments only changes which XSAVE features the process may use.
-    let granted = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    granted == 0
-}
+const XFEATURE_XTILEDATA: libc::c_long = 18;
 
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn request_tiles() -> bool {
-    false
+/// CPUID: AMX-BF16 and AMX-TILE (leaf 7, EDX bits 22 and 24), and AVX-512F.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn cpu_has_amx() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        leaf7.edx & (1 << 22) != 0
+            && leaf7.edx & (1 << 24) != 0
+            && std::arch::is_x86_feature_detected!("avx512f")
+    })
 }
 
 /// f32 -> bf16, rounding to nearest even (inputs are finite activations and weights).
@@ -708,6 +733,7 @@ mod tests {
     /// the tiles), with each epilogue.
     #[test]
     fn projections_match_a_plain_product() {
+        request_amx_tiles();
         let (rows, n, k) = (45, 64, 96);
         let val = |i: usize, m: usize| ((i * 7919 + m) % 97) as f32 / 48.0 - 1.0;
         let w: Vec<f32> = (0..n * k).map(|i| val(i, 3)).collect();

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use thinkrag_embed::test_models::minilm_dir;
-use thinkrag_embed::{Embedder, EmbedderOptions, EmbedderPrecision, EmbedderSource, Pooling};
+use thinkrag_embed::{
+    request_amx_tiles, Embedder, EmbedderOptions, EmbedderPrecision, EmbedderSource, Pooling,
+};
 
 struct Reference {
     sentences: Vec<String>,
@@ -60,6 +62,8 @@ fn minilm() -> Embedder {
 }
 
 fn minilm_with(precision: EmbedderPrecision) -> Embedder {
+    // As the thinkrag binary does at start: tiles where the CPU has them.
+    request_amx_tiles();
     let mut opts = EmbedderOptions {
         batch_size: 5,
         precision,
@@ -96,6 +100,7 @@ fn f32_vectors_match_sentence_transformers() {
 /// pooling above is checked against sentence-transformers itself.
 #[test]
 fn cls_pooled_vectors_agree_across_precisions() {
+    request_amx_tiles();
     let load = |precision| {
         let opts = EmbedderOptions {
             pooling: Some(Pooling::Cls),
