@@ -104,13 +104,15 @@ pub enum EmbedderPrecision {
     F32,
 }
 
-impl EmbedderPrecision {
-    /// `auto` or `f32`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "auto" => Some(Self::Auto),
-            "f32" => Some(Self::F32),
-            _ => None,
+impl std::str::FromStr for EmbedderPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            other => Err(format!(
+                "unknown embedder precision {other:?}: expected auto or f32"
+            )),
         }
     }
 }

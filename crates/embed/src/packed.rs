@@ -120,6 +120,32 @@ pub(crate) enum Epilogue<'a> {
     BiasGelu,
 }
 
+impl Epilogue<'_> {
+    /// Finishes `values`, the products of outputs `col0..` of row `row` (`n` outputs a row), in
+    /// place.
+    #[inline(always)]
+    fn apply(self, values: &mut [f32], bias: &[f32], row: usize, col0: usize, n: usize) {
+        match self {
+            Epilogue::Bias => {
+                for (v, b) in values.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+            Epilogue::BiasResidual(res) => {
+                let res = &res[row * n + col0..][..values.len()];
+                for ((v, b), x) in values.iter_mut().zip(bias).zip(res) {
+                    *v = *v + b + x;
+                }
+            }
+            Epilogue::BiasGelu => {
+                for (v, b) in values.iter_mut().zip(bias) {
+                    *v = crate::bert::gelu(*v + b);
+                }
+            }
+        }
+    }
+}
+
 impl PackedLinear {
     /// `weight` (`outputs x inputs`, row-major) and `bias`, laid out as AMX tiles when `tiles` is
     /// asked and the shape fills whole tile blocks, else kept in f32.
@@ -180,37 +206,24 @@ impl PackedLinear {
     ) {
         let (n, k) = (self.outputs, self.inputs);
         let out = &mut out[..rows * n];
-        // Start from the bias (and the residual): the product is added to what is there.
-        out.par_chunks_mut(64 * n)
-            .enumerate()
-            .for_each(|(chunk, dst)| {
-                for (r, row) in dst.chunks_exact_mut(n).enumerate() {
-                    row.copy_from_slice(&self.bias);
-                    if let Epilogue::BiasResidual(res) = epilogue {
-                        for (d, x) in row.iter_mut().zip(&res[(chunk * 64 + r) * n..][..n]) {
-                            *d += x;
-                        }
-                    }
-                }
-            });
         // SAFETY: out is rows x n (row stride n), x rows x k (row stride k), and W^T's element
         // (i, j) is w[j * k + i]; out overlaps neither.
         unsafe {
             product(
                 (rows, n, k),
-                (out.as_mut_ptr(), n as isize, true),
+                (out.as_mut_ptr(), n as isize),
                 (x.as_ptr(), k as isize),
                 (w.as_ptr(), 1, k as isize),
                 gemm::Parallelism::Rayon(0),
             )
         };
-        if let Epilogue::BiasGelu = epilogue {
-            out.par_chunks_mut(16 * 1024).for_each(|c| {
-                for v in c {
-                    *v = crate::bert::gelu(*v);
+        out.par_chunks_mut(64 * n)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                for (r, row) in dst.chunks_exact_mut(n).enumerate() {
+                    epilogue.apply(row, &self.bias, chunk * 64 + r, 0, n);
                 }
             });
-        }
     }
 
     /// `out` (`rows x outputs`) = `a` (bf16 rows of `inputs`, at least `rows` rounded up to 32
@@ -244,25 +257,8 @@ impl PackedLinear {
                     let bias = &self.bias[col0..col0 + BLOCK_COLS];
                     for r in 0..valid {
                         let dst = &mut out_rows[r * n + col0..][..BLOCK_COLS];
-                        let src = &block[r * BLOCK_COLS..][..BLOCK_COLS];
-                        match epilogue {
-                            Epilogue::Bias => {
-                                for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
-                                    *d = s + b;
-                                }
-                            }
-                            Epilogue::BiasResidual(res) => {
-                                let res = &res[(rb * BLOCK_ROWS + r) * n + col0..][..BLOCK_COLS];
-                                for (((d, s), b), x) in dst.iter_mut().zip(src).zip(bias).zip(res) {
-                                    *d = s + b + x;
-                                }
-                            }
-                            Epilogue::BiasGelu => {
-                                for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
-                                    *d = crate::bert::gelu(s + b);
-                                }
-                            }
-                        }
+                        dst.copy_from_slice(&block[r * BLOCK_COLS..][..BLOCK_COLS]);
+                        epilogue.apply(dst, bias, rb * BLOCK_ROWS + r, col0, n);
                     }
                 }
             });
@@ -476,7 +472,7 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
                 // scores = Q K^T: Q's rows at stride 3h; K^T's column j is key row j.
                 product(
                     (len, len, d),
-                    (scores.as_mut_ptr(), len as isize, false),
+                    (scores.as_mut_ptr(), len as isize),
                     (q, stride),
                     (k, 1, stride),
                     gemm::Parallelism::None,
@@ -498,7 +494,7 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
                 let dst = ctx[head * d..].as_mut_ptr();
                 product(
                     (len, d, len),
-                    (dst, h as isize, false),
+                    (dst, h as isize),
                     (scores.as_ptr(), len as isize),
                     (v, stride, 1),
                     gemm::Parallelism::None,
@@ -508,15 +504,15 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, out: &mut [f32
     });
 }
 
-/// `dst` (m x n: pointer, row stride, whether to add to what is there) = `lhs` (m x k: pointer,
-/// row stride) x `rhs` (k x n: pointer, row stride, column stride), columns of dst and lhs
-/// contiguous, in f32 on the gemm crate's kernels.
+/// `dst` (m x n: pointer, row stride) = `lhs` (m x k: pointer, row stride) x `rhs` (k x n:
+/// pointer, row stride, column stride), columns of dst and lhs contiguous, in f32 on the gemm
+/// crate's kernels.
 ///
 /// # Safety
 /// The pointers must address matrices of these shapes and strides, dst not overlapping the others.
 unsafe fn product(
     (m, n, k): (usize, usize, usize),
-    (dst, dst_rs, accumulate): (*mut f32, isize, bool),
+    (dst, dst_rs): (*mut f32, isize),
     (lhs, lhs_rs): (*const f32, isize),
     (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
     parallelism: gemm::Parallelism,
@@ -528,14 +524,14 @@ unsafe fn product(
         dst,
         1,
         dst_rs,
-        accumulate,
+        false,
         lhs,
         1,
         lhs_rs,
         rhs,
         rhs_cs,
         rhs_rs,
-        if accumulate { 1.0 } else { 0.0 },
+        0.0,
         1.0,
         false,
         false,
@@ -604,7 +600,11 @@ pub(crate) struct PackedBert {
 impl PackedBert {
     /// Whether its projections run on AMX tiles.
     pub fn uses_tiles(&self) -> bool {
-        self.layers.iter().any(|l| l.qkv.uses_tiles())
+        self.layers.iter().any(|l| {
+            [&l.qkv, &l.attention_out, &l.intermediate, &l.output]
+                .iter()
+                .any(|p| p.uses_tiles())
+        })
     }
 
     /// The last layer's states of each sequence of token ids, packed (`sum of lengths x hidden`).
