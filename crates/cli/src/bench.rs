@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use thinkrag_llm::bench::{admission_ttft, batched_decode, decode, prefill, BenchResult};
+use thinkrag_llm::bench::{admission_ttft, decode_rounds_probed, prefill, BenchResult, ReadProbe};
 use thinkrag_llm::load_model_only;
 
 use crate::load::{init_threads, progress_bar, RuntimeArgs};
@@ -66,29 +66,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.prompt_tokens > 0 {
         results.push(prefill(&model, args.prompt_tokens, args.repetitions)?);
     }
+    let mut bandwidth = None;
     if args.gen_tokens > 0 {
+        let mut positions = Vec::new();
         for &pos in &args.positions {
             if pos + args.gen_tokens >= cfg.max_position_embeddings {
                 eprintln!(
                     "skipping decode at position {pos}: past the model's context window of {}",
                     cfg.max_position_embeddings
                 );
-                continue;
+            } else {
+                positions.push(pos);
             }
-            if args.batch.is_empty() {
-                results.push(decode(&model, args.gen_tokens, pos, args.repetitions)?);
-            }
-            for &n in &args.batch {
-                results.push(batched_decode(
+        }
+        let batches = if args.batch.is_empty() {
+            vec![1]
+        } else {
+            args.batch.clone()
+        };
+        if !positions.is_empty() {
+            // The memory's read rate is probed in each round of the lone sequence's decode.
+            let probe = (!model.device().is_cuda()).then(ReadProbe::new);
+            for &n in &batches {
+                let (r, bw) = decode_rounds_probed(
                     &model,
                     n,
                     args.gen_tokens,
-                    pos,
+                    &positions,
                     args.repetitions,
-                )?);
+                    probe.as_ref().filter(|_| n == 1),
+                )?;
+                results.extend(r);
+                if !bw.is_empty() {
+                    bandwidth = Some(bw);
+                }
             }
         }
     }
+    let read_gb = model.decode_read_bytes() as f64 / 1e9;
     let mut admission = None;
     if args.admission {
         drop(model);
@@ -110,6 +125,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "weights_gib": weights_gib,
             "threads": threads,
             "results": results,
+            "decode_read_gb_per_token": read_gb,
+            "memory_read_gb_per_s": bandwidth,
             "admission": admission.map(|(alone, busy)| serde_json::json!({
                 "short_prompt_tokens": 32, "busy_sequences": 3, "long_prompt_tokens": 512,
                 "ttft_alone_ms": alone, "ttft_busy_ms": busy, "ratio": busy / alone,
@@ -140,6 +157,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.tokens_per_s
         );
     }
+    print_ratios(&results, read_gb, bandwidth);
     if let Some((alone, busy)) = admission {
         println!(
             "\ntime to first token of a 32-token request: {alone:.0} ms alone, {busy:.0} ms while 3 \
@@ -148,4 +166,56 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Below the table: each decode test against the same batch at the first position, as the
+/// median of the per-round ratios (the positions are timed side by side in each round), and a
+/// single sequence's weight stream against the memory bandwidth measured in the same run.
+fn print_ratios(results: &[BenchResult], read_gb: f64, bandwidth: Option<Vec<f64>>) {
+    let decodes: Vec<&BenchResult> = results
+        .iter()
+        .filter(|r| r.test.starts_with("tg"))
+        .collect();
+    let batch_of = |r: &BenchResult| r.test.split_once(' ').map(|(_, b)| b.to_string());
+    for r in &decodes {
+        let Some(first) = decodes.iter().find(|f| batch_of(f) == batch_of(r)) else {
+            continue;
+        };
+        if first.position == r.position {
+            continue;
+        }
+        let mut ratios: Vec<f64> = r.runs.iter().zip(&first.runs).map(|(a, b)| a / b).collect();
+        ratios.sort_by(f64::total_cmp);
+        let listed: Vec<String> = ratios.iter().map(|x| format!("{x:.3}")).collect();
+        println!(
+            "\n{} against {}: {:.3}x (median of the rounds' ratios: {})",
+            r.test,
+            first.test,
+            ratios[ratios.len() / 2],
+            listed.join(", ")
+        );
+    }
+    if let Some(bw) = bandwidth.filter(|b| !b.is_empty()) {
+        let listed: Vec<String> = bw.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "\nmemory read rate with these threads, probed after each round: {} GB/s; a decode \
+             step reads {read_gb:.3} GB of weights",
+            listed.join(", ")
+        );
+        for r in decodes.iter().filter(|r| batch_of(r).is_none()) {
+            let mut share: Vec<f64> = r
+                .runs
+                .iter()
+                .zip(&bw)
+                .map(|(t, b)| t * read_gb / b)
+                .collect();
+            share.sort_by(f64::total_cmp);
+            println!(
+                "{}: {:.1} GB/s of weights, {:.2} of the memory's read rate (median of the rounds)",
+                r.test,
+                r.tokens_per_s * read_gb,
+                share[share.len() / 2]
+            );
+        }
+    }
 }

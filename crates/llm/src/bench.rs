@@ -87,9 +87,7 @@ pub fn decode(
     position: usize,
     runs: usize,
 ) -> Result<BenchResult> {
-    let mut r = batched_decode(model, 1, tokens, position, runs)?;
-    r.test = format!("tg{tokens}@{position}");
-    Ok(r)
+    batched_decode(model, 1, tokens, position, runs)
 }
 
 /// Times `tokens` batched decode steps of `sequences` sequences, each with `position` positions
@@ -102,41 +100,161 @@ pub fn batched_decode(
     position: usize,
     runs: usize,
 ) -> Result<BenchResult> {
+    let mut results = decode_rounds(model, sequences, tokens, &[position], runs)?;
+    Ok(results.remove(0))
+}
+
+/// [`batched_decode`] at each of `positions`, measured in rounds: every round times each
+/// position once, so run `i` of one position and run `i` of another were taken seconds apart.
+/// On a shared or throttling machine their ratio (how much decode slows down with a long
+/// context) is then far steadier than the ratio of two series taken one after the other.
+pub fn decode_rounds(
+    model: &CausalLm,
+    sequences: usize,
+    tokens: usize,
+    positions: &[usize],
+    runs: usize,
+) -> Result<Vec<BenchResult>> {
+    Ok(decode_rounds_probed(model, sequences, tokens, positions, runs, None)?.0)
+}
+
+/// [`decode_rounds`], and with a probe, the memory's read rate (GB/s) measured in each round
+/// after the decode timings: run `i` of a decode against bandwidth `i` is a fair ratio.
+pub fn decode_rounds_probed(
+    model: &CausalLm,
+    sequences: usize,
+    tokens: usize,
+    positions: &[usize],
+    runs: usize,
+    probe: Option<&ReadProbe>,
+) -> Result<(Vec<BenchResult>, Vec<f64>)> {
+    let mut bandwidth = Vec::new();
     let n = sequences.max(1);
     let tokens = tokens.max(1);
     let ids: Vec<Vec<u32>> = (0..n)
         .map(|i| bench_tokens(tokens, model.vocab_size(), 2 + i as u64))
         .collect();
-    let mut caches: Vec<_> = (0..n)
-        .map(|_| model.new_cache(position + tokens + 2))
-        .collect();
-    let mut rates = Vec::new();
+    let mut cases = Vec::with_capacity(positions.len());
+    for &position in positions {
+        let caches: Vec<KvCache> = (0..n)
+            .map(|_| model.new_cache(position + tokens + 2))
+            .collect();
+        cases.push((position, caches, Vec::new()));
+    }
+    // Run 0 is one untimed warm-up step per position.
     for run in 0..=runs.max(1) {
-        for c in caches.iter_mut() {
-            c.clear();
-            c.fill_for_benchmark(position)?;
+        for (position, caches, rates) in cases.iter_mut() {
+            for c in caches.iter_mut() {
+                c.clear();
+                c.fill_for_benchmark(*position)?;
+            }
+            let steps = if run == 0 { 1 } else { tokens };
+            let t = Instant::now();
+            for step in 0..steps {
+                let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                model
+                    .forward_decode(&step_ids, &mut refs)?
+                    .to_vec2::<f32>()?;
+            }
+            if run > 0 {
+                rates.push((n * tokens) as f64 / t.elapsed().as_secs_f64());
+            }
         }
-        // Run 0 is one untimed warm-up step.
-        let steps = if run == 0 { 1 } else { tokens };
-        let t = Instant::now();
-        for step in 0..steps {
-            let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            model
-                .forward_decode(&step_ids, &mut refs)?
-                .to_vec2::<f32>()?;
-        }
-        if run > 0 {
-            rates.push((n * tokens) as f64 / t.elapsed().as_secs_f64());
+        if let (Some(p), true) = (probe, run > 0) {
+            bandwidth.push(p.measure());
         }
     }
-    Ok(BenchResult {
-        test: format!("tg{tokens}@{position} x{n}"),
-        tokens: n * tokens,
-        position,
-        tokens_per_s: median(&rates),
-        runs: rates,
-    })
+    let results = cases
+        .into_iter()
+        .map(|(position, _, rates)| BenchResult {
+            test: if n == 1 {
+                format!("tg{tokens}@{position}")
+            } else {
+                format!("tg{tokens}@{position} x{n}")
+            },
+            tokens: n * tokens,
+            position,
+            tokens_per_s: median(&rates),
+            runs: rates,
+        })
+        .collect();
+    Ok((results, bandwidth))
+}
+
+/// A probe of the rate at which this machine's memory feeds the CPU thread pool the kernels run
+/// on: every thread streams its share of a 1 GiB buffer (larger than any CPU cache), the
+/// ceiling for a decode step that must read every weight once. [`decode_rounds`] takes it between
+/// its timings, since on a shared machine both move from one second to the next.
+pub struct ReadProbe {
+    buf: Vec<u64>,
+}
+
+impl ReadProbe {
+    /// Allocates and writes the buffer (untouched pages all map one zero page, which reads from
+    /// cache), on huge pages where the OS has them, so TLB misses do not count against memory.
+    pub fn new() -> Self {
+        let mut buf = vec![0u64; (1 << 30) / 8];
+        crate::device::advise_huge_pages(&buf);
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = i as u64;
+        }
+        ReadProbe { buf }
+    }
+
+    /// One pass: GB/s.
+    pub fn measure(&self) -> f64 {
+        let pool = candle_core::utils::barrier_pool();
+        let share = self.buf.len().div_ceil(pool.n_workers() + 1);
+        let t = Instant::now();
+        pool.execute(|tid| {
+            let part = self.buf.chunks(share).nth(tid).unwrap_or(&[]);
+            std::hint::black_box(stream_sum(part));
+        });
+        std::mem::size_of_val(&self.buf[..]) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }
+}
+
+impl Default for ReadProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads all of `part` as fast as one core can: 64-byte loads into four independent sums, with
+/// AVX-512 where the CPU has it (the compiler's own vectorization of the portable loop uses
+/// narrower loads on some CPUs, which then read below what the memory allows).
+fn stream_sum(part: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(part: &[u64]) -> u64 {
+            use core::arch::x86_64::*;
+            let mut acc = [_mm512_setzero_si512(); 4];
+            let (blocks, _) = part.as_chunks::<32>();
+            for b in blocks {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `b` holds 32 u64s, four 64-byte vectors.
+                    let x = unsafe { _mm512_loadu_si512(b.as_ptr().add(8 * j).cast()) };
+                    *a = _mm512_add_epi64(*a, x);
+                }
+            }
+            let s = _mm512_add_epi64(
+                _mm512_add_epi64(acc[0], acc[1]),
+                _mm512_add_epi64(acc[2], acc[3]),
+            );
+            _mm512_reduce_add_epi64(s) as u64
+        }
+        // SAFETY: the CPU has AVX-512 F (checked just above).
+        return unsafe { run(part) };
+    }
+    let mut acc = [0u64; 8];
+    for block in part.chunks_exact(8) {
+        for (a, &x) in acc.iter_mut().zip(block) {
+            *a = a.wrapping_add(x);
+        }
+    }
+    acc.iter().fold(0, |s, &x| s.wrapping_add(x))
 }
 
 /// Time to first token of a short request admitted while `busy` long requests decode, against
@@ -193,4 +311,21 @@ pub fn admission_ttft(
         .collect::<Result<_>>()?;
     drop(streams);
     Ok((median(&alone), median(&busy_ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe's streaming read sums what a plain loop sums (whatever the CPU runs it with), so
+    /// it reads every byte it claims to.
+    #[test]
+    fn the_read_probe_reads_every_value() {
+        let part: Vec<u64> = (0..10_000u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let whole = part.len() / 32 * 32;
+        let expected = part[..whole].iter().fold(0u64, |s, &x| s.wrapping_add(x));
+        assert_eq!(stream_sum(&part[..whole]), expected);
+    }
 }

@@ -229,3 +229,25 @@ pub fn dtype_name(dtype: DType) -> &'static str {
         _ => "other",
     }
 }
+
+/// `madvise(MADV_HUGEPAGE)` over the whole 2 MiB extents inside `buf`: a hint about this
+/// allocation alone (no process-wide setting), ignored where transparent huge pages are off.
+/// Memory streamed whole at every decode step (weights laid out for the CPU kernels, the KV
+/// cache) otherwise crosses a 4 KiB page, and misses the TLB, every 64 cache lines. It takes
+/// effect on pages not yet touched: call it on fresh allocations, before writing them.
+pub(crate) fn advise_huge_pages<T>(buf: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_ptr() as usize;
+        let (from, to) = (
+            start.next_multiple_of(HUGE),
+            (start + std::mem::size_of_val(buf)) / HUGE * HUGE,
+        );
+        if to > from {
+            // SAFETY: the range lies inside `buf`, which this process owns; the advice changes
+            // how its pages are backed, never their contents.
+            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+        }
+    }
+}

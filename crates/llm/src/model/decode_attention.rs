@@ -4,19 +4,16 @@
 //! Through candle, each layer's `q k^T` and `p v` for a single query run as general matmuls whose
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
 //! decode step 2.5x slower than at 100. Here each KV head's keys and values stream once for all
-//! the query heads that share them (grouped-query attention): at 4,000 positions a Q4_K_M decode
-//! step now runs at about 0.71x of its speed at 100 (0.40x before), still short of the 0.8x the
-//! cache's bytes alone would allow. A batched step attends for all its sequences in one parallel
-//! region.
+//! the query heads that share them (grouped-query attention), in blocks small enough for L1, with
+//! the cache lines a few blocks ahead prefetched while the arithmetic runs, so that the stream
+//! from memory and the arithmetic overlap. A batched step attends for all its sequences in one
+//! parallel region.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::model::linear::OutPtr;
-
-/// Query heads whose dot products with one key are computed together.
-const MAX_GROUP: usize = 8;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
 /// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, head_dim)`
@@ -123,6 +120,7 @@ fn attend_all<T: KvElem>(
         let mut scores = vec![0f32; group * max_len];
         let mut acc = vec![0f32; group * hd];
         let mut widened = Vec::new();
+        let score = scores_for(1, hd);
         for unit in units {
             let (i, h) = (unit / kv_heads, unit % kv_heads);
             let seq = &heads[i];
@@ -131,13 +129,18 @@ fn attend_all<T: KvElem>(
             let values = &seq.values[h * seq.v_head..][..len * hd];
             let queries = &seq.queries[h * group * hd..][..group * hd];
             let scores = &mut scores[..group * len];
+            let ahead = Ahead::new(keys, values);
             // Keys (and below, values) in blocks widened to f32 once, then read from L1 by every
-            // query head of the group.
+            // query head of the group. Before each head's turn at a block, a share of the cache
+            // lines `ahead.distance` further on is prefetched: spread like this, the memory
+            // streams the next blocks while the arithmetic runs, instead of the block's own
+            // loads waiting on memory (and a burst of prefetches holding up retirement).
             for (b, block) in keys.chunks(KEY_BLOCK * hd).enumerate() {
+                let start = b * KEY_BLOCK;
                 let block = T::widen(block, &mut widened);
-                for (first, qs) in queries.chunks(MAX_GROUP * hd).enumerate() {
-                    let scores = &mut scores[first * MAX_GROUP * len + b * KEY_BLOCK..];
-                    scores_for(qs.len() / hd, hd)(qs, block, scale, scores, len);
+                for (g, q) in queries.chunks_exact(hd).enumerate() {
+                    ahead.prefetch(start * hd, KEY_BLOCK * hd, g, group);
+                    score(q, block, scale, &mut scores[g * len + start..], len);
                 }
             }
             for row in scores.chunks_exact_mut(len) {
@@ -146,16 +149,13 @@ fn attend_all<T: KvElem>(
             acc.fill(0.0);
             // Blocks of value rows small enough for L1, each read once per query head while that
             // head's output row stays in registers.
-            const BLOCK: usize = 32;
-            for (b, block) in values.chunks(BLOCK * hd).enumerate() {
+            for (b, block) in values.chunks(VALUE_BLOCK * hd).enumerate() {
+                let start = b * VALUE_BLOCK;
                 let block = T::widen(block, &mut widened);
                 for (g, a) in acc.chunks_exact_mut(hd).enumerate() {
-                    let probs = &scores[g * len + b * BLOCK..];
-                    match hd {
-                        64 => accumulate::<64>(block, probs, a),
-                        128 => accumulate::<128>(block, probs, a),
-                        _ => accumulate_any(block, probs, a),
-                    }
+                    ahead.prefetch((len + start) * hd, VALUE_BLOCK * hd, g, group);
+                    let probs = &scores[g * len + start..];
+                    accumulate(block, probs, a);
                 }
             }
             for (j, &x) in acc.iter().enumerate() {
@@ -246,8 +246,65 @@ unsafe fn softmax_avx512(row: &mut [f32]) {
     }
 }
 
-/// Keys widened and scored together: 256 rows of 128 f32 are 128 KiB, within L2.
-const KEY_BLOCK: usize = 256;
+/// Keys widened and scored together: 16 rows, the scores kernel's step (8 KiB of f32 at a head
+/// size of 128, well within L1 for the query heads that read them after the first).
+const KEY_BLOCK: usize = 16;
+
+/// Value rows widened and accumulated together.
+const VALUE_BLOCK: usize = 32;
+
+/// How far ahead of the block being computed a KV head's cache is prefetched, in bytes: the
+/// blocks in between take longer to compute than memory takes to answer, and 16 KiB stays
+/// within the core's L1 and L2 even with the widened blocks beside it.
+const PREFETCH_AHEAD: usize = 16 << 10;
+
+/// Prefetches over one KV head's keys followed by its values (seen as one stream, so the end of
+/// the keys prefetches the start of the values).
+struct Ahead {
+    keys: *const u8,
+    values: *const u8,
+    /// Bytes of keys (and of values).
+    len: usize,
+    /// Bytes per element.
+    elem: usize,
+}
+
+impl Ahead {
+    fn new<T>(keys: &[T], values: &[T]) -> Self {
+        Ahead {
+            keys: keys.as_ptr().cast(),
+            values: values.as_ptr().cast(),
+            len: std::mem::size_of_val(keys),
+            elem: std::mem::size_of::<T>(),
+        }
+    }
+
+    /// Prefetches share `part` of `parts` of the cache lines of `count` elements that start
+    /// [`PREFETCH_AHEAD`] bytes past element `at` of the stream (keys then values).
+    #[inline(always)]
+    fn prefetch(&self, at: usize, count: usize, part: usize, parts: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            const LINE: usize = 64;
+            let lines = (count * self.elem).div_ceil(LINE);
+            let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
+            let base = at * self.elem + PREFETCH_AHEAD;
+            for l in from..to {
+                let o = base + l * LINE;
+                let p = if o < self.len {
+                    self.keys.wrapping_add(o)
+                } else if o < 2 * self.len {
+                    self.values.wrapping_add(o - self.len)
+                } else {
+                    return;
+                };
+                // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+            }
+        }
+    }
+}
 
 /// An element of the KV cache: f32, or f16 (half the bytes to keep, and to stream per decode
 /// step at long contexts; llama.cpp's default cache type too).
@@ -505,19 +562,43 @@ fn scores_of<const N: usize>(
     }
 }
 
-/// `out += sum_t probs[t] * values[t]` for rows of a head size known at compile time, so that the
-/// output row stays in registers over the block.
-#[inline(always)]
-fn accumulate<const HD: usize>(values: &[f32], probs: &[f32], out: &mut [f32]) {
-    let mut a = [0f32; HD];
-    a.copy_from_slice(out);
-    let (rows, _) = values.as_chunks::<HD>();
-    for (value, &p) in rows.iter().zip(probs) {
-        for i in 0..HD {
-            a[i] = p.mul_add(value[i], a[i]);
+/// `out += sum_t probs[t] * values[t]` over the rows of `values` (each `out.len()` long): on
+/// 16 lanes where the CPU has AVX-512 and the head size is 64 or 128 (the compiler's own
+/// vectorization used 256-bit vectors here, twice the instructions), the output row held in
+/// registers over the block. Every lane adds its rows in order with fused multiply-adds, as
+/// [`accumulate_any`] does, so both give the same bits.
+fn accumulate(values: &[f32], probs: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F (checked just above).
+        match out.len() {
+            64 => return unsafe { accumulate_avx512::<4>(values, probs, out) },
+            128 => return unsafe { accumulate_avx512::<8>(values, probs, out) },
+            _ => {}
         }
     }
-    out.copy_from_slice(&a);
+    accumulate_any(values, probs, out)
+}
+
+/// [`accumulate`] for a head of `V * 16` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_avx512<const V: usize>(values: &[f32], probs: &[f32], out: &mut [f32]) {
+    use core::arch::x86_64::*;
+    assert_eq!(out.len(), V * 16);
+    // SAFETY (all loads and stores): `out` holds V * 16 values (asserted), and each row of
+    // `values` as many.
+    let mut a: [__m512; V] =
+        core::array::from_fn(|c| unsafe { _mm512_loadu_ps(out.as_ptr().add(c * 16)) });
+    for (row, &p) in values.chunks_exact(V * 16).zip(probs) {
+        let p = _mm512_set1_ps(p);
+        for (c, a) in a.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(row.as_ptr().add(c * 16)) }, *a);
+        }
+    }
+    for (c, a) in a.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *a) };
+    }
 }
 
 /// [`accumulate`] for any head size.
@@ -532,6 +613,24 @@ fn accumulate_any(values: &[f32], probs: &[f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 accumulation adds the same products in the same order as the portable loop:
+    /// the same bits, for both head sizes it takes and for one it leaves to the portable loop.
+    #[test]
+    fn accumulate_matches_the_portable_loop_to_the_bit() {
+        for hd in [64usize, 128, 80] {
+            let rows = 37;
+            let values: Vec<f32> = (0..rows * hd)
+                .map(|i| ((i * 7919) % 1000) as f32 / 333.0 - 1.5)
+                .collect();
+            let probs: Vec<f32> = (0..rows).map(|i| 1.0 / (1 + i) as f32).collect();
+            let start: Vec<f32> = (0..hd).map(|i| i as f32 * 0.01).collect();
+            let (mut fast, mut portable) = (start.clone(), start);
+            accumulate(&values, &probs, &mut fast);
+            accumulate_any(&values, &probs, &mut portable);
+            assert_eq!(fast, portable, "head size {hd}");
+        }
+    }
 
     /// Several sequences of different cache lengths in one call: each row is, to the bit, what the
     /// sequence gets alone.

@@ -798,6 +798,16 @@ impl CausalLm {
             .sum()
     }
 
+    /// Bytes of weights a decode step reads: every projection and the output head, once (the
+    /// token embedding contributes one row, left out). Decode speed times this is the rate at
+    /// which a step streams weights from memory, which bounds it on a CPU.
+    pub fn decode_read_bytes(&self) -> usize {
+        self.linears()
+            .iter()
+            .map(|l| l.weight().size_in_bytes())
+            .sum()
+    }
+
     /// How the projection weights are stored: `"f32"`, `"bf16"`, `"q4k"`, or a mix such as
     /// `"q4k+q8_0"` when some matrices fell back to another format.
     pub fn weights_format(&self) -> String {

@@ -325,6 +325,7 @@ fn pack_tiles<T: Copy>(
         return None;
     }
     let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
+    crate::device::advise_huge_pages(out.spare_capacity_mut());
     for col in 0..n / TILE_ROWS {
         for b in 0..kb {
             let mut tile = empty;
