@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use thinkrag_llm::bench::{admission_ttft, decode_rounds_probed, prefill, BenchResult, ReadProbe};
+use thinkrag_llm::bench::{admission_ttft, decode_rounds, median, prefill, BenchResult, ReadProbe};
 use thinkrag_llm::load_model_only;
 
 use crate::load::{init_threads, progress_bar, RuntimeArgs};
@@ -85,10 +85,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.batch.clone()
         };
         if !positions.is_empty() {
-            // The memory's read rate is probed in each round of the lone sequence's decode.
-            let probe = (!model.device().is_cuda()).then(ReadProbe::new);
+            // On a CPU, the memory's read rate is probed in each round of a lone sequence's
+            // decode.
+            let probe = (model.device().is_cpu() && batches.contains(&1)).then(ReadProbe::new);
             for &n in &batches {
-                let (r, bw) = decode_rounds_probed(
+                let (r, bw) = decode_rounds(
                     &model,
                     n,
                     args.gen_tokens,
@@ -176,45 +177,42 @@ fn print_ratios(results: &[BenchResult], read_gb: f64, bandwidth: Option<Vec<f64
         .iter()
         .filter(|r| r.test.starts_with("tg"))
         .collect();
-    let batch_of = |r: &BenchResult| r.test.split_once(' ').map(|(_, b)| b.to_string());
     for r in &decodes {
-        let Some(first) = decodes.iter().find(|f| batch_of(f) == batch_of(r)) else {
+        let Some(first) = decodes.iter().find(|f| f.sequences == r.sequences) else {
             continue;
         };
         if first.position == r.position {
             continue;
         }
-        let mut ratios: Vec<f64> = r.runs.iter().zip(&first.runs).map(|(a, b)| a / b).collect();
-        ratios.sort_by(f64::total_cmp);
+        let ratios: Vec<f64> = r.runs.iter().zip(&first.runs).map(|(a, b)| a / b).collect();
         let listed: Vec<String> = ratios.iter().map(|x| format!("{x:.3}")).collect();
         println!(
             "\n{} against {}: {:.3}x (median of the rounds' ratios: {})",
             r.test,
             first.test,
-            ratios[ratios.len() / 2],
+            median(&ratios),
             listed.join(", ")
         );
     }
-    if let Some(bw) = bandwidth.filter(|b| !b.is_empty()) {
+    if let Some(bw) = bandwidth {
         let listed: Vec<String> = bw.iter().map(|x| format!("{x:.1}")).collect();
         println!(
             "\nmemory read rate with these threads, probed after each round: {} GB/s; a decode \
              step reads {read_gb:.3} GB of weights",
             listed.join(", ")
         );
-        for r in decodes.iter().filter(|r| batch_of(r).is_none()) {
-            let mut share: Vec<f64> = r
+        for r in decodes.iter().filter(|r| r.sequences == 1) {
+            let shares: Vec<f64> = r
                 .runs
                 .iter()
                 .zip(&bw)
                 .map(|(t, b)| t * read_gb / b)
                 .collect();
-            share.sort_by(f64::total_cmp);
             println!(
                 "{}: {:.1} GB/s of weights, {:.2} of the memory's read rate (median of the rounds)",
                 r.test,
                 r.tokens_per_s * read_gb,
-                share[share.len() / 2]
+                median(&shares)
             );
         }
     }

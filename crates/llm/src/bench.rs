@@ -23,6 +23,8 @@ pub struct BenchResult {
     pub tokens: usize,
     /// KV cache position the test starts at.
     pub position: usize,
+    /// Sequences decoded together (1 for prefill and a lone decode).
+    pub sequences: usize,
     /// Median tokens per second.
     pub tokens_per_s: f64,
     /// Every run's tokens per second.
@@ -42,7 +44,8 @@ pub fn bench_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn median(v: &[f64]) -> f64 {
+/// The median of `v` (the mean of the middle two for an even count; 0 when empty).
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     match s.len() {
@@ -73,6 +76,7 @@ pub fn prefill(model: &CausalLm, tokens: usize, runs: usize) -> Result<BenchResu
         test: format!("pp{tokens}"),
         tokens,
         position: 0,
+        sequences: 1,
         tokens_per_s: median(&rates),
         runs: rates,
     })
@@ -100,27 +104,17 @@ pub fn batched_decode(
     position: usize,
     runs: usize,
 ) -> Result<BenchResult> {
-    let mut results = decode_rounds(model, sequences, tokens, &[position], runs)?;
+    let (mut results, _) = decode_rounds(model, sequences, tokens, &[position], runs, None)?;
     Ok(results.remove(0))
 }
 
 /// [`batched_decode`] at each of `positions`, measured in rounds: every round times each
 /// position once, so run `i` of one position and run `i` of another were taken seconds apart.
 /// On a shared or throttling machine their ratio (how much decode slows down with a long
-/// context) is then far steadier than the ratio of two series taken one after the other.
+/// context) is then far steadier than the ratio of two series taken one after the other. With a
+/// probe, also the memory's read rate (GB/s) measured in each round after the decode timings:
+/// run `i` of a decode against bandwidth `i` is a fair ratio.
 pub fn decode_rounds(
-    model: &CausalLm,
-    sequences: usize,
-    tokens: usize,
-    positions: &[usize],
-    runs: usize,
-) -> Result<Vec<BenchResult>> {
-    Ok(decode_rounds_probed(model, sequences, tokens, positions, runs, None)?.0)
-}
-
-/// [`decode_rounds`], and with a probe, the memory's read rate (GB/s) measured in each round
-/// after the decode timings: run `i` of a decode against bandwidth `i` is a fair ratio.
-pub fn decode_rounds_probed(
     model: &CausalLm,
     sequences: usize,
     tokens: usize,
@@ -175,6 +169,7 @@ pub fn decode_rounds_probed(
             },
             tokens: n * tokens,
             position,
+            sequences: n,
             tokens_per_s: median(&rates),
             runs: rates,
         })

@@ -120,7 +120,7 @@ fn attend_all<T: KvElem>(
         let mut scores = vec![0f32; group * max_len];
         let mut acc = vec![0f32; group * hd];
         let mut widened = Vec::new();
-        let score = scores_for(1, hd);
+        let (score, accumulate) = (scores_for(hd), accumulate_for(hd));
         for unit in units {
             let (i, h) = (unit / kv_heads, unit % kv_heads);
             let seq = &heads[i];
@@ -132,15 +132,16 @@ fn attend_all<T: KvElem>(
             let ahead = Ahead::new(keys, values);
             // Keys (and below, values) in blocks widened to f32 once, then read from L1 by every
             // query head of the group. Before each head's turn at a block, a share of the cache
-            // lines `ahead.distance` further on is prefetched: spread like this, the memory
+            // lines `PREFETCH_AHEAD` bytes further on is prefetched: spread like this, the memory
             // streams the next blocks while the arithmetic runs, instead of the block's own
             // loads waiting on memory (and a burst of prefetches holding up retirement).
             for (b, block) in keys.chunks(KEY_BLOCK * hd).enumerate() {
                 let start = b * KEY_BLOCK;
                 let block = T::widen(block, &mut widened);
+                let rows = block.len() / hd;
                 for (g, q) in queries.chunks_exact(hd).enumerate() {
                     ahead.prefetch(start * hd, KEY_BLOCK * hd, g, group);
-                    score(q, block, scale, &mut scores[g * len + start..], len);
+                    score(q, block, scale, &mut scores[g * len + start..][..rows]);
                 }
             }
             for row in scores.chunks_exact_mut(len) {
@@ -393,97 +394,62 @@ impl<'a, T> Heads<'a, T> {
     }
 }
 
-/// The scores kernel for `n` query rows of `hd` values: AVX-512 where the CPU has it and `hd` is
-/// a multiple of 16 (the compiler's own vectorization of [`scores_of`] used 256-bit vectors, spilt
+/// The scores kernel for a query row of `hd` values: AVX-512 where the CPU has it and `hd` is a
+/// multiple of 16 (the compiler's own vectorization of [`scores_of`] used 256-bit vectors, spilt
 /// its accumulators and summed them one lane at a time: 2.4% of a four-sequence decode step).
-fn scores_for(n: usize, hd: usize) -> ScoresFn {
-    // The query count fixed at compile time keeps the accumulators in registers.
-    macro_rules! by_count {
-        ($kernel:ident) => {
-            match n {
-                1 => $kernel::<1>,
-                2 => $kernel::<2>,
-                3 => $kernel::<3>,
-                4 => $kernel::<4>,
-                5 => $kernel::<5>,
-                6 => $kernel::<6>,
-                7 => $kernel::<7>,
-                _ => $kernel::<8>,
-            }
-        };
-    }
+fn scores_for(hd: usize) -> ScoresFn {
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
-        return by_count!(scores_avx512);
+        return scores_avx512;
     }
-    by_count!(scores_of)
+    scores_of
 }
 
-/// [`scores_of`] with 16-lane vectors: one accumulator register per query, one horizontal sum per
-/// query and key.
+/// [`scores_of`] with 16-lane vectors.
 #[cfg(target_arch = "x86_64")]
-fn scores_avx512<const N: usize>(
-    queries: &[f32],
-    keys: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    len: usize,
-) {
+fn scores_avx512(query: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const N: usize>(
-        q: &[f32],
-        keys: &[f32],
-        scale: f32,
-        scores: &mut [f32],
-        len: usize,
-    ) {
+    unsafe fn run(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
         use core::arch::x86_64::*;
-        let hd = q.len() / N;
-        let rows = (keys.len() / hd).min(len);
-        // Sixteen keys at a time, one query row at a time: sixteen accumulators, then one
-        // transposing sum of all sixteen (about 3 instructions per key) instead of a horizontal
-        // sum per key and query (about 8), which cost as much as the multiply-adds.
+        let hd = q.len();
+        let rows = scores.len();
+        // Sixteen keys at a time: sixteen accumulators, then one transposing sum of all sixteen
+        // (about 3 instructions per key) instead of a horizontal sum per key (about 8), which
+        // cost as much as the multiply-adds.
         let whole = rows / 16 * 16;
         for t0 in (0..whole).step_by(16) {
             let block = &keys[t0 * hd..(t0 + 16) * hd];
-            for g in 0..N {
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for c in (0..hd).step_by(16) {
-                    // SAFETY: `c + 16 <= hd`: inside query row `g` and inside each key row.
-                    unsafe {
-                        let qv = _mm512_loadu_ps(q.as_ptr().add(g * hd + c));
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            let k = _mm512_loadu_ps(block.as_ptr().add(j * hd + c));
-                            *a = _mm512_fmadd_ps(qv, k, *a);
-                        }
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c in (0..hd).step_by(16) {
+                // SAFETY: `c + 16 <= hd`: inside the query and inside each key row.
+                unsafe {
+                    let qv = _mm512_loadu_ps(q.as_ptr().add(c));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let k = _mm512_loadu_ps(block.as_ptr().add(j * hd + c));
+                        *a = _mm512_fmadd_ps(qv, k, *a);
                     }
                 }
-                let sums = _mm512_mul_ps(sum16(&acc), _mm512_set1_ps(scale));
-                let out = &mut scores[g * len + t0..g * len + t0 + 16];
-                // SAFETY: `out` holds 16 values.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), sums) };
             }
+            let sums = _mm512_mul_ps(sum16(&acc), _mm512_set1_ps(scale));
+            // SAFETY: `t0 + 16 <= rows`, the length of `scores`.
+            unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(t0), sums) };
         }
         for (t, key) in keys.chunks_exact(hd).enumerate().take(rows).skip(whole) {
-            let mut acc = [_mm512_setzero_ps(); N];
+            let mut acc = _mm512_setzero_ps();
             for c in (0..hd).step_by(16) {
-                // SAFETY: `c + 16 <= hd`, inside `key` and inside each query row of `q`.
+                // SAFETY: `c + 16 <= hd`, inside `key` and inside the query.
                 unsafe {
                     let k = _mm512_loadu_ps(key.as_ptr().add(c));
-                    for (g, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(g * hd + c)), k, *a);
-                    }
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c)), k, acc);
                 }
             }
-            for (g, a) in acc.iter().enumerate() {
-                scores[g * len + t] = _mm512_reduce_add_ps(*a) * scale;
-            }
+            scores[t] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
-    assert!(queries.len().is_multiple_of(16 * N) && keys.len().is_multiple_of(queries.len() / N));
+    assert!(query.len().is_multiple_of(16) && keys.len() == scores.len() * query.len());
     // SAFETY: `scores_for` picks this kernel only where the CPU has AVX-512 F; the sizes are
     // checked above.
-    unsafe { run::<N>(queries, keys, scale, scores, len) }
+    unsafe { run(query, keys, scale, scores) }
 }
 
 /// The horizontal sums of 16 vectors as one: lane `j` is the sum of `v[j]`'s lanes. Pairs are
@@ -526,82 +492,78 @@ fn sum16(v: &[core::arch::x86_64::__m512; 16]) -> core::arch::x86_64::__m512 {
     _mm512_permutexvar_ps(order, z)
 }
 
-/// Writes `scores[g * len + t] = (queries[g] . keys[t]) * scale` for the rows `t` of `keys` (a
-/// block of the cache: `scores` starts at its first row, `len` is the distance between queries).
-type ScoresFn = fn(&[f32], &[f32], f32, &mut [f32], usize);
+/// Writes `scores[t] = (query . keys[t]) * scale` for the rows `t` of `keys` (a block of the
+/// cache), as many as `scores` holds.
+type ScoresFn = fn(&[f32], &[f32], f32, &mut [f32]);
 
-/// [`ScoresFn`] for `N` query rows: one pass over the keys with an independent accumulator per
-/// query, so the multiply-adds overlap instead of waiting on one another.
-fn scores_of<const N: usize>(
-    queries: &[f32],
-    keys: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    len: usize,
-) {
-    let hd = queries.len() / N;
-    for (t, key) in keys.chunks_exact(hd).enumerate() {
-        let mut acc = [[0f32; 16]; N];
+/// The portable [`ScoresFn`]: sixteen independent lanes per key, so the multiply-adds overlap
+/// instead of waiting on one another.
+fn scores_of(query: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    let hd = query.len();
+    for (key, score) in keys.chunks_exact(hd).zip(scores.iter_mut()) {
+        let mut acc = [0f32; 16];
         let (chunks, rest) = key.as_chunks::<16>();
         for (c, k16) in chunks.iter().enumerate() {
-            for (g, a) in acc.iter_mut().enumerate() {
-                let q16 = &queries[g * hd + c * 16..][..16];
-                for l in 0..16 {
-                    a[l] = q16[l].mul_add(k16[l], a[l]);
-                }
+            let q16 = &query[c * 16..][..16];
+            for l in 0..16 {
+                acc[l] = q16[l].mul_add(k16[l], acc[l]);
             }
         }
         let tail = chunks.len() * 16;
-        for (g, a) in acc.iter().enumerate() {
-            let mut s: f32 = a.iter().sum();
-            for (i, kv) in rest.iter().enumerate() {
-                s += queries[g * hd + tail + i] * kv;
-            }
-            scores[g * len + t] = s * scale;
+        let mut s: f32 = acc.iter().sum();
+        for (i, kv) in rest.iter().enumerate() {
+            s += query[tail + i] * kv;
         }
+        *score = s * scale;
     }
 }
 
-/// `out += sum_t probs[t] * values[t]` over the rows of `values` (each `out.len()` long): on
-/// 16 lanes where the CPU has AVX-512 and the head size is 64 or 128 (the compiler's own
-/// vectorization used 256-bit vectors here, twice the instructions), the output row held in
-/// registers over the block. Every lane adds its rows in order with fused multiply-adds, as
-/// [`accumulate_any`] does, so both give the same bits.
-fn accumulate(values: &[f32], probs: &[f32], out: &mut [f32]) {
+/// `out += sum_t probs[t] * values[t]` over the rows of `values` (each `out.len()` long).
+type AccumulateFn = fn(&[f32], &[f32], &mut [f32]);
+
+/// The [`AccumulateFn`] for a head of `hd` values: on 16 lanes where the CPU has AVX-512 and
+/// `hd` is 64 or 128 (the compiler's own vectorization used 256-bit vectors here, twice the
+/// instructions), the output row held in registers over the block. Every lane adds its rows in
+/// order with fused multiply-adds, as [`accumulate_any`] does, so both give the same bits.
+fn accumulate_for(hd: usize) -> AccumulateFn {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 F (checked just above).
-        match out.len() {
-            64 => return unsafe { accumulate_avx512::<4>(values, probs, out) },
-            128 => return unsafe { accumulate_avx512::<8>(values, probs, out) },
+        match hd {
+            64 => return accumulate_avx512::<4>,
+            128 => return accumulate_avx512::<8>,
             _ => {}
         }
     }
-    accumulate_any(values, probs, out)
+    accumulate_any
 }
 
-/// [`accumulate`] for a head of `V * 16` values.
+/// [`AccumulateFn`] for a head of `V * 16` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn accumulate_avx512<const V: usize>(values: &[f32], probs: &[f32], out: &mut [f32]) {
-    use core::arch::x86_64::*;
-    assert_eq!(out.len(), V * 16);
-    // SAFETY (all loads and stores): `out` holds V * 16 values (asserted), and each row of
-    // `values` as many.
-    let mut a: [__m512; V] =
-        core::array::from_fn(|c| unsafe { _mm512_loadu_ps(out.as_ptr().add(c * 16)) });
-    for (row, &p) in values.chunks_exact(V * 16).zip(probs) {
-        let p = _mm512_set1_ps(p);
-        for (c, a) in a.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(row.as_ptr().add(c * 16)) }, *a);
+fn accumulate_avx512<const V: usize>(values: &[f32], probs: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const V: usize>(values: &[f32], probs: &[f32], out: &mut [f32]) {
+        use core::arch::x86_64::*;
+        // SAFETY (all loads and stores): `out` holds V * 16 values (asserted by the caller), and
+        // each row of `values` as many.
+        let mut a: [__m512; V] =
+            core::array::from_fn(|c| unsafe { _mm512_loadu_ps(out.as_ptr().add(c * 16)) });
+        for (row, &p) in values.chunks_exact(V * 16).zip(probs) {
+            let p = _mm512_set1_ps(p);
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(p, unsafe { _mm512_loadu_ps(row.as_ptr().add(c * 16)) }, *a);
+            }
+        }
+        for (c, a) in a.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *a) };
         }
     }
-    for (c, a) in a.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *a) };
-    }
+    assert_eq!(out.len(), V * 16);
+    // SAFETY: `accumulate_for` picks this kernel only where the CPU has AVX-512 F; the size is
+    // checked above.
+    unsafe { run::<V>(values, probs, out) }
 }
 
-/// [`accumulate`] for any head size.
+/// The portable [`AccumulateFn`], for any head size.
 fn accumulate_any(values: &[f32], probs: &[f32], out: &mut [f32]) {
     for (value, &p) in values.chunks_exact(out.len()).zip(probs) {
         for (x, &y) in out.iter_mut().zip(value) {
@@ -626,7 +588,7 @@ mod tests {
             let probs: Vec<f32> = (0..rows).map(|i| 1.0 / (1 + i) as f32).collect();
             let start: Vec<f32> = (0..hd).map(|i| i as f32 * 0.01).collect();
             let (mut fast, mut portable) = (start.clone(), start);
-            accumulate(&values, &probs, &mut fast);
+            accumulate_for(hd)(&values, &probs, &mut fast);
             accumulate_any(&values, &probs, &mut portable);
             assert_eq!(fast, portable, "head size {hd}");
         }

@@ -25,22 +25,26 @@ fn zeroed(
     let n = shape.0 * shape.1 * shape.2 * shape.3;
     // Integer zeros come from the allocator's zeroed allocation: fresh memory whose pages are
     // not touched yet, so the advice applies when they are first written.
+    let advised = |v: Vec<u16>| {
+        crate::device::advise_huge_pages(&v);
+        v
+    };
     match dtype {
         DType::F32 => {
             let v = vec![0f32; n];
             crate::device::advise_huge_pages(&v);
             Tensor::from_vec(v, shape, device)
         }
-        DType::F16 => {
-            let v = vec![0u16; n];
-            crate::device::advise_huge_pages(&v);
-            Tensor::from_vec(v.reinterpret_into::<half::f16>(), shape, device)
-        }
-        DType::BF16 => {
-            let v = vec![0u16; n];
-            crate::device::advise_huge_pages(&v);
-            Tensor::from_vec(v.reinterpret_into::<half::bf16>(), shape, device)
-        }
+        DType::F16 => Tensor::from_vec(
+            advised(vec![0u16; n]).reinterpret_into::<half::f16>(),
+            shape,
+            device,
+        ),
+        DType::BF16 => Tensor::from_vec(
+            advised(vec![0u16; n]).reinterpret_into::<half::bf16>(),
+            shape,
+            device,
+        ),
         _ => Tensor::zeros(shape, dtype, device),
     }
 }
