@@ -505,10 +505,10 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
             )?,
         };
         // llama.cpp runs Llama with interleaved RoPE: its converter reorders the rows of every
-        // query and key head, and so must we.
+        // query and key head, and so must we (unless they came from a GGUF in that order).
         let heads = permuted_heads(&hf, cfg.num_attention_heads, cfg.num_key_value_heads);
         let q = match (cfg.architecture, heads) {
-            (Architecture::Llama, Some(heads)) => {
+            (Architecture::Llama, Some(heads)) if !model.interleaved_rope() => {
                 reorder_rope_rows(&q, heads, RopeRows::ToGguf, &candle_core::Device::Cpu)?
             }
             _ => q,

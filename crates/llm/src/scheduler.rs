@@ -438,6 +438,17 @@ impl PrefixCache {
         }
         self.entries
             .retain(|(s, _)| common_prefix(s.tokens(), tokens) < s.len());
+        // A sequence's cache was sized for all the tokens it might have generated; one that
+        // stopped early is kept in buffers of its own length, not its reach.
+        let (len, capacity) = (session.len(), session.cache().capacity());
+        let session = if capacity > len + len / 4 {
+            match session.copy_prefix(len) {
+                Ok(compact) => compact,
+                Err(_) => session,
+            }
+        } else {
+            session
+        };
         self.entries.push((session, Instant::now()));
         while self.bytes() > self.budget && !self.entries.is_empty() {
             let oldest = self

@@ -184,6 +184,16 @@ impl Sequence {
         let end = from
             .saturating_add(max_tokens.max(1))
             .min(self.prompt.len());
+        // Room for every position the sequence can reach, at once: growing the cache by doubling
+        // holds the old and the new buffers together (for the 8B model near 4k positions, 0.27
+        // and 0.54 GB), and a cache sized to the prompt would grow again on the first token.
+        let reach = self
+            .prompt
+            .len()
+            .saturating_add(self.params.max_tokens)
+            .min(self.context_window);
+        let cache = self.session.cache_mut();
+        cache.reserve(reach.saturating_sub(cache.len()))?;
         let mut logits = None;
         for chunk in self.prompt[from..end].chunks(PREFILL_CHUNK) {
             logits = Some(

@@ -20,6 +20,7 @@ use crate::error::Result;
 use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Linear, Weight};
+use crate::model::llama::gguf_rope_row_order;
 use crate::model::weights::{WeightSource, ROPE_FREQS};
 
 /// Which positions' logits a forward pass returns.
@@ -41,6 +42,10 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     window: Option<usize>,
+    /// For query and key weights whose rows are in llama.cpp's order (a Llama GGUF, used from
+    /// the mapping as stored): where each Hugging Face row of the projections' outputs is, to
+    /// gather them back into that order before RoPE.
+    gguf_rows: Option<(Tensor, Tensor)>,
 }
 
 struct Mlp {
@@ -146,6 +151,23 @@ impl Attention {
             kv_heads: cfg.num_key_value_heads,
             head_dim,
             window: cfg.window_of_layer(layer),
+            gguf_rows: if w.src.interleaved_rope() {
+                let order = |rows: usize, heads: usize| -> Result<Tensor> {
+                    let order = gguf_rope_row_order(rows, heads).ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "{rows} query or key rows do not split into {heads} RoPE heads"
+                        ))
+                    })?;
+                    let order: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
+                    Ok(Tensor::new(order, w.src.device())?)
+                };
+                Some((
+                    order(q, cfg.num_attention_heads)?,
+                    order(kv, cfg.num_key_value_heads)?,
+                ))
+            } else {
+                None
+            },
         })
     }
 
@@ -154,7 +176,7 @@ impl Attention {
     /// batched decode step (one row per sequence).
     fn project(&self, x: &Tensor, rows: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let [q, k, v] = if rows {
+        let [mut q, mut k, v] = if rows {
             Linear::forward_rows_many([&self.q_proj, &self.k_proj, &self.v_proj], x)?
         } else {
             [
@@ -163,6 +185,13 @@ impl Attention {
                 self.v_proj.forward(x)?,
             ]
         };
+        // Moving a few thousand outputs per token costs nothing next to the products, and keeps
+        // RoPE, the cache and attention in the reference's order (bit-identical to a model whose
+        // weights were reordered instead, without a second copy of them).
+        if let Some((q_rows, k_rows)) = &self.gguf_rows {
+            q = q.index_select(q_rows, 2)?;
+            k = k.index_select(k_rows, 2)?;
+        }
         let q = q
             .reshape((b, s, self.heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -300,40 +329,80 @@ impl Attention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, _, s, _) = q.dims4()?;
-        let dtype = q.dtype();
-        let kv_len = k.dim(2)?;
         if s == 1 && b == 1 {
             if let Some(out) = decode_attention(&self.grouped_query(q)?, k, v, self.scale() as f32)?
             {
                 return Ok(out);
             }
         }
-        // A cache narrower than the model (f16 on a CPU) is widened for the general path.
-        let (k, v) = (&k.to_dtype(dtype)?, &v.to_dtype(dtype)?);
-        let group = self.heads / self.kv_heads;
-        let scale = self.scale();
-        // Heads h*group..(h+1)*group share KV head h: fold them into the query rows of one matmul.
-        let q = q
-            .contiguous()?
-            .reshape((b, self.kv_heads, group * s, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        // Softmax in f32 whatever the model dtype, as the reference implementation does.
-        let scores = scores.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, self.kv_heads, group, s, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((b, self.kv_heads, group * s, kv_len))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(v)?; // (b, kv_heads, group * s, head_dim)
-        Ok(out
-            .reshape((b, self.heads, s, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?)
+        blocked_attention(q, k, v, mask, self.scale(), SCORES_BUDGET)
     }
 }
+
+/// `softmax(q k^T * scale + mask) v` for `q` `(b, heads, s, hd)` and the cache's `k`, `v`
+/// `(b, kv_heads, kv_len, hd)` (the last `s` positions are the queries'), as `(b, s, heads * hd)`.
+/// The scores of a prefill chunk over a long cache are large (32 heads x 512 queries x 4k keys in
+/// f32 is 256 MB for the 8B model, and the mask and softmax copy them), so they are made a KV head
+/// and a block of queries at a time, at most `budget` bytes. A query block under a causal mask
+/// (every mask here is causal) sees no key past its last query: those are left out.
+fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, heads, s, hd) = q.dims4()?;
+    let (kv_heads, kv_len) = (k.dim(1)?, k.dim(2)?);
+    let dtype = q.dtype();
+    let group = heads / kv_heads;
+    // Heads h*group..(h+1)*group share KV head h: they are the query rows of one product.
+    let q = q.contiguous()?.reshape((b, kv_heads, group, s, hd))?;
+    let start = kv_len - s;
+    let rows = (budget / (4 * group * kv_len).max(1)).clamp(1, s);
+    let mut outs = Vec::with_capacity(kv_heads);
+    for h in 0..kv_heads {
+        // A cache narrower than the model (f16 on a CPU) is widened for this path.
+        let k = k.narrow(1, h, 1)?.to_dtype(dtype)?;
+        let v = v.narrow(1, h, 1)?.to_dtype(dtype)?;
+        let mut blocks = Vec::with_capacity(s.div_ceil(rows));
+        for from in (0..s).step_by(rows) {
+            let n = rows.min(s - from);
+            let keys = match mask {
+                Some(_) => start + from + n,
+                None => kv_len,
+            };
+            let qb = q
+                .narrow(1, h, 1)?
+                .narrow(3, from, n)?
+                .contiguous()?
+                .reshape((b, 1, group * n, hd))?;
+            let scores = {
+                // Softmax in f32 whatever the model dtype, as the reference implementation does.
+                let raw = (qb.matmul(&k.narrow(2, 0, keys)?.t()?)? * scale)?;
+                let raw = raw.to_dtype(DType::F32)?;
+                match mask {
+                    Some(mask) => raw
+                        .reshape((b, 1, group, n, keys))?
+                        .broadcast_add(&mask.narrow(0, from, n)?.narrow(1, 0, keys)?)?
+                        .reshape((b, 1, group * n, keys))?,
+                    None => raw,
+                }
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+            drop(scores);
+            let out = probs.matmul(&v.narrow(2, 0, keys)?)?; // (b, 1, group * n, hd)
+            blocks.push(out.reshape((b, group, n, hd))?);
+        }
+        outs.push(Tensor::cat(&blocks, 2)?);
+    }
+    let out = Tensor::cat(&outs, 1)?; // (b, heads, s, hd): heads h*group.. are KV head h's
+    Ok(out.transpose(1, 2)?.reshape((b, s, heads * hd))?)
+}
+
+/// The most bytes of f32 attention scores the general (prefill) path holds at once.
+const SCORES_BUDGET: usize = 16 << 20;
 
 /// The KV cache type a model gets by default: f16 for quantized projections on a CPU with
 /// AVX-512 (which widens 16 values per instruction), the model's own dtype otherwise, so that
@@ -741,8 +810,17 @@ impl CausalLm {
         })
     }
 
+    /// Whether the query and key weights hold each head's rows in llama.cpp's order for
+    /// interleaved RoPE (loaded from a Llama GGUF) rather than Hugging Face's.
+    pub fn interleaved_rope(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.self_attn.gguf_rows.is_some())
+    }
+
     /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
-    /// writes. Vectors (norms, biases) come as dense weights.
+    /// writes. Vectors (norms, biases) come as dense weights; the query and key rows are in
+    /// llama.cpp's order where [`Self::interleaved_rope`].
     pub fn named_weights(&self) -> Vec<(String, Weight)> {
         let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
         let mut out = vec![(
@@ -830,5 +908,111 @@ impl CausalLm {
     /// The logits tensor's width (the config's `vocab_size`).
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention of each query row over the keys its mask lets it see, in f64 with plain loops.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: [usize; 5],
+        visible: &dyn Fn(usize, usize) -> bool,
+    ) -> Vec<f64> {
+        let [heads, kv_heads, s, kv_len, hd] = dims;
+        let group = heads / kv_heads;
+        let start = kv_len - s;
+        let mut out = vec![0f64; s * heads * hd];
+        for h in 0..heads {
+            let kh = h / group;
+            for i in 0..s {
+                let qrow = &q[(h * s + i) * hd..][..hd];
+                let scores: Vec<Option<f64>> = (0..kv_len)
+                    .map(|j| {
+                        visible(start + i, j).then(|| {
+                            let krow = &k[(kh * kv_len + j) * hd..][..hd];
+                            qrow.iter()
+                                .zip(krow)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                    })
+                    .collect();
+                let max = scores.iter().flatten().cloned().fold(f64::MIN, f64::max);
+                let total: f64 = scores.iter().flatten().map(|x| (x - max).exp()).sum();
+                for (j, sc) in scores.iter().enumerate() {
+                    if let Some(sc) = sc {
+                        let p = (sc - max).exp() / total;
+                        for d in 0..hd {
+                            out[(i * heads + h) * hd + d] +=
+                                p * v[(kh * kv_len + j) * hd + d] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn blocked_attention_matches_plain_attention_for_every_block_size() {
+        let dev = Device::Cpu;
+        let [heads, kv_heads, s, kv_len, hd] = [6, 2, 9, 23, 8];
+        let random = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                    ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+                })
+                .collect()
+        };
+        let (qv, kv, vv) = (
+            random(heads * s * hd, 1),
+            random(kv_heads * kv_len * hd, 2),
+            random(kv_heads * kv_len * hd, 3),
+        );
+        let q = Tensor::from_vec(qv.clone(), (1, heads, s, hd), &dev).unwrap();
+        let k = Tensor::from_vec(kv.clone(), (1, kv_heads, kv_len, hd), &dev).unwrap();
+        let v = Tensor::from_vec(vv.clone(), (1, kv_heads, kv_len, hd), &dev).unwrap();
+        let start = kv_len - s;
+        let windows: [Option<usize>; 2] = [None, Some(5)];
+        for window in windows {
+            let visible =
+                move |qpos: usize, j: usize| j <= qpos && window.is_none_or(|w| qpos - j < w);
+            let m: Vec<f32> = (0..s * kv_len)
+                .map(|x| {
+                    if visible(start + x / kv_len, x % kv_len) {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(m, (s, kv_len), &dev).unwrap();
+            let want = reference(&qv, &kv, &vv, [heads, kv_heads, s, kv_len, hd], &visible);
+            let scale = 1.0 / (hd as f64).sqrt();
+            // A budget of one byte: one query row per block; then blocks of 2 rows, the last one
+            // shorter; then one block per KV head.
+            for budget in [1, 4 * 3 * kv_len * 2, usize::MAX] {
+                let got = blocked_attention(&q, &k, &v, Some(&mask), scale, budget)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5,
+                        "window {window:?} budget {budget} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 }

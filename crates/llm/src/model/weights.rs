@@ -13,7 +13,6 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::model::linear::Weight;
-use crate::model::llama::{self, RopeRows};
 use crate::quant::Quantization;
 
 /// A source of named tensors for building a model.
@@ -31,6 +30,12 @@ pub trait WeightSource {
     /// The memory-mapped files whose pages quantized tensors use in place, if any.
     fn mapped_files(&self) -> Vec<Arc<memmap2::Mmap>> {
         Vec::new()
+    }
+    /// Whether the query and key projections come with each head's rows in llama.cpp's order for
+    /// interleaved RoPE (a Llama GGUF) rather than Hugging Face's: the model then moves their
+    /// outputs back into Hugging Face's order.
+    fn interleaved_rope(&self) -> bool {
+        false
     }
 }
 
@@ -322,9 +327,11 @@ pub struct GgufWeights {
     part_of: std::collections::HashMap<String, usize>,
     device: Device,
     dtype: DType,
-    /// For a Llama file, the query and key head counts: llama.cpp stores those projections with
-    /// their rows reordered for interleaved RoPE, and they are put back in Hugging Face order.
-    rope_heads: Option<(usize, usize)>,
+    /// A Llama file: llama.cpp stores the query and key projections with their rows reordered
+    /// for interleaved RoPE. They are used as stored (see [`WeightSource::interleaved_rope`]):
+    /// putting them back in Hugging Face order would copy them out of the mapping, a second
+    /// resident copy of 300 MB for the 8B model.
+    interleaved_rope: bool,
 }
 
 /// One file of a [`GgufWeights`].
@@ -339,29 +346,12 @@ impl GgufWeights {
     /// The tensors of an opened file, put on `device`; vectors and full-precision matrices in
     /// `dtype`.
     pub fn new(file: GgufFile, device: &Device, dtype: DType) -> Self {
-        let meta = |k: &str| {
-            file.content
-                .metadata
-                .get(k)
-                .and_then(|v| {
-                    v.to_u32()
-                        .ok()
-                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
-                })
-                .map(|x| x as usize)
-        };
-        let is_llama = file
+        let interleaved_rope = file
             .content
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .is_some_and(|a| a == "llama");
-        let rope_heads = if is_llama {
-            meta("llama.attention.head_count")
-                .map(|h| (h, meta("llama.attention.head_count_kv").unwrap_or(h)))
-        } else {
-            None
-        };
         let parts = file
             .parts
             .into_iter()
@@ -389,7 +379,7 @@ impl GgufWeights {
             part_of: file.part_of,
             device: device.clone(),
             dtype,
-            rope_heads,
+            interleaved_rope,
         }
     }
 
@@ -456,18 +446,12 @@ impl WeightSource for GgufWeights {
     }
 
     fn matrix(&self, name: &str, shape: (usize, usize)) -> Result<Weight> {
-        let mut q = self.qtensor(name)?;
+        let q = self.qtensor(name)?;
         if q.shape().dims() != [shape.0, shape.1] {
             return Err(self.error(format!(
                 "{name} is {:?}, the model expects {shape:?}",
                 q.shape().dims()
             )));
-        }
-        if let Some((heads, kv_heads)) = self.rope_heads {
-            if let Some(heads) = llama::permuted_heads(name, heads, kv_heads) {
-                q = llama::reorder_rope_rows(&q, heads, RopeRows::FromGguf, &self.device)
-                    .map_err(|e| self.error(format!("{name}: {e}")))?;
-            }
         }
         Ok(match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
@@ -483,6 +467,10 @@ impl WeightSource for GgufWeights {
 
     fn mapped_files(&self) -> Vec<Arc<memmap2::Mmap>> {
         self.parts.iter().filter_map(|p| p.map.clone()).collect()
+    }
+
+    fn interleaved_rope(&self) -> bool {
+        self.interleaved_rope
     }
 }
 
