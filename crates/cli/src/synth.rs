@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use thinkrag_llm::synth::{write_random_model, SynthDType};
-use thinkrag_llm::ModelManifest;
+use thinkrag_llm::synth::{write_random_gguf, write_random_model, SynthDType};
+use thinkrag_llm::{ModelManifest, Quantization};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum WeightsDType {
@@ -18,9 +18,14 @@ pub enum WeightsDType {
 pub struct SynthArgs {
     /// A built-in model name (see `thinkrag models`).
     pub model: String,
-    /// Output directory.
+    /// Output directory, or with --quantize the GGUF file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Write one GGUF file of random blocks in this format instead of a directory of bf16/f32
+    /// safetensors (q8_0, q4_k_m, ...: the types `thinkrag quantize --to` writes). It streams, so
+    /// a 70B Q4_K_M (40 GB) is written with little memory; needs --tokenizer.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// Precision of the written weights.
     #[arg(long, value_enum, default_value = "bf16")]
     pub weights_dtype: WeightsDType,
@@ -40,6 +45,9 @@ pub fn run(args: SynthArgs) -> Result<()> {
             ModelManifest::builtin_names().join(", ")
         );
     };
+    if let Some(quant) = args.quantize {
+        return write_gguf(&manifest, quant, &args);
+    }
     let dtype = match args.weights_dtype {
         WeightsDType::Bf16 => SynthDType::Bf16,
         WeightsDType::F32 => SynthDType::F32,
@@ -62,5 +70,35 @@ pub fn run(args: SynthArgs) -> Result<()> {
     if args.tokenizer.is_none() {
         eprintln!("no --tokenizer given: the directory serves `thinkrag bench`; add tokenizer.json for `generate`");
     }
+    Ok(())
+}
+
+/// `--quantize`: one GGUF file of random blocks, the tokenizer in its metadata.
+fn write_gguf(manifest: &ModelManifest, quant: Quantization, args: &SynthArgs) -> Result<()> {
+    if args.out.extension().is_none_or(|e| e != "gguf") {
+        bail!("--out {} should end in .gguf", args.out.display());
+    }
+    let Some(tokenizer_json) = &args.tokenizer else {
+        bail!("--quantize writes the tokenizer into the GGUF file: give one with --tokenizer tokenizer.json");
+    };
+    let start = std::time::Instant::now();
+    eprintln!(
+        "writing {} random parameters of {} as {quant} to {}",
+        manifest.config.parameter_count(),
+        manifest.display_name,
+        args.out.display()
+    );
+    let notes = write_random_gguf(manifest, quant, tokenizer_json, &args.out, args.seed)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({:.2} GiB) in {:.1} s",
+        args.out.display(),
+        bytes as f64 / (1u64 << 30) as f64,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

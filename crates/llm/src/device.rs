@@ -181,6 +181,15 @@ pub fn physical_cores() -> usize {
     num_cpus::get_physical().max(1)
 }
 
+/// Bytes of memory the system can give a process now without swapping (`MemAvailable` of
+/// `/proc/meminfo`, which counts reclaimable file pages); `None` where that is not known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Sets the number of CPU threads candle's kernels use. Call once, before the first tensor
 /// operation: candle reads `RAYON_NUM_THREADS` at each matmul and rayon sizes its pool on first use.
 pub fn set_cpu_threads(threads: usize) -> Result<()> {

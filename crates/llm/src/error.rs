@@ -104,6 +104,16 @@ pub enum Error {
         /// The queue's length limit.
         limit: usize,
     },
+    /// The model needs more memory than the machine has available.
+    #[error("{what} needs {needed_gb:.1} GB of memory but {available_gb:.1} GB is available: use a smaller model or quantization, or a machine with more memory")]
+    OutOfMemory {
+        /// What needs it.
+        what: String,
+        /// Gigabytes (10^9 bytes) it needs.
+        needed_gb: f64,
+        /// Gigabytes the system reports available (`MemAvailable`).
+        available_gb: f64,
+    },
     /// The scheduler is shutting down and takes no new requests.
     #[error("the engine is shutting down and takes no new requests")]
     ShuttingDown,

@@ -447,11 +447,13 @@ fn tokenizer_metadata(
     Ok(out)
 }
 
-/// Writes `model` (as loaded: quantized matrices stay in their format, full-precision ones are
-/// written in f32) and its tokenizer to a GGUF file that thinkrag and llama.cpp load. Writes to a
-/// temporary file beside `path` and renames it, so an interrupted export leaves no half file.
-pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Path) -> Result<()> {
-    let cfg = model.config();
+/// The metadata llama.cpp's converter writes for a model of `cfg`'s shape named `name`, with
+/// `tokenizer`'s vocabulary and chat template.
+pub(crate) fn model_metadata(
+    cfg: &ModelConfig,
+    tokenizer: &TextTokenizer,
+    name: &str,
+) -> Result<Vec<(String, Value)>> {
     let arch = cfg.architecture.name();
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
@@ -482,6 +484,15 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
         metadata.push((format!("{arch}.{key}"), Value::U32(n as u32)));
     }
     metadata.extend(tokenizer_metadata(tokenizer, cfg.vocab_size)?);
+    Ok(metadata)
+}
+
+/// Writes `model` (as loaded: quantized matrices stay in their format, full-precision ones are
+/// written in f32) and its tokenizer to a GGUF file that thinkrag and llama.cpp load. Writes to a
+/// temporary file beside `path` and renames it, so an interrupted export leaves no half file.
+pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Path) -> Result<()> {
+    let cfg = model.config();
+    let metadata = model_metadata(cfg, tokenizer, name)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (hf, w) in model.named_weights() {
         let gguf = gguf_name(&hf).ok_or_else(|| Error::Unsupported {
@@ -553,4 +564,291 @@ pub fn tensor_types(c: &gguf_file::Content) -> HashMap<String, usize> {
             .or_insert(0) += 1;
     }
     out
+}
+
+/// A tensor of a file written by [`write_streaming`]: its GGUF name, shape (outermost dimension
+/// first, as candle's shapes) and block type.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// The GGUF name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// The shape, outermost dimension first.
+    pub dims: Vec<usize>,
+    /// The block type.
+    pub dtype: GgmlDType,
+}
+
+impl TensorEntry {
+    /// Bytes its data takes in the file (without alignment padding).
+    pub fn bytes(&self) -> usize {
+        self.dims.iter().product::<usize>() / self.dtype.block_size() * self.dtype.type_size()
+    }
+}
+
+/// GGUF's default alignment of tensor data.
+const ALIGNMENT: usize = 32;
+
+fn padding(n: usize) -> usize {
+    (ALIGNMENT - n % ALIGNMENT) % ALIGNMENT
+}
+
+/// GGUF's id of a block type.
+fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// GGUF's id of a metadata value's type.
+fn value_type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn write_str(w: &mut dyn std::io::Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn write_value(w: &mut dyn std::io::Write, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&x.to_le_bytes()),
+        Value::I8(x) => w.write_all(&x.to_le_bytes()),
+        Value::U16(x) => w.write_all(&x.to_le_bytes()),
+        Value::I16(x) => w.write_all(&x.to_le_bytes()),
+        Value::U32(x) => w.write_all(&x.to_le_bytes()),
+        Value::I32(x) => w.write_all(&x.to_le_bytes()),
+        Value::U64(x) => w.write_all(&x.to_le_bytes()),
+        Value::I64(x) => w.write_all(&x.to_le_bytes()),
+        Value::F32(x) => w.write_all(&x.to_le_bytes()),
+        Value::F64(x) => w.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
+        Value::String(s) => write_str(w, s),
+        Value::Array(items) => {
+            let kind = items.first().map_or(4, value_type_id);
+            if items.iter().any(|x| value_type_id(x) != kind) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a GGUF array holds values of one type",
+                ));
+            }
+            w.write_all(&kind.to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|x| write_value(w, x))
+        }
+    }
+}
+
+/// Counts what passes through it, to check that a tensor's writer wrote exactly its bytes.
+struct Counting<W> {
+    inner: W,
+    written: usize,
+}
+
+impl<W: std::io::Write> std::io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a GGUF file (version 3, llama.cpp's layout) one tensor at a time: `fill(i, w)` writes
+/// exactly [`TensorEntry::bytes`] of `tensors[i]`, so no more than one tensor (or what `fill`
+/// holds) is in memory. Written by hand because candle's `gguf_file::write` takes every tensor in
+/// memory at once (40 GB for a 70B Q4_K_M). Writes to a temporary file beside `path` and renames
+/// it, so an interrupted write leaves no half file.
+pub fn write_streaming(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry],
+    mut fill: impl FnMut(usize, &mut dyn std::io::Write) -> Result<()>,
+) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("gguf.partial");
+    let mut write = || -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = Counting {
+            inner: std::io::BufWriter::with_capacity(8 << 20, file),
+            written: 0,
+        };
+        let io = |e| Error::io(&tmp, e);
+        w.write_all(&0x4655_4747u32.to_le_bytes()).map_err(io)?; // "GGUF"
+        w.write_all(&3u32.to_le_bytes()).map_err(io)?;
+        w.write_all(&(tensors.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&(metadata.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        for (key, value) in metadata {
+            write_str(&mut w, key).map_err(io)?;
+            w.write_all(&value_type_id(value).to_le_bytes())
+                .map_err(io)?;
+            write_value(&mut w, value).map_err(io)?;
+        }
+        let mut offset = 0usize;
+        for t in tensors {
+            write_str(&mut w, &t.name).map_err(io)?;
+            w.write_all(&(t.dims.len() as u32).to_le_bytes())
+                .map_err(io)?;
+            for &d in t.dims.iter().rev() {
+                w.write_all(&(d as u64).to_le_bytes()).map_err(io)?;
+            }
+            w.write_all(&ggml_type_id(t.dtype).to_le_bytes())
+                .map_err(io)?;
+            w.write_all(&(offset as u64).to_le_bytes()).map_err(io)?;
+            offset += t.bytes() + padding(t.bytes());
+        }
+        let pad = padding(w.written);
+        w.write_all(&[0u8; ALIGNMENT][..pad]).map_err(io)?;
+        for (i, t) in tensors.iter().enumerate() {
+            let before = w.written;
+            fill(i, &mut w)?;
+            let wrote = w.written - before;
+            if wrote != t.bytes() {
+                return Err(Error::Weights {
+                    path: tmp.clone(),
+                    message: format!(
+                        "{} is {} bytes but {wrote} were written for it",
+                        t.name,
+                        t.bytes()
+                    ),
+                });
+            }
+            w.write_all(&[0u8; ALIGNMENT][..padding(wrote)])
+                .map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_file_is_byte_for_byte_what_candle_writes() {
+        let dev = candle_core::Device::Cpu;
+        let values: Vec<f32> = (0..512 * 3)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let x = candle_core::Tensor::from_vec(values, (3, 512), &dev).unwrap();
+        let tensors: Vec<(String, QTensor)> = [
+            ("a.weight", GgmlDType::Q4K),
+            ("b.weight", GgmlDType::Q8_0),
+            ("c.weight", GgmlDType::Q6K),
+            ("d.weight", GgmlDType::F32),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), QTensor::quantize(&x, t).unwrap()))
+        .collect();
+        let metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("llama.block_count".into(), Value::U32(2)),
+            ("llama.rope.freq_base".into(), Value::F32(5e5)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(vec![Value::String("a".into()), Value::String("bc".into())]),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(vec![Value::I32(1), Value::I32(3)]),
+            ),
+            ("empty".into(), Value::Array(Vec::new())),
+            ("x.u64".into(), Value::U64(1 << 40)),
+            ("x.f64".into(), Value::F64(0.25)),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours.gguf");
+        let entries: Vec<TensorEntry> = tensors
+            .iter()
+            .map(|(n, q)| TensorEntry {
+                name: n.clone(),
+                dims: q.shape().dims().to_vec(),
+                dtype: q.dtype(),
+            })
+            .collect();
+        write_streaming(&ours, &metadata, &entries, |i, w| {
+            w.write_all(&tensors[i].1.data()?)
+                .map_err(|e| Error::io(Path::new("test"), e))
+        })
+        .unwrap();
+        let mut theirs = std::io::Cursor::new(Vec::new());
+        let meta_refs: Vec<(&str, &Value)> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut theirs, &meta_refs, &tensor_refs).unwrap();
+        let (ours, theirs) = (std::fs::read(&ours).unwrap(), theirs.into_inner());
+        // candle writes version 2, llama.cpp (and this writer) version 3: the same layout.
+        assert_eq!(&ours[4..8], &3u32.to_le_bytes());
+        assert_eq!(&theirs[4..8], &2u32.to_le_bytes());
+        assert_eq!(ours.len(), theirs.len());
+        assert_eq!(ours[..4], theirs[..4]);
+        assert!(
+            ours[8..] == theirs[8..],
+            "the bytes after the version differ"
+        );
+        assert!(!dir.path().join("ours.gguf.partial").exists());
+    }
+
+    #[test]
+    fn a_tensor_written_short_is_an_error_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.gguf");
+        let entries = vec![TensorEntry {
+            name: "w".into(),
+            dims: vec![4, 32],
+            dtype: GgmlDType::Q8_0,
+        }];
+        let err = write_streaming(&path, &[], &entries, |_, w| {
+            w.write_all(&[0u8; 10])
+                .map_err(|e| Error::io(Path::new("test"), e))
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("w is 136 bytes but 10 were written"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        assert!(!dir.path().join("short.gguf.partial").exists());
+    }
 }

@@ -9,9 +9,15 @@ use std::path::Path;
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 
-use crate::config::ModelConfig;
+use candle_core::quantized::GgmlDType;
+
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
+use crate::gguf::TensorEntry;
 use crate::manifest::ModelManifest;
+use crate::model::weights::{gguf_name, ROPE_FREQS};
+use crate::quant::Quantization;
+use crate::tokenizer::TextTokenizer;
 
 /// Precision of synthesized weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,4 +234,196 @@ mod erased_json {
             serde_json::to_string_pretty(self).unwrap_or_default()
         }
     }
+}
+
+/// The half-precision scale fields of a block type (byte offset in the block, value), chosen so
+/// that random quants make weights of roughly the initializer's spread (0.02): finite
+/// activations through every layer, which is all speed and memory measurements need.
+fn block_scales(t: GgmlDType) -> Option<&'static [(usize, f32)]> {
+    Some(match t {
+        GgmlDType::Q4_0 => &[(0, 4e-3)],
+        GgmlDType::Q4_1 => &[(0, 4e-3), (2, -0.03)],
+        GgmlDType::Q5_0 => &[(0, 2e-3)],
+        GgmlDType::Q5_1 => &[(0, 2e-3), (2, -0.032)],
+        GgmlDType::Q8_0 => &[(0, 2.7e-4)],
+        GgmlDType::Q2K => &[(80, 1e-3), (82, 1.5e-3)],
+        GgmlDType::Q3K => &[(108, 1e-3)],
+        GgmlDType::Q4K => &[(0, 1.4e-4), (2, 1e-3)],
+        GgmlDType::Q5K => &[(0, 7e-5), (2, 1.1e-3)],
+        GgmlDType::Q6K => &[(208, 1.5e-5)],
+        _ => return None,
+    })
+}
+
+/// Writes `n_blocks` random blocks of type `t` (random quants and scale indices, the scales of
+/// [`block_scales`]) to `w`, a few megabytes at a time.
+fn write_random_blocks(
+    w: &mut dyn std::io::Write,
+    t: GgmlDType,
+    n_blocks: usize,
+    seed: u64,
+) -> std::io::Result<()> {
+    let size = t.type_size();
+    let scales = block_scales(t).unwrap_or(&[]);
+    let per_chunk = (4 << 20) / size;
+    let mut buf = vec![0u8; per_chunk * size];
+    for first in (0..n_blocks).step_by(per_chunk) {
+        let n = per_chunk.min(n_blocks - first);
+        let bytes = &mut buf[..n * size];
+        bytes
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, block)| {
+                let key = seed ^ ((first + i) as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                for (j, word) in block.chunks_mut(8).enumerate() {
+                    let r = splitmix(key ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    word.copy_from_slice(&r.to_le_bytes()[..word.len()]);
+                }
+                for &(at, v) in scales {
+                    block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                }
+            });
+        w.write_all(bytes)?;
+    }
+    Ok(())
+}
+
+/// Writes a GGUF file of `cfg`'s exact shape with random blocks in `quant`'s types (llama.cpp's
+/// mix for Q4_K_M and Q5_K_M, as `thinkrag quantize` writes them), `tokenizer`'s vocabulary and
+/// chat template in its metadata. It streams: one chunk of blocks is in memory at a time, so a
+/// 70B Q4_K_M (40 GB) is written on a machine with far less memory, where a bf16 `synth` of it
+/// (140 GB) followed by `quantize` would not fit.
+pub fn write_random_gguf_with(
+    cfg: &ModelConfig,
+    tokenizer: &TextTokenizer,
+    quant: Quantization,
+    name: &str,
+    path: &Path,
+    seed: u64,
+) -> Result<()> {
+    let metadata = crate::gguf::model_metadata(cfg, tokenizer, name)?;
+    let layers = cfg.num_hidden_layers;
+    let mut tensors = Vec::new();
+    let mut kinds = Vec::new();
+    for (hf, dims) in tensor_shapes(cfg) {
+        let gguf = gguf_name(&hf).ok_or_else(|| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!("no GGUF name for {hf}"),
+        })?;
+        let dtype = match dims.as_slice() {
+            [_, k] => quant.for_tensor(&hf, layers, *k),
+            _ => GgmlDType::F32,
+        };
+        let kind = if hf.ends_with("norm.weight") {
+            Init::Ones
+        } else {
+            Init::Weight
+        };
+        tensors.push(TensorEntry {
+            name: gguf,
+            dims,
+            dtype,
+        });
+        kinds.push(Some(kind));
+    }
+    // A Llama 3.1+ carries its RoPE scaling as per-frequency divisors, as llama.cpp writes it.
+    let freq_factors = match cfg.architecture {
+        Architecture::Llama => cfg.rope_freq_factors(),
+        _ => None,
+    };
+    if let Some(f) = &freq_factors {
+        tensors.push(TensorEntry {
+            name: ROPE_FREQS.into(),
+            dims: vec![f.len()],
+            dtype: GgmlDType::F32,
+        });
+        kinds.push(None);
+    }
+    crate::gguf::write_streaming(path, &metadata, &tensors, |i, w| {
+        let t = &tensors[i];
+        let io = |e| Error::io(path, e);
+        let tensor_seed = splitmix(seed ^ (i as u64 + 1));
+        match (t.dtype, kinds[i]) {
+            (GgmlDType::F32, Some(kind)) => {
+                let r = RandomTensor {
+                    shape: t.dims.clone(),
+                    dtype: SynthDType::F32,
+                    kind,
+                    seed: tensor_seed,
+                };
+                w.write_all(&(&r).data()).map_err(io)
+            }
+            (GgmlDType::F32, None) => {
+                let f = freq_factors.as_deref().unwrap_or_default();
+                let bytes: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.write_all(&bytes).map_err(io)
+            }
+            (dtype, _) if block_scales(dtype).is_some() => {
+                let blocks = t.dims.iter().product::<usize>() / dtype.block_size();
+                write_random_blocks(w, dtype, blocks, tensor_seed).map_err(io)
+            }
+            (dtype, _) => Err(Error::Weights {
+                path: path.to_path_buf(),
+                message: format!("random {dtype:?} blocks are not supported"),
+            }),
+        }
+    })
+}
+
+/// [`write_random_gguf_with`] for a built-in model: `tokenizer_json` is bound to the manifest's
+/// configs (special tokens, chat template) as a model directory would bind it. Returns the
+/// tokenizer's notes (where its files disagree).
+pub fn write_random_gguf(
+    manifest: &ModelManifest,
+    quant: Quantization,
+    tokenizer_json: &Path,
+    path: &Path,
+    seed: u64,
+) -> Result<Vec<String>> {
+    let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Tokenizer {
+        path: tokenizer_json.to_path_buf(),
+        message: format!("cannot load: {e}"),
+    })?;
+    let tok_cfg: serde_json::Value = match &manifest.tokenizer_config_json {
+        Some(t) => serde_json::from_str(t).map_err(|e| Error::Tokenizer {
+            path: tokenizer_json.to_path_buf(),
+            message: format!(
+                "the built-in tokenizer_config.json of {}: {e}",
+                manifest.name
+            ),
+        })?,
+        None => serde_json::Value::Null,
+    };
+    // A stand-in tokenizer (a tiny test vocabulary with the model's special tokens) lacks the
+    // published special ids: those it does not have are dropped, and the special tokens it names
+    // (tokenizer_config.json's bos_token and eos_token) are used.
+    let size = inner.get_vocab(true).values().max().map_or(0, |&m| m + 1);
+    let mut generation = manifest.generation_config.clone();
+    let mut config = manifest.config.clone();
+    let mut notes = Vec::new();
+    for (eos, bos) in [
+        (&mut generation.eos_token_id, &mut generation.bos_token_id),
+        (&mut config.eos_token_id, &mut config.bos_token_id),
+    ] {
+        if let Some(ids) = eos.as_ref() {
+            let (kept, dropped): (Vec<u32>, Vec<u32>) =
+                ids.to_vec().into_iter().partition(|&id| id < size);
+            if !dropped.is_empty() {
+                notes.push(format!(
+                    "this tokenizer has {size} ids: EOS ids {dropped:?} are left out, its eos_token is used"
+                ));
+                *eos = (!kept.is_empty()).then_some(crate::config::TokenIds::Many(kept));
+            }
+        }
+        if bos.is_some_and(|id| id >= size) {
+            *bos = None;
+        }
+    }
+    notes.dedup();
+    let tokenizer =
+        TextTokenizer::from_parts(inner, &tok_cfg, &generation, &config, tokenizer_json)?;
+    let name = format!("{}-{quant}-random", manifest.name);
+    write_random_gguf_with(&manifest.config, &tokenizer, quant, &name, path, seed)?;
+    notes.extend(tokenizer.notes().iter().cloned());
+    Ok(notes)
 }

@@ -15,6 +15,7 @@ for_each_fixture!(
     greedy_generation_from_gguf_q8_0_matches_f32,
     a_split_gguf_loads_as_the_whole_file,
     an_f16_kv_cache_stays_close_to_f32,
+    a_random_gguf_has_the_quantized_exports_tensors_and_runs,
 );
 
 /// Prefill logits (every position) of the reference prompt.
@@ -447,5 +448,64 @@ fn a_split_gguf_loads_as_the_whole_file() {
     assert!(
         err.contains("00003-of-00003") && err.contains("missing"),
         "{err}"
+    );
+}
+
+/// Each tensor's name, block type and shape in a GGUF file.
+fn tensor_layout(path: &std::path::Path) -> Vec<(String, String, Vec<usize>)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut out: Vec<_> = c
+        .tensor_infos
+        .iter()
+        .map(|(n, i)| {
+            (
+                n.clone(),
+                format!("{:?}", i.ggml_dtype),
+                i.shape.dims().to_vec(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+// `thinkrag synth --quantize` streams random blocks into the layout `thinkrag quantize` writes
+// (llama.cpp's Q4_K_M mix, the same names, shapes and metadata), and the file loads and runs.
+fn a_random_gguf_has_the_quantized_exports_tensors_and_runs() {
+    let f32_engine = engine(DTypeChoice::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("random.gguf");
+    thinkrag_llm::synth::write_random_gguf_with(
+        f32_engine.model().config(),
+        f32_engine.tokenizer(),
+        Quantization::Q4KM,
+        "random",
+        &path,
+        3,
+    )
+    .unwrap();
+    let exported = gguf_file(Quantization::Q4KM);
+    assert_eq!(tensor_layout(&path), tensor_layout(&exported));
+    let source = thinkrag_llm::ModelSource::parse(path.to_str().unwrap()).unwrap();
+    let opts = LoadOptions {
+        device: test_device(),
+        ..LoadOptions::default()
+    };
+    let random = Engine::load(&source, &opts, &mut |_| {}).unwrap();
+    assert_eq!(
+        random.tokenizer().special(),
+        f32_engine.tokenizer().special()
+    );
+    let logits = prefill_logits(&random);
+    let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(logits.dims()[1], f32_engine.model().config().vocab_size);
+    assert!(
+        values.iter().all(|x| x.is_finite()),
+        "random blocks give finite logits"
+    );
+    assert!(
+        values.iter().any(|&x| x != values[0]),
+        "the logits are not all the same"
     );
 }
