@@ -184,13 +184,15 @@ impl Sequence {
         let end = from
             .saturating_add(max_tokens.max(1))
             .min(self.prompt.len());
-        // Room for every position the sequence can reach, at once: growing the cache by doubling
-        // holds the old and the new buffers together (for the 8B model near 4k positions, 0.27
-        // and 0.54 GB), and a cache sized to the prompt would grow again on the first token.
+        // Room for the whole prompt and the start of the answer at once: growing the cache by
+        // doubling holds the old and the new buffers together (for the 8B model near 4k
+        // positions, 0.27 and 0.54 GB), and a cache sized to the prompt alone would grow again
+        // on the first token. Not the whole `max_tokens`: with huge pages, reserved positions
+        // become resident as their neighbours are written.
         let reach = self
             .prompt
             .len()
-            .saturating_add(self.params.max_tokens)
+            .saturating_add(self.params.max_tokens.min(PREFILL_CHUNK))
             .min(self.context_window);
         let cache = self.session.cache_mut();
         cache.reserve(reach.saturating_sub(cache.len()))?;
