@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use serde_json::{json, Value as Json};
 
 use crate::config::{Architecture, GenerationConfig, ModelConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::model::llama::{permuted_heads, reorder_rope_rows, RopeRows};
-use crate::model::weights::gguf_name;
+use crate::model::llama::{gguf_rope_row_order, permuted_heads};
+use crate::model::weights::{gguf_name, ROPE_FREQS};
 use crate::model::{CausalLm, Weight};
 use crate::tokenizer::TextTokenizer;
 
@@ -493,67 +493,72 @@ pub(crate) fn model_metadata(
 pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Path) -> Result<()> {
     let cfg = model.config();
     let metadata = model_metadata(cfg, tokenizer, name)?;
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, w) in model.named_weights() {
-        let gguf = gguf_name(&hf).ok_or_else(|| Error::Unsupported {
-            path: path.to_path_buf(),
-            message: format!("no GGUF name for {hf}"),
-        })?;
-        let q = match w {
-            Weight::Quantized(q) => {
-                let data = q.data()?;
-                let storage = candle_core::quantized::QStorage::from_data(
-                    data,
-                    &candle_core::Device::Cpu,
-                    q.dtype(),
-                )?;
-                QTensor::new(storage, q.shape().clone())?
+    // Streamed tensor by tensor from the model's own memory (or mapping): a copy of every weight
+    // at once would double the memory `thinkrag quantize` needs (40 GB for a 32B Q4_K_M).
+    let mut weights = model.named_weights();
+    let freq_factors = match cfg.architecture {
+        Architecture::Llama => cfg.rope_freq_factors(),
+        _ => None,
+    };
+    if let Some(f) = &freq_factors {
+        let t = candle_core::Tensor::from_slice(f, f.len(), &candle_core::Device::Cpu)?;
+        weights.push((ROPE_FREQS.into(), Weight::Dense(t)));
+    }
+    let mut entries = Vec::with_capacity(weights.len());
+    for (hf, w) in &weights {
+        let name = if hf == ROPE_FREQS {
+            hf.clone()
+        } else {
+            gguf_name(hf).ok_or_else(|| Error::Unsupported {
+                path: path.to_path_buf(),
+                message: format!("no GGUF name for {hf}"),
+            })?
+        };
+        let (dims, dtype) = match w {
+            Weight::Quantized(q) => (q.shape().dims().to_vec(), q.dtype()),
+            Weight::Dense(t) => (t.dims().to_vec(), GgmlDType::F32),
+        };
+        entries.push(TensorEntry { name, dims, dtype });
+    }
+    write_streaming(path, &metadata, &entries, |i, w| {
+        let io = |e| Error::io(path, e);
+        let (hf, weight) = &weights[i];
+        let bytes: std::borrow::Cow<[u8]> = match weight {
+            Weight::Quantized(q) => q.data()?,
+            Weight::Dense(t) => {
+                let t = t
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                std::borrow::Cow::Owned(t.iter().flat_map(|x| x.to_le_bytes()).collect())
             }
-            Weight::Dense(t) => QTensor::quantize(
-                &t.to_device(&candle_core::Device::Cpu)?
-                    .to_dtype(candle_core::DType::F32)?,
-                GgmlDType::F32,
-            )?,
         };
         // llama.cpp runs Llama with interleaved RoPE: its converter reorders the rows of every
         // query and key head, and so must we (unless they came from a GGUF in that order).
-        let heads = permuted_heads(&hf, cfg.num_attention_heads, cfg.num_key_value_heads);
-        let q = match (cfg.architecture, heads) {
+        let heads = permuted_heads(hf, cfg.num_attention_heads, cfg.num_key_value_heads);
+        match (cfg.architecture, heads) {
             (Architecture::Llama, Some(heads)) if !model.interleaved_rope() => {
-                reorder_rope_rows(&q, heads, RopeRows::ToGguf, &candle_core::Device::Cpu)?
+                let rows = entries[i].dims[0];
+                let order = gguf_rope_row_order(rows, heads).ok_or_else(|| Error::Unsupported {
+                    path: path.to_path_buf(),
+                    message: format!("{hf}: {rows} rows do not split into {heads} RoPE heads"),
+                })?;
+                // GGUF row `g` holds Hugging Face row `hf_row` where order[hf_row] = g.
+                let mut inverse = vec![0; rows];
+                for (hf_row, &g) in order.iter().enumerate() {
+                    inverse[g] = hf_row;
+                }
+                let row_bytes = bytes.len() / rows;
+                for &r in &inverse {
+                    w.write_all(&bytes[r * row_bytes..(r + 1) * row_bytes])
+                        .map_err(io)?;
+                }
+                Ok(())
             }
-            _ => q,
-        };
-        tensors.push((gguf, q));
-    }
-    if cfg.architecture == Architecture::Llama {
-        if let Some(f) = cfg.rope_freq_factors() {
-            let n = f.len();
-            let t = candle_core::Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
-            tensors.push((
-                "rope_freqs.weight".into(),
-                QTensor::quantize(&t, GgmlDType::F32)?,
-            ));
+            _ => w.write_all(&bytes).map_err(io),
         }
-    }
-    let tmp = path.with_extension("gguf.partial");
-    let write = || -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::new(file);
-        let meta_refs: Vec<(&str, &Value)> =
-            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> =
-            tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
-        use std::io::Write;
-        w.flush().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    })
 }
 
 /// Counts of each block type among a GGUF file's tensors, for messages (`{"q4k": 169, ...}`).
@@ -761,6 +766,7 @@ pub fn write_streaming(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
 
     #[test]
     fn streamed_file_is_byte_for_byte_what_candle_writes() {

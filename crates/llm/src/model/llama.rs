@@ -7,8 +7,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Architecture, Llama3RopeScaling, ModelConfig, RopeConfig, TokenIds};
-use candle_core::quantized::QTensor;
-use candle_core::Device;
 
 use crate::error::{Error, Result};
 
@@ -203,15 +201,6 @@ pub fn gguf_rope_row_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
     )
 }
 
-/// Which way a query or key weight's rows move between llama.cpp's and Hugging Face's layouts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeRows {
-    /// Loading a GGUF file: back to the Hugging Face order the decoder uses.
-    FromGguf,
-    /// Exporting to GGUF: into llama.cpp's order.
-    ToGguf,
-}
-
 /// The head count whose rows llama.cpp reorders in the Hugging Face tensor `name`: the query
 /// weight's heads, the key weight's KV heads; `None` for every other tensor.
 pub fn permuted_heads(name: &str, heads: usize, kv_heads: usize) -> Option<usize> {
@@ -222,30 +211,6 @@ pub fn permuted_heads(name: &str, heads: usize, kv_heads: usize) -> Option<usize
     } else {
         None
     }
-}
-
-/// `w`, a query or key weight of `heads` heads, with its rows moved `direction`.
-pub fn reorder_rope_rows(
-    w: &QTensor,
-    heads: usize,
-    direction: RopeRows,
-    device: &Device,
-) -> Result<QTensor> {
-    let rows = w.shape().dims().first().copied().unwrap_or(0);
-    let order = gguf_rope_row_order(rows, heads).ok_or_else(|| {
-        candle_core::Error::Msg(format!("{rows} rows do not split into {heads} RoPE heads"))
-    })?;
-    let from = match direction {
-        RopeRows::FromGguf => order,
-        RopeRows::ToGguf => {
-            let mut inverse = vec![0; order.len()];
-            for (hf_row, &g) in order.iter().enumerate() {
-                inverse[g] = hf_row;
-            }
-            inverse
-        }
-    };
-    crate::model::weights::reorder_rows(w, &from, device)
 }
 
 #[cfg(test)]
@@ -289,17 +254,5 @@ mod tests {
         assert_eq!(gguf_holds[..8], [0, 4, 1, 5, 2, 6, 3, 7]);
         assert_eq!(gguf_holds[8..], [8, 12, 9, 13, 10, 14, 11, 15]);
         assert!(gguf_rope_row_order(10, 4).is_none());
-        // Export then load gives the weight back, row for row.
-        let dev = Device::Cpu;
-        let w = candle_core::Tensor::arange(0f32, (16 * 32) as f32, &dev)
-            .unwrap()
-            .reshape((16, 32))
-            .unwrap();
-        let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
-        let out = reorder_rope_rows(&q, 2, RopeRows::ToGguf, &dev).unwrap();
-        assert_ne!(out.data().unwrap(), q.data().unwrap());
-        let back = reorder_rope_rows(&out, 2, RopeRows::FromGguf, &dev).unwrap();
-        assert_eq!(back.data().unwrap(), q.data().unwrap());
-        assert!(reorder_rope_rows(&q, 3, RopeRows::ToGguf, &dev).is_err());
     }
 }

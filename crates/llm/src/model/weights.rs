@@ -287,35 +287,6 @@ impl GgufFile {
     }
 }
 
-/// Rows of a `(rows, cols)` quantized (or f32) tensor in another order: row `i` of the result is
-/// row `from[i]` of `q`. Rows are whole blocks, so the bytes move as they are.
-pub fn reorder_rows(q: &QTensor, from: &[usize], device: &Device) -> Result<QTensor> {
-    let dims = q.shape().dims().to_vec();
-    let rows = dims.first().copied().unwrap_or(0);
-    let data = q.data()?;
-    if rows == 0 || from.len() != rows || !data.len().is_multiple_of(rows) {
-        return Err(candle_core::Error::Msg(format!(
-            "cannot reorder the {rows} rows of a {dims:?} tensor by {} indices",
-            from.len()
-        ))
-        .into());
-    }
-    let row_bytes = data.len() / rows;
-    let mut out = Vec::with_capacity(data.len());
-    for &r in from {
-        let r = data
-            .get(r * row_bytes..(r + 1) * row_bytes)
-            .ok_or_else(|| candle_core::Error::Msg(format!("row {r} of {rows} does not exist")))?;
-        out.extend_from_slice(r);
-    }
-    let storage = candle_core::quantized::QStorage::from_data(
-        std::borrow::Cow::Owned(out),
-        device,
-        q.dtype(),
-    )?;
-    Ok(QTensor::new(storage, dims)?)
-}
-
 /// A GGUF file's tensors. On a CPU the file is memory-mapped and quantized tensors use its pages
 /// in place (nothing is read until used, and nothing is copied); on a GPU, or where the file
 /// cannot be mapped, each tensor is read on request.
