@@ -398,3 +398,24 @@ fn disagreeing_bos_files_load_with_a_note_and_the_templates_bos() {
         notes[0]
     );
 }
+
+/// A sequence sizes its cache once for the prompt and the start of the answer: growing by
+/// doubling would hold the old and new buffers at once (0.8 GB for the 8B model near 4k).
+#[test]
+fn a_sequence_reserves_its_prompt_and_the_answers_start_before_prefill() {
+    let e = engine(DTypeChoice::F32);
+    let prompt = ids(&reference()["prompt_ids"]);
+    for (max_tokens, answer) in [(4096, 512), (7, 7)] {
+        let mut seq =
+            thinkrag_llm::sequence::Sequence::new(&e, prompt.clone(), greedy(max_tokens)).unwrap();
+        assert_eq!(seq.cache_bytes(), 0, "nothing before the prefill");
+        seq.prefill(&e, usize::MAX).unwrap();
+        let capacity = seq.session().cache().capacity();
+        let want = (prompt.len() + answer).min(e.context_window());
+        assert!(
+            capacity >= want && capacity < want + 256,
+            "capacity {capacity} for {} prompt tokens and {answer} answer tokens",
+            prompt.len()
+        );
+    }
+}
