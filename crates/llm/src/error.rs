@@ -15,6 +15,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written (a GGUF export, random weights).
+    #[error("cannot write {path}: {cause}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why (named `cause`, not `source`, so that error chains print it once).
+        cause: std::io::Error,
+    },
     /// A model directory lacks a file the engine needs.
     #[error("{dir} has no {file}: {hint}")]
     MissingFile {
@@ -130,6 +138,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn write(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Write {
+            path: path.into(),
+            cause,
         }
     }
 

@@ -521,7 +521,7 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
         entries.push(TensorEntry { name, dims, dtype });
     }
     write_streaming(path, &metadata, &entries, |i, w| {
-        let io = |e| Error::io(path, e);
+        let io = |e| Error::write(path, e);
         let (hf, weight) = &weights[i];
         let bytes: std::borrow::Cow<[u8]> = match weight {
             Weight::Quantized(q) => q.data()?,
@@ -703,12 +703,12 @@ pub fn write_streaming(
     use std::io::Write;
     let tmp = path.with_extension("gguf.partial");
     let mut write = || -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let io = |e| Error::write(path, e);
+        let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = Counting {
             inner: std::io::BufWriter::with_capacity(8 << 20, file),
             written: 0,
         };
-        let io = |e| Error::io(&tmp, e);
         w.write_all(&0x4655_4747u32.to_le_bytes()).map_err(io)?; // "GGUF"
         w.write_all(&3u32.to_le_bytes()).map_err(io)?;
         w.write_all(&(tensors.len() as u64).to_le_bytes())
@@ -754,7 +754,7 @@ pub fn write_streaming(
                 .map_err(io)?;
         }
         w.flush().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        std::fs::rename(&tmp, path).map_err(io)
     };
     let result = write();
     if result.is_err() {
@@ -813,7 +813,7 @@ mod tests {
             .collect();
         write_streaming(&ours, &metadata, &entries, |i, w| {
             w.write_all(&tensors[i].1.data()?)
-                .map_err(|e| Error::io(Path::new("test"), e))
+                .map_err(|e| Error::write(Path::new("test"), e))
         })
         .unwrap();
         let mut theirs = std::io::Cursor::new(Vec::new());
@@ -846,7 +846,7 @@ mod tests {
         }];
         let err = write_streaming(&path, &[], &entries, |_, w| {
             w.write_all(&[0u8; 10])
-                .map_err(|e| Error::io(Path::new("test"), e))
+                .map_err(|e| Error::write(Path::new("test"), e))
         })
         .unwrap_err();
         assert!(

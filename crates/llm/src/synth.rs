@@ -201,16 +201,16 @@ pub fn write_random_model(
     seed: u64,
     tokenizer: Option<&Path>,
 ) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::write(out, e))?;
     let write_json = |name: &str, v: &dyn erased_json::Json| -> Result<()> {
         let p = out.join(name);
-        std::fs::write(&p, v.to_pretty()).map_err(|e| Error::io(&p, e))
+        std::fs::write(&p, v.to_pretty()).map_err(|e| Error::write(&p, e))
     };
     write_json("config.json", &manifest.config)?;
     write_json("generation_config.json", &manifest.generation_config)?;
     if let Some(tc) = &manifest.tokenizer_config_json {
         let p = out.join("tokenizer_config.json");
-        std::fs::write(&p, tc).map_err(|e| Error::io(&p, e))?;
+        std::fs::write(&p, tc).map_err(|e| Error::write(&p, e))?;
     }
     if let Some(src) = tokenizer {
         let p = out.join("tokenizer.json");
@@ -341,7 +341,7 @@ pub fn write_random_gguf_with(
     }
     crate::gguf::write_streaming(path, &metadata, &tensors, |i, w| {
         let t = &tensors[i];
-        let io = |e| Error::io(path, e);
+        let io = |e| Error::write(path, e);
         let tensor_seed = splitmix(seed ^ (i as u64 + 1));
         match (t.dtype, kinds[i]) {
             (GgmlDType::F32, Some(kind)) => {
