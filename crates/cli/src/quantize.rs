@@ -51,8 +51,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     bar.finish_and_clear();
     let loaded = start.elapsed();
     let name = format!("{}-{}", source_stem(&engine), args.to);
-    thinkrag_llm::gguf::export(engine.model(), engine.tokenizer(), &name, &args.out)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    thinkrag_llm::gguf::export(engine.model(), engine.tokenizer(), &name, &args.out)?;
     let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} ({:.2} GiB, weights {}): quantized in {:.1} s, written in {:.1} s",

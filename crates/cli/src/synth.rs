@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use thinkrag_llm::synth::{write_random_gguf, write_random_model, SynthDType};
 use thinkrag_llm::{ModelManifest, Quantization};
@@ -65,8 +65,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         dtype,
         args.seed,
         args.tokenizer.as_deref(),
-    )
-    .with_context(|| format!("cannot write {}", args.out.display()))?;
+    )?;
     if args.tokenizer.is_none() {
         eprintln!("no --tokenizer given: the directory serves `thinkrag bench`; add tokenizer.json for `generate`");
     }
@@ -88,8 +87,7 @@ fn write_gguf(manifest: &ModelManifest, quant: Quantization, args: &SynthArgs) -
         manifest.display_name,
         args.out.display()
     );
-    let notes = write_random_gguf(manifest, quant, tokenizer_json, &args.out, args.seed)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let notes = write_random_gguf(manifest, quant, tokenizer_json, &args.out, args.seed)?;
     for note in notes {
         eprintln!("note: {note}");
     }

@@ -185,10 +185,8 @@ pub fn write_random_weights(
         "thinkrag".to_string(),
         "random weights (thinkrag synth)".to_string(),
     );
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        message: format!("cannot write: {e}"),
-    })
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| Error::write(path, std::io::Error::other(e)))
 }
 
 /// Writes a model directory of `manifest`'s exact shape: config.json, generation_config.json,
