@@ -7,7 +7,7 @@
 //!   cargo bench -p thinkrag-llm --bench attention
 //! Optional: THINKRAG_BENCH_THREADS (2).
 
-use std::time::Duration;
+mod support;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -20,16 +20,9 @@ const GROUP: usize = 6;
 const HEAD_DIM: usize = 128;
 
 fn attention(c: &mut Criterion) {
-    let threads = std::env::var("THINKRAG_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
-    thinkrag_llm::device::set_cpu_threads(threads).expect("threads");
+    support::set_threads_from_env();
     let dev = Device::Cpu;
-    let mut g = c.benchmark_group("decode_attention");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(6))
-        .warm_up_time(Duration::from_secs(2));
+    let mut g = support::group(c, "decode_attention", 6);
     let q = Tensor::randn(0f32, 1.0, (1, KV_HEADS, GROUP, HEAD_DIM), &dev).expect("query");
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
     for dtype in [DType::F16, DType::F32] {

@@ -5,8 +5,9 @@
 //!   cargo bench -p thinkrag-llm --bench qmatmul
 //! Optional: THINKRAG_BENCH_THREADS (2).
 
+mod support;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -14,16 +15,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use thinkrag_llm::model::{Linear, Weight};
 
 fn qmatmul(c: &mut Criterion) {
-    let threads = std::env::var("THINKRAG_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
-    thinkrag_llm::device::set_cpu_threads(threads).expect("threads");
+    support::set_threads_from_env();
     let dev = Device::Cpu;
-    let mut g = c.benchmark_group("qmatmul");
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(8))
-        .warm_up_time(Duration::from_secs(2));
+    let mut g = support::group(c, "qmatmul", 8);
     for (name, n, k) in [
         ("up_1536x8960", 8960usize, 1536usize),
         ("down_8960x1536", 1536, 8960),

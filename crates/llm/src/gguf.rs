@@ -487,6 +487,15 @@ pub(crate) fn model_metadata(
     Ok(metadata)
 }
 
+/// The per-frequency RoPE divisors llama.cpp stores as the tensor `rope_freqs.weight` of a Llama
+/// 3.1+ file; `None` for other models.
+pub(crate) fn gguf_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    match cfg.architecture {
+        Architecture::Llama => cfg.rope_freq_factors(),
+        _ => None,
+    }
+}
+
 /// Writes `model` (as loaded: quantized matrices stay in their format, full-precision ones are
 /// written in f32) and its tokenizer to a GGUF file that thinkrag and llama.cpp load. Writes to a
 /// temporary file beside `path` and renames it, so an interrupted export leaves no half file.
@@ -496,24 +505,17 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
     // Streamed tensor by tensor from the model's own memory (or mapping): a copy of every weight
     // at once would double the memory `thinkrag quantize` needs (40 GB for a 32B Q4_K_M).
     let mut weights = model.named_weights();
-    let freq_factors = match cfg.architecture {
-        Architecture::Llama => cfg.rope_freq_factors(),
-        _ => None,
-    };
-    if let Some(f) = &freq_factors {
-        let t = candle_core::Tensor::from_slice(f, f.len(), &candle_core::Device::Cpu)?;
+    if let Some(f) = gguf_rope_freqs(cfg) {
+        let n = f.len();
+        let t = candle_core::Tensor::from_vec(f, n, &candle_core::Device::Cpu)?;
         weights.push((ROPE_FREQS.into(), Weight::Dense(t)));
     }
     let mut entries = Vec::with_capacity(weights.len());
     for (hf, w) in &weights {
-        let name = if hf == ROPE_FREQS {
-            hf.clone()
-        } else {
-            gguf_name(hf).ok_or_else(|| Error::Unsupported {
-                path: path.to_path_buf(),
-                message: format!("no GGUF name for {hf}"),
-            })?
-        };
+        let name = gguf_name(hf).ok_or_else(|| Error::Unsupported {
+            path: path.to_path_buf(),
+            message: format!("no GGUF name for {hf}"),
+        })?;
         let (dims, dtype) = match w {
             Weight::Quantized(q) => (q.shape().dims().to_vec(), q.dtype()),
             Weight::Dense(t) => (t.dims().to_vec(), GgmlDType::F32),
@@ -538,7 +540,7 @@ pub fn export(model: &CausalLm, tokenizer: &TextTokenizer, name: &str, path: &Pa
         // query and key head, and so must we (unless they came from a GGUF in that order).
         let heads = permuted_heads(hf, cfg.num_attention_heads, cfg.num_key_value_heads);
         match (cfg.architecture, heads) {
-            (Architecture::Llama, Some(heads)) if !model.interleaved_rope() => {
+            (Architecture::Llama, Some(heads)) if !model.qk_rows_in_gguf_order() => {
                 let rows = entries[i].dims[0];
                 let order = gguf_rope_row_order(rows, heads).ok_or_else(|| Error::Unsupported {
                     path: path.to_path_buf(),

@@ -442,10 +442,7 @@ impl PrefixCache {
         // stopped early is kept in buffers of its own length, not its reach.
         let (len, capacity) = (session.len(), session.cache().capacity());
         let session = if capacity > len + len / 4 {
-            match session.copy_prefix(len) {
-                Ok(compact) => compact,
-                Err(_) => session,
-            }
+            session.copy_prefix(len).unwrap_or(session)
         } else {
             session
         };

@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, View};
 
 use candle_core::quantized::GgmlDType;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::TensorEntry;
 use crate::manifest::ModelManifest;
@@ -253,16 +253,15 @@ fn block_scales(t: GgmlDType) -> Option<&'static [(usize, f32)]> {
     })
 }
 
-/// Writes `n_blocks` random blocks of type `t` (random quants and scale indices, the scales of
-/// [`block_scales`]) to `w`, a few megabytes at a time.
+/// Writes `n_blocks` random blocks of `size` bytes (random quants and scale indices, then the
+/// half-precision `scales` of [`block_scales`] at their offsets) to `w`, a few megabytes at a time.
 fn write_random_blocks(
     w: &mut dyn std::io::Write,
-    t: GgmlDType,
+    size: usize,
+    scales: &[(usize, f32)],
     n_blocks: usize,
     seed: u64,
 ) -> std::io::Result<()> {
-    let size = t.type_size();
-    let scales = block_scales(t).unwrap_or(&[]);
     let per_chunk = (4 << 20) / size;
     let mut buf = vec![0u8; per_chunk * size];
     for first in (0..n_blocks).step_by(per_chunk) {
@@ -286,6 +285,14 @@ fn write_random_blocks(
     Ok(())
 }
 
+/// What a tensor of a random GGUF file holds.
+enum Fill {
+    /// Random values of this kind (norms: ones), in f32 or as random blocks.
+    Random(Init),
+    /// These values (the RoPE frequency divisors), in f32.
+    Values(Vec<f32>),
+}
+
 /// Writes a GGUF file of `cfg`'s exact shape with random blocks in `quant`'s types (llama.cpp's
 /// mix for Q4_K_M and Q5_K_M, as `thinkrag quantize` writes them), `tokenizer`'s vocabulary and
 /// chat template in its metadata. It streams: one chunk of blocks is in memory at a time, so a
@@ -300,49 +307,46 @@ pub fn write_random_gguf_with(
     seed: u64,
 ) -> Result<()> {
     let metadata = crate::gguf::model_metadata(cfg, tokenizer, name)?;
-    let layers = cfg.num_hidden_layers;
     let mut tensors = Vec::new();
-    let mut kinds = Vec::new();
+    let mut fills = Vec::new();
     for (hf, dims) in tensor_shapes(cfg) {
         let gguf = gguf_name(&hf).ok_or_else(|| Error::Weights {
             path: path.to_path_buf(),
             message: format!("no GGUF name for {hf}"),
         })?;
         let dtype = match dims.as_slice() {
-            [_, k] => quant.for_tensor(&hf, layers, *k),
+            [_, k] => quant.for_tensor(&hf, cfg.num_hidden_layers, *k),
             _ => GgmlDType::F32,
         };
-        let kind = if hf.ends_with("norm.weight") {
+        fills.push(Fill::Random(if hf.ends_with("norm.weight") {
             Init::Ones
         } else {
             Init::Weight
-        };
+        }));
         tensors.push(TensorEntry {
             name: gguf,
             dims,
             dtype,
         });
-        kinds.push(Some(kind));
     }
-    // A Llama 3.1+ carries its RoPE scaling as per-frequency divisors, as llama.cpp writes it.
-    let freq_factors = match cfg.architecture {
-        Architecture::Llama => cfg.rope_freq_factors(),
-        _ => None,
-    };
-    if let Some(f) = &freq_factors {
+    if let Some(f) = crate::gguf::gguf_rope_freqs(cfg) {
         tensors.push(TensorEntry {
             name: ROPE_FREQS.into(),
             dims: vec![f.len()],
             dtype: GgmlDType::F32,
         });
-        kinds.push(None);
+        fills.push(Fill::Values(f));
     }
     crate::gguf::write_streaming(path, &metadata, &tensors, |i, w| {
         let t = &tensors[i];
         let io = |e| Error::write(path, e);
         let tensor_seed = splitmix(seed ^ (i as u64 + 1));
-        match (t.dtype, kinds[i]) {
-            (GgmlDType::F32, Some(kind)) => {
+        match (&fills[i], t.dtype) {
+            (Fill::Values(f), _) => {
+                let bytes: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.write_all(&bytes).map_err(io)
+            }
+            (&Fill::Random(kind), GgmlDType::F32) => {
                 let r = RandomTensor {
                     shape: t.dims.clone(),
                     dtype: SynthDType::F32,
@@ -351,19 +355,14 @@ pub fn write_random_gguf_with(
                 };
                 w.write_all(&(&r).data()).map_err(io)
             }
-            (GgmlDType::F32, None) => {
-                let f = freq_factors.as_deref().unwrap_or_default();
-                let bytes: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
-                w.write_all(&bytes).map_err(io)
-            }
-            (dtype, _) if block_scales(dtype).is_some() => {
+            (Fill::Random(_), dtype) => {
+                let scales = block_scales(dtype).ok_or_else(|| Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!("random {dtype:?} blocks are not supported"),
+                })?;
                 let blocks = t.dims.iter().product::<usize>() / dtype.block_size();
-                write_random_blocks(w, dtype, blocks, tensor_seed).map_err(io)
+                write_random_blocks(w, dtype.type_size(), scales, blocks, tensor_seed).map_err(io)
             }
-            (dtype, _) => Err(Error::Weights {
-                path: path.to_path_buf(),
-                message: format!("random {dtype:?} blocks are not supported"),
-            }),
         }
     })
 }

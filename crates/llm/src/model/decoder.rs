@@ -151,7 +151,7 @@ impl Attention {
             kv_heads: cfg.num_key_value_heads,
             head_dim,
             window: cfg.window_of_layer(layer),
-            gguf_rows: if w.src.interleaved_rope() {
+            gguf_rows: if w.src.qk_rows_in_gguf_order() {
                 let order = |rows: usize, heads: usize| -> Result<Tensor> {
                     let order = gguf_rope_row_order(rows, heads).ok_or_else(|| {
                         candle_core::Error::Msg(format!(
@@ -843,7 +843,7 @@ impl CausalLm {
 
     /// Whether the query and key weights hold each head's rows in llama.cpp's order for
     /// interleaved RoPE (loaded from a Llama GGUF) rather than Hugging Face's.
-    pub fn interleaved_rope(&self) -> bool {
+    pub fn qk_rows_in_gguf_order(&self) -> bool {
         self.layers
             .first()
             .is_some_and(|l| l.self_attn.gguf_rows.is_some())
@@ -851,7 +851,7 @@ impl CausalLm {
 
     /// Every tensor with its Hugging Face name, as loaded (quantized or not): what an export
     /// writes. Vectors (norms, biases) come as dense weights; the query and key rows are in
-    /// llama.cpp's order where [`Self::interleaved_rope`].
+    /// llama.cpp's order where [`Self::qk_rows_in_gguf_order`].
     pub fn named_weights(&self) -> Vec<(String, Weight)> {
         let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
         let mut out = vec![(

@@ -23,18 +23,14 @@ fn zeroed(
         return Tensor::zeros(shape, dtype, device);
     }
     let n = shape.0 * shape.1 * shape.2 * shape.3;
-    // Integer zeros come from the allocator's zeroed allocation: fresh memory whose pages are
-    // not touched yet, so the advice applies when they are first written.
-    let advised = |v: Vec<u16>| {
+    // Zeros come from the allocator's zeroed allocation (integers for the halves): fresh memory
+    // whose pages are not touched yet, so the advice applies when they are first written.
+    fn advised<T>(v: Vec<T>) -> Vec<T> {
         crate::device::advise_huge_pages(&v);
         v
-    };
+    }
     match dtype {
-        DType::F32 => {
-            let v = vec![0f32; n];
-            crate::device::advise_huge_pages(&v);
-            Tensor::from_vec(v, shape, device)
-        }
+        DType::F32 => Tensor::from_vec(advised(vec![0f32; n]), shape, device),
         DType::F16 => Tensor::from_vec(
             advised(vec![0u16; n]).reinterpret_into::<half::f16>(),
             shape,

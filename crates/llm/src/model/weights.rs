@@ -34,7 +34,7 @@ pub trait WeightSource {
     /// Whether the query and key projections come with each head's rows in llama.cpp's order for
     /// interleaved RoPE (a Llama GGUF) rather than Hugging Face's: the model then moves their
     /// outputs back into Hugging Face's order.
-    fn interleaved_rope(&self) -> bool {
+    fn qk_rows_in_gguf_order(&self) -> bool {
         false
     }
 }
@@ -299,10 +299,10 @@ pub struct GgufWeights {
     device: Device,
     dtype: DType,
     /// A Llama file: llama.cpp stores the query and key projections with their rows reordered
-    /// for interleaved RoPE. They are used as stored (see [`WeightSource::interleaved_rope`]):
+    /// for interleaved RoPE. They are used as stored (see [`WeightSource::qk_rows_in_gguf_order`]):
     /// putting them back in Hugging Face order would copy them out of the mapping, a second
     /// resident copy of 300 MB for the 8B model.
-    interleaved_rope: bool,
+    qk_rows_in_gguf_order: bool,
 }
 
 /// One file of a [`GgufWeights`].
@@ -317,7 +317,7 @@ impl GgufWeights {
     /// The tensors of an opened file, put on `device`; vectors and full-precision matrices in
     /// `dtype`.
     pub fn new(file: GgufFile, device: &Device, dtype: DType) -> Self {
-        let interleaved_rope = file
+        let qk_rows_in_gguf_order = file
             .content
             .metadata
             .get("general.architecture")
@@ -350,7 +350,7 @@ impl GgufWeights {
             part_of: file.part_of,
             device: device.clone(),
             dtype,
-            interleaved_rope,
+            qk_rows_in_gguf_order,
         }
     }
 
@@ -440,8 +440,8 @@ impl WeightSource for GgufWeights {
         self.parts.iter().filter_map(|p| p.map.clone()).collect()
     }
 
-    fn interleaved_rope(&self) -> bool {
-        self.interleaved_rope
+    fn qk_rows_in_gguf_order(&self) -> bool {
+        self.qk_rows_in_gguf_order
     }
 }
 
