@@ -21,6 +21,7 @@ use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::KvCache;
 use crate::model::linear::{Linear, Weight};
 use crate::model::llama::gguf_rope_row_order;
+use crate::model::vexp;
 use crate::model::weights::{WeightSource, ROPE_FREQS};
 
 /// Which positions' logits a forward pass returns.
@@ -438,10 +439,12 @@ fn default_kv_dtype(layers: &[DecoderLayer], dtype: DType, device: &Device) -> D
 
 /// `silu(gate) * up`, element by element, split across candle's barrier pool for f32 CPU tensors
 /// (in a batched decode step candle's two ops ran on one thread while the other waited), with
-/// candle's own formula, `g / (1 + exp(-g)) * u`, so the numbers are the same.
+/// candle's formula, `g / (1 + exp(-g)) * u`, on 16 lanes where the CPU has AVX-512
+/// ([`vexp::silu_mul_into`]; libm's `expf` was 2% of a decode step, most of it on one thread).
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
-    const CHUNK: usize = 4096;
+    // Small enough that a decode step's 8,960 or more values split evenly over the threads.
+    const CHUNK: usize = 1024;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(gate) && cpu_f32(up)) || gate.dims() != up.dims() {
         return Ok((candle_nn::ops::silu(gate)? * up)?);
@@ -462,12 +465,11 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         );
         let dst = crate::model::linear::OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
-            for i in chunks.start * CHUNK..(chunks.end * CHUNK).min(n) {
-                let v = g[i] / (1.0 + (-g[i]).exp()) * u[i];
-                // SAFETY: chunks are disjoint, so element `i` is written by one thread only,
-                // and `out` outlives the call.
-                unsafe { dst.write(i, v) };
-            }
+            let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
+            // SAFETY: chunks are disjoint, so these elements are written by this thread only,
+            // and `out` outlives the call.
+            let out = unsafe { dst.slice(span.start, span.len()) };
+            vexp::silu_mul_into(&g[span.clone()], &u[span], out);
         });
     }
     Ok(Tensor::from_vec(out, gate.dims(), gate.device())?)
