@@ -12,10 +12,20 @@ The files (random weights: speed does not depend on their values):
 The peer is llama.cpp through the PyPI package llama-cpp-python, built from source CPU-only with
 native instructions:
   CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF" pip install llama-cpp-python --no-binary llama-cpp-python
+On a VM whose CPU lists AMX but whose hypervisor does not grant the tiles, that build dies with
+SIGILL (`tilezero` in ggml's AMX matmul); spell the instruction sets out instead:
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+    -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install ...
 
 usage (from the repository root, after `cargo build --release`):
   python scripts/bench_vs_llamacpp.py --work /tmp/bench-gguf --tokenizer /tmp/qwen-tok/tokenizer.json
 The tokenizer comes from ../shared/scripts/make-qwen2-tokenizer.py.
+
+Other shapes: `--gguf FILE` (repeatable) benches the given files instead of writing the 1.5B ones,
+e.g. the 8B shape's Q4_K_M and Q8_0 from `thinkrag synth deepseek-r1-distill-llama-8b` and
+`thinkrag quantize --to q4_k_m|q8_0` (or `thinkrag synth ... --quantize q4_k_m --out F.gguf`):
+  python scripts/bench_vs_llamacpp.py --gguf /tmp/l8b-q4km.gguf --runs 2 --positions 100
 """
 import argparse
 import json
@@ -54,10 +64,12 @@ def make_files(args, thinkrag):
 
 
 def prompt_ids(n, vocab, seed):
-    # The same scheme as thinkrag's bench_tokens: ids spread over the real vocabulary.
+    # The same scheme as thinkrag's bench_tokens: ids spread over the real vocabulary (a stand-in
+    # tokenizer's few ids for the files written with one).
     import random
     r = random.Random(seed)
-    return [r.randrange(1000, vocab - 1000) for _ in range(n)]
+    margin = min(1000, vocab // 4)
+    return [r.randrange(margin, vocab - margin) for _ in range(n)]
 
 
 def bench_llamacpp(path, args):
@@ -67,13 +79,13 @@ def bench_llamacpp(path, args):
                           use_mmap=True, verbose=False)
     vocab = llm.n_vocab()
     pp, tg = [], []
-    prompt = prompt_ids(512, 151000, 1)
+    prompt = prompt_ids(512, min(vocab, 151000), 1)
     # warm-up: one prefill and a few decode steps
     llm.reset(); llm.eval(prompt[:64])
     for _ in range(args.runs):
         llm.reset()
         t = time.perf_counter(); llm.eval(prompt); pp.append(512 / (time.perf_counter() - t))
-    gen = prompt_ids(128, 151000, 2)
+    gen = prompt_ids(128, min(vocab, 151000), 2)
     for _ in range(args.runs):
         llm.reset(); llm.eval(prompt[:100])
         t = time.perf_counter()
@@ -86,7 +98,7 @@ def bench_llamacpp(path, args):
 
 def bench_thinkrag(thinkrag, model, args, extra=()):
     out = subprocess.run([thinkrag, "bench", "--model", model, "--threads", str(args.threads),
-                          "--device", "cpu", "-p", "512", "-n", "128", "--positions", "100,4000",
+                          "--device", "cpu", "-p", "512", "-n", "128", "--positions", args.positions,
                           "-r", str(args.runs), "--json", *extra],
                          check=True, capture_output=True, text=True).stdout
     v = json.loads(out)
@@ -98,17 +110,28 @@ def bench_thinkrag(thinkrag, model, args, extra=()):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--work", help="where the 1.5B files are written (not with --gguf)")
+    ap.add_argument("--tokenizer", help="the Qwen2 tokenizer.json for the 1.5B files")
+    ap.add_argument("--gguf", action="append", default=[],
+                    help="bench this GGUF file instead of writing the 1.5B ones (repeatable)")
+    ap.add_argument("--positions", default="100,4000",
+                    help="thinkrag's decode positions (llama.cpp's decode is at 100)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quantize-at-load", action="store_true",
                     help="also bench thinkrag quantizing the bf16 safetensors at load (q8_0)")
     ap.add_argument("--json", help="write all runs here")
     args = ap.parse_args()
-    os.makedirs(args.work, exist_ok=True)
     thinkrag = os.path.join(ROOT, "target", "release", "thinkrag")
-    src, files = make_files(args, thinkrag)
+    if args.gguf:
+        if args.quantize_at_load:
+            raise SystemExit("--quantize-at-load needs the 1.5B files: leave out --gguf")
+        src, files = None, {os.path.basename(f): f for f in args.gguf}
+    else:
+        if not (args.work and args.tokenizer):
+            raise SystemExit("give --work and --tokenizer (to write the 1.5B files), or --gguf FILE")
+        os.makedirs(args.work, exist_ok=True)
+        src, files = make_files(args, thinkrag)
 
     import llama_cpp
     print(f"llama-cpp-python {llama_cpp.__version__}; {args.threads} threads; {args.runs} runs; medians",
@@ -123,8 +146,9 @@ def main():
         for test in ["pp512", "tg128@100"]:
             t, l = statistics.median(t_res[test]), statistics.median(l_res[test])
             rows.append((quant, test, t, l, t / l))
-        t100, t4000 = statistics.median(t_res["tg128@100"]), statistics.median(t_res["tg128@4000"])
-        rows.append((quant, "tg128@4000", t4000, None, t4000 / t100))
+        if "tg128@4000" in t_res:
+            t100, t4000 = statistics.median(t_res["tg128@100"]), statistics.median(t_res["tg128@4000"])
+            rows.append((quant, "tg128@4000", t4000, None, t4000 / t100))
     if args.quantize_at_load:
         t_res, _ = bench_thinkrag(thinkrag, src, args, ["--quantize", "q8_0"])
         record["Q8_0 (quantize at load)"] = {"thinkrag": t_res}
