@@ -167,12 +167,9 @@ impl<T> Head<'_, T> {
     }
 }
 
-/// Whether this CPU and head size take [`attend_head_avx512`].
+/// Whether this CPU and head size take [`attend_head_avx512`] (AVX-512 F, as [`vexp`] needs).
 fn fused_kernels(hd: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return hd.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    hd.is_multiple_of(16) && vexp::available()
 }
 
 /// The attention of a group of query heads over their KV head, `out` (zeroed, `group` rows of
@@ -425,13 +422,7 @@ unsafe fn softmax_avx512(row: &mut [f32]) {
     use core::arch::x86_64::*;
     let n = row.len();
     let p = row.as_mut_ptr();
-    let mask_at = |i: usize| -> __mmask16 {
-        if i + 16 <= n {
-            0xFFFF
-        } else {
-            (1u16 << (n - i)) - 1
-        }
-    };
+    let mask_at = |i: usize| vexp::lanes_from(i, n);
     // SAFETY (every masked load and store below): lanes at or past `n` are masked off.
     let load = |i: usize| unsafe { _mm512_maskz_loadu_ps(mask_at(i), p.add(i)) };
     let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -546,10 +537,7 @@ impl KvElem for f32 {
 /// cache costs no more arithmetic than it saves in bytes. Elsewhere half's slice conversion
 /// does it, more slowly.
 pub(crate) fn widens_f16_fast() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    vexp::available()
 }
 
 impl KvElem for f16 {

@@ -38,7 +38,18 @@ pub(crate) fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(e, k)
 }
 
-/// Whether [`exp16`] runs on this CPU (AVX-512 F).
+/// The lanes of a 16-wide step at element `i` of `n` that are inside: all 16, or the tail's.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lanes_from(i: usize, n: usize) -> __mmask16 {
+    if i + 16 <= n {
+        0xFFFF
+    } else {
+        (1u16 << (n - i)) - 1
+    }
+}
+
+/// Whether this CPU has AVX-512 F, which [`exp16`] and the decode attention's kernels need.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::is_x86_feature_detected!("avx512f");
@@ -67,11 +78,7 @@ unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let n = out.len();
     let one = _mm512_set1_ps(1.0);
     for i in (0..n).step_by(16) {
-        let m: __mmask16 = if i + 16 <= n {
-            0xFFFF
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let m = lanes_from(i, n);
         // SAFETY: lanes at or past `n` are masked off; the slices hold `n` values.
         unsafe {
             let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
