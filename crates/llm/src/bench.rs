@@ -219,7 +219,7 @@ impl Default for ReadProbe {
 /// Reads all of `part` as fast as one core can: 64-byte loads into four independent sums, with
 /// AVX-512 where the CPU has it (the compiler's own vectorization of the portable loop uses
 /// narrower loads on some CPUs, which then read below what the memory allows).
-fn stream_sum(part: &[u64]) -> u64 {
+pub fn stream_sum(part: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f")]

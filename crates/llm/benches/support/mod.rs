@@ -17,6 +17,8 @@ pub fn set_threads_from_env() {
 }
 
 /// A benchmark group of 10 samples over `measure_s` seconds after a 2-second warm-up.
+// Unused by `weight_stream`, which prints its own table.
+#[allow(dead_code)]
 pub fn group<'a>(c: &'a mut Criterion, name: &str, measure_s: u64) -> BenchmarkGroup<'a, WallTime> {
     let mut g = c.benchmark_group(name);
     g.sample_size(10)

@@ -115,8 +115,11 @@ struct ActQ8K {
     q6k_start: [i32; 16],
 }
 
-/// How far ahead of the tile being multiplied the kernels prefetch (in tiles).
-const PREFETCH_TILES: usize = 4;
+/// How far ahead of the tile being multiplied the kernels prefetch (in tiles). One tile (2.4-4.3
+/// KB) is a few hundred nanoseconds of work, more than memory's latency; prefetches further
+/// ahead hold the core's line-fill buffers longer for nothing (a 1.5B decode step streamed its
+/// weights at 0.69-0.74 of the memory's read rate four tiles ahead, 0.76-0.81 one tile ahead).
+const PREFETCH_TILES: usize = 1;
 /// Activation rows one kernel call multiplies against a tile while it is in L1.
 const MAX_ROWS_PER_PASS: usize = 4;
 
@@ -266,21 +269,73 @@ macro_rules! by_rows {
 #[cfg(target_arch = "x86_64")]
 use by_rows;
 
-/// Runs `f` over `0..units` on candle's barrier pool (the calling thread works too), handing out
-/// ranges of about 1/64 of the units from a shared cursor. candle's `execute_chunked` hands out
-/// sixteenths, and a step's hundred-odd products each ended with one thread waiting up to a
-/// sixteenth of the product for the other.
+/// Runs `f` over `0..units` on candle's barrier pool (the calling thread works too). Each thread
+/// owns a contiguous share and takes it front to back in chunks of about 1/64 of the units, so
+/// its weights come as one stream that its prefetches run ahead along (a shared cursor handed
+/// each thread every other chunk, and each chunk began with a tile nobody had prefetched); a
+/// thread done with its share takes chunks from the back of the others', so none waits long for
+/// a slow one (candle's `execute_chunked` hands out sixteenths, and a step's hundred-odd products
+/// each ended with one thread waiting up to a sixteenth of the product for the other).
 fn execute_fine(units: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
     let chunk = units.div_ceil(64).max(1);
-    let cursor = AtomicUsize::new(0);
-    candle_core::utils::barrier_pool().execute(|_| loop {
-        let start = cursor.fetch_add(chunk, Ordering::Relaxed);
-        if start >= units {
-            break;
+    let shares: Vec<Share> = (0..threads)
+        .map(|t| Share::new(t * units / threads, (t + 1) * units / threads))
+        .collect();
+    pool.execute(|tid| {
+        let own = tid % threads;
+        while let Some(r) = shares[own].take(chunk, true) {
+            f(r);
         }
-        f(start..units.min(start + chunk));
+        for other in (1..threads).map(|d| &shares[(own + d) % threads]) {
+            while let Some(r) = other.take(chunk, false) {
+                f(r);
+            }
+        }
     });
+}
+
+/// A range of units that its owner takes from the front and others from the back: both ends in
+/// one atomic word (front in the low 32 bits), so a take is one compare-and-swap.
+#[repr(align(64))] // one cache line per share: the threads take from their own without contention
+struct Share(std::sync::atomic::AtomicU64);
+
+impl Share {
+    fn new(front: usize, back: usize) -> Self {
+        let word = |v: usize| u64::try_from(v).ok().filter(|&v| v <= u64::from(u32::MAX));
+        let (front, back) = (word(front), word(back));
+        let (front, back) = front.zip(back).expect("fewer than 2^32 units of work");
+        Share(std::sync::atomic::AtomicU64::new(front | back << 32))
+    }
+
+    /// Up to `chunk` units off the front (the owner) or the back (the others); `None` once the
+    /// range is empty.
+    fn take(&self, chunk: usize, from_front: bool) -> Option<std::ops::Range<usize>> {
+        use std::sync::atomic::Ordering;
+        let mut word = self.0.load(Ordering::Relaxed);
+        loop {
+            let (front, back) = (word & 0xFFFF_FFFF, word >> 32);
+            if front >= back {
+                return None;
+            }
+            let chunk = chunk as u64;
+            let (taken, new) = if from_front {
+                let end = (front + chunk).min(back);
+                (front..end, end | back << 32)
+            } else {
+                let start = back.saturating_sub(chunk).max(front);
+                (start..back, front | start << 32)
+            };
+            match self
+                .0
+                .compare_exchange_weak(word, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(taken.start as usize..taken.end as usize),
+                Err(now) => word = now,
+            }
+        }
+    }
 }
 
 /// Where the kernels' prefetches stop: the end of the tiles for a column's first pass of rows,
@@ -695,26 +750,38 @@ mod x86 {
         unsafe { _mm512_set1_epi64(i64::from_le_bytes(bytes)) }
     }
 
-    /// Prefetches part `part` of `parts` of the `bytes` bytes of the tile `PREFETCH_TILES` tiles
-    /// after `tile`, where it exists before `end` (none when `end` is null). The kernels spread a
-    /// tile's prefetches over its sixteen steps: all at once, they overran the core's line-fill
-    /// buffers, and the prefetches left waiting held up retirement until the multiplication of
-    /// the tile stalled behind them (four sequences ran at 64 tokens/s rather than 70).
+    /// The tile [`PREFETCH_TILES`] tiles after `tile` (of `T`), the one its steps prefetch,
+    /// where it lies before `end` (null otherwise, and when `end` is null). Checked once per
+    /// tile, so the steps' prefetches are straight-line code.
     #[inline(always)]
-    unsafe fn prefetch_ahead(
-        tile: *const u8,
-        bytes: usize,
-        end: *const u8,
-        part: usize,
-        parts: usize,
-    ) {
-        let ahead = tile.wrapping_add(PREFETCH_TILES * bytes);
+    fn prefetch_target<T>(tile: &T, end: *const u8) -> *const u8 {
+        let bytes = size_of::<T>();
+        let ahead = (tile as *const T)
+            .cast::<u8>()
+            .wrapping_add(PREFETCH_TILES * bytes);
         if ahead.wrapping_add(bytes) <= end {
-            let lines = bytes / 64;
-            for line in part * lines / parts..(part + 1) * lines / parts {
-                // SAFETY: a prefetch of a mapped address; it never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast()) };
-            }
+            ahead
+        } else {
+            std::ptr::null()
+        }
+    }
+
+    /// Prefetches step `step`'s share of the `LINES` cache lines at `ahead` (none when null):
+    /// `PER` consecutive lines, clamped to the last. The kernels spread a tile's prefetches over
+    /// its steps: all at once, they overran the core's line-fill buffers, and the prefetches
+    /// left waiting held up retirement until the multiplication of the tile stalled behind them
+    /// (four sequences ran at 64 tokens/s rather than 70). A fixed count per step keeps this
+    /// free of loops whose trip count varies from step to step, which the branch predictor
+    /// missed (each miss throwing away the loads in flight behind it).
+    #[inline(always)]
+    unsafe fn prefetch_step<const LINES: usize, const PER: usize>(ahead: *const u8, step: usize) {
+        if ahead.is_null() {
+            return;
+        }
+        for j in 0..PER {
+            let line = (PER * step + j).min(LINES - 1);
+            // SAFETY: a prefetch of a mapped address; it never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast()) };
         }
     }
 
@@ -736,6 +803,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); M];
         for (b, t) in column.iter().enumerate() {
             let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            let ahead = prefetch_target(t, end);
             let mut scaled = [_mm512_setzero_ps(); M];
             // Sub-blocks in pairs; for one or two rows, low and high nibbles apart too (four
             // chains of `vpdpbusd` per row), so few rows are not bound by the instruction's
@@ -748,10 +816,7 @@ mod x86 {
                 for g4 in 0..4 {
                     let (ga, gb) = (8 * pair + g4, 8 * pair + 4 + g4);
                     // SAFETY: prefetches only.
-                    unsafe {
-                        let tile = (t as *const TileQ4K).cast();
-                        prefetch_ahead(tile, size_of::<TileQ4K>(), end, 4 * pair + g4, 16)
-                    };
+                    unsafe { prefetch_step::<Q4K_LINES, 3>(ahead, 4 * pair + g4) };
                     // SAFETY: groups < 32, inside `qs`.
                     let (wa, wb) = unsafe {
                         (
@@ -852,6 +917,7 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); M];
         for (b, t) in column.iter().enumerate() {
             let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            let ahead = prefetch_target(t, end);
             let mut scaled = [_mm512_setzero_ps(); M];
             // Four 16-value sub-blocks at a time: four independent chains per row.
             for quad in 0..4 {
@@ -861,10 +927,7 @@ mod x86 {
                 for u in 0..4 {
                     let g = 4 * quad + u;
                     // SAFETY: prefetches only.
-                    unsafe {
-                        let tile = (t as *const TileQ6K).cast();
-                        prefetch_ahead(tile, size_of::<TileQ6K>(), end, g, 16)
-                    };
+                    unsafe { prefetch_step::<Q6K_LINES, 4>(ahead, g) };
                     // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
                     let (h, l0, l1) = unsafe {
                         (
@@ -936,12 +999,10 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); M];
         for (b, t) in column.iter().enumerate() {
             let a: [&ActQ80; M] = std::array::from_fn(|m| &acts[m * kb + b]);
+            let ahead = prefetch_target(t, end);
             for blk in 0..8 {
                 // SAFETY: prefetches only.
-                unsafe {
-                    let tile = (t as *const TileQ80).cast();
-                    prefetch_ahead(tile, size_of::<TileQ80>(), end, blk, 8)
-                };
+                unsafe { prefetch_step::<Q80_LINES, 9>(ahead, blk) };
                 // Two chains per row, so one row is not bound by `vpdpbusd`'s latency.
                 let mut s: [[__m512i; 2]; M] = std::array::from_fn(|m| {
                     [_mm512_set1_epi32(a[m].start[blk]), _mm512_setzero_si512()]
@@ -973,12 +1034,62 @@ mod x86 {
     }
 
     const _: () = assert!(TILE_ROWS == 16);
+    /// Cache lines per tile, for the prefetches: 38 (Q4_K, 3 per step of 16), 53 (Q6_K, 4 per
+    /// step of 16), 68 (Q8_0, 9 per step of 8).
+    const Q4K_LINES: usize = size_of::<TileQ4K>() / 64;
+    const Q6K_LINES: usize = size_of::<TileQ6K>() / 64;
+    const Q80_LINES: usize = size_of::<TileQ80>() / 64;
+    const _: () = assert!(Q4K_LINES <= 3 * 16 && Q6K_LINES <= 4 * 16 && Q80_LINES <= 9 * 8);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Every unit runs exactly once, whatever the count (none, fewer than the threads, not a
+    /// multiple of the chunk) and however the threads' shares end up taken.
+    #[test]
+    fn execute_fine_runs_every_unit_once() {
+        for units in [0, 1, 2, 3, 63, 64, 65, 127, 1000, 4097] {
+            let runs: Vec<AtomicU32> = (0..units).map(|_| AtomicU32::new(0)).collect();
+            execute_fine(units, |range| {
+                for u in range {
+                    runs[u].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(
+                runs.iter().all(|r| r.load(Ordering::Relaxed) == 1),
+                "{units} units"
+            );
+        }
+    }
+
+    /// A share taken from both ends at once (its owner at the front, two others at the back)
+    /// hands out each unit once, in chunks no larger than asked.
+    #[test]
+    fn a_share_taken_from_both_ends_covers_its_range_once() {
+        let share = Share::new(10, 10_010);
+        let runs: Vec<AtomicU32> = (0..10_010).map(|_| AtomicU32::new(0)).collect();
+        std::thread::scope(|s| {
+            for from_front in [true, false, false] {
+                let (share, runs) = (&share, &runs);
+                s.spawn(move || {
+                    while let Some(r) = share.take(7, from_front) {
+                        assert!(!r.is_empty() && r.len() <= 7);
+                        for u in r {
+                            runs[u].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for (u, r) in runs.iter().enumerate() {
+            assert_eq!(r.load(Ordering::Relaxed), u32::from(u >= 10), "unit {u}");
+        }
+        assert_eq!(share.take(7, true), None);
+    }
 
     /// The vectorized Q8_K quantization against candle's (ggml's) scalar one, to the bit: random
     /// blocks, halves exactly between integers, ties for the largest magnitude, a zero block.

@@ -1,0 +1,87 @@
+//! How close the quantized decode products come to the memory's read rate: one activation row
+//! against about 1 GiB of distinct weights of one format and shape (so every byte comes from
+//! memory, as in a decode step), against two peers measured in the same run: the read probe
+//! `thinkrag bench` uses, and plain streaming reads of buffers of the same size in as many
+//! parallel regions (what a product would get if multiplying cost nothing).
+//!   cargo bench -p thinkrag-llm --bench weight_stream
+//! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_ROUNDS (5).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use thinkrag_llm::bench::{stream_sum, ReadProbe};
+use thinkrag_llm::model::{Linear, Weight};
+
+/// Bytes of weights each case streams per round.
+const STREAM_BYTES: usize = 1 << 30;
+
+fn main() {
+    support::set_threads_from_env();
+    let rounds: usize = std::env::var("THINKRAG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let probe = ReadProbe::new();
+    let pool = candle_core::utils::barrier_pool();
+    println!("| weights | format | products GB/s | regions GB/s | probe GB/s | products / probe |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    // The 1.5B's MLP up/gate and down, and its attention's query/output, shapes.
+    for (name, n, k) in [
+        ("up 8960x1536", 8960, 1536),
+        ("down 1536x8960", 1536, 8960),
+        ("q 1536x1536", 1536, 1536),
+    ] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).expect("weights");
+            let q = Arc::new(QTensor::quantize(&w, dtype).expect("quantize"));
+            let bytes = q.storage_size_in_bytes();
+            let copies = STREAM_BYTES / bytes;
+            // Each layer lays out its own copy of the tiles on first use.
+            let layers: Vec<Linear> = (0..copies)
+                .map(|_| Linear::new(Weight::Quantized(Arc::clone(&q)), None))
+                .collect();
+            let x = Tensor::randn(0f32, 1.0, (1, 1, k), &Device::Cpu).expect("input");
+            for l in &layers {
+                l.forward_rows(&x).expect("forward");
+            }
+            let plain: Vec<Vec<u64>> = (0..copies).map(|c| vec![c as u64; bytes / 8]).collect();
+            let total = (copies * bytes) as f64;
+            let (mut products, mut regions, mut probes) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let t = Instant::now();
+                for l in &layers {
+                    std::hint::black_box(l.forward_rows(&x).expect("forward"));
+                }
+                products.push(total / t.elapsed().as_secs_f64() / 1e9);
+                let t = Instant::now();
+                for b in &plain {
+                    let share = b.len().div_ceil(pool.n_workers() + 1);
+                    pool.execute(|tid| {
+                        let part = b.chunks(share).nth(tid).unwrap_or(&[]);
+                        std::hint::black_box(stream_sum(part));
+                    });
+                }
+                regions.push(total / t.elapsed().as_secs_f64() / 1e9);
+                probes.push(probe.measure());
+            }
+            let ratios: Vec<f64> = products.iter().zip(&probes).map(|(p, r)| p / r).collect();
+            println!(
+                "| {name} | {dtype:?} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                median(&products),
+                median(&regions),
+                median(&probes),
+                median(&ratios)
+            );
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
