@@ -48,6 +48,27 @@ pub struct LoadOptions {
     /// What the KV cache stores keys and values as; `Auto` is f16 for quantized weights on a
     /// CPU with AVX-512, the activations' dtype otherwise (see [`CausalLm::set_kv_dtype`]).
     pub kv_cache: DTypeChoice,
+    /// Bytes of memory the weights' CPU layout may take; `None`: what the OS reports available.
+    /// Beyond it, GGUF weights run in place from the mapped file (see [`CausalLm::prepare`]).
+    pub layout_memory: Option<u64>,
+}
+
+/// Lays out `model`'s weights for the CPU kernels within `opts.layout_memory` (see
+/// [`CausalLm::prepare`]), passing on its note when they run in place instead.
+fn prepare_weights(
+    model: &CausalLm,
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<()> {
+    if opts.skip_weight_layout {
+        return Ok(());
+    }
+    let available = opts.layout_memory.or_else(crate::device::available_memory);
+    if let Some(note) = model.prepare(available)? {
+        tracing::warn!("{note}");
+        progress(LoadProgress::Note(note));
+    }
+    Ok(())
 }
 
 /// Applies `opts.kv_cache` to a loaded model (`Auto` keeps the model's default).
@@ -204,9 +225,7 @@ impl Engine {
         } else {
             load_weights(&config, loaded.weights, opts, &device, progress)?
         };
-        if !opts.skip_weight_layout {
-            model.prepare()?;
-        }
+        prepare_weights(&model, opts, progress)?;
         apply_kv_cache(&mut model, opts);
         Ok(Self {
             model,
@@ -826,9 +845,7 @@ pub fn load_model_only(
     };
     let device = opts.device.open()?;
     let mut model = load_weights(&config, weights, opts, &device, progress)?;
-    if !opts.skip_weight_layout {
-        model.prepare()?;
-    }
+    prepare_weights(&model, opts, progress)?;
     apply_kv_cache(&mut model, opts);
     Ok(model)
 }

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use thinkrag_llm::{DTypeChoice, Engine, LoadOptions, ModelSource, Quantization};
+use thinkrag_llm::{DTypeChoice, Engine, LoadOptions, LoadProgress, ModelSource, Quantization};
 
 for_each_fixture!(
     q8_0_logits_stay_close_to_f32,
@@ -16,6 +16,7 @@ for_each_fixture!(
     a_split_gguf_loads_as_the_whole_file,
     an_f16_kv_cache_stays_close_to_f32,
     a_random_gguf_has_the_quantized_exports_tensors_and_runs,
+    a_gguf_beyond_the_memory_runs_in_place_from_the_file,
 );
 
 /// Prefill logits (every position) of the reference prompt.
@@ -23,6 +24,17 @@ fn prefill_logits(e: &Engine) -> Tensor {
     let prompt = ids(&reference()["prompt_ids"]);
     let mut session = e.new_session();
     session.feed_all(e.model(), &prompt).unwrap()
+}
+
+/// The reference prompt's logits fed one token at a time, as decode steps.
+fn stepwise_logits(e: &Engine) -> Tensor {
+    let prompt = ids(&reference()["prompt_ids"]);
+    let mut session = e.new_session();
+    let rows: Vec<Tensor> = prompt
+        .iter()
+        .map(|&t| session.feed_all(e.model(), &[t]).unwrap())
+        .collect();
+    Tensor::cat(&rows, 0).unwrap()
 }
 
 /// Fraction of positions whose argmax over real tokens agrees, and the largest logit difference.
@@ -507,5 +519,70 @@ fn a_random_gguf_has_the_quantized_exports_tensors_and_runs() {
     assert!(
         values.iter().any(|&x| x != values[0]),
         "the logits are not all the same"
+    );
+}
+
+/// A GGUF model whose CPU layout would take more memory than there is (here: one byte) runs in
+/// place from the mapped file instead of being refused, says so, and computes what the laid-out
+/// model computes (other kernels over the same blocks: the integer sums are exact, only the order
+/// of the float sums differs); weights quantized into the heap at load have no file to run from
+/// and stay a clear error.
+fn a_gguf_beyond_the_memory_runs_in_place_from_the_file() {
+    if !matches!(test_device(), thinkrag_llm::DeviceChoice::Cpu) {
+        eprintln!("skipped: weights are laid out only on a CPU");
+        return;
+    }
+    for q in [Quantization::Q8_0, Quantization::Q4K] {
+        let path = gguf_file(q);
+        let source = ModelSource::parse(path.to_str().unwrap()).unwrap();
+        let opts = LoadOptions {
+            device: test_device(),
+            layout_memory: Some(1),
+            ..LoadOptions::default()
+        };
+        let mut notes = Vec::new();
+        let e = Engine::load(&source, &opts, &mut |p| {
+            if let LoadProgress::Note(n) = p {
+                notes.push(n)
+            }
+        })
+        .unwrap();
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("run in place from the mapped file")),
+            "{q}: {notes:?}"
+        );
+        assert!(e.model().weights_in_place(), "{q}");
+        let laid_out = gguf_engine(q);
+        assert!(!laid_out.model().weights_in_place(), "{q}");
+        // Token by token, as decode steps. The same blocks, but not the same kernels for every
+        // product: a laid-out product whose shape the tiles do not take goes through candle's,
+        // which quantize activations their own way (a Q8_0 product's with one scale per 256
+        // values, where the in-place block products use ggml's one per 32). Measured
+        // 2026-12-01: max |logit diff| 0.26-0.69 with logits up to 33, top-1 the same at every
+        // position; a broken path agrees on almost no position.
+        let (want, got) = (stepwise_logits(&laid_out), stepwise_logits(&e));
+        let (top1, max_diff) = agreement(&got, &want, e.tokenizer().size());
+        let scale = max_abs(&want);
+        eprintln!("{q}: in place against laid out: top-1 {top1}, max |logit diff| {max_diff} (largest |logit| {scale})");
+        assert_eq!(top1, 1.0, "{q}: top-1 at every position");
+        assert!(max_diff <= 0.03 * scale, "{q}: max |logit diff| {max_diff}");
+    }
+    let files = thinkrag_llm::ModelFiles::from_dir(&fixture_dir()).unwrap();
+    let opts = LoadOptions {
+        device: test_device(),
+        quantize: Some(Quantization::Q8_0),
+        layout_memory: Some(1),
+        ..LoadOptions::default()
+    };
+    let Err(e) = Engine::from_files(files, "heap".into(), None, &opts, &mut |_| {}) else {
+        panic!("weights in the heap beyond the memory must be an error");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("laying out the q8_0 weights for the CPU kernels needs")
+            && e.contains("GB is available"),
+        "{e}"
     );
 }

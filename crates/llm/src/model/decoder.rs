@@ -788,15 +788,19 @@ impl CausalLm {
     /// Readies the weights for the first prompt now, at load. On a CPU a quantized weight is laid
     /// out for its tiled kernels (thinkrag's for Q4_K and Q6_K, else candle's) on the weight's first
     /// product (seconds for the 1.5B model, all of it in the first prompt otherwise); this runs one
-    /// product per weight, in parallel across the weights. A weight read from a memory-mapped file is not read there again once laid out, so
-    /// its pages go back to the OS (they are reloaded from the file if ever touched again).
-    pub fn prepare(&self) -> Result<()> {
+    /// product per weight, in parallel across the weights. A weight read from a memory-mapped file
+    /// is not read there again once laid out, so its pages go back to the OS (they are reloaded
+    /// from the file if ever touched again).
+    ///
+    /// The layouts are new memory. Where they would take more than `available` bytes (when
+    /// known), weights that all lie in memory-mapped files are left there and run in place
+    /// ([`Linear::keep_in_place`]), and the returned note says so; other weights are an
+    /// [`crate::Error::OutOfMemory`] now rather than the OOM killer halfway.
+    pub fn prepare(&self, available: Option<u64>) -> Result<Option<String>> {
         use rayon::prelude::*;
         if !self.device.is_cpu() {
-            return Ok(());
+            return Ok(None);
         }
-        // The layouts are new memory (the mapped file's pages go back as each is made): a model
-        // beyond the machine's memory gets a clear error now rather than the OOM killer halfway.
         // The layouts take up to 6% more than the blocks (Q4_K's f32 super-block scales).
         let needed: usize = self
             .linears()
@@ -806,14 +810,34 @@ impl CausalLm {
                 Weight::Dense(_) => None,
             })
             .sum();
-        fits_in_memory(
-            &format!(
-                "laying out the {} weights for the CPU kernels",
-                self.weights_format()
-            ),
-            needed as u64,
-            crate::device::available_memory(),
-        )?;
+        let what = format!(
+            "laying out the {} weights for the CPU kernels",
+            self.weights_format()
+        );
+        if let Err(e) = fits_in_memory(&what, needed as u64, available) {
+            let quantized: Vec<&Linear> = self
+                .linears()
+                .into_iter()
+                .filter(|l| matches!(l.weight(), Weight::Quantized(_)))
+                .collect();
+            let mapped = quantized
+                .iter()
+                .map(|l| self.mapping_of(l))
+                .collect::<Result<Vec<_>>>()?;
+            if quantized.is_empty() || mapped.iter().any(Option::is_none) {
+                return Err(e);
+            }
+            for l in quantized {
+                l.keep_in_place();
+            }
+            return Ok(Some(format!(
+                "{what} would need {:.1} GB but {:.1} GB is available: the weights run in place from \
+                 the mapped file instead, paged in from disk as they are used (many times slower; \
+                 a smaller quantization, or a machine with more memory, runs at full speed)",
+                needed as f64 / 1e9,
+                available.unwrap_or(0) as f64 / 1e9
+            )));
+        }
         self.linears().par_iter().try_for_each(|l| -> Result<()> {
             let Weight::Quantized(q) = l.weight() else {
                 return Ok(());
@@ -821,26 +845,37 @@ impl CausalLm {
             let (_, k) = q.shape().dims2()?;
             let x = Tensor::zeros((1, 1, k), DType::F32, &self.device)?;
             l.forward_rows(&x)?;
-            if self.mapped_files.is_empty() {
-                return Ok(());
-            }
-            let data = q.data()?;
-            for map in &self.mapped_files {
-                let (start, base) = (data.as_ptr() as usize, map.as_ptr() as usize);
-                if start >= base && start + data.len() <= base + map.len() {
-                    // SAFETY: DONTNEED on a read-only, file-backed mapping only drops page table
-                    // entries: the addresses stay valid and read the file's bytes again.
-                    let _ = unsafe {
-                        map.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            start - base,
-                            data.len(),
-                        )
-                    };
-                }
+            if let Some((map, offset, len)) = self.mapping_of(l)? {
+                // SAFETY: DONTNEED on a read-only, file-backed mapping only drops page table
+                // entries: the addresses stay valid and read the file's bytes again.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+                };
             }
             Ok(())
-        })
+        })?;
+        Ok(None)
+    }
+
+    /// Whether the quantized weights run in place from their mapped file rather than laid out
+    /// for the tiled kernels (see [`Self::prepare`]).
+    pub fn weights_in_place(&self) -> bool {
+        self.linears().iter().any(|l| l.runs_in_place())
+    }
+
+    /// The memory-mapped file a quantized weight's blocks lie in, with their offset and length
+    /// there; `None` for weights in the heap.
+    fn mapping_of(&self, l: &Linear) -> Result<Option<(&memmap2::Mmap, usize, usize)>> {
+        let Weight::Quantized(q) = l.weight() else {
+            return Ok(None);
+        };
+        let data = q.data()?;
+        let start = data.as_ptr() as usize;
+        Ok(self.mapped_files.iter().find_map(|map| {
+            let base = map.as_ptr() as usize;
+            (start >= base && start + data.len() <= base + map.len())
+                .then(|| (&**map, start - base, data.len()))
+        }))
     }
 
     /// Whether the query and key weights hold each head's rows in llama.cpp's order for

@@ -39,9 +39,20 @@ const DEQUANTIZED_GEMM_ROWS: usize = 8;
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
-    /// A quantized weight laid out for [`KTiles`]' kernels on its first product, where they apply
-    /// (shared by clones).
-    tiles: Arc<OnceLock<Option<KTiles>>>,
+    /// How a quantized weight's products run, settled on its first product (or by
+    /// [`Linear::keep_in_place`]); shared by clones.
+    layout: Arc<OnceLock<Layout>>,
+}
+
+/// How a quantized weight's products run.
+#[derive(Debug)]
+enum Layout {
+    /// Laid out for [`KTiles`]' kernels.
+    Tiles(KTiles),
+    /// candle's kernels (which may keep a repacked copy of their own) and the block products.
+    Candle,
+    /// The blocks read where they lie, in a memory-mapped file, and no copy made.
+    InPlace,
 }
 
 /// A projection's weight matrix `(out, in)`.
@@ -77,7 +88,7 @@ impl Linear {
         Self {
             weight,
             bias,
-            tiles: Arc::default(),
+            layout: Arc::default(),
         }
     }
 
@@ -99,10 +110,31 @@ impl Linear {
     /// The weight in [`KTiles`]' layout (made on first use) when this CPU and its format take
     /// those kernels: then every product with it, of any row count, runs there.
     fn ktiles(&self) -> Option<&KTiles> {
-        match &self.weight {
-            Weight::Quantized(q) => self.tiles.get_or_init(|| KTiles::new(q)).as_ref(),
-            Weight::Dense(_) => None,
+        let Weight::Quantized(q) = &self.weight else {
+            return None;
+        };
+        let layout = self
+            .layout
+            .get_or_init(|| KTiles::new(q).map_or(Layout::Candle, Layout::Tiles));
+        match layout {
+            Layout::Tiles(t) => Some(t),
+            Layout::Candle | Layout::InPlace => None,
         }
+    }
+
+    /// Makes every product read the quantized blocks where they lie (a memory-mapped file, which
+    /// the OS pages in and out as it needs) instead of laying them out for the tiled kernels,
+    /// which copies them: for a model larger than the memory available. Slower (block by block
+    /// dot products). Returns whether the weight now runs so: not where a product already laid
+    /// it out, nor for a full-precision weight.
+    pub fn keep_in_place(&self) -> bool {
+        matches!(self.weight, Weight::Quantized(_))
+            && (self.layout.set(Layout::InPlace).is_ok() || self.runs_in_place())
+    }
+
+    /// Whether the products read the blocks where they lie ([`Linear::keep_in_place`]).
+    pub fn runs_in_place(&self) -> bool {
+        matches!(self.layout.get(), Some(Layout::InPlace))
     }
 }
 
@@ -115,6 +147,7 @@ impl Module for Linear {
                 }
                 candle_nn::Linear::new(w.clone(), None).forward(x)?
             }
+            Weight::Quantized(q) if self.runs_in_place() => in_place_matmul(x, q)?,
             Weight::Quantized(q) => match self.ktiles() {
                 Some(tiles) => tiles_matmul(x, tiles)?,
                 None => quantized_matmul(x, q)?,
@@ -174,6 +207,7 @@ impl Linear {
     pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             Weight::Dense(w) => small_batch_f32(x, w)?,
+            Weight::Quantized(q) if self.runs_in_place() => Some(in_place_matmul(x, q)?),
             Weight::Quantized(q) => match self.ktiles() {
                 Some(tiles) => Some(tiles_matmul(x, tiles)?),
                 None => small_batch_quantized(x, q)?,
@@ -463,6 +497,31 @@ fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor>
         QMatMul::from_arc(w.clone())?.forward(&x)?
     };
     y.to_dtype(dtype)
+}
+
+/// `x W^T` reading `w`'s blocks where they lie: [`block_products`] for any number of rows (each
+/// weight row streams once per call, however many rows meet it), or candle's product for formats
+/// it does not take.
+fn in_place_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    let (n, k) = w.shape().dims2()?;
+    if matches!(x.device(), Device::Cpu) && x.dims().last() == Some(&k) && k > 0 {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let rows = x.elem_count() / k;
+        let y = {
+            let (xs, xl) = x.storage_and_layout();
+            match &*xs {
+                Storage::Cpu(CpuStorage::F32(xv)) => {
+                    block_products(w, n, k, &xv[xl.start_offset()..][..rows * k])?
+                }
+                _ => None,
+            }
+        };
+        if let Some(y) = y {
+            return Tensor::from_vec(y, output_shape(&x, n), x.device())?.to_dtype(dtype);
+        }
+    }
+    quantized_matmul(x, w)
 }
 
 /// The output of a parallel computation (f32 products, or other elements), shared by the threads
