@@ -8,7 +8,7 @@
 //! with one scale per 256 values (ggml uses one per 32) and issue no prefetches, so with four
 //! sequences the weight stream stalls while the tile is multiplied: four rows cost 2.6-2.8x one.
 //! These tiles keep the GGUF's sizes (Q4_K: 2,432 bytes per tile against 2,304; Q6_K: 3,392
-//! against 3,360; Q8_0: the same 4,352), prefetch a few tiles ahead of the one being multiplied,
+//! against 3,360; Q8_0: the same 4,352), prefetch the tile after the one being multiplied,
 //! spread over its steps, and keep sums in integers as far as they are exact.
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -117,8 +117,8 @@ struct ActQ8K {
 
 /// How far ahead of the tile being multiplied the kernels prefetch (in tiles). One tile (2.4-4.3
 /// KB) is a few hundred nanoseconds of work, more than memory's latency; prefetches further
-/// ahead hold the core's line-fill buffers longer for nothing (a 1.5B decode step streamed its
-/// weights at 0.69-0.74 of the memory's read rate four tiles ahead, 0.76-0.81 one tile ahead).
+/// ahead hold the core's line-fill buffers longer for nothing (the 1.5B's up projection streamed
+/// from memory at 0.66-0.74 of the read rate four tiles ahead, 0.76-0.81 one tile ahead).
 const PREFETCH_TILES: usize = 1;
 /// Activation rows one kernel call multiplies against a tile while it is in L1.
 const MAX_ROWS_PER_PASS: usize = 4;
