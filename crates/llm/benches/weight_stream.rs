@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use thinkrag_llm::bench::{stream_sum, ReadProbe};
+use thinkrag_llm::bench::{read_in_parallel, ReadProbe};
 use thinkrag_llm::model::{Linear, Weight};
 
 /// Bytes of weights each case streams per round.
@@ -26,7 +26,6 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
     let probe = ReadProbe::new();
-    let pool = candle_core::utils::barrier_pool();
     println!("| weights | format | products GB/s | regions GB/s | probe GB/s | products / probe |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
     // The 1.5B's MLP up/gate and down, and its attention's query/output, shapes.
@@ -59,11 +58,7 @@ fn main() {
                 products.push(total / t.elapsed().as_secs_f64() / 1e9);
                 let t = Instant::now();
                 for b in &plain {
-                    let share = b.len().div_ceil(pool.n_workers() + 1);
-                    pool.execute(|tid| {
-                        let part = b.chunks(share).nth(tid).unwrap_or(&[]);
-                        std::hint::black_box(stream_sum(part));
-                    });
+                    read_in_parallel(b);
                 }
                 regions.push(total / t.elapsed().as_secs_f64() / 1e9);
                 probes.push(probe.measure());

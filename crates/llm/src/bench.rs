@@ -199,15 +199,21 @@ impl ReadProbe {
 
     /// One pass: GB/s.
     pub fn measure(&self) -> f64 {
-        let pool = candle_core::utils::barrier_pool();
-        let share = self.buf.len().div_ceil(pool.n_workers() + 1);
         let t = Instant::now();
-        pool.execute(|tid| {
-            let part = self.buf.chunks(share).nth(tid).unwrap_or(&[]);
-            std::hint::black_box(stream_sum(part));
-        });
+        read_in_parallel(&self.buf);
         std::mem::size_of_val(&self.buf[..]) as f64 / t.elapsed().as_secs_f64() / 1e9
     }
+}
+
+/// Reads all of `buf` once in one parallel region, each thread of candle's pool streaming its
+/// contiguous share: the probe's pass, and the plain-reads peer of the weight-stream bench.
+pub fn read_in_parallel(buf: &[u64]) {
+    let pool = candle_core::utils::barrier_pool();
+    let share = buf.len().div_ceil(pool.n_workers() + 1).max(1);
+    pool.execute(|tid| {
+        let part = buf.chunks(share).nth(tid).unwrap_or(&[]);
+        std::hint::black_box(stream_sum(part));
+    });
 }
 
 impl Default for ReadProbe {
@@ -219,7 +225,7 @@ impl Default for ReadProbe {
 /// Reads all of `part` as fast as one core can: 64-byte loads into four independent sums, with
 /// AVX-512 where the CPU has it (the compiler's own vectorization of the portable loop uses
 /// narrower loads on some CPUs, which then read below what the memory allows).
-pub fn stream_sum(part: &[u64]) -> u64 {
+fn stream_sum(part: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         #[target_feature(enable = "avx512f")]

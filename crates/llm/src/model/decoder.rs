@@ -820,16 +820,12 @@ impl CausalLm {
                 .into_iter()
                 .filter(|l| matches!(l.weight(), Weight::Quantized(_)))
                 .collect();
-            let mapped = quantized
-                .iter()
-                .map(|l| self.mapping_of(l))
-                .collect::<Result<Vec<_>>>()?;
-            if quantized.is_empty() || mapped.iter().any(Option::is_none) {
-                return Err(e);
+            for l in &quantized {
+                if self.mapping_of(l)?.is_none() {
+                    return Err(e); // in the heap: nothing to run from
+                }
             }
-            for l in quantized {
-                l.keep_in_place();
-            }
+            quantized.iter().for_each(|l| l.keep_in_place());
             return Ok(Some(format!(
                 "{what} would need {:.1} GB but {:.1} GB is available: the weights run in place from \
                  the mapped file instead, paged in from disk as they are used (many times slower; \

@@ -125,11 +125,12 @@ impl Linear {
     /// Makes every product read the quantized blocks where they lie (a memory-mapped file, which
     /// the OS pages in and out as it needs) instead of laying them out for the tiled kernels,
     /// which copies them: for a model larger than the memory available. Slower (block by block
-    /// dot products). Returns whether the weight now runs so: not where a product already laid
-    /// it out, nor for a full-precision weight.
-    pub fn keep_in_place(&self) -> bool {
-        matches!(self.weight, Weight::Quantized(_))
-            && (self.layout.set(Layout::InPlace).is_ok() || self.runs_in_place())
+    /// dot products). No effect on a full-precision weight, nor on one a product has already laid
+    /// out ([`Linear::runs_in_place`] tells).
+    pub fn keep_in_place(&self) {
+        if matches!(self.weight, Weight::Quantized(_)) {
+            let _ = self.layout.set(Layout::InPlace);
+        }
     }
 
     /// Whether the products read the blocks where they lie ([`Linear::keep_in_place`]).
