@@ -348,6 +348,21 @@ fn quantize_writes_a_gguf_that_generate_bench_and_the_hub_cache_load() {
         .map(|r| r["test"].as_str().unwrap())
         .collect();
     assert_eq!(tests, ["pp16", "tg4@8"]);
+    // The KV cache as llama.cpp's 8-bit blocks, and generation over it.
+    c.args(["--kv-cache", "q8_0"]);
+    let v: Value = serde_json::from_str(&stdout_of(&mut c)).unwrap();
+    assert_eq!(v["kv_cache"], "q8_0");
+    let q8: Value = serde_json::from_str(&stdout_of(
+        generate(&greedy)
+            .arg("--model")
+            .arg(&gguf)
+            .args(["--kv-cache", "q8_0"]),
+    ))
+    .unwrap();
+    assert!(
+        q8["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{q8}"
+    );
 
     // One GGUF file of a hub repo, from the Hugging Face cache, with nothing beside it.
     let home = tempfile::tempdir().unwrap();
@@ -362,6 +377,8 @@ fn bad_quantization_requests_are_clear_errors() {
     assert!(err.contains("q7") && err.contains("q4k"), "{err}");
     let err = stderr_of_failure(&mut generate(&["--quantize", "q8_0", "--dtype", "bf16"]));
     assert!(err.contains("f32"), "{err}");
+    let err = stderr_of_failure(&mut generate(&["--kv-cache", "q4_0"]));
+    assert!(err.contains("q4_0") && err.contains("q8_0"), "{err}");
     let mut c = thinkrag();
     c.args(["quantize", "--model"]).arg(fixture()).args([
         "--to",

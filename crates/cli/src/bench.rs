@@ -58,7 +58,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "CPU"
     };
     let dtype = thinkrag_llm::device::dtype_name(model.dtype());
-    let kv = thinkrag_llm::device::dtype_name(model.kv_dtype());
+    let kv = model.kv_format().to_string();
     let weights = model.weights_format();
     let weights_gib = model.weights_size_in_bytes() as f64 / (1u64 << 30) as f64;
     let params = cfg.parameter_count();

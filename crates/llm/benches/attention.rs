@@ -1,6 +1,6 @@
 //! Criterion benchmark of the decode step's attention at the 1.5B model's shape (2 KV heads of
 //! 128, 6 query heads each, 28 layers): one token's attention over every layer's cache at 100
-//! and 4,000 positions, with an f16 and an f32 cache. The caches are the model's own
+//! and 4,000 positions, with a Q8_0, an f16 and an f32 cache. The caches are the model's own
 //! ([`KvCache`], one buffer for all layers), so at 4,000 positions they stream from memory (115 MB
 //! in f16) rather than from a CPU cache; throughput is in bytes of cache read, comparable with the
 //! machine's memory bandwidth (`thinkrag bench` probes it).
@@ -9,10 +9,10 @@
 
 mod support;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use thinkrag_llm::model::decode_attention::decode_attention;
-use thinkrag_llm::model::KvCache;
+use thinkrag_llm::model::{KvCache, KvFormat};
 
 const LAYERS: usize = 28;
 const KV_HEADS: usize = 2;
@@ -25,16 +25,16 @@ fn attention(c: &mut Criterion) {
     let mut g = support::group(c, "decode_attention", 6);
     let q = Tensor::randn(0f32, 1.0, (1, KV_HEADS, GROUP, HEAD_DIM), &dev).expect("query");
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    for dtype in [DType::F16, DType::F32] {
+    for format in [KvFormat::Q8_0, KvFormat::F16, KvFormat::F32] {
         for len in [100usize, 4000] {
-            let mut cache = KvCache::new(LAYERS, KV_HEADS, HEAD_DIM, 4096, dtype, &dev);
+            let mut cache = KvCache::new(LAYERS, KV_HEADS, HEAD_DIM, 4096, format, &dev);
             cache.fill_for_benchmark(len).expect("cache");
             let views: Vec<(Tensor, Tensor)> = (0..LAYERS)
                 .map(|l| cache.layer(l).expect("a filled layer"))
                 .collect();
-            let bytes = LAYERS * 2 * KV_HEADS * len * HEAD_DIM * dtype.size_in_bytes();
+            let bytes = LAYERS * 2 * KV_HEADS * len * format.row_bytes(HEAD_DIM);
             g.throughput(Throughput::Bytes(bytes as u64));
-            let id = BenchmarkId::new(format!("{dtype:?}"), len);
+            let id = BenchmarkId::new(format.to_string(), len);
             g.bench_with_input(id, &views, |b, views| {
                 b.iter(|| {
                     for (k, v) in views {

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::generate::{Event, Generation, GenerationParams, OwnedEvent};
 use crate::gguf;
 use crate::manifest::ModelManifest;
-use crate::model::{CausalLm, KvCache, Logits};
+use crate::model::{CausalLm, KvCache, KvFormat, Logits};
 use crate::model::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};
 use crate::quant::Quantization;
 use crate::sampling::SamplingParams;
@@ -45,9 +45,9 @@ pub struct LoadOptions {
     /// Leave quantized weights as loaded instead of laying them out for the CPU kernels at load
     /// (see [`CausalLm::prepare`]): for tools that only convert weights and never run them.
     pub skip_weight_layout: bool,
-    /// What the KV cache stores keys and values as; `Auto` is f16 for quantized weights on a
-    /// CPU with AVX-512, the activations' dtype otherwise (see [`CausalLm::set_kv_dtype`]).
-    pub kv_cache: DTypeChoice,
+    /// What the KV cache stores keys and values as; `None` (auto) is f16 for quantized weights
+    /// on a CPU with AVX-512, the activations' dtype otherwise (see [`CausalLm::set_kv_format`]).
+    pub kv_cache: Option<KvFormat>,
     /// Bytes of memory the weights' CPU layout may take; `None`: what the OS reports available.
     /// Beyond it, GGUF weights run in place from the mapped file (see [`CausalLm::prepare`]).
     pub layout_memory: Option<u64>,
@@ -71,13 +71,11 @@ fn prepare_weights(
     Ok(())
 }
 
-/// Applies `opts.kv_cache` to a loaded model (`Auto` keeps the model's default).
-fn apply_kv_cache(model: &mut CausalLm, opts: &LoadOptions) {
+/// Applies `opts.kv_cache` to a loaded model (`None` keeps the model's default).
+fn apply_kv_cache(model: &mut CausalLm, opts: &LoadOptions) -> Result<()> {
     match opts.kv_cache {
-        DTypeChoice::Auto => {}
-        DTypeChoice::F32 => model.set_kv_dtype(candle_core::DType::F32),
-        DTypeChoice::F16 => model.set_kv_dtype(candle_core::DType::F16),
-        DTypeChoice::Bf16 => model.set_kv_dtype(candle_core::DType::BF16),
+        None => Ok(()),
+        Some(format) => model.set_kv_format(format),
     }
 }
 
@@ -226,7 +224,7 @@ impl Engine {
             load_weights(&config, loaded.weights, opts, &device, progress)?
         };
         prepare_weights(&model, opts, progress)?;
-        apply_kv_cache(&mut model, opts);
+        apply_kv_cache(&mut model, opts)?;
         Ok(Self {
             model,
             tokenizer,
@@ -846,7 +844,7 @@ pub fn load_model_only(
     let device = opts.device.open()?;
     let mut model = load_weights(&config, weights, opts, &device, progress)?;
     prepare_weights(&model, opts, progress)?;
-    apply_kv_cache(&mut model, opts);
+    apply_kv_cache(&mut model, opts)?;
     Ok(model)
 }
 

@@ -56,6 +56,7 @@ pub use generate::{
     Event, Generation, GenerationParams, GenerationReport, OwnedEvent, StopReason, Timings, Usage,
 };
 pub use manifest::ModelManifest;
+pub use model::KvFormat;
 pub use quant::Quantization;
 pub use sampling::SamplingParams;
 pub use scheduler::{EventSink, EventStream, Scheduler, SchedulerConfig, SchedulerMetrics};

@@ -1,5 +1,5 @@
-//! Attention of one new token over the KV cache, on the CPU in f32 over an f32 or f16 cache: the
-//! decode step's attention.
+//! Attention of one new token over the KV cache, on the CPU in f32 over an f32, f16 or Q8_0
+//! cache: the decode step's attention.
 //!
 //! Through candle, each layer's `q k^T` and `p v` for a single query run as general matmuls whose
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
@@ -14,14 +14,15 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::model::kv_cache::{dequantize_q8_0_row, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 use crate::model::linear::OutPtr;
 use crate::model::vexp;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
-/// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, head_dim)`
-/// (views of the cache: rows contiguous, heads strided; f32 or f16, both the same). Returns
-/// `(1, 1, kv_heads*group*head_dim)`, or `None` when the inputs are not CPU tensors of that
-/// layout, `q` in f32.
+/// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, row)`
+/// (views of the cache: rows contiguous, heads strided; f32 or f16 rows of `head_dim`, or `U8`
+/// rows of Q8_0 blocks, both the same). Returns `(1, 1, kv_heads*group*head_dim)`, or `None`
+/// when the inputs are not CPU tensors of that layout, `q` in f32.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -46,13 +47,19 @@ pub fn decode_attention_many(
     };
     let kv_dtype = k_first.dtype();
     let (_, kv_heads, group, hd) = q_first.dims4()?;
+    // Elements per cached row: the head size, or the bytes of its Q8_0 blocks.
+    let row = match kv_dtype {
+        DType::U8 if hd.is_multiple_of(Q8_0_BLOCK) => <u8 as KvElem>::row_len(hd),
+        DType::U8 => return Ok(None),
+        _ => hd,
+    };
     let mut queries = Vec::with_capacity(items.len());
     for &(q, k, v) in items {
         if !(on_cpu(q, DType::F32) && on_cpu(k, kv_dtype) && on_cpu(v, kv_dtype)) {
             return Ok(None);
         }
         let (b, kh, len, kd) = k.dims4()?;
-        if b != 1 || q.dims() != [1, kv_heads, group, hd] || kh != kv_heads || kd != hd {
+        if b != 1 || q.dims() != [1, kv_heads, group, hd] || kh != kv_heads || kd != row {
             return Ok(None);
         }
         if v.dims() != k.dims() || len == 0 {
@@ -73,11 +80,12 @@ pub fn decode_attention_many(
         .collect();
     let mut f32_heads = Vec::new();
     let mut f16_heads = Vec::new();
+    let mut q8_heads = Vec::new();
     for ((qs, ql), (ks, kl), (vs, vl)) in &guards {
         let Storage::Cpu(CpuStorage::F32(qv)) = &**qs else {
             return Ok(None);
         };
-        let rows_ok = |s: &[usize]| s[3] == 1 && s[2] == hd;
+        let rows_ok = |s: &[usize]| s[3] == 1 && s[2] == row;
         if !rows_ok(kl.stride()) || !rows_ok(vl.stride()) {
             return Ok(None);
         }
@@ -89,13 +97,18 @@ pub fn decode_attention_many(
             (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
                 f16_heads.push(Heads::over(queries, k, kl, v, vl))
             }
+            (Storage::Cpu(CpuStorage::U8(k)), Storage::Cpu(CpuStorage::U8(v))) => {
+                q8_heads.push(Heads::over(queries, k, kl, v, vl))
+            }
             _ => return Ok(None),
         }
     }
-    let out = if f16_heads.is_empty() {
-        attend_all(&f32_heads, kv_heads, group, hd, scale)
-    } else {
+    let out = if !q8_heads.is_empty() {
+        attend_all(&q8_heads, kv_heads, group, hd, scale)
+    } else if !f16_heads.is_empty() {
         attend_all(&f16_heads, kv_heads, group, hd, scale)
+    } else {
+        attend_all(&f32_heads, kv_heads, group, hd, scale)
     };
     drop(guards);
     Ok(Some(Tensor::from_vec(
@@ -119,6 +132,7 @@ fn attend_all<T: KvElem>(
     let out_ptr = OutPtr(out.as_mut_ptr());
     let max_len = heads.iter().map(|h| h.len).max().unwrap_or(0);
     let fused = fused_kernels(hd);
+    let row = T::row_len(hd);
     candle_core::utils::barrier_pool().execute_chunked(heads.len() * kv_heads, |units| {
         let mut scores = vec![0f32; group * max_len];
         let mut acc = vec![0f32; group * hd];
@@ -129,8 +143,8 @@ fn attend_all<T: KvElem>(
             let len = seq.len;
             let head = Head {
                 queries: &seq.queries[h * group * hd..][..group * hd],
-                keys: &seq.keys[h * seq.k_head..][..len * hd],
-                values: &seq.values[h * seq.v_head..][..len * hd],
+                keys: &seq.keys[h * seq.k_head..][..len * row],
+                values: &seq.values[h * seq.v_head..][..len * row],
                 hd,
             };
             let scores = &mut scores[..group * len];
@@ -155,15 +169,15 @@ fn attend_all<T: KvElem>(
 struct Head<'a, T> {
     /// `group` rows of `hd`.
     queries: &'a [f32],
-    /// `len` rows of `hd`.
+    /// `len` rows of `hd` values ([`KvElem::row_len`] elements each).
     keys: &'a [T],
     values: &'a [T],
     hd: usize,
 }
 
-impl<T> Head<'_, T> {
+impl<T: KvElem> Head<'_, T> {
     fn len(&self) -> usize {
-        self.keys.len() / self.hd
+        self.keys.len() / T::row_len(self.hd)
     }
 }
 
@@ -183,25 +197,26 @@ fn attend_head<T: KvElem>(
     widened: &mut Vec<f32>,
 ) {
     let (hd, len) = (head.hd, head.len());
+    let row = T::row_len(hd);
     let group = head.queries.len() / hd;
     let ahead = Ahead::new(head.keys, head.values);
-    for (b, block) in head.keys.chunks(KEY_BLOCK * hd).enumerate() {
+    for (b, block) in head.keys.chunks(KEY_BLOCK * row).enumerate() {
         let start = b * KEY_BLOCK;
-        let block = T::widen(block, widened);
+        let block = T::widen(block, hd, widened);
         let rows = block.len() / hd;
         for (g, q) in head.queries.chunks_exact(hd).enumerate() {
-            ahead.prefetch(start * hd, KEY_BLOCK * hd, g, group);
+            ahead.prefetch(start * row, KEY_BLOCK * row, g, group);
             scores_of(q, block, scale, &mut scores[g * len + start..][..rows]);
         }
     }
     for row in scores.chunks_exact_mut(len) {
         softmax_in_place(row);
     }
-    for (b, block) in head.values.chunks(VALUE_BLOCK * hd).enumerate() {
+    for (b, block) in head.values.chunks(VALUE_BLOCK * row).enumerate() {
         let start = b * VALUE_BLOCK;
-        let block = T::widen(block, widened);
+        let block = T::widen(block, hd, widened);
         for (g, a) in out.chunks_exact_mut(hd).enumerate() {
-            ahead.prefetch((len + start) * hd, VALUE_BLOCK * hd, g, group);
+            ahead.prefetch((len + start) * row, VALUE_BLOCK * row, g, group);
             accumulate_any(block, &scores[g * len + start..], a);
         }
     }
@@ -306,7 +321,8 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize>(
     ahead: &Ahead,
 ) {
     use core::arch::x86_64::*;
-    let len = keys.len() / hd;
+    let row = T::row_len(hd);
+    let len = keys.len() / row;
     assert!(H * K <= 16 && q.len() == H * hd && scores.len() == H * len && hd.is_multiple_of(16));
     let (qp, kp) = (q.as_ptr(), keys.as_ptr());
     let scale_v = _mm512_set1_ps(scale);
@@ -317,7 +333,7 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize>(
         for c in (0..hd).step_by(16) {
             // SAFETY: `t + K <= len` and `c + 16 <= hd`: inside `keys` and `q`.
             let k: [__m512; K] =
-                core::array::from_fn(|j| unsafe { T::load16(kp.add((t + j) * hd + c)) });
+                core::array::from_fn(|j| unsafe { T::load16(kp.add((t + j) * row), c) });
             for g in 0..H {
                 let qv = unsafe { _mm512_loadu_ps(qp.add(g * hd + c)) };
                 for j in 0..K {
@@ -325,7 +341,7 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize>(
                 }
             }
         }
-        ahead.prefetch(t * hd, K * hd, 0, 1);
+        ahead.prefetch(t * row, K * row, 0, 1);
         // SAFETY: 16 floats into `sums`.
         unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_mul_ps(sum16(&acc), scale_v)) };
         for g in 0..H {
@@ -338,7 +354,7 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize>(
             for c in (0..hd).step_by(16) {
                 // SAFETY: `t < len`, `c + 16 <= hd`.
                 unsafe {
-                    let k = T::load16(kp.add(t * hd + c));
+                    let k = T::load16(kp.add(t * row), c);
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(g * hd + c)), k, acc);
                 }
             }
@@ -364,7 +380,8 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize>(
     ahead: &Ahead,
 ) {
     use core::arch::x86_64::*;
-    let len = values.len() / hd;
+    let row = T::row_len(hd);
+    let len = values.len() / row;
     assert!(probs.len() == H * len && out.len() == H * hd && hd.is_multiple_of(16 * C));
     let (vp, pp, op) = (values.as_ptr(), probs.as_ptr(), out.as_mut_ptr());
     for r0 in (0..len).step_by(VALUE_ROWS) {
@@ -376,12 +393,12 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize>(
             });
             for t in rows.clone() {
                 if c0 == 0 {
-                    ahead.prefetch((len + t) * hd, hd, 0, 1);
+                    ahead.prefetch((len + t) * row, row, 0, 1);
                 }
                 // SAFETY: `t < len` and `c0 + 16 * C <= hd`: inside `values`; `g * len + t`
                 // inside `probs`.
                 let v: [__m512; C] =
-                    core::array::from_fn(|c| unsafe { T::load16(vp.add(t * hd + c0 + c * 16)) });
+                    core::array::from_fn(|c| unsafe { T::load16(vp.add(t * row), c0 + c * 16) });
                 for (g, a) in acc.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(unsafe { *pp.add(g * len + t) });
                     for c in 0..C {
@@ -506,30 +523,73 @@ impl Ahead {
     }
 }
 
-/// An element of the KV cache: f32, or f16 (half the bytes to keep, and to stream per decode
-/// step at long contexts; llama.cpp's default cache type too).
+/// An element of the KV cache's rows: f32, f16 (half the bytes to keep, and to stream per
+/// decode step at long contexts; llama.cpp's default cache type too), or `u8`, the bytes of
+/// rows of Q8_0 blocks (0.56 of f16's bytes).
 pub(crate) trait KvElem: Copy + Send + Sync + 'static {
-    /// `rows` as f32: themselves for f32, else converted into `buf`.
-    fn widen<'a>(rows: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+    /// Elements one row of `hd` values takes.
+    fn row_len(hd: usize) -> usize;
 
-    /// 16 values from `p` as f32.
+    /// Whole `rows` of `hd` values as f32: themselves for f32, else converted into `buf`.
+    fn widen<'a>(rows: &'a [Self], hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
+
+    /// Values `c..c+16` of the row starting at `row` as f32 (`c` a multiple of 16).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and `p..p+16` is readable.
+    /// The CPU has AVX-512 F and the row, of at least `c + 16` values, is readable.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> core::arch::x86_64::__m512;
+    unsafe fn load16(row: *const Self, c: usize) -> core::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
-    fn widen<'a>(rows: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+    fn row_len(hd: usize) -> usize {
+        hd
+    }
+
+    fn widen<'a>(rows: &'a [f32], _: usize, _: &'a mut Vec<f32>) -> &'a [f32] {
         rows
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const f32) -> core::arch::x86_64::__m512 {
+    unsafe fn load16(row: *const f32, c: usize) -> core::arch::x86_64::__m512 {
         // SAFETY: the caller's.
-        unsafe { core::arch::x86_64::_mm512_loadu_ps(p) }
+        unsafe { core::arch::x86_64::_mm512_loadu_ps(row.add(c)) }
+    }
+}
+
+/// Rows of Q8_0 blocks (an f32 scale and 32 signed bytes each), as [`KvFormat::Q8_0`] stores
+/// them. Each value is widened as `f32(q) * d`, by the portable path and AVX-512 alike, so both
+/// see the same numbers.
+///
+/// [`KvFormat::Q8_0`]: crate::model::KvFormat::Q8_0
+impl KvElem for u8 {
+    fn row_len(hd: usize) -> usize {
+        hd / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+    }
+
+    fn widen<'a>(rows: &'a [u8], hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let row = Self::row_len(hd);
+        let n = rows.len() / row * hd;
+        buf.resize(n, 0.0);
+        for (r, out) in rows.chunks_exact(row).zip(buf.chunks_exact_mut(hd)) {
+            dequantize_q8_0_row(r, out);
+        }
+        &buf[..n]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, c: usize) -> core::arch::x86_64::__m512 {
+        use core::arch::x86_64::*;
+        // SAFETY (the reads): the caller's; block `c / 32` holds values `c..c+16` after its
+        // 4-byte scale. The sign extension and the scale's broadcast both read memory directly.
+        unsafe {
+            let block = row.add(c / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+            let d = _mm512_set1_ps(block.cast::<f32>().read_unaligned());
+            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(4 + c % Q8_0_BLOCK).cast()));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
+        }
     }
 }
 
@@ -541,7 +601,11 @@ pub(crate) fn widens_f16_fast() -> bool {
 }
 
 impl KvElem for f16 {
-    fn widen<'a>(rows: &'a [f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    fn row_len(hd: usize) -> usize {
+        hd
+    }
+
+    fn widen<'a>(rows: &'a [f16], _: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
         let n = rows.len();
         buf.resize(n, 0.0);
         #[cfg(target_arch = "x86_64")]
@@ -556,10 +620,10 @@ impl KvElem for f16 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const f16) -> core::arch::x86_64::__m512 {
+    unsafe fn load16(row: *const f16, c: usize) -> core::arch::x86_64::__m512 {
         use core::arch::x86_64::*;
         // SAFETY: the caller's.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c).cast())) }
     }
 }
 
@@ -863,6 +927,82 @@ mod tests {
                 first.to_vec1::<f32>().unwrap(),
                 narrow.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             );
+        }
+    }
+
+    /// A Q8_0 cache (rows of blocks, as the KV cache stores them) gives what an f32 cache of its
+    /// dequantized values gives, through the fused kernels and the portable path alike, for one
+    /// sequence and several, and for head sizes of 64 and 128.
+    #[test]
+    fn a_q8_0_cache_matches_f32_over_its_values() {
+        use crate::model::kv_cache::{widen_rows, KvCache, KvFormat};
+        let dev = Device::Cpu;
+        for (kv_heads, group, hd, len) in [(2, 6, 128, 300), (2, 2, 64, 7), (1, 9, 64, 33)] {
+            let mut cache = KvCache::new(1, kv_heads, hd, 1024, KvFormat::Q8_0, &dev);
+            cache.reserve(len).unwrap();
+            let r = |shape: (usize, usize, usize, usize)| {
+                Tensor::randn(0f32, 1.0, shape, &dev).unwrap()
+            };
+            cache
+                .append(0, &r((1, kv_heads, len, hd)), &r((1, kv_heads, len, hd)))
+                .unwrap();
+            cache.advance(len);
+            let (k8, v8) = cache.layer(0).unwrap();
+            assert_eq!(k8.dtype(), DType::U8);
+            let (k32, v32) = (
+                widen_rows(&k8, hd, DType::F32).unwrap(),
+                widen_rows(&v8, hd, DType::F32).unwrap(),
+            );
+            let q = r((1, kv_heads, group, hd));
+            let scale = 1.0 / (hd as f32).sqrt();
+            let wide = decode_attention(&q, &k32, &v32, scale).unwrap().unwrap();
+            let q8 = decode_attention(&q, &k8, &v8, scale)
+                .unwrap()
+                .expect("a Q8_0 cache is read directly");
+            let d = max_diff(&wide, &q8);
+            assert!(d < 1e-5, "kv_heads {kv_heads} group {group} hd {hd}: {d}");
+            let q2 = r((1, kv_heads, group, hd));
+            let both = decode_attention_many(&[(&q, &k8, &v8), (&q2, &k8, &v8)], scale)
+                .unwrap()
+                .unwrap();
+            let first = both.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                first.to_vec1::<f32>().unwrap(),
+                q8.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+            // The portable path (blocks widened first) over the same bytes.
+            let bytes = |t: &Tensor| -> Vec<u8> {
+                t.narrow(1, 0, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (kb, vb) = (bytes(&k8), bytes(&v8));
+            let q0: Vec<f32> = q
+                .narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let head = Head {
+                queries: &q0,
+                keys: &kb,
+                values: &vb,
+                hd,
+            };
+            let mut portable = vec![0f32; group * hd];
+            let mut scores = vec![0f32; group * len];
+            attend_head(&head, scale, &mut scores, &mut portable, &mut Vec::new());
+            let fast = q8.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let d = fast[..group * hd]
+                .iter()
+                .zip(&portable)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-6, "portable, group {group} hd {hd}: {d}");
         }
     }
 

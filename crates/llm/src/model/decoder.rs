@@ -18,7 +18,7 @@ use candle_nn::RmsNorm;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::decode_attention::{decode_attention, decode_attention_many};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{widen_rows, KvCache, KvFormat};
 use crate::model::linear::{Linear, Weight};
 use crate::model::llama::gguf_rope_row_order;
 use crate::model::vexp;
@@ -94,8 +94,8 @@ pub struct CausalLm {
     inv_freq: Vec<f32>,
     cfg: ModelConfig,
     dtype: DType,
-    /// What new caches store keys and values as (see [`CausalLm::set_kv_dtype`]).
-    kv_dtype: DType,
+    /// What new caches store keys and values as (see [`CausalLm::set_kv_format`]).
+    kv_format: KvFormat,
     device: Device,
     /// The memory-mapped file the weights live in, if any (a GGUF file on a CPU).
     mapped_files: Vec<std::sync::Arc<memmap2::Mmap>>,
@@ -364,9 +364,9 @@ fn blocked_attention(
     let rows = (budget / (4 * group * kv_len).max(1)).clamp(1, s);
     let mut outs = Vec::with_capacity(kv_heads);
     for h in 0..kv_heads {
-        // A cache narrower than the model (f16 on a CPU) is widened for this path.
-        let k = k.narrow(1, h, 1)?.to_dtype(dtype)?;
-        let v = v.narrow(1, h, 1)?.to_dtype(dtype)?;
+        // A cache narrower than the model (f16 or Q8_0 on a CPU) is widened for this path.
+        let k = widen_rows(&k.narrow(1, h, 1)?, hd, dtype)?;
+        let v = widen_rows(&v.narrow(1, h, 1)?, hd, dtype)?;
         let mut blocks = Vec::with_capacity(s.div_ceil(rows));
         for from in (0..s).step_by(rows) {
             let n = rows.min(s - from);
@@ -425,15 +425,15 @@ const SCORES_BUDGET: usize = 16 << 20;
 /// against 6.56; the 1.5B shape gains 4-5% there. A quantized model's numbers already differ from
 /// the reference's; an f16 cache moves the tiny parity models' logits about half as much as
 /// Q8_0 weights do.
-fn default_kv_dtype(layers: &[DecoderLayer], dtype: DType, device: &Device) -> DType {
+fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> KvFormat {
     let widens_fast = crate::model::decode_attention::widens_f16_fast();
     let quantized = layers
         .first()
         .is_some_and(|l| matches!(l.self_attn.k_proj.weight(), Weight::Quantized(_)));
     if quantized && device.is_cpu() && dtype == DType::F32 && widens_fast {
-        DType::F16
+        KvFormat::F16
     } else {
-        dtype
+        KvFormat::of_dtype(dtype).unwrap_or(KvFormat::F32)
     }
 }
 
@@ -577,7 +577,7 @@ impl CausalLm {
             cfg = cfg.checked(Path::new(ROPE_FREQS))?;
         }
         let inv_freq = cfg.rope_inv_freq();
-        let kv_dtype = default_kv_dtype(&layers, weights.dtype(), weights.device());
+        let kv_format = default_kv_format(&layers, weights.dtype(), weights.device());
         Ok(Self {
             embed_tokens,
             layers,
@@ -587,7 +587,7 @@ impl CausalLm {
             inv_freq,
             cfg,
             dtype: weights.dtype(),
-            kv_dtype,
+            kv_format,
             device: weights.device().clone(),
             mapped_files: weights.mapped_files(),
         })
@@ -615,25 +615,34 @@ impl CausalLm {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim(),
             max_len.min(self.cfg.max_position_embeddings),
-            self.kv_dtype,
+            self.kv_format,
             &self.device,
         )
     }
 
     /// What the KV caches made from now on store keys and values as.
-    pub fn kv_dtype(&self) -> DType {
-        self.kv_dtype
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// Sets what new KV caches store. f16 halves the cache's memory (0.5 GiB less for the 8B
-    /// shape at 4,096 positions) and the bytes a decode step reads from it; f32 keeps the
-    /// reference's numbers exactly. The default is f16 for quantized weights on a CPU with
-    /// AVX-512 (as llama.cpp's default; measured in `default_kv_dtype`) and the model's dtype
-    /// otherwise. Types other than f32, f16 and bf16 are ignored.
-    pub fn set_kv_dtype(&mut self, dtype: DType) {
-        if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            self.kv_dtype = dtype;
+    /// shape at 4,096 positions) and the bytes a decode step reads from it; Q8_0 takes 0.56 of
+    /// f16's (llama.cpp's `-ctk q8_0 -ctv q8_0`), read directly by the CPU's decode attention;
+    /// f32 keeps the reference's numbers exactly. The default is f16 for quantized weights on a
+    /// CPU with AVX-512 (as llama.cpp's default; measured in `default_kv_format`) and the model's
+    /// dtype otherwise. Q8_0 needs a head size that is a multiple of 32: otherwise this is an
+    /// error and the format stays as it was.
+    pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {
+        let hd = self.cfg.head_dim();
+        if !format.fits_head_dim(hd) {
+            return Err(crate::Error::invalid(
+                "kv-cache",
+                format,
+                format!("f32, f16 or bf16: this model's head size, {hd}, is not a multiple of 32"),
+            ));
         }
+        self.kv_format = format;
+        Ok(())
     }
 
     fn rope(&self, start: usize, len: usize) -> Result<Rope> {

@@ -14,6 +14,6 @@ pub(crate) mod vexp;
 pub mod weights;
 
 pub use decoder::{CausalLm, Logits};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvFormat};
 pub use linear::{Linear, Weight};
 pub use weights::{GgufFile, GgufWeights, SafetensorsWeights, WeightSource};
