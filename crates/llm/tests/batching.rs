@@ -361,6 +361,19 @@ macro_rules! batching_tests {
 
 batching_tests!(f32_safetensors, engine(DTypeChoice::F32));
 batching_tests!(q8_0_gguf, gguf_engine(thinkrag_llm::Quantization::Q8_0));
+// The KV cache as Q8_0 blocks: batched steps, prefix copies and cancellation over byte buffers.
+batching_tests!(q8_0_gguf_q8_0_kv_cache, {
+    let path = gguf_file(thinkrag_llm::Quantization::Q8_0);
+    let source = thinkrag_llm::ModelSource::parse(path.to_str().unwrap()).unwrap();
+    let opts = thinkrag_llm::LoadOptions {
+        device: test_device(),
+        kv_cache: Some(thinkrag_llm::KvFormat::Q8_0),
+        ..thinkrag_llm::LoadOptions::default()
+    };
+    let e = Engine::load(&source, &opts, &mut |_| {}).unwrap();
+    assert_eq!(e.model().kv_format(), thinkrag_llm::KvFormat::Q8_0);
+    e
+});
 batching_tests!(llama_f32_safetensors, {
     set_fixture(Fixture::Llama);
     engine(DTypeChoice::F32)
