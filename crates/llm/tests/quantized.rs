@@ -573,7 +573,8 @@ fn a_random_gguf_has_the_quantized_exports_tensors_and_runs() {
 }
 
 /// A GGUF model whose CPU layout would take more memory than there is (here: one byte) runs in
-/// place from the mapped file instead of being refused, says so, and computes what the laid-out
+/// place from the mapped file instead of being refused, says so (and how many layers stay in
+/// memory, the rest paged out after each use), and computes what the laid-out
 /// model computes (other kernels over the same blocks: the integer sums are exact, only the order
 /// of the float sums differs); weights quantized into the heap at load have no file to run from
 /// and stay a clear error.
@@ -604,6 +605,11 @@ fn a_gguf_beyond_the_memory_runs_in_place_from_the_file() {
             "{q}: {notes:?}"
         );
         assert!(e.model().weights_in_place(), "{q}");
+        // With one byte, no layer stays in memory: each hands its pages back after use, and the
+        // steps below read them from the file again.
+        let layers = e.model().config().num_hidden_layers;
+        let kept = format!("0 of {layers} layers kept in memory");
+        assert!(notes.iter().any(|n| n.contains(&kept)), "{q}: {notes:?}");
         let laid_out = gguf_engine(q);
         assert!(!laid_out.model().weights_in_place(), "{q}");
         // Token by token, as decode steps. The same blocks, but not the same kernels for every

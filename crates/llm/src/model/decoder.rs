@@ -99,6 +99,9 @@ pub struct CausalLm {
     device: Device,
     /// The memory-mapped file the weights live in, if any (a GGUF file on a CPU).
     mapped_files: Vec<std::sync::Arc<memmap2::Mmap>>,
+    /// When the weights run in place from a file larger than the memory: the first layer whose
+    /// pages go back to the OS after each use (see [`CausalLm::prepare`]); `usize::MAX` for none.
+    streamed_from: std::sync::atomic::AtomicUsize,
 }
 
 /// Tensor names under a prefix, as Hugging Face writes them (`model.layers.0.self_attn`...).
@@ -402,6 +405,30 @@ fn blocked_attention(
     Ok(out.transpose(1, 2)?.reshape((b, s, heads * hd))?)
 }
 
+/// Asks the OS to reclaim the pages of `len` bytes at `offset` of the read-only file mapping
+/// `map` now (`MADV_PAGEOUT`, Linux 5.4 and later; elsewhere, or if refused, nothing happens):
+/// they are clean file pages, read again from the file when next touched. memmap2 has no
+/// `PageOut` advice, so this calls `madvise` directly, on the whole pages inside the range only
+/// (a neighbouring tensor's pages stay).
+fn page_out(map: &memmap2::Mmap, offset: usize, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let base = map.as_ptr() as usize;
+        let start = (base + offset).next_multiple_of(PAGE);
+        let end = (base + offset + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside the mapping, which outlives the call; PAGEOUT on a
+            // read-only, file-backed mapping only drops pages, and the addresses stay valid.
+            let _ = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT)
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, offset, len);
+}
+
 /// An error naming `what` if it needs more than the `available` bytes (when known).
 fn fits_in_memory(what: &str, needed: u64, available: Option<u64>) -> Result<()> {
     match available {
@@ -505,6 +532,20 @@ impl Mlp {
 }
 
 impl DecoderLayer {
+    /// The layer's projections, attention then MLP.
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     fn new(cfg: &ModelConfig, layer: usize, w: Names) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let attn = w.name("self_attn");
@@ -590,6 +631,7 @@ impl CausalLm {
             kv_format,
             device: weights.device().clone(),
             mapped_files: weights.mapped_files(),
+            streamed_from: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -722,6 +764,7 @@ impl CausalLm {
             let h = layer.post_attention_layernorm.forward(&x1)?;
             let h = layer.mlp.forward(&h)?;
             x = (x1 + h)?;
+            self.release_if_streamed(i);
         }
         cache.advance(seq);
         let x = match which {
@@ -773,6 +816,7 @@ impl CausalLm {
             let h = layer.post_attention_layernorm.forward(&x1)?;
             let h = layer.mlp.forward_rows(&h)?;
             x = (x1 + h)?;
+            self.release_if_streamed(i);
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
@@ -786,12 +830,45 @@ impl CausalLm {
     fn linears(&self) -> Vec<&Linear> {
         let mut out: Vec<&Linear> = Vec::with_capacity(self.layers.len() * 7 + 1);
         for l in &self.layers {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
-            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+            out.extend(l.linears());
         }
         out.push(&self.lm_head);
         out
+    }
+
+    /// After layer `i` ran: where the weights run in place and layer `i` is one of those streamed
+    /// from the file, hands its pages back to the OS (`MADV_PAGEOUT`), so that they do not push
+    /// the layers kept in memory out of the page cache (see [`CausalLm::prepare`]).
+    fn release_if_streamed(&self, i: usize) {
+        if i < self
+            .streamed_from
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        for l in self.layers[i].linears() {
+            if let Ok(Some((map, offset, len))) = self.mapping_of(l) {
+                page_out(map, offset, len);
+            }
+        }
+    }
+
+    /// The layers whose pages go back to the OS after each use: from the first one whose weights,
+    /// with those before it and the output head, pass `budget` bytes of the mapped file.
+    fn streamed_layers_from(&self, budget: u64) -> Result<usize> {
+        let mapped = |l: &Linear| -> Result<u64> {
+            Ok(self.mapping_of(l)?.map_or(0, |(_, _, len)| len as u64))
+        };
+        let mut used = mapped(&self.lm_head)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            for l in layer.linears() {
+                used += mapped(l)?;
+            }
+            if used > budget {
+                return Ok(i);
+            }
+        }
+        Ok(self.layers.len())
     }
 
     /// Readies the weights for the first prompt now, at load. On a CPU a quantized weight is laid
@@ -804,7 +881,9 @@ impl CausalLm {
     /// The layouts are new memory. Where they would take more than `available` bytes (when
     /// known), weights that all lie in memory-mapped files are left there and run in place
     /// ([`Linear::keep_in_place`]), and the returned note says so; other weights are an
-    /// [`crate::Error::OutOfMemory`] now rather than the OOM killer halfway.
+    /// [`crate::Error::OutOfMemory`] now rather than the OOM killer halfway. Running in place,
+    /// the layers past three quarters of `available` hand their pages back to the OS after each
+    /// use, so that the layers before them stay in the page cache from token to token.
     pub fn prepare(&self, available: Option<u64>) -> Result<Option<String>> {
         use rayon::prelude::*;
         if !self.device.is_cpu() {
@@ -835,12 +914,24 @@ impl CausalLm {
                 }
             }
             quantized.iter().for_each(|l| l.keep_in_place());
+            // Read in order every token, a file larger than the page cache would evict each
+            // layer before its next use (least recently used goes first), and every token would
+            // read the whole file from disk. Layers past three quarters of the memory hand their
+            // pages back after each use instead, so the ones before them stay cached and only the
+            // rest is read again.
+            let keep = available.map_or(0, |a| a - a / 4);
+            let from = self.streamed_layers_from(keep)?;
+            self.streamed_from
+                .store(from, std::sync::atomic::Ordering::Relaxed);
             return Ok(Some(format!(
                 "{what} would need {:.1} GB but {:.1} GB is available: the weights run in place from \
-                 the mapped file instead, paged in from disk as they are used (many times slower; \
-                 a smaller quantization, or a machine with more memory, runs at full speed)",
+                 the mapped file instead, paged in from disk as they are used ({} of {} layers kept \
+                 in memory, the rest read from disk every token: many times slower; a smaller \
+                 quantization, or a machine with more memory, runs at full speed)",
                 needed as f64 / 1e9,
-                available.unwrap_or(0) as f64 / 1e9
+                available.unwrap_or(0) as f64 / 1e9,
+                from.min(self.layers.len()),
+                self.layers.len(),
             )));
         }
         self.linears().par_iter().try_for_each(|l| -> Result<()> {
