@@ -148,14 +148,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let spread = r
             .runs
             .iter()
-            .map(|x| format!("{x:.2}"))
+            .map(|&x| rate(x))
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {name} | {:.2} B | {backend} | {weights} ({dtype} act., {kv} KV) | {weights_gib:.2} | {threads} | {} | {:.2} ({spread}) |",
+            "| {name} | {:.2} B | {backend} | {weights} ({dtype} act., {kv} KV) | {weights_gib:.2} | {threads} | {} | {} ({spread}) |",
             params as f64 / 1e9,
             r.test,
-            r.tokens_per_s
+            rate(r.tokens_per_s)
         );
     }
     print_ratios(&results, read_gb, bandwidth);
@@ -215,5 +215,30 @@ fn print_ratios(results: &[BenchResult], read_gb: f64, bandwidth: Option<Vec<f64
                 median(&shares)
             );
         }
+    }
+}
+
+/// Tokens per second as the table prints them: two decimals, or three significant digits below 1
+/// (a 70B run from disk decodes 0.0337 tokens/s, which two decimals would round to 0.03).
+fn rate(x: f64) -> String {
+    if x >= 1.0 || x <= 0.0 {
+        format!("{x:.2}")
+    } else {
+        let decimals = (2.0 - x.log10().floor()) as usize;
+        format!("{x:.decimals$}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate;
+
+    #[test]
+    fn slow_rates_keep_three_significant_digits() {
+        assert_eq!(rate(22.851), "22.85");
+        assert_eq!(rate(1.0), "1.00");
+        assert_eq!(rate(0.5), "0.500");
+        assert_eq!(rate(0.03371), "0.0337");
+        assert_eq!(rate(0.0), "0.00");
     }
 }
