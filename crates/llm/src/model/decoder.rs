@@ -413,10 +413,11 @@ fn blocked_attention(
 fn page_out(map: &memmap2::Mmap, offset: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
-        const PAGE: usize = 4096;
+        // SAFETY: sysconf only reads a system constant.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let base = map.as_ptr() as usize;
-        let start = (base + offset).next_multiple_of(PAGE);
-        let end = (base + offset + len) / PAGE * PAGE;
+        let start = (base + offset).next_multiple_of(page);
+        let end = (base + offset + len) / page * page;
         if end > start {
             // SAFETY: the range lies inside the mapping, which outlives the call; PAGEOUT on a
             // read-only, file-backed mapping only drops pages, and the addresses stay valid.
