@@ -414,7 +414,10 @@ fn page_out(map: &memmap2::Mmap, offset: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf only reads a system constant.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
         let base = map.as_ptr() as usize;
         let start = (base + offset).next_multiple_of(page);
         let end = (base + offset + len) / page * page;
