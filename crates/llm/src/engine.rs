@@ -73,10 +73,8 @@ fn prepare_weights(
 
 /// Applies `opts.kv_cache` to a loaded model (`None` keeps the model's default).
 fn apply_kv_cache(model: &mut CausalLm, opts: &LoadOptions) -> Result<()> {
-    match opts.kv_cache {
-        None => Ok(()),
-        Some(format) => model.set_kv_format(format),
-    }
+    opts.kv_cache
+        .map_or(Ok(()), |format| model.set_kv_format(format))
 }
 
 /// What the engine reports while loading.
@@ -223,8 +221,9 @@ impl Engine {
         } else {
             load_weights(&config, loaded.weights, opts, &device, progress)?
         };
-        prepare_weights(&model, opts, progress)?;
+        // The cache's format is checked before the layout's seconds of work.
         apply_kv_cache(&mut model, opts)?;
+        prepare_weights(&model, opts, progress)?;
         Ok(Self {
             model,
             tokenizer,
@@ -843,8 +842,8 @@ pub fn load_model_only(
     };
     let device = opts.device.open()?;
     let mut model = load_weights(&config, weights, opts, &device, progress)?;
-    prepare_weights(&model, opts, progress)?;
     apply_kv_cache(&mut model, opts)?;
+    prepare_weights(&model, opts, progress)?;
     Ok(model)
 }
 

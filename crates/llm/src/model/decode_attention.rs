@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::model::kv_cache::{dequantize_q8_0_row, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+use crate::model::kv_cache::{dequantize_q8_0, q8_0_row_bytes, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 use crate::model::linear::OutPtr;
 use crate::model::vexp;
 
@@ -565,16 +565,13 @@ impl KvElem for f32 {
 /// [`KvFormat::Q8_0`]: crate::model::KvFormat::Q8_0
 impl KvElem for u8 {
     fn row_len(hd: usize) -> usize {
-        hd / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+        q8_0_row_bytes(hd)
     }
 
     fn widen<'a>(rows: &'a [u8], hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        let row = Self::row_len(hd);
-        let n = rows.len() / row * hd;
+        let n = rows.len() / Self::row_len(hd) * hd;
         buf.resize(n, 0.0);
-        for (r, out) in rows.chunks_exact(row).zip(buf.chunks_exact_mut(hd)) {
-            dequantize_q8_0_row(r, out);
-        }
+        dequantize_q8_0(rows, &mut buf[..n]);
         &buf[..n]
     }
 

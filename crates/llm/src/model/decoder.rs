@@ -934,7 +934,7 @@ impl CausalLm {
                  quantization, or a machine with more memory, runs at full speed)",
                 needed as f64 / 1e9,
                 available.unwrap_or(0) as f64 / 1e9,
-                from.min(self.layers.len()),
+                from,
                 self.layers.len(),
             )));
         }

@@ -99,7 +99,7 @@ pub(crate) const Q8_0_BLOCK: usize = 32;
 pub(crate) const Q8_0_BLOCK_BYTES: usize = 36;
 
 /// Bytes of one Q8_0 row of `head_dim` values.
-fn q8_0_row_bytes(head_dim: usize) -> usize {
+pub(crate) fn q8_0_row_bytes(head_dim: usize) -> usize {
     head_dim / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
 }
 
@@ -120,11 +120,16 @@ fn quantize_q8_0(t: &Tensor) -> Result<Tensor> {
     {
         quantize_q8_0_block(x, block);
     }
-    let mut shape = dims;
-    if let Some(last) = shape.last_mut() {
-        *last = q8_0_row_bytes(hd);
-    }
+    let shape = with_last_dim(dims, q8_0_row_bytes(hd));
     Ok(Tensor::from_vec(bytes, shape, &Device::Cpu)?.to_device(t.device())?)
+}
+
+/// `dims` with its last dimension (the row) replaced by `row`.
+fn with_last_dim(mut dims: Vec<usize>, row: usize) -> Vec<usize> {
+    if let Some(last) = dims.last_mut() {
+        *last = row;
+    }
+    dims
 }
 
 /// 32 values as one block: `d = max|x| / 127`, `q = round(x / d)` (llama.cpp's
@@ -140,10 +145,10 @@ fn quantize_q8_0_block(x: &[f32], block: &mut [u8]) {
     }
 }
 
-/// Q8_0 rows (bytes) back to `head_dim` f32 values each, `q * d` per value: the same products
-/// the decode attention's kernels form.
-pub(crate) fn dequantize_q8_0_row(row: &[u8], out: &mut [f32]) {
-    for (block, out) in row
+/// Q8_0 blocks (bytes; whole rows) back to f32 values, 32 per block into `out`, `q * d` per
+/// value: the same products the decode attention's kernels form.
+pub(crate) fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
+    for (block, out) in blocks
         .chunks_exact(Q8_0_BLOCK_BYTES)
         .zip(out.chunks_exact_mut(Q8_0_BLOCK))
     {
@@ -161,20 +166,10 @@ pub fn widen_rows(t: &Tensor, head_dim: usize, dtype: DType) -> Result<Tensor> {
     if t.dtype() != KvFormat::Q8_0.storage_dtype() {
         return Ok(t.to_dtype(dtype)?);
     }
-    let dims = t.dims().to_vec();
-    let row = q8_0_row_bytes(head_dim);
     let bytes: Vec<u8> = t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
-    let mut values = vec![0f32; bytes.len() / row.max(1) * head_dim];
-    for (r, out) in bytes
-        .chunks_exact(row)
-        .zip(values.chunks_exact_mut(head_dim))
-    {
-        dequantize_q8_0_row(r, out);
-    }
-    let mut shape = dims;
-    if let Some(last) = shape.last_mut() {
-        *last = head_dim;
-    }
+    let mut values = vec![0f32; bytes.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK];
+    dequantize_q8_0(&bytes, &mut values);
+    let shape = with_last_dim(t.dims().to_vec(), head_dim);
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
         .to_device(t.device())?
         .to_dtype(dtype)?)
@@ -295,11 +290,6 @@ impl KvCache {
     /// What the cache stores rows as.
     pub fn format(&self) -> KvFormat {
         self.format
-    }
-
-    /// The values per row (the head size; a Q8_0 row's bytes are [`KvFormat::row_width`]).
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
     }
 
     /// Bytes held by the buffers: keys and values of every layer.
