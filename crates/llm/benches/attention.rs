@@ -1,6 +1,6 @@
 //! Criterion benchmark of the decode step's attention at the 1.5B model's shape (2 KV heads of
 //! 128, 6 query heads each, 28 layers): one token's attention over every layer's cache at 100
-//! and 4,000 positions, with a Q8_0, an f16 and an f32 cache. The caches are the model's own
+//! and 4,000 positions, with a bf16, a Q8_0, an f16 and an f32 cache. The caches are the model's own
 //! ([`KvCache`], one buffer for all layers), so at 4,000 positions they stream from memory (115 MB
 //! in f16) rather than from a CPU cache; throughput is in bytes of cache read, comparable with the
 //! machine's memory bandwidth (`thinkrag bench` probes it).
@@ -25,7 +25,7 @@ fn attention(c: &mut Criterion) {
     let mut g = support::group(c, "decode_attention", 6);
     let q = Tensor::randn(0f32, 1.0, (1, KV_HEADS, GROUP, HEAD_DIM), &dev).expect("query");
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    for format in [KvFormat::Q8_0, KvFormat::F16, KvFormat::F32] {
+    for format in [KvFormat::Bf16, KvFormat::Q8_0, KvFormat::F16, KvFormat::F32] {
         for len in [100usize, 4000] {
             let mut cache = KvCache::new(LAYERS, KV_HEADS, HEAD_DIM, 4096, format, &dev);
             cache.fill_for_benchmark(len).expect("cache");

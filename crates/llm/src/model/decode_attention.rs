@@ -1,5 +1,5 @@
-//! Attention of one new token over the KV cache, on the CPU in f32 over an f32, f16 or Q8_0
-//! cache: the decode step's attention.
+//! Attention of one new token over the KV cache, on the CPU in f32 over an f32, f16, bf16 or
+//! Q8_0 cache: the decode step's attention.
 //!
 //! Through candle, each layer's `q k^T` and `p v` for a single query run as general matmuls whose
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
@@ -11,8 +11,8 @@
 //! parallel region.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
-use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 
 use crate::model::kv_cache::{dequantize_q8_0, q8_0_row_bytes, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 use crate::model::linear::OutPtr;
@@ -20,7 +20,7 @@ use crate::model::vexp;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
 /// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, row)`
-/// (views of the cache: rows contiguous, heads strided; f32 or f16 rows of `head_dim`, or `U8`
+/// (views of the cache: rows contiguous, heads strided; f32, f16 or bf16 rows of `head_dim`, or `U8`
 /// rows of Q8_0 blocks, both the same). Returns `(1, 1, kv_heads*group*head_dim)`, or `None`
 /// when the inputs are not CPU tensors of that layout, `q` in f32.
 pub fn decode_attention(
@@ -81,6 +81,7 @@ pub fn decode_attention_many(
     let mut f32_heads = Vec::new();
     let mut f16_heads = Vec::new();
     let mut q8_heads = Vec::new();
+    let mut bf16_heads = Vec::new();
     for ((qs, ql), (ks, kl), (vs, vl)) in &guards {
         let Storage::Cpu(CpuStorage::F32(qv)) = &**qs else {
             return Ok(None);
@@ -100,11 +101,16 @@ pub fn decode_attention_many(
             (Storage::Cpu(CpuStorage::U8(k)), Storage::Cpu(CpuStorage::U8(v))) => {
                 q8_heads.push(Heads::over(queries, k, kl, v, vl))
             }
+            (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
+                bf16_heads.push(Heads::over(queries, k, kl, v, vl))
+            }
             _ => return Ok(None),
         }
     }
     let out = if !q8_heads.is_empty() {
         attend_all(&q8_heads, kv_heads, group, hd, scale)
+    } else if !bf16_heads.is_empty() {
+        attend_all(&bf16_heads, kv_heads, group, hd, scale)
     } else if !f16_heads.is_empty() {
         attend_all(&f16_heads, kv_heads, group, hd, scale)
     } else {
@@ -524,8 +530,8 @@ impl Ahead {
 }
 
 /// An element of the KV cache's rows: f32, f16 (half the bytes to keep, and to stream per
-/// decode step at long contexts; llama.cpp's default cache type too), or `u8`, the bytes of
-/// rows of Q8_0 blocks (0.56 of f16's bytes).
+/// decode step at long contexts; llama.cpp's default cache type too), bf16, or `u8`, the bytes
+/// of rows of Q8_0 blocks (0.56 of f16's bytes).
 pub(crate) trait KvElem: Copy + Send + Sync + 'static {
     /// Elements one row of `hd` values takes.
     fn row_len(hd: usize) -> usize;
@@ -640,6 +646,36 @@ unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
         }
     }
     src[whole..n].convert_to_f32_slice(&mut dst[whole..n]);
+}
+
+/// bf16, as the published weights are and as transformers and vLLM keep their caches (a bf16
+/// model's default cache): widened to f32 on the way into the arithmetic (a bf16 is the high
+/// half of the f32 it rounds), one shift per 16 values, so it costs what f16 does. Before, a
+/// bf16 cache left this kernel for candle's matmuls. The bf16 x bf16 products of AVX-512 BF16
+/// (`vdpbf16ps`) and AMX tiles were tried for it and were slower (see the README's decode
+/// attention notes).
+impl KvElem for bf16 {
+    fn row_len(hd: usize) -> usize {
+        hd
+    }
+
+    fn widen<'a>(rows: &'a [bf16], _: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let n = rows.len();
+        buf.resize(n, 0.0);
+        rows.convert_to_f32_slice(&mut buf[..n]);
+        &buf[..n]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const bf16, c: usize) -> core::arch::x86_64::__m512 {
+        use core::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(row.add(c).cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
 }
 
 /// One sequence's query rows and cache views for [`decode_attention_many`].
@@ -885,20 +921,21 @@ mod tests {
         }
     }
 
-    /// An f16 cache gives what f32 gives over the same (f16-rounded) keys and values, for head
-    /// sizes with and without the AVX-512 kernels, one sequence and several.
+    /// An f16 or a bf16 cache gives what f32 gives over the same (rounded) keys and values, for
+    /// head sizes with and without the AVX-512 kernels, one sequence and several.
     #[test]
-    fn an_f16_cache_matches_f32_over_the_same_values() {
+    fn half_caches_match_f32_over_the_same_values() {
         let dev = Device::Cpu;
-        for (kv_heads, group, hd, len) in [(2, 6, 128, 300), (2, 2, 64, 7), (1, 3, 40, 17)] {
+        let shapes = [(2, 6, 128, 300), (2, 2, 64, 7), (1, 3, 40, 17)];
+        for (dtype, (kv_heads, group, hd, len)) in [DType::F16, DType::BF16]
+            .into_iter()
+            .flat_map(|d| shapes.map(|s| (d, s)))
+        {
             let r = |shape: (usize, usize, usize, usize)| {
                 Tensor::randn(0f32, 1.0, shape, &dev).unwrap()
             };
             let (kc, vc) = (r((1, kv_heads, len + 2, hd)), r((1, kv_heads, len + 2, hd)));
-            let (k16, v16) = (
-                kc.to_dtype(DType::F16).unwrap(),
-                vc.to_dtype(DType::F16).unwrap(),
-            );
+            let (k16, v16) = (kc.to_dtype(dtype).unwrap(), vc.to_dtype(dtype).unwrap());
             let (k32, v32) = (
                 k16.to_dtype(DType::F32).unwrap(),
                 v16.to_dtype(DType::F32).unwrap(),
@@ -911,9 +948,12 @@ mod tests {
                 .unwrap();
             let narrow = decode_attention(&q, &view(&k16), &view(&v16), scale)
                 .unwrap()
-                .expect("an f16 cache is read directly");
+                .expect("an f16 or bf16 cache is read directly");
             let d = max_diff(&wide, &narrow);
-            assert!(d < 1e-5, "kv_heads {kv_heads} group {group} hd {hd}: {d}");
+            assert!(
+                d < 1e-5,
+                "{dtype:?} kv_heads {kv_heads} group {group} hd {hd}: {d}"
+            );
             let q2 = r((1, kv_heads, group, hd));
             let (k, v) = (view(&k16), view(&v16));
             let both = decode_attention_many(&[(&q, &k, &v), (&q2, &k, &v)], scale)

@@ -38,14 +38,15 @@ pub(crate) fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(e, k)
 }
 
-/// The lanes of a 16-wide step at element `i` of `n` that are inside: all 16, or the tail's.
+/// The lanes of a 16-wide step at element `i` of `n` that are inside: all 16, the tail's, or
+/// none past the end.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn lanes_from(i: usize, n: usize) -> __mmask16 {
     if i + 16 <= n {
         0xFFFF
     } else {
-        (1u16 << (n - i)) - 1
+        (1u16 << n.saturating_sub(i)) - 1
     }
 }
 
