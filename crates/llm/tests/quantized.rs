@@ -272,9 +272,11 @@ fn a_q8_0_kv_cache_stays_close_to_f32() {
 /// logits stay close to the f32 cache's. Measured 2026-12-01: max |logit diff| 0.56 (Qwen2) and
 /// 0.75 (Llama), 11 of 11 greedy choices the same; the same figures as when a bf16 cache took
 /// candle's matmuls instead. Feeding the prompt one token at a time lands within 0.35 of the
-/// prefill's logits (candle's matmuls: 0.32 and 0.35): a key that the prompt's batched
-/// product and a lone row's product give an ulp apart can round to neighbouring bf16 values, a
-/// step of 2^-8, which these random tiny models amplify; f16's 2^-11 steps were absorbed.
+/// prefill's logits (candle's matmuls: 0.32 and 0.35). Layer 0's cached rows are the same both
+/// ways; the prompt's attention (one product over all its positions) and a lone token's sum in
+/// other orders, and where a later layer's key or value then comes out an ulp apart in f32 it
+/// can round to the neighbouring bf16, a step of 2^-8. On Qwen2 that happens once, at position
+/// 10: positions 0-9 agree to the bit, and every later one attends to the changed row.
 fn a_bf16_kv_cache_stays_close_to_f32() {
     let (wide, bf16) = (
         load_with_kv(Some(KvFormat::F32)),
