@@ -239,23 +239,12 @@ fn an_f16_kv_cache_stays_close_to_f32() {
 /// values. Measured 2026-12-01: max |logit diff| 0.67 (Qwen2) and 0.97 (Llama) against logits
 /// up to 30 and 33, the same in every run (f16: 0.54 and 0.71; Q8_0 weights themselves: 1.06;
 /// the 0.70 and 0.81 first quoted here came from an earlier build and are not what this one
-/// gives), 11 of 11 greedy choices the same for both; prefill against stepwise 0 (the two attention paths sum in
-/// different orders, and the 8-bit quantization of the next layer's inputs absorbs it here).
+/// gives), 11 of 11 greedy choices the same for both; prefill against stepwise 0 (the two
+/// attention paths sum in different orders, and the 8-bit quantization of the next layer's
+/// inputs absorbs it here).
 fn a_q8_0_kv_cache_stays_close_to_f32() {
-    let (wide, q8) = (
-        load_with_kv(Some(KvFormat::F32)),
-        load_with_kv(Some(KvFormat::Q8_0)),
-    );
-    assert_eq!(q8.model().kv_format(), KvFormat::Q8_0);
-    let (worst, scale, same) = kv_cache_against_f32(&wide, &q8);
-    let paths = max_abs_diff(&prefill_logits(&q8), &stepwise_logits(&q8));
-    eprintln!(
-        "Q8_0 KV cache: max |logit diff| {worst:.4} against f32 (largest |logit| {scale:.2}), \
-         {same} of 11 greedy choices the same; prefill against stepwise {paths:.2e}"
-    );
-    assert!(worst <= 0.05 * scale, "{worst} vs logits up to {scale}");
-    assert!(same >= 9, "{same} of 11 greedy choices the same");
-    assert!(paths <= 1e-4 * scale, "prefill against stepwise: {paths}");
+    let (q8, drift) = drift_from_f32(KvFormat::Q8_0);
+    drift.within(0.05, 1e-4);
     // The cache's bytes: 36 for every 32 values, against 64 in f16.
     let prompt = ids(&reference()["prompt_ids"]);
     let bytes = |e: &Engine| {
@@ -278,20 +267,62 @@ fn a_q8_0_kv_cache_stays_close_to_f32() {
 /// can round to the neighbouring bf16, a step of 2^-8. On Qwen2 that happens once, at position
 /// 10: positions 0-9 agree to the bit, and every later one attends to the changed row.
 fn a_bf16_kv_cache_stays_close_to_f32() {
-    let (wide, bf16) = (
+    let (_, drift) = drift_from_f32(KvFormat::Bf16);
+    drift.within(0.04, 0.02);
+}
+
+/// How far a KV cache format moves the logits.
+struct Drift {
+    /// The largest difference from an f32 cache's ([`kv_cache_against_f32`]).
+    worst: f32,
+    /// The largest |logit|.
+    scale: f32,
+    /// Greedy choices (of 11) that agree with the f32 cache's.
+    same: usize,
+    /// The largest difference between the prompt's prefill and the prompt fed one token at a time.
+    paths: f32,
+}
+
+impl Drift {
+    /// Asserts the logits moved at most `worst` and the two prompt paths parted by at most
+    /// `paths`, both as fractions of the largest |logit|, and at least 9 of the 11 greedy choices
+    /// agree.
+    fn within(&self, worst: f32, paths: f32) {
+        let Drift { scale, same, .. } = *self;
+        assert!(
+            self.worst <= worst * scale,
+            "{} vs logits up to {scale}",
+            self.worst
+        );
+        assert!(same >= 9, "{same} of 11 greedy choices the same");
+        assert!(
+            self.paths <= paths * scale,
+            "prefill against stepwise: {}",
+            self.paths
+        );
+    }
+}
+
+/// The Q8_0 GGUF with a `format` KV cache, and its [`Drift`].
+fn drift_from_f32(format: KvFormat) -> (Engine, Drift) {
+    let (wide, narrow) = (
         load_with_kv(Some(KvFormat::F32)),
-        load_with_kv(Some(KvFormat::Bf16)),
+        load_with_kv(Some(format)),
     );
-    assert_eq!(bf16.model().kv_format(), KvFormat::Bf16);
-    let (worst, scale, same) = kv_cache_against_f32(&wide, &bf16);
-    let paths = max_abs_diff(&prefill_logits(&bf16), &stepwise_logits(&bf16));
+    assert_eq!(narrow.model().kv_format(), format);
+    let (worst, scale, same) = kv_cache_against_f32(&wide, &narrow);
+    let paths = max_abs_diff(&prefill_logits(&narrow), &stepwise_logits(&narrow));
     eprintln!(
-        "bf16 KV cache: max |logit diff| {worst:.4} against f32 (largest |logit| {scale:.2}), \
+        "{format} KV cache: max |logit diff| {worst:.4} against f32 (largest |logit| {scale:.2}), \
          {same} of 11 greedy choices the same; prefill against stepwise {paths:.2e}"
     );
-    assert!(worst <= 0.04 * scale, "{worst} vs logits up to {scale}");
-    assert!(same >= 9, "{same} of 11 greedy choices the same");
-    assert!(paths <= 0.02 * scale, "prefill against stepwise: {paths}");
+    let drift = Drift {
+        worst,
+        scale,
+        same,
+        paths,
+    };
+    (narrow, drift)
 }
 
 /// The Q8_0 GGUF loaded with `kv_cache` as the KV cache's format (`None`: the default).

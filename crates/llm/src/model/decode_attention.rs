@@ -78,50 +78,55 @@ pub fn decode_attention_many(
             )
         })
         .collect();
-    let mut f32_heads = Vec::new();
-    let mut f16_heads = Vec::new();
-    let mut q8_heads = Vec::new();
-    let mut bf16_heads = Vec::new();
-    for ((qs, ql), (ks, kl), (vs, vl)) in &guards {
-        let Storage::Cpu(CpuStorage::F32(qv)) = &**qs else {
-            return Ok(None);
-        };
-        let rows_ok = |s: &[usize]| s[3] == 1 && s[2] == row;
-        if !rows_ok(kl.stride()) || !rows_ok(vl.stride()) {
-            return Ok(None);
-        }
-        let queries = &qv[ql.start_offset()..][..kv_heads * group * hd];
-        match (&**ks, &**vs) {
-            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-                f32_heads.push(Heads::over(queries, k, kl, v, vl))
-            }
-            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
-                f16_heads.push(Heads::over(queries, k, kl, v, vl))
-            }
-            (Storage::Cpu(CpuStorage::U8(k)), Storage::Cpu(CpuStorage::U8(v))) => {
-                q8_heads.push(Heads::over(queries, k, kl, v, vl))
-            }
-            (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
-                bf16_heads.push(Heads::over(queries, k, kl, v, vl))
-            }
-            _ => return Ok(None),
-        }
-    }
-    let out = if !q8_heads.is_empty() {
-        attend_all(&q8_heads, kv_heads, group, hd, scale)
-    } else if !bf16_heads.is_empty() {
-        attend_all(&bf16_heads, kv_heads, group, hd, scale)
-    } else if !f16_heads.is_empty() {
-        attend_all(&f16_heads, kv_heads, group, hd, scale)
-    } else {
-        attend_all(&f32_heads, kv_heads, group, hd, scale)
+    let out = match kv_dtype {
+        DType::F32 => attend_guarded::<f32>(&guards, kv_heads, group, hd, scale),
+        DType::F16 => attend_guarded::<f16>(&guards, kv_heads, group, hd, scale),
+        DType::BF16 => attend_guarded::<bf16>(&guards, kv_heads, group, hd, scale),
+        DType::U8 => attend_guarded::<u8>(&guards, kv_heads, group, hd, scale),
+        _ => None,
     };
     drop(guards);
+    let Some(out) = out else {
+        return Ok(None);
+    };
     Ok(Some(Tensor::from_vec(
         out,
         (1, items.len(), kv_heads * group * hd),
         &Device::Cpu,
     )?))
+}
+
+/// A tensor's storage, read-locked, and its layout.
+type Guard<'a> = (candle_core::StorageRef<'a>, &'a candle_core::Layout);
+
+/// [`attend_all`] over the sequences whose query, keys and values `guards` hold (keys and values
+/// of `T`, checked to be the cache's rows by the caller); `None` where a storage or a layout is
+/// not one the kernels read.
+fn attend_guarded<T: KvElem>(
+    guards: &[(Guard<'_>, Guard<'_>, Guard<'_>)],
+    kv_heads: usize,
+    group: usize,
+    hd: usize,
+    scale: f32,
+) -> Option<Vec<f32>> {
+    let row = T::row_len(hd);
+    let mut heads = Vec::with_capacity(guards.len());
+    for ((qs, ql), (ks, kl), (vs, vl)) in guards {
+        let Storage::Cpu(CpuStorage::F32(qv)) = &**qs else {
+            return None;
+        };
+        let rows_ok = |s: &[usize]| s[3] == 1 && s[2] == row;
+        if !rows_ok(kl.stride()) || !rows_ok(vl.stride()) {
+            return None;
+        }
+        let (Storage::Cpu(k), Storage::Cpu(v)) = (&**ks, &**vs) else {
+            return None;
+        };
+        let queries = &qv[ql.start_offset()..][..kv_heads * group * hd];
+        let (k, v) = (k.as_slice::<T>().ok()?, v.as_slice::<T>().ok()?);
+        heads.push(Heads::over(queries, k, kl, v, vl));
+    }
+    Some(attend_all(&heads, kv_heads, group, hd, scale))
 }
 
 /// The attention of every sequence in `heads` over its cache, in one parallel region: rows of
@@ -532,7 +537,7 @@ impl Ahead {
 /// An element of the KV cache's rows: f32, f16 (half the bytes to keep, and to stream per
 /// decode step at long contexts; llama.cpp's default cache type too), bf16, or `u8`, the bytes
 /// of rows of Q8_0 blocks (0.56 of f16's bytes).
-pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+pub(crate) trait KvElem: candle_core::WithDType {
     /// Elements one row of `hd` values takes.
     fn row_len(hd: usize) -> usize;
 
@@ -954,16 +959,7 @@ mod tests {
                 d < 1e-5,
                 "{dtype:?} kv_heads {kv_heads} group {group} hd {hd}: {d}"
             );
-            let q2 = r((1, kv_heads, group, hd));
-            let (k, v) = (view(&k16), view(&v16));
-            let both = decode_attention_many(&[(&q, &k, &v), (&q2, &k, &v)], scale)
-                .unwrap()
-                .unwrap();
-            let first = both.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
-            assert_eq!(
-                first.to_vec1::<f32>().unwrap(),
-                narrow.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            );
+            first_of_two_is_alone(&q, &view(&k16), &view(&v16), scale, &narrow);
         }
     }
 
@@ -998,15 +994,7 @@ mod tests {
                 .expect("a Q8_0 cache is read directly");
             let d = max_diff(&wide, &q8);
             assert!(d < 1e-5, "kv_heads {kv_heads} group {group} hd {hd}: {d}");
-            let q2 = r((1, kv_heads, group, hd));
-            let both = decode_attention_many(&[(&q, &k8, &v8), (&q2, &k8, &v8)], scale)
-                .unwrap()
-                .unwrap();
-            let first = both.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
-            assert_eq!(
-                first.to_vec1::<f32>().unwrap(),
-                q8.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            );
+            first_of_two_is_alone(&q, &k8, &v8, scale, &q8);
             // The portable path (blocks widened first) over the same bytes.
             let bytes = |t: &Tensor| -> Vec<u8> {
                 t.narrow(1, 0, 1)
@@ -1066,6 +1054,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `q` over `k`, `v` batched with a second random query over the same cache gives `alone`
+    /// (its attention by itself) to the bit.
+    fn first_of_two_is_alone(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, alone: &Tensor) {
+        let q2 = q.randn_like(0.0, 1.0).unwrap();
+        let both = decode_attention_many(&[(q, k, v), (&q2, k, v)], scale)
+            .unwrap()
+            .unwrap();
+        let first = both.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            first.to_vec1::<f32>().unwrap(),
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     /// The largest element-wise difference of two tensors of one shape.
