@@ -370,8 +370,7 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize, const HD: usiz
                     acc[g * K + j] = _mm512_fmadd_ps(qv, k[j], acc[g * K + j]);
                 }
             }
-            // SAFETY: prefetches only.
-            unsafe { prefetch_lines(pf, lines * c / chunks, lines * (c + 1) / chunks) };
+            prefetch_lines(pf, lines * c / chunks, lines * (c + 1) / chunks);
         }
         let sums = _mm512_mul_ps(sum16(&acc), scale_v);
         let mut lanes = [0f32; 16];
@@ -444,8 +443,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
             }
             for t in rows.clone() {
                 if t * row_bytes + PREFETCH_AHEAD < values_bytes {
-                    // SAFETY: prefetches only.
-                    unsafe { prefetch_lines(ahead_at.wrapping_add(t * row_bytes), from, to) };
+                    prefetch_lines(ahead_at.wrapping_add(t * row_bytes), from, to);
                 }
                 // SAFETY: `t < len` and `c0 + 16 * C <= hd`: inside `values`.
                 let v: [__m512; C] =
@@ -569,19 +567,15 @@ impl Ahead {
     fn prefetch(&self, at: usize, count: usize, part: usize, parts: usize) {
         let lines = (count * self.elem).div_ceil(64);
         let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
-        // SAFETY: prefetches only.
-        unsafe { prefetch_lines(self.at(at), from, to) };
+        prefetch_lines(self.at(at), from, to);
     }
 }
 
-/// Prefetches the cache lines `from..to` after `at` (none when `at` is null). Lines past the end
-/// of the keys, near their end, are not the values' (a prefetch never faults, whatever the
-/// address; those few lines are only not useful).
-///
-/// # Safety
-/// None in fact (prefetches are hints); unsafe for the intrinsic.
+/// Prefetches the cache lines `from..to` after `at` (none when `at` is null). A run that starts
+/// in the keys near their end can run past them, into whatever follows rather than the values:
+/// a prefetch never faults, whatever the address, so those few lines are only wasted.
 #[inline(always)]
-unsafe fn prefetch_lines(at: *const u8, from: usize, to: usize) {
+fn prefetch_lines(at: *const u8, from: usize, to: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
