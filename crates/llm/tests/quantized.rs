@@ -208,12 +208,8 @@ fn greedy_generation_from_gguf_q8_0_matches_f32() {
 /// move them (1.06); these random tiny models amplify rounding far more than trained ones, and
 /// one of the 11 greedy choices (a near-tie) differed.
 fn an_f16_kv_cache_stays_close_to_f32() {
-    let (wide, narrow) = (
-        load_with_kv(Some(KvFormat::F32)),
-        load_with_kv(Some(KvFormat::F16)),
-    );
-    assert_eq!(wide.model().kv_format(), KvFormat::F32);
-    assert_eq!(narrow.model().kv_format(), KvFormat::F16);
+    let (_, drift) = drift_from_f32(KvFormat::F16);
+    drift.logits_within(0.04);
     // The default: f16 where the CPU widens it fast, as these quantized weights are.
     let auto = load_with_kv(None);
     #[cfg(target_arch = "x86_64")]
@@ -223,13 +219,6 @@ fn an_f16_kv_cache_stays_close_to_f32() {
     let fast = widens_fast && auto.model().device().is_cpu();
     let want = if fast { KvFormat::F16 } else { KvFormat::F32 };
     assert_eq!(auto.model().kv_format(), want, "the default");
-    let (worst, scale, same) = kv_cache_against_f32(&wide, &narrow);
-    eprintln!(
-        "f16 KV cache: max |logit diff| {worst:.4} against f32 (largest |logit| {scale:.2}), \
-         {same} of 11 greedy choices the same"
-    );
-    assert!(worst <= 0.04 * scale, "{worst} vs logits up to {scale}");
-    assert!(same >= 9, "{same} of 11 greedy choices the same");
 }
 
 /// `--kv-cache q8_0` (llama.cpp's 8-bit cache blocks) on the Q8_0 GGUF, as for f16 above: the
@@ -284,10 +273,9 @@ struct Drift {
 }
 
 impl Drift {
-    /// Asserts the logits moved at most `worst` and the two prompt paths parted by at most
-    /// `paths`, both as fractions of the largest |logit|, and at least 9 of the 11 greedy choices
-    /// agree.
-    fn within(&self, worst: f32, paths: f32) {
+    /// Asserts the logits moved at most `worst` (a fraction of the largest |logit|) and at least
+    /// 9 of the 11 greedy choices agree.
+    fn logits_within(&self, worst: f32) {
         let Drift { scale, same, .. } = *self;
         assert!(
             self.worst <= worst * scale,
@@ -295,6 +283,13 @@ impl Drift {
             self.worst
         );
         assert!(same >= 9, "{same} of 11 greedy choices the same");
+    }
+
+    /// [`Drift::logits_within`], and the two prompt paths parted by at most `paths` (a fraction
+    /// of the largest |logit|).
+    fn within(&self, worst: f32, paths: f32) {
+        self.logits_within(worst);
+        let scale = self.scale;
         assert!(
             self.paths <= paths * scale,
             "prefill against stepwise: {}",
@@ -309,6 +304,7 @@ fn drift_from_f32(format: KvFormat) -> (Engine, Drift) {
         load_with_kv(Some(KvFormat::F32)),
         load_with_kv(Some(format)),
     );
+    assert_eq!(wide.model().kv_format(), KvFormat::F32);
     assert_eq!(narrow.model().kv_format(), format);
     let (worst, scale, same) = kv_cache_against_f32(&wide, &narrow);
     let paths = max_abs_diff(&prefill_logits(&narrow), &stepwise_logits(&narrow));

@@ -427,9 +427,6 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
     let passes = hd / (16 * C);
     let row_bytes = row * size_of::<T>();
     let lines = row_bytes.div_ceil(64);
-    // The values' prefetches: the rows `PREFETCH_AHEAD` bytes on, while there are any (the
-    // keys' pass prefetched the first of them).
-    let (values_bytes, ahead_at) = (ahead.len, ahead.values.wrapping_add(PREFETCH_AHEAD));
     for r0 in (0..len).step_by(VALUE_ROWS) {
         let rows = r0..(r0 + VALUE_ROWS).min(len);
         for (pass, c0) in (0..hd).step_by(16 * C).enumerate() {
@@ -442,9 +439,8 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
                 }
             }
             for t in rows.clone() {
-                if t * row_bytes + PREFETCH_AHEAD < values_bytes {
-                    prefetch_lines(ahead_at.wrapping_add(t * row_bytes), from, to);
-                }
+                // The values follow the keys in the prefetches' stream.
+                prefetch_lines(ahead.at((len + t) * row), from, to);
                 // SAFETY: `t < len` and `c0 + 16 * C <= hd`: inside `values`.
                 let v: [__m512; C] =
                     core::array::from_fn(|c| unsafe { T::load16(vp.add(t * row), c0 + c * 16) });
@@ -729,10 +725,10 @@ unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
     let whole = n / 16 * 16;
     for i in (0..whole).step_by(16) {
-        // SAFETY: `i + 16 <= n`, inside both slices.
+        // SAFETY: `i + 16 <= n`, inside both slices; AVX-512 F is enabled here.
         unsafe {
-            let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            let wide = widen16_from_memory(src.as_ptr().add(i));
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), wide);
         }
     }
     src[whole..n].convert_to_f32_slice(&mut dst[whole..n]);
