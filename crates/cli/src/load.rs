@@ -29,8 +29,9 @@ pub struct RuntimeArgs {
     /// `thinkrag quantize` to skip this work next time.
     #[arg(long)]
     pub quantize: Option<Quantization>,
-    /// What the KV cache stores: auto (f16 for quantized weights on a CPU with AVX-512, as
-    /// llama.cpp does: half the memory, and faster at long contexts; else the compute dtype),
+    /// What the KV cache stores: auto (f16 for quantized weights on a CPU with AVX-512 or with
+    /// AVX2 and F16C, as llama.cpp does: half the memory, and faster at long contexts; else the
+    /// compute dtype),
     /// f32 (the reference's numbers exactly), f16, bf16 or q8_0 (llama.cpp's 8-bit blocks: 0.56
     /// of f16's memory and bytes read per decode step, for head sizes that are multiples of 32).
     #[arg(long, default_value = "auto")]

@@ -46,7 +46,8 @@ pub struct LoadOptions {
     /// (see [`CausalLm::prepare`]): for tools that only convert weights and never run them.
     pub skip_weight_layout: bool,
     /// What the KV cache stores keys and values as; `None` (auto) is f16 for quantized weights
-    /// on a CPU with AVX-512, the activations' dtype otherwise (see [`CausalLm::set_kv_format`]).
+    /// on a CPU with AVX-512 or AVX2 and F16C, the activations' dtype otherwise (see
+    /// [`CausalLm::set_kv_format`]).
     pub kv_cache: Option<KvFormat>,
     /// Bytes of memory the weights' CPU layout may take; `None`: what the OS reports available.
     /// Beyond it, GGUF weights run in place from the mapped file (see [`CausalLm::prepare`]).

@@ -4,8 +4,9 @@
 //! Through candle, each layer's `q k^T` and `p v` for a single query run as general matmuls whose
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
 //! decode step 2.5x slower than at 100. Here each KV head's keys and values stream once for all
-//! the query heads that share them (grouped-query attention): with AVX-512 each key and value is
-//! widened once, straight from the cache into registers, for every query head of the group; the
+//! the query heads that share them (grouped-query attention): with AVX-512 (or AVX2, in
+//! [`avx2`]) each key and value is widened once, straight from the cache into registers, for every
+//! query head of the group; the
 //! cache lines a little ahead are prefetched while the arithmetic runs, so that the stream from
 //! memory and the arithmetic overlap. A batched step attends for all its sequences in one
 //! parallel region.
@@ -17,6 +18,9 @@ use half::{bf16, f16};
 use crate::model::kv_cache::{dequantize_q8_0, q8_0_row_bytes, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 use crate::model::linear::OutPtr;
 use crate::model::vexp;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
 /// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, row)`
@@ -142,7 +146,7 @@ fn attend_all<T: KvElem>(
     let mut out = vec![0f32; heads.len() * width];
     let out_ptr = OutPtr(out.as_mut_ptr());
     let max_len = heads.iter().map(|h| h.len).max().unwrap_or(0);
-    let fused = fused_kernels(hd);
+    let fused = fused_kernel(hd);
     let row = T::row_len(hd);
     candle_core::utils::barrier_pool().execute_chunked(heads.len() * kv_heads, |units| {
         let mut scores = vec![0f32; group * max_len];
@@ -161,10 +165,10 @@ fn attend_all<T: KvElem>(
             let scores = &mut scores[..group * len];
             acc.fill(0.0);
             match fused {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `fused_kernels` found AVX-512 F and a head size of a multiple of 16.
-                true => unsafe { attend_head_avx512(&head, scale, scores, &mut acc) },
-                _ => attend_head(&head, scale, scores, &mut acc, &mut widened),
+                // SAFETY (both): `fused_kernel` found the CPU's features and a head size of a
+                // multiple of 16; `scores` and `acc` have the head's sizes.
+                Some(kernel) => unsafe { attend_fused(kernel, &head, scale, scores, &mut acc) },
+                None => attend_head(&head, scale, scores, &mut acc, &mut widened),
             }
             for (j, &x) in acc.iter().enumerate() {
                 // SAFETY: unit (i, h) owns elements i*width + h*group*hd.. of `out`, group*hd of
@@ -192,9 +196,58 @@ impl<T: KvElem> Head<'_, T> {
     }
 }
 
-/// Whether this CPU and head size take [`attend_head_avx512`] (AVX-512 F, as [`vexp`] needs).
-fn fused_kernels(hd: usize) -> bool {
-    hd.is_multiple_of(16) && vexp::available()
+/// The fused kernels: [`attend_head_avx512`] or [`avx2::attend_head`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fused {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+/// The fused kernels this CPU runs, best first.
+fn fused_kernels_here() -> Vec<Fused> {
+    let mut here = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vexp::available() {
+            here.push(Fused::Avx512);
+        }
+        if avx2::available() {
+            here.push(Fused::Avx2);
+        }
+    }
+    here
+}
+
+/// Runs `kernel` on one KV head ([`attend_head_avx512`] or [`avx2::attend_head`]).
+///
+/// # Safety
+/// As for those: the CPU runs `kernel`, the head size is a multiple of 16, `scores` holds
+/// `group * len` and `out` (zeroed) `group * hd` values.
+unsafe fn attend_fused<T: KvElem>(
+    kernel: Fused,
+    head: &Head<'_, T>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match kernel {
+        // SAFETY (both): the caller's.
+        #[cfg(target_arch = "x86_64")]
+        Fused::Avx512 => unsafe { attend_head_avx512(head, scale, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        Fused::Avx2 => unsafe { avx2::attend_head(head, scale, scores, out) },
+    }
+}
+
+/// The fused kernel this CPU and head size take: [`attend_head_avx512`] where the CPU has AVX-512
+/// F (as [`vexp`] needs), else [`avx2::attend_head`] where it has AVX2, FMA and F16C.
+fn fused_kernel(hd: usize) -> Option<Fused> {
+    if !hd.is_multiple_of(16) {
+        return None;
+    }
+    fused_kernels_here().first().copied()
 }
 
 /// The attention of a group of query heads over their KV head, `out` (zeroed, `group` rows of
@@ -462,12 +515,18 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
     }
 }
 
-/// `row <- softmax(row)`: with AVX-512, 16 exponentials at a time ([`vexp::exp16`]).
+/// `row <- softmax(row)`: with AVX-512, 16 exponentials at a time ([`vexp::exp16`]); with AVX2,
+/// eight ([`avx2::exp8`]).
 fn softmax_in_place(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vexp::available() {
         // SAFETY: the CPU has AVX-512 F (checked just above).
         return unsafe { softmax_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { avx2::softmax(row) };
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
@@ -603,6 +662,13 @@ pub(crate) trait KvElem: candle_core::WithDType {
     /// The CPU has AVX-512 F and the row, of at least `c + 16` values, is readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(row: *const Self, c: usize) -> core::arch::x86_64::__m512;
+
+    /// Values `c..c+8` of the row starting at `row` as f32 (`c` a multiple of 8).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C and the row, of at least `c + 8` values, is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(row: *const Self, c: usize) -> core::arch::x86_64::__m256;
 }
 
 impl KvElem for f32 {
@@ -619,6 +685,13 @@ impl KvElem for f32 {
     unsafe fn load16(row: *const f32, c: usize) -> core::arch::x86_64::__m512 {
         // SAFETY: the caller's.
         unsafe { core::arch::x86_64::_mm512_loadu_ps(row.add(c)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(row: *const f32, c: usize) -> core::arch::x86_64::__m256 {
+        // SAFETY: the caller's.
+        unsafe { core::arch::x86_64::_mm256_loadu_ps(row.add(c)) }
     }
 }
 
@@ -652,13 +725,26 @@ impl KvElem for u8 {
             _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(row: *const u8, c: usize) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        // SAFETY: the caller's, as for `load16`.
+        unsafe {
+            let block = row.add(c / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+            let d = _mm256_set1_ps(block.cast::<f32>().read_unaligned());
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(block.add(4 + c % Q8_0_BLOCK).cast()));
+            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+        }
+    }
 }
 
-/// Whether this CPU widens an f16 cache 16 values per instruction (AVX-512 F): where an f16
-/// cache costs no more arithmetic than it saves in bytes. Elsewhere half's slice conversion
-/// does it, more slowly.
+/// Whether this CPU reads an f16 cache straight into the fused kernels' arithmetic (AVX-512 F, or
+/// AVX2 with F16C): where an f16 cache costs no more arithmetic than it saves in bytes. Elsewhere
+/// half's slice conversion widens it into a buffer first, more slowly.
 pub(crate) fn widens_f16_fast() -> bool {
-    vexp::available()
+    !fused_kernels_here().is_empty()
 }
 
 impl KvElem for f16 {
@@ -670,7 +756,7 @@ impl KvElem for f16 {
         let n = rows.len();
         buf.resize(n, 0.0);
         #[cfg(target_arch = "x86_64")]
-        if widens_f16_fast() {
+        if vexp::available() {
             // SAFETY: the CPU has AVX-512 F (checked just above).
             unsafe { widen_avx512(rows, &mut buf[..n]) };
             return &buf[..n];
@@ -684,6 +770,14 @@ impl KvElem for f16 {
     unsafe fn load16(row: *const f16, c: usize) -> core::arch::x86_64::__m512 {
         // SAFETY: the caller's: the CPU has AVX-512 F; 32 readable bytes at `row + c`.
         unsafe { widen16_from_memory(row.add(c)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(row: *const f16, c: usize) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        // SAFETY: the caller's: the CPU has F16C; 16 readable bytes at `row + c`.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.add(c).cast())) }
     }
 }
 
@@ -760,6 +854,17 @@ impl KvElem for bf16 {
         unsafe {
             let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(row.add(c).cast()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(row: *const bf16, c: usize) -> core::arch::x86_64::__m256 {
+        use core::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(row.add(c).cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
         }
     }
 }
@@ -872,45 +977,59 @@ fn accumulate_any(values: &[f32], probs: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    /// The AVX-512 accumulation adds the same products in the same order as the portable loop:
-    /// the same bits, for every head count a pass takes and both head sizes, over a row count
-    /// that leaves a partial block of rows.
+    /// The fused kernels' accumulation adds the same products in the same order as the portable
+    /// loop: the same bits, for every head count a pass takes and both head sizes, over a row
+    /// count that leaves a partial block of rows; in each kernel this CPU runs.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn accumulate_matches_the_portable_loop_to_the_bit() {
-        if !fused_kernels(64) {
-            return;
-        }
         let rows = VALUE_ROWS + 37;
-        for hd in [64usize, 128] {
-            let values: Vec<f16> = (0..rows * hd)
-                .map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 333.0 - 1.5))
-                .collect();
-            let ahead = Ahead::new(&values, &values);
-            for h in 1..=8 {
-                let probs: Vec<f32> = (0..h * rows).map(|i| 1.0 / (1 + i % 97) as f32).collect();
-                let mut fast = vec![0f32; h * hd];
-                // SAFETY: AVX-512 F (checked above); the sizes are the ones it asserts.
-                unsafe { accumulate_pick(h, &probs, &values, hd, &mut fast, &ahead) };
-                let wide: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
-                let mut portable = vec![0f32; h * hd];
-                for g in 0..h {
-                    let out = &mut portable[g * hd..][..hd];
-                    accumulate_any(&wide, &probs[g * rows..][..rows], out);
+        for kernel in fused_kernels_here() {
+            for hd in [64usize, 128] {
+                let values: Vec<f16> = (0..rows * hd)
+                    .map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 333.0 - 1.5))
+                    .collect();
+                let ahead = Ahead::new(&values, &values);
+                for h in 1..=8 {
+                    let probs: Vec<f32> =
+                        (0..h * rows).map(|i| 1.0 / (1 + i % 97) as f32).collect();
+                    let mut fast = vec![0f32; h * hd];
+                    // SAFETY: the CPU runs `kernel`; the sizes are the ones it asserts.
+                    unsafe {
+                        match kernel {
+                            Fused::Avx512 => {
+                                accumulate_pick(h, &probs, &values, hd, &mut fast, &ahead)
+                            }
+                            Fused::Avx2 => {
+                                avx2::accumulate_pick(h, &probs, &values, hd, &mut fast, &ahead)
+                            }
+                        }
+                    };
+                    let wide: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+                    let mut portable = vec![0f32; h * hd];
+                    for g in 0..h {
+                        let out = &mut portable[g * hd..][..hd];
+                        accumulate_any(&wide, &probs[g * rows..][..rows], out);
+                    }
+                    assert_eq!(fast, portable, "{kernel:?}, head size {hd}, {h} heads");
                 }
-                assert_eq!(fast, portable, "head size {hd}, {h} heads");
             }
         }
     }
 
-    /// The fused AVX-512 head against the portable one (blocks widened first), for every head
-    /// count up to 9 (two passes), both cache types and lengths with and without a tail of keys.
+    /// Each fused kernel this CPU runs against the portable head (blocks widened first), for
+    /// every head count up to 9 (two passes), f16, bf16 and f32 caches and lengths with and
+    /// without a tail of keys.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernels_match_the_portable_path() {
-        if !fused_kernels(64) {
-            return;
+        for kernel in fused_kernels_here() {
+            fused_kernel_matches_the_portable_path(kernel);
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn fused_kernel_matches_the_portable_path(kernel: Fused) {
         for (group, hd, len) in [(1, 64, 33), (2, 128, 17), (3, 64, 40), (4, 128, 301)]
             .into_iter()
             .chain([
@@ -920,7 +1039,7 @@ mod tests {
                 (7, 64, 99),
                 (8, 128, 3),
             ])
-            .chain([(9, 64, 50)])
+            .chain([(9, 64, 50), (6, 16, 9)])
         {
             let x = |n: usize, seed: usize| -> Vec<f32> {
                 (0..n)
@@ -929,49 +1048,58 @@ mod tests {
             };
             let q = x(group * hd, 1);
             let (k32, v32) = (x(len * hd, 2), x(len * hd, 3));
-            let k16: Vec<f16> = k32.iter().map(|&v| f16::from_f32(v)).collect();
-            let v16: Vec<f16> = v32.iter().map(|&v| f16::from_f32(v)).collect();
             let scale = 1.0 / (hd as f32).sqrt();
-            let run = |fused: bool, head: &Head<'_, f16>| {
+            fn run<T: KvElem>(
+                kernel: Option<Fused>,
+                q: &[f32],
+                k: &[T],
+                v: &[T],
+                hd: usize,
+                scale: f32,
+            ) -> Vec<f32> {
+                let group = q.len() / hd;
+                let len = k.len() / hd;
+                let head = Head {
+                    queries: q,
+                    keys: k,
+                    values: v,
+                    hd,
+                };
                 let mut scores = vec![0f32; group * len];
                 let mut out = vec![0f32; group * hd];
-                if fused {
-                    // SAFETY: AVX-512 F and a head size of a multiple of 16 (checked above).
-                    unsafe { attend_head_avx512(head, scale, &mut scores, &mut out) };
-                } else {
-                    attend_head(head, scale, &mut scores, &mut out, &mut Vec::new());
+                match kernel {
+                    // SAFETY: the CPU runs `kernel` and the head size is a multiple of 16.
+                    Some(kernel) => unsafe {
+                        attend_fused(kernel, &head, scale, &mut scores, &mut out)
+                    },
+                    None => attend_head(&head, scale, &mut scores, &mut out, &mut Vec::new()),
                 }
                 out
+            }
+            let at = format!("{kernel:?} group {group} hd {hd} len {len}");
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-6, "{what}, {at}: {d}");
             };
-            let head = Head {
-                queries: &q,
-                keys: &k16,
-                values: &v16,
-                hd,
-            };
-            let (fast, portable) = (run(true, &head), run(false, &head));
-            let d = fast
-                .iter()
-                .zip(&portable)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(d < 1e-6, "group {group} hd {hd} len {len}: {d}");
+            let k16: Vec<f16> = k32.iter().map(|&v| f16::from_f32(v)).collect();
+            let v16: Vec<f16> = v32.iter().map(|&v| f16::from_f32(v)).collect();
+            let fast = run(Some(kernel), &q, &k16, &v16, hd, scale);
+            close(&fast, &run(None, &q, &k16, &v16, hd, scale), "f16");
             // An f32 cache holding the same (f16-rounded) values: the same bits.
             let (kw, vw): (Vec<f32>, Vec<f32>) = (
                 k16.iter().map(|v| v.to_f32()).collect(),
                 v16.iter().map(|v| v.to_f32()).collect(),
             );
-            let mut wide = vec![0f32; group * hd];
-            let mut scores = vec![0f32; group * len];
-            let head = Head {
-                queries: &q,
-                keys: &kw,
-                values: &vw,
-                hd,
-            };
-            // SAFETY: as above.
-            unsafe { attend_head_avx512(&head, scale, &mut scores, &mut wide) };
-            assert_eq!(fast, wide, "an f32 cache, group {group} hd {hd} len {len}");
+            let wide = run(Some(kernel), &q, &kw, &vw, hd, scale);
+            assert_eq!(fast, wide, "an f32 cache, {at}");
+            let kb: Vec<bf16> = k32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let vb: Vec<bf16> = v32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let fast = run(Some(kernel), &q, &kb, &vb, hd, scale);
+            close(&fast, &run(None, &q, &kb, &vb, hd, scale), "bf16");
         }
     }
 
@@ -1126,12 +1254,22 @@ mod tests {
                 let sum: f64 = e.iter().sum();
                 let mut got = row.clone();
                 softmax_in_place(&mut got);
-                for (i, (g, w)) in got.iter().zip(&e).enumerate() {
-                    let w = w / sum;
-                    assert!(
-                        (f64::from(*g) - w).abs() <= 1e-6 * w + 1e-30,
-                        "n {n}, spread {spread}, {i}: {g} vs {w}"
-                    );
+                let mut each = vec![("dispatched", got)];
+                #[cfg(target_arch = "x86_64")]
+                if avx2::available() {
+                    let mut got = row.clone();
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    unsafe { avx2::softmax(&mut got) };
+                    each.push(("avx2", got));
+                }
+                for (kernel, got) in each {
+                    for (i, (g, w)) in got.iter().zip(&e).enumerate() {
+                        let w = w / sum;
+                        assert!(
+                            (f64::from(*g) - w).abs() <= 1e-6 * w + 1e-30,
+                            "{kernel}: n {n}, spread {spread}, {i}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }

@@ -448,12 +448,14 @@ fn fits_in_memory(what: &str, needed: u64, available: Option<u64>) -> Result<()>
 /// The most bytes of f32 attention scores the general (prefill) path holds at once.
 const SCORES_BUDGET: usize = 16 << 20;
 
-/// The KV cache type a model gets by default: f16 for quantized projections on a CPU with
-/// AVX-512 (which widens 16 values per instruction), the model's own dtype otherwise, so that
-/// full-precision models keep the reference's numbers exactly. Measured with `thinkrag bench
-/// --kv-cache f32|f16` on 2 threads: the 8B shape (Q4_K_M) decodes at 4,000 positions at 4.26
-/// tokens/s with f16 against 3.72 with f32 (position 100: 5.3 both), and peaks at 6.04 GB
-/// against 6.56; the 1.5B shape gains 4-5% there. A quantized model's numbers already differ from
+/// The KV cache type a model gets by default: f16 for quantized projections on a CPU whose decode
+/// attention reads f16 straight into its arithmetic (AVX-512, or AVX2 with F16C), the model's
+/// own dtype otherwise, so that full-precision models keep the reference's numbers exactly.
+/// Measured with `thinkrag bench --kv-cache f32|f16` on 2 threads: the 8B shape (Q4_K_M)
+/// decodes at 4,000 positions at 4.26 tokens/s with f16 against 3.72 with f32 (position 100:
+/// 5.3 both), and peaks at 6.04 GB against 6.56; the 1.5B shape gains 4-5% there. On an AVX2
+/// Zen 3 (2026-12-02), the 1.5B Q4_K_M at 4,000 positions: 0.82-0.88x of its speed at 100 with
+/// f16, 0.74x with f32. A quantized model's numbers already differ from
 /// the reference's; an f16 cache moves the tiny parity models' logits about half as much as
 /// Q8_0 weights do.
 fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> KvFormat {
@@ -470,7 +472,7 @@ fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> 
 
 /// `silu(gate) * up`, element by element, split across candle's barrier pool for f32 CPU tensors
 /// (in a batched decode step candle's two ops ran on one thread while the other waited), with
-/// candle's formula, `g / (1 + exp(-g)) * u`, on 16 lanes where the CPU has AVX-512
+/// candle's formula, `g / (1 + exp(-g)) * u`, on 16 lanes where the CPU has AVX-512 (8 with AVX2)
 /// ([`vexp::silu_mul_into`]; libm's `expf` was 2% of a decode step, most of it on one thread).
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
@@ -675,7 +677,8 @@ impl CausalLm {
     /// shape at 4,096 positions) and the bytes a decode step reads from it; Q8_0 takes 0.56 of
     /// f16's (llama.cpp's `-ctk q8_0 -ctv q8_0`), read directly by the CPU's decode attention;
     /// f32 keeps the reference's numbers exactly. The default is f16 for quantized weights on a
-    /// CPU with AVX-512 (as llama.cpp's default; measured in `default_kv_format`) and the model's
+    /// CPU with AVX-512 or AVX2 and F16C (as llama.cpp's default; measured in
+    /// `default_kv_format`) and the model's
     /// dtype otherwise. Q8_0 needs a head size that is a multiple of 32: otherwise this is an
     /// error and the format stays as it was.
     pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {

@@ -10,10 +10,10 @@
 //!
 //! Quantized prefill is the opposite problem: candle's generic quantized CPU matmul computes one
 //! activation row at a time against the whole weight matrix, so a 1,500-token prompt reads the
-//! weights 1,500 times and runs at decode speed. Q4_K, Q6_K and Q8_0 weights on CPUs with AVX-512
-//! VNNI and VBMI go through thinkrag's own tiles ([`KTiles`]) for every row count; otherwise candle
-//! 0.11's tiled, repacked kernels reuse each weight tile across many rows (Q4_K, Q6_K and, with
-//! VNNI, Q8_0, on x86 with AVX2 or better); for the other formats and CPUs, a multi-row product
+//! weights 1,500 times and runs at decode speed. Q4_K, Q6_K and Q8_0 weights on x86 CPUs with
+//! AVX-512 VNNI and VBMI, or with AVX2, FMA and F16C, go through thinkrag's own tiles ([`KTiles`])
+//! for every row count; otherwise candle 0.11's tiled, repacked kernels reuse each weight tile
+//! across many rows where candle has them; for the other formats and CPUs, a multi-row product
 //! dequantizes the weight once and runs one f32 GEMM, which is compute-bound like a full-precision
 //! prefill.
 
