@@ -75,7 +75,8 @@ unsafe fn store<const M: usize>(
 /// `M` activation rows against one column of Q4_K tiles (16 outputs per row). A 32-value
 /// sub-block's eight `vpmaddubsw` each give at most `2 * 15 * 128` per lane, 30,720 in all: its
 /// 16-bit sums cannot saturate, and `vpmaddwd` by its 6-bit scale widens them.
-#[allow(clippy::too_many_arguments)]
+// Indexed loops over the accumulators' halves: the kernel's register layout reads plainest so.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn q4k<const M: usize>(
     column: &[TileQ4K],
@@ -159,7 +160,8 @@ pub(super) unsafe fn q4k<const M: usize>(
 /// is widened in two halves, and its start (`-32` times the activations' sum,
 /// [`ActQ8K::q6k_start`], which makes the sum one over `q - 32`) is scaled by a third `vpmaddwd`,
 /// as half of it in each 16-bit half of a lane.
-#[allow(clippy::too_many_arguments)]
+// Indexed loops over the accumulators' halves: the kernel's register layout reads plainest so.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn q6k<const M: usize>(
     column: &[TileQ6K],
@@ -244,7 +246,8 @@ pub(super) unsafe fn q6k<const M: usize>(
 /// signed, each weight's magnitude goes into `vpmaddubsw` and its sign onto the activation
 /// (`vpsignb`, as ggml's AVX2 dot product does): at most `2 * 128 * 127` per lane, so the block
 /// sums need no start (the AVX-512 kernel's [`ActQ80::start`] takes the `+ 128` out instead).
-#[allow(clippy::too_many_arguments)]
+// Indexed loops over the accumulators' halves: the kernel's register layout reads plainest so.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q80<const M: usize>(
     column: &[TileQ80],
