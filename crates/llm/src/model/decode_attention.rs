@@ -5,10 +5,9 @@
 //! operand packing costs more than the arithmetic; at 4,000 cached positions that made a Q4_K_M
 //! decode step 2.5x slower than at 100. Here each KV head's keys and values stream once for all
 //! the query heads that share them (grouped-query attention): with AVX-512 (or AVX2, in
-//! [`avx2`]) each key and value is widened once, straight from the cache into registers, for every
-//! query head of the group; the
-//! cache lines a little ahead are prefetched while the arithmetic runs, so that the stream from
-//! memory and the arithmetic overlap. A batched step attends for all its sequences in one
+//! [`avx2`]) each key and value is widened once, straight from the cache into registers, for
+//! every query head of the group; the cache lines a little ahead are prefetched while the
+//! arithmetic runs, so that the stream from memory and the arithmetic overlap. A batched step attends for all its sequences in one
 //! parallel region.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -205,7 +204,8 @@ enum Fused {
     Avx2,
 }
 
-/// The fused kernels this CPU runs, best first.
+/// The fused kernels this CPU runs, best first (the tests run each).
+#[cfg(test)]
 fn fused_kernels_here() -> Vec<Fused> {
     let mut here = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -247,7 +247,22 @@ fn fused_kernel(hd: usize) -> Option<Fused> {
     if !hd.is_multiple_of(16) {
         return None;
     }
-    fused_kernels_here().first().copied()
+    best_fused_kernel()
+}
+
+/// The best fused kernel this CPU runs. Asked once per layer and step: no allocation (the
+/// feature checks are cached by std).
+fn best_fused_kernel() -> Option<Fused> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vexp::available() {
+            return Some(Fused::Avx512);
+        }
+        if avx2::available() {
+            return Some(Fused::Avx2);
+        }
+    }
+    None
 }
 
 /// The attention of a group of query heads over their KV head, `out` (zeroed, `group` rows of
@@ -744,7 +759,7 @@ impl KvElem for u8 {
 /// AVX2 with F16C): where an f16 cache costs no more arithmetic than it saves in bytes. Elsewhere
 /// half's slice conversion widens it into a buffer first, more slowly.
 pub(crate) fn widens_f16_fast() -> bool {
-    !fused_kernels_here().is_empty()
+    best_fused_kernel().is_some()
 }
 
 impl KvElem for f16 {
