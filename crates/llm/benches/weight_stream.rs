@@ -2,7 +2,9 @@
 //! against about 1 GiB of distinct weights of one format and shape (so every byte comes from
 //! memory, as in a decode step), against two peers measured in the same run: the read probe
 //! `thinkrag bench` uses, and plain streaming reads of buffers of the same size in as many
-//! parallel regions (what a product would get if multiplying cost nothing).
+//! parallel regions (what a product would get if multiplying cost nothing). A last column runs
+//! the first layer alone over and over, its weights in the CPU's caches where they fit: the
+//! kernels' arithmetic ceiling, which tells a product bound by arithmetic from one bound by memory.
 //!   cargo bench -p thinkrag-llm --bench weight_stream
 //! Optional: THINKRAG_BENCH_THREADS (2), THINKRAG_BENCH_ROUNDS (5).
 
@@ -26,8 +28,10 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
     let probe = ReadProbe::new();
-    println!("| weights | format | products GB/s | regions GB/s | probe GB/s | products / probe |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| weights | format | products GB/s | regions GB/s | probe GB/s | products / probe | cached GB/s |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     // The 1.5B's MLP up/gate and down, and its attention's query/output, shapes.
     for (name, n, k) in [
         ("up 8960x1536", 8960, 1536),
@@ -49,7 +53,8 @@ fn main() {
             }
             let plain: Vec<Vec<u64>> = (0..copies).map(|c| vec![c as u64; bytes / 8]).collect();
             let total = (copies * bytes) as f64;
-            let (mut products, mut regions, mut probes) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut products, mut regions, mut probes, mut cached) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 let t = Instant::now();
                 for l in &layers {
@@ -62,14 +67,20 @@ fn main() {
                 }
                 regions.push(total / t.elapsed().as_secs_f64() / 1e9);
                 probes.push(probe.measure());
+                let t = Instant::now();
+                for _ in 0..copies {
+                    std::hint::black_box(layers[0].forward_rows(&x).expect("forward"));
+                }
+                cached.push(total / t.elapsed().as_secs_f64() / 1e9);
             }
             let ratios: Vec<f64> = products.iter().zip(&probes).map(|(p, r)| p / r).collect();
             println!(
-                "| {name} | {dtype:?} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {name} | {dtype:?} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |",
                 median(&products),
                 median(&regions),
                 median(&probes),
-                median(&ratios)
+                median(&ratios),
+                median(&cached)
             );
         }
     }
