@@ -551,9 +551,28 @@ trait ActBlock: Copy + Send + Sync {
     /// Unsafe: the CPU must have AVX-512 F and BW.
     #[cfg(target_arch = "x86_64")]
     unsafe fn quantize_avx512(x: &[f32], a: &mut Self);
+    /// The same with AVX2, the same bits. Unsafe: the CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx2(x: &[f32], a: &mut Self);
     /// 256 values per block of `out` through candle (ggml's numbers; other CPUs).
     fn reference(x: &[f32], out: &mut [Self]);
 }
+impl ActQ8K {
+    /// The block of an all-zero input: ggml's zeros.
+    fn clear(&mut self) {
+        *self = <Self as ActBlock>::EMPTY;
+    }
+
+    /// The end of the vectorized quantizers, once `qs` and `q6k_start` hold the quants and their
+    /// sums of 16: the sums of 32 and the scale of the quantizer's `iscale`.
+    fn finish(&mut self, iscale: f32) {
+        for (j, s) in self.bsum32.iter_mut().enumerate() {
+            *s = ((self.q6k_start[2 * j] + self.q6k_start[2 * j + 1]) / -32) as i16;
+        }
+        self.d = 1.0 / iscale;
+    }
+}
+
 impl ActBlock for ActQ8K {
     const EMPTY: Self = Self {
         qs: [0; QK],
@@ -565,6 +584,11 @@ impl ActBlock for ActQ8K {
     unsafe fn quantize_avx512(x: &[f32], a: &mut Self) {
         // SAFETY: as the caller promises.
         unsafe { x86::quantize_q8k(x, a) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx2(x: &[f32], a: &mut Self) {
+        // SAFETY: as the caller promises.
+        unsafe { avx2::quantize_q8k(x, a) }
     }
     fn reference(x: &[f32], out: &mut [Self]) {
         quantize_blocks_candle(x, out)
@@ -580,6 +604,11 @@ impl ActBlock for ActQ80 {
     unsafe fn quantize_avx512(x: &[f32], a: &mut Self) {
         // SAFETY: as the caller promises.
         unsafe { x86::quantize_q80(x, a) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quantize_avx2(x: &[f32], a: &mut Self) {
+        // SAFETY: as the caller promises.
+        unsafe { avx2::quantize_q80(x, a) }
     }
     fn reference(x: &[f32], out: &mut [Self]) {
         quantize_blocks_q80_candle(x, out)
@@ -633,18 +662,31 @@ fn quantize_blocks_q80_candle(x: &[f32], out: &mut [ActQ80]) {
     }
 }
 
-/// `x` (256 values per block of `out`) quantized: with AVX-512, to the bit what ggml's and
-/// candle's scalar quantizers give, in a tenth of their time (Q8_K's was 6% of a four-sequence
-/// decode step); otherwise by those scalar quantizers.
+/// `x` (256 values per block of `out`) quantized: with AVX-512 or AVX2, to the bit what ggml's
+/// and candle's scalar quantizers give, in a fraction of their time (Q8_K's was 6% of a
+/// four-sequence decode step); otherwise by those scalar quantizers.
 fn quantize_blocks<A: ActBlock>(x: &[f32], out: &mut [A]) {
+    quantize_blocks_with(Isa::detect(), x, out)
+}
+
+/// [`quantize_blocks`] with the kernels of `isa` (which the CPU must run), or the scalar
+/// quantizers for `None`.
+fn quantize_blocks_with<A: ActBlock>(isa: Option<Isa>, x: &[f32], out: &mut [A]) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512Vnni.available() {
+    if let Some(isa) = isa.filter(|i| i.available()) {
         for (block, a) in x.chunks_exact(QK).zip(out) {
-            // SAFETY: the CPU has AVX-512 F/BW (checked above); `block` holds 256 values.
-            unsafe { A::quantize_avx512(block, a) };
+            // SAFETY: the CPU has the instruction set's features (checked above); `block` holds
+            // 256 values.
+            unsafe {
+                match isa {
+                    Isa::Avx512Vnni => A::quantize_avx512(block, a),
+                    Isa::Avx2 => A::quantize_avx2(block, a),
+                }
+            }
         }
         return;
     }
+    let _ = isa;
     A::reference(x, out);
 }
 
@@ -724,10 +766,7 @@ mod x86 {
             })
             .flatten();
         let Some(max) = first else {
-            a.qs = [0; 256];
-            a.d = 0.0;
-            a.q6k_start = [0; 16];
-            a.bsum32 = [0; 8];
+            a.clear();
             return;
         };
         let iscale = -127f32 / max;
@@ -737,10 +776,7 @@ mod x86 {
             let sum = unsafe { store_rounded(_mm512_mul_ps(scale, v(i)), &mut a.qs[16 * i..]) };
             a.q6k_start[i] = -32 * sum;
         }
-        for (j, s) in a.bsum32.iter_mut().enumerate() {
-            *s = ((a.q6k_start[2 * j] + a.q6k_start[2 * j + 1]) / -32) as i16;
-        }
-        a.d = 1.0 / iscale;
+        a.finish(iscale);
     }
 
     /// `y` rounded as `f32::round` does (half away from zero) and clamped to i8, into the first
@@ -1153,10 +1189,6 @@ mod tests {
     /// blocks, halves exactly between integers, ties for the largest magnitude, a zero block.
     #[test]
     fn q8k_quantization_matches_ggml_to_the_bit() {
-        if !Isa::Avx512Vnni.available() {
-            eprintln!("skipped: this CPU has no AVX-512 (the scalar quantizer is the reference)");
-            return;
-        }
         let dev = Device::Cpu;
         let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, 8 * QK, &dev)
             .unwrap()
@@ -1181,24 +1213,23 @@ mod tests {
             bsum32: [0; 8],
             q6k_start: [0; 16],
         };
-        let (mut fast, mut reference) = (vec![empty; 8], vec![empty; 8]);
-        quantize_blocks(&x, &mut fast);
+        let mut reference = vec![empty; 8];
         quantize_blocks_candle(&x, &mut reference);
-        for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
-            assert_eq!(f.qs, r.qs, "block {b}");
-            assert_eq!(f.d.to_bits(), r.d.to_bits(), "block {b}");
-            assert_eq!(f.q6k_start, r.q6k_start, "block {b}");
-            assert_eq!(f.bsum32, r.bsum32, "block {b}");
+        for isa in isas() {
+            let mut fast = vec![empty; 8];
+            quantize_blocks_with(Some(isa), &x, &mut fast);
+            for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
+                assert_eq!(f.qs, r.qs, "{isa:?} block {b}");
+                assert_eq!(f.d.to_bits(), r.d.to_bits(), "{isa:?} block {b}");
+                assert_eq!(f.q6k_start, r.q6k_start, "{isa:?} block {b}");
+                assert_eq!(f.bsum32, r.bsum32, "{isa:?} block {b}");
+            }
         }
     }
 
     /// The vectorized Q8_0 quantization of activations against candle's (ggml's), to the bit.
     #[test]
     fn q80_quantization_matches_ggml_to_the_bit() {
-        if !Isa::Avx512Vnni.available() {
-            eprintln!("skipped: this CPU has no AVX-512 (the scalar quantizer is the reference)");
-            return;
-        }
         let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, 4 * QK, &Device::Cpu)
             .unwrap()
             .to_vec1()
@@ -1209,17 +1240,20 @@ mod tests {
         }
         x[5] = 127.0;
         x[64..96].fill(0.0);
-        let (mut fast, mut reference) = (vec![ActQ80::EMPTY; 4], vec![ActQ80::EMPTY; 4]);
-        quantize_blocks(&x, &mut fast);
+        let mut reference = vec![ActQ80::EMPTY; 4];
         quantize_blocks_q80_candle(&x, &mut reference);
-        for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
-            assert_eq!(f.qs, r.qs, "superblock {b}");
-            assert_eq!(
-                f.d.map(f32::to_bits),
-                r.d.map(f32::to_bits),
-                "superblock {b}"
-            );
-            assert_eq!(f.start, r.start, "superblock {b}");
+        for isa in isas() {
+            let mut fast = vec![ActQ80::EMPTY; 4];
+            quantize_blocks_with(Some(isa), &x, &mut fast);
+            for (b, (f, r)) in fast.iter().zip(&reference).enumerate() {
+                assert_eq!(f.qs, r.qs, "{isa:?} superblock {b}");
+                assert_eq!(
+                    f.d.map(f32::to_bits),
+                    r.d.map(f32::to_bits),
+                    "{isa:?} superblock {b}"
+                );
+                assert_eq!(f.start, r.start, "{isa:?} superblock {b}");
+            }
         }
     }
 
