@@ -7,8 +7,8 @@
 //! the query heads that share them (grouped-query attention): with AVX-512 (or AVX2, in
 //! [`avx2`]) each key and value is widened once, straight from the cache into registers, for
 //! every query head of the group; the cache lines a little ahead are prefetched while the
-//! arithmetic runs, so that the stream from memory and the arithmetic overlap. A batched step attends for all its sequences in one
-//! parallel region.
+//! arithmetic runs, so that the stream from memory and the arithmetic overlap. A batched step
+//! attends for all its sequences in one parallel region.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -23,9 +23,9 @@ mod avx2;
 
 /// `softmax(q k^T * scale) v` for `q` of shape `(1, kv_heads, group, head_dim)` (the query heads
 /// sharing KV head `h` are rows `h*group..`), `k` and `v` of shape `(1, kv_heads, len, row)`
-/// (views of the cache: rows contiguous, heads strided; f32, f16 or bf16 rows of `head_dim`, or `U8`
-/// rows of Q8_0 blocks, both the same). Returns `(1, 1, kv_heads*group*head_dim)`, or `None`
-/// when the inputs are not CPU tensors of that layout, `q` in f32.
+/// (views of the cache: rows contiguous, heads strided; f32, f16 or bf16 rows of `head_dim`, or
+/// `U8` rows of Q8_0 blocks, both the same). Returns `(1, 1, kv_heads*group*head_dim)`, or
+/// `None` when the inputs are not CPU tensors of that layout, `q` in f32.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,
