@@ -10,7 +10,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{prefetch_lines, Ahead, Head, KvElem, VALUE_ROWS};
+use super::{prefetch_lines, Ahead, Head, KvElem, Spread, VALUE_ROWS};
 use crate::model::vexp::exp8;
 
 /// Whether this CPU runs these kernels.
@@ -214,11 +214,11 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
     assert!(probs.len() == H * len && out.len() == H * hd && hd.is_multiple_of(8 * C));
     let (vp, pp, op) = (values.as_ptr(), probs.as_ptr(), out.as_mut_ptr());
     let passes = hd / (8 * C);
-    let lines = (row * size_of::<T>()).div_ceil(64);
+    let row_bytes = row * size_of::<T>();
     for r0 in (0..len).step_by(VALUE_ROWS) {
         let rows = r0..(r0 + VALUE_ROWS).min(len);
-        for (pass, c0) in (0..hd).step_by(8 * C).enumerate() {
-            let (from, to) = (lines * pass / passes, lines * (pass + 1) / passes);
+        let mut ahead = Spread::new(ahead.at((len + r0) * row), row_bytes, passes);
+        for c0 in (0..hd).step_by(8 * C) {
             let mut acc = [[_mm256_setzero_ps(); C]; H];
             for g in 0..H {
                 for c in 0..C {
@@ -227,7 +227,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
                 }
             }
             for t in rows.clone() {
-                prefetch_lines(ahead.at((len + t) * row), from, to);
+                ahead.step();
                 // SAFETY: `t < len` and `c0 + 8 * C <= hd`: inside `values`.
                 let v: [__m256; C] =
                     core::array::from_fn(|c| unsafe { T::load8(vp.add(t * row), c0 + c * 8) });
