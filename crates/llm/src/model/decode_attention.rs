@@ -495,7 +495,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
     for r0 in (0..len).step_by(VALUE_ROWS) {
         let rows = r0..(r0 + VALUE_ROWS).min(len);
         // The values follow the keys in the prefetches' stream.
-        let mut ahead = Spread::new(ahead.at((len + r0) * row), row_bytes, passes);
+        let mut prefetch = Spread::new(ahead.at((len + r0) * row), row_bytes, passes);
         for c0 in (0..hd).step_by(16 * C) {
             let mut acc = [[_mm512_setzero_ps(); C]; H];
             for g in 0..H {
@@ -505,7 +505,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
                 }
             }
             for t in rows.clone() {
-                ahead.step();
+                prefetch.step();
                 // SAFETY: `t < len` and `c0 + 16 * C <= hd`: inside `values`.
                 let v: [__m512; C] =
                     core::array::from_fn(|c| unsafe { T::load16(vp.add(t * row), c0 + c * 16) });

@@ -217,7 +217,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
     let row_bytes = row * size_of::<T>();
     for r0 in (0..len).step_by(VALUE_ROWS) {
         let rows = r0..(r0 + VALUE_ROWS).min(len);
-        let mut ahead = Spread::new(ahead.at((len + r0) * row), row_bytes, passes);
+        let mut prefetch = Spread::new(ahead.at((len + r0) * row), row_bytes, passes);
         for c0 in (0..hd).step_by(8 * C) {
             let mut acc = [[_mm256_setzero_ps(); C]; H];
             for g in 0..H {
@@ -227,7 +227,7 @@ unsafe fn accumulate_heads<T: KvElem, const H: usize, const C: usize, const HD: 
                 }
             }
             for t in rows.clone() {
-                ahead.step();
+                prefetch.step();
                 // SAFETY: `t < len` and `c0 + 8 * C <= hd`: inside `values`.
                 let v: [__m256; C] =
                     core::array::from_fn(|c| unsafe { T::load8(vp.add(t * row), c0 + c * 8) });
