@@ -14,6 +14,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::model::linear::OutPtr;
+use crate::model::tile_arena::TileVec;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -77,9 +78,9 @@ impl Isa {
 }
 
 enum Tiles {
-    Q4K(Vec<TileQ4K>),
-    Q6K(Vec<TileQ6K>),
-    Q80(Vec<TileQ80>),
+    Q4K(TileVec<TileQ4K>),
+    Q6K(TileVec<TileQ6K>),
+    Q80(TileVec<TileQ80>),
 }
 
 impl std::fmt::Debug for KTiles {
@@ -429,13 +430,14 @@ fn pack_tiles<T: Copy>(
     block: usize,
     empty: T,
     fill: impl Fn(&mut T, usize, &[u8]),
-) -> Option<Vec<T>> {
+) -> Option<TileVec<T>> {
     let kb = k / QK;
     if data.len() != n * kb * block {
         return None;
     }
-    let mut out = Vec::with_capacity(n / TILE_ROWS * kb);
-    crate::device::advise_huge_pages(out.spare_capacity_mut());
+    // Memory the OS cannot map is the same answer as a shape the kernels do not take: the
+    // weight stays in candle's layout.
+    let mut out = TileVec::with_capacity(n / TILE_ROWS * kb).ok()?;
     for col in 0..n / TILE_ROWS {
         for b in 0..kb {
             let mut tile = empty;
@@ -461,7 +463,7 @@ fn put_nibbles(dst: &mut [u8; QK / 2 * TILE_ROWS], r: usize, vals: &[u8; QK]) {
 }
 
 /// Q4_K blocks (ggml's layout: `d`, `dmin` as f16, 12 bytes of scales, 128 of nibbles) to tiles.
-fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
+fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<TileVec<TileQ4K>> {
     let empty = TileQ4K {
         qs: [0; QK / 2 * TILE_ROWS],
         scales: [[0; TILE_ROWS]; 8],
@@ -492,7 +494,7 @@ fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ4K>> {
 
 /// Q6_K blocks (ggml's layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales,
 /// `d` as f16) to tiles.
-fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ6K>> {
+fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<TileVec<TileQ6K>> {
     let empty = TileQ6K {
         ql: [0; QK / 2 * TILE_ROWS],
         qh: [0; QK / 4 * TILE_ROWS],
@@ -528,7 +530,7 @@ fn pack_q6k(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ6K>> {
 }
 
 /// Q8_0 blocks (ggml's layout: `d` as f16, 32 signed bytes) to tiles.
-fn pack_q80(data: &[u8], n: usize, k: usize) -> Option<Vec<TileQ80>> {
+fn pack_q80(data: &[u8], n: usize, k: usize) -> Option<TileVec<TileQ80>> {
     let empty = TileQ80 {
         qs: [0; QK * TILE_ROWS],
         d: [[0; TILE_ROWS]; 8],

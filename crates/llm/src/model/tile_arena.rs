@@ -1,0 +1,208 @@
+//! Memory for the weights laid out for the CPU kernels ([`super::ktiles`]): pieces of large
+//! anonymous mappings that start on a 2 MiB boundary and are advised for transparent huge pages
+//! before anything writes them, so the whole stream a decode step reads lies on huge pages.
+//!
+//! Written by hand because the global allocator cannot promise that. The layouts are made in
+//! parallel at load, so glibc serves them from its per-thread arenas: pieces of heaps that begin
+//! anywhere in a 2 MiB extent and reuse pages already touched (as 4 KiB pages) by the blocks
+//! freed before them, and the advice only covers whole extents inside each buffer. On the 1.5B
+//! Q4_K_M, 30% of the process's anonymous memory besides `thinkrag bench`'s probe (the layouts,
+//! the KV cache, buffers) was on 4 KiB pages (`AnonHugePages` in `/proc/<pid>/smaps`), every
+//! projection under 2 MiB among it; with this arena, 3%.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+/// A transparent huge page on x86-64 and most Linux targets.
+const HUGE: usize = 2 << 20;
+/// Bytes of a region that pieces share. A region's last extent that pieces touch becomes a whole
+/// huge page however little of it they use, so one such tail per region is the waste.
+const REGION_BYTES: usize = 64 << 20;
+/// Every piece starts on a cache line (the tiles' own alignment).
+const ALIGN: usize = 64;
+
+/// One anonymous mapping, unmapped when the last piece in it is dropped.
+struct Region {
+    /// Owns the mapping; never read through (pieces use `base`).
+    _map: memmap2::MmapMut,
+    /// The mapping's first 2 MiB boundary, where pieces begin (from the mutable mapping, so
+    /// pieces may write through it).
+    base: NonNull<u8>,
+    /// Bytes usable from `base`.
+    len: usize,
+}
+
+// SAFETY: the region is plain memory; which thread writes which bytes is up to the pieces, each of
+// which owns its own range.
+unsafe impl Send for Region {}
+// SAFETY: as above; `Region` itself hands out no references.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// A fresh mapping of at least `len` bytes (rounded up to 2 MiB) from a 2 MiB boundary.
+    fn new(len: usize) -> std::io::Result<Self> {
+        let len = len.max(1).next_multiple_of(HUGE);
+        // One extent more to start on a boundary: the pages before it are never touched, so
+        // they cost address space only.
+        let mut map = memmap2::MmapMut::map_anon(len + HUGE)?;
+        let at = map.as_ptr() as usize;
+        let skip = at.next_multiple_of(HUGE) - at;
+        let usable = &mut map[skip..skip + len];
+        crate::device::advise_huge_pages(usable);
+        let base = NonNull::new(usable.as_mut_ptr()).expect("a mapping is never at address 0");
+        Ok(Region {
+            _map: map,
+            base,
+            len,
+        })
+    }
+}
+
+/// The region small pieces are being carved from, and how many of its bytes are taken. Held
+/// weakly: a region whose pieces are all gone (a dropped model) is unmapped, not kept for later.
+static CURRENT: Mutex<Option<(Weak<Region>, usize)>> = Mutex::new(None);
+
+/// `bytes` (a multiple of [`ALIGN`]) of fresh memory: the region holding them and their start.
+fn carve(bytes: usize) -> std::io::Result<(Arc<Region>, NonNull<u8>)> {
+    if bytes > REGION_BYTES / 2 {
+        let region = Arc::new(Region::new(bytes)?);
+        let base = region.base;
+        return Ok((region, base));
+    }
+    let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((weak, used)) = current.as_mut() {
+        if let Some(region) = weak.upgrade().filter(|r| *used + bytes <= r.len) {
+            // SAFETY: `used + bytes <= len`: inside the region.
+            let at = unsafe { region.base.add(*used) };
+            *used += bytes;
+            return Ok((region, at));
+        }
+    }
+    let region = Arc::new(Region::new(REGION_BYTES)?);
+    *current = Some((Arc::downgrade(&region), bytes));
+    let base = region.base;
+    Ok((region, base))
+}
+
+/// A fixed-capacity vector of `Copy` values in the arena: filled once by [`TileVec::push`], then
+/// read as a slice.
+pub(crate) struct TileVec<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    cap: usize,
+    /// Keeps the memory mapped (`None` for a capacity of 0).
+    _region: Option<Arc<Region>>,
+}
+
+// SAFETY: a `TileVec` owns its values as a `Vec` does (its range of the region is its alone).
+unsafe impl<T: Send> Send for TileVec<T> {}
+// SAFETY: shared, it only hands out `&[T]`.
+unsafe impl<T: Sync> Sync for TileVec<T> {}
+
+impl<T: Copy> TileVec<T> {
+    /// Room for `cap` values; an error when the OS maps no more memory.
+    pub(crate) fn with_capacity(cap: usize) -> std::io::Result<Self> {
+        assert!(std::mem::align_of::<T>() <= ALIGN, "TileVec: alignment");
+        let bytes = cap
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| std::io::Error::other("TileVec: capacity overflows"))?;
+        if bytes == 0 {
+            return Ok(TileVec {
+                ptr: NonNull::dangling(),
+                len: 0,
+                cap,
+                _region: None,
+            });
+        }
+        let (region, at) = carve(bytes.next_multiple_of(ALIGN))?;
+        Ok(TileVec {
+            ptr: at.cast(),
+            len: 0,
+            cap,
+            _region: Some(region),
+        })
+    }
+
+    /// Appends `value`. Panics past the capacity (a layout's sizes are computed before it is
+    /// filled, so that is a bug here, never bad input).
+    pub(crate) fn push(&mut self, value: T) {
+        assert!(self.len < self.cap, "TileVec::push past its capacity");
+        // SAFETY: `len < cap`: inside this vector's range, aligned (pieces start on 64 bytes,
+        // `T`'s alignment is at most that and its size a multiple of it).
+        unsafe { self.ptr.add(self.len).write(value) };
+        self.len += 1;
+    }
+}
+
+impl<T> std::ops::Deref for TileVec<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        // SAFETY: the first `len` values were written by `push` (or `len` is 0 and the pointer
+        // dangling but aligned).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Block([u32; 16]);
+
+    #[test]
+    fn pieces_keep_their_values_and_do_not_overlap() {
+        let sizes = [0usize, 1, 3, 1000, 40_000, 300_000];
+        let mut vecs: Vec<TileVec<Block>> = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut v = TileVec::with_capacity(n).expect("memory");
+            for j in 0..n {
+                v.push(Block([(i * 1_000_000 + j) as u32; 16]));
+            }
+            vecs.push(v);
+        }
+        let mut ranges = Vec::new();
+        for (i, v) in vecs.iter().enumerate() {
+            assert_eq!(v.len(), sizes[i]);
+            assert_eq!(v.as_ptr() as usize % ALIGN, 0);
+            for (j, b) in v.iter().enumerate() {
+                assert_eq!(b.0, [(i * 1_000_000 + j) as u32; 16]);
+            }
+            if !v.is_empty() {
+                let r = v.as_ptr_range();
+                ranges.push((r.start as usize, r.end as usize));
+            }
+        }
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert!(w[0].1 <= w[1].0, "pieces overlap: {w:?}");
+        }
+    }
+
+    #[test]
+    fn a_large_piece_has_a_region_of_its_own_on_a_huge_page_boundary() {
+        let n = REGION_BYTES / 64; // a whole region's bytes: more than half of one
+        let mut v = TileVec::<Block>::with_capacity(n).expect("memory");
+        v.push(Block([7; 16]));
+        assert_eq!(v.as_ptr() as usize % HUGE, 0);
+        assert_eq!(v[0].0, [7; 16]);
+    }
+
+    #[test]
+    #[should_panic(expected = "past its capacity")]
+    fn pushing_past_the_capacity_is_a_bug() {
+        let mut v = TileVec::with_capacity(1).expect("memory");
+        v.push(Block([0; 16]));
+        v.push(Block([1; 16]));
+    }
+
+    #[test]
+    fn a_region_of_its_own_is_unmapped_with_its_piece() {
+        let big = TileVec::<Block>::with_capacity(REGION_BYTES / 64).expect("memory");
+        let weak = Arc::downgrade(big._region.as_ref().expect("a region"));
+        drop(big);
+        assert!(weak.upgrade().is_none());
+    }
+}
