@@ -59,7 +59,7 @@ impl Region {
     }
 }
 
-/// The region small pieces are being carved from, and how many of its bytes are taken. Held
+/// The region pieces are being carved from, and how many of its bytes are taken. Held
 /// weakly: a region whose pieces are all gone (a dropped model) is unmapped, not kept for later.
 static CURRENT: Mutex<Option<(Weak<Region>, usize)>> = Mutex::new(None);
 
@@ -142,6 +142,38 @@ impl<T: Copy> TileVec<T> {
     }
 }
 
+impl<T> Drop for TileVec<T> {
+    /// Hands this piece's whole pages back to the OS when its region stays mapped for other
+    /// pieces (those of a model loaded after this one): the address space is kept until the
+    /// region's last piece goes, the memory is not.
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(region) = &self._region {
+            if Arc::strong_count(region) > 1 {
+                release_pages(
+                    self.ptr.as_ptr().cast(),
+                    self.cap * std::mem::size_of::<T>(),
+                );
+            }
+        }
+    }
+}
+
+/// `madvise(MADV_DONTNEED)` over the whole pages inside `len` bytes from `at` (a piece's range:
+/// the pages it shares with its neighbours stay).
+#[cfg(target_os = "linux")]
+fn release_pages(at: *mut u8, len: usize) {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = at as usize;
+    let (from, to) = (start.next_multiple_of(page), (start + len) / page * page);
+    if to > from {
+        // SAFETY: the pages lie inside the dropped piece's range of a region that stays mapped;
+        // nothing reads them again (pieces are never carved twice from the same bytes).
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED) };
+    }
+}
+
 impl<T> std::ops::Deref for TileVec<T> {
     type Target = [T];
 
@@ -187,6 +219,46 @@ mod tests {
         for w in ranges.windows(2) {
             assert!(w[0].1 <= w[1].0, "pieces overlap: {w:?}");
         }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_dropped_piece_gives_its_pages_back_while_its_region_lives_on() {
+        // Pieces carved one after the other share a region, unless a parallel test's piece has
+        // just started a new one: try again then.
+        for _ in 0..10 {
+            let keep = TileVec::<Block>::with_capacity(1).expect("memory");
+            let mut gone = TileVec::<Block>::with_capacity(4096).expect("memory"); // 256 KiB
+            let same = Arc::ptr_eq(
+                keep._region.as_ref().expect("a region"),
+                gone._region.as_ref().expect("a region"),
+            );
+            for i in 0..4096 {
+                gone.push(Block([i; 16]));
+            }
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let range = gone.as_ptr_range();
+            let (from, to) = (
+                (range.start as usize).next_multiple_of(page),
+                range.end as usize / page * page,
+            );
+            drop(gone);
+            if !same {
+                continue;
+            }
+            let mut resident = vec![0u8; (to - from) / page];
+            // SAFETY: the range is inside `keep`'s region, still mapped; `resident` has a byte
+            // per page.
+            let rc = unsafe {
+                libc::mincore(from as *mut libc::c_void, to - from, resident.as_mut_ptr())
+            };
+            assert_eq!(rc, 0);
+            assert!(resident.iter().all(|&r| r & 1 == 0), "pages still resident");
+            drop(keep);
+            return;
+        }
+        panic!("no two pieces in the same region in ten tries");
     }
 
     #[test]
