@@ -246,17 +246,45 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 /// effect on pages not yet touched: call it on fresh allocations, before writing them.
 pub(crate) fn advise_huge_pages<T>(buf: &[T]) {
     #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buf.as_ptr() as usize;
-        let (from, to) = (
-            start.next_multiple_of(HUGE),
-            (start + std::mem::size_of_val(buf)) / HUGE * HUGE,
-        );
-        if to > from {
-            // SAFETY: the range lies inside `buf`, which this process owns; the advice changes
-            // how its pages are backed, never their contents.
-            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
-        }
+    // SAFETY: `buf` is memory this process owns; the advice changes how its pages are backed,
+    // never their contents.
+    unsafe {
+        advise_inside(
+            buf.as_ptr().cast(),
+            std::mem::size_of_val(buf),
+            2 << 20,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
+/// The OS's page size (4 KiB where it cannot be read).
+#[cfg(target_os = "linux")]
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|&p| p > 0)
+        .unwrap_or(4096)
+}
+
+/// `madvise(advice)` over the whole `granule`-aligned units of `granule` bytes inside the `len`
+/// bytes at `at` (a unit shared with the memory around the range is left alone); a refusal is
+/// ignored, as advice is.
+///
+/// # Safety
+/// The range is mapped memory of this process, and `advice` is one that is sound on it.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn advise_inside(at: *const u8, len: usize, granule: usize, advice: libc::c_int) {
+    let start = at as usize;
+    let (from, to) = (
+        start.next_multiple_of(granule),
+        (start + len) / granule * granule,
+    );
+    if to > from {
+        // SAFETY: the caller's: the units lie inside the range.
+        let _ = unsafe { libc::madvise(from as *mut libc::c_void, to - from, advice) };
     }
 }

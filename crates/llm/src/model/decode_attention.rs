@@ -641,10 +641,10 @@ impl Ahead {
 /// The prefetches of a value pass: a block's bytes [`PREFETCH_AHEAD`] further on (in the stream
 /// of keys then values; the next block, for 128-wide f16 rows), spread evenly over every row of
 /// every pass over the block's columns, so that the requests go out at the rate the arithmetic
-/// consumes them. The pass used to prefetch its
-/// share of each row's lines instead; with more passes than lines (AVX2: 8 passes over the 4
-/// lines of a 128-wide f16 row) that meant a line per row in every other pass, bursts of 64
-/// misses, more than the core's outstanding-miss buffers hold, and the pass waited on its loads:
+/// consumes them. The pass used to prefetch its share of each row's lines instead; with more
+/// passes than lines (AVX2: 8 passes over the 4 lines of a 128-wide f16 row) that meant a line
+/// per row in every other pass, bursts of 64 misses, more than the core's outstanding-miss
+/// buffers hold, and the pass waited on its loads:
 /// a stand-alone f16 value pass at 4,000 positions read 8.1 GB/s so against 13.4 spread (two
 /// threads, Zen 3), and the attention bench's four f16 caches went from 49.6 to 45.3 ms.
 struct Spread {

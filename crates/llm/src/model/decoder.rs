@@ -413,21 +413,17 @@ fn blocked_attention(
 fn page_out(map: &memmap2::Mmap, offset: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: sysconf only reads a system constant.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|&p| p > 0)
-            .unwrap_or(4096);
-        let base = map.as_ptr() as usize;
-        let start = (base + offset).next_multiple_of(page);
-        let end = (base + offset + len) / page * page;
-        if end > start {
-            // SAFETY: the range lies inside the mapping, which outlives the call; PAGEOUT on a
-            // read-only, file-backed mapping only drops pages, and the addresses stay valid.
-            let _ = unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT)
-            };
-        }
+        use crate::device::{advise_inside, page_size};
+        // SAFETY: the range lies inside the mapping, which outlives the call; PAGEOUT on a
+        // read-only, file-backed mapping only drops pages, and the addresses stay valid.
+        unsafe {
+            advise_inside(
+                map.as_ptr().wrapping_add(offset),
+                len,
+                page_size(),
+                libc::MADV_PAGEOUT,
+            )
+        };
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (map, offset, len);

@@ -150,27 +150,20 @@ impl<T> Drop for TileVec<T> {
         #[cfg(target_os = "linux")]
         if let Some(region) = &self._region {
             if Arc::strong_count(region) > 1 {
-                release_pages(
-                    self.ptr.as_ptr().cast(),
-                    self.cap * std::mem::size_of::<T>(),
-                );
+                use crate::device::{advise_inside, page_size};
+                // SAFETY: the piece's range of a region that stays mapped (this piece's own
+                // `Arc` is dropped after this); only its whole pages go, and nothing reads them
+                // again (pieces are never carved twice from the same bytes).
+                unsafe {
+                    advise_inside(
+                        self.ptr.as_ptr().cast(),
+                        self.cap * std::mem::size_of::<T>(),
+                        page_size(),
+                        libc::MADV_DONTNEED,
+                    )
+                };
             }
         }
-    }
-}
-
-/// `madvise(MADV_DONTNEED)` over the whole pages inside `len` bytes from `at` (a piece's range:
-/// the pages it shares with its neighbours stay).
-#[cfg(target_os = "linux")]
-fn release_pages(at: *mut u8, len: usize) {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    let start = at as usize;
-    let (from, to) = (start.next_multiple_of(page), (start + len) / page * page);
-    if to > from {
-        // SAFETY: the pages lie inside the dropped piece's range of a region that stays mapped;
-        // nothing reads them again (pieces are never carved twice from the same bytes).
-        unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED) };
     }
 }
 
@@ -236,8 +229,7 @@ mod tests {
             for i in 0..4096 {
                 gone.push(Block([i; 16]));
             }
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let page = crate::device::page_size();
             let range = gone.as_ptr_range();
             let (from, to) = (
                 (range.start as usize).next_multiple_of(page),
