@@ -85,8 +85,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.batch.clone()
         };
         if !positions.is_empty() {
-            // On a CPU, the memory's read rate is probed in each round of a lone sequence's
-            // decode.
+            // On a CPU, the memory's read rate is probed between the steps of a lone
+            // sequence's decode.
             let probe = (model.device().is_cpu() && batches.contains(&1)).then(ReadProbe::new);
             for &n in &batches {
                 let (r, bw) = decode_rounds(
@@ -170,7 +170,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Below the table: each decode test against the same batch at the first position, as the
-/// median of the per-round ratios (the positions are timed side by side in each round), and a
+/// median of the per-round ratios (the positions' steps interleave in each round), and a
 /// single sequence's weight stream against the memory bandwidth measured in the same run.
 fn print_ratios(results: &[BenchResult], read_gb: f64, bandwidth: Option<Vec<f64>>) {
     let decodes: Vec<&BenchResult> = results
@@ -197,8 +197,8 @@ fn print_ratios(results: &[BenchResult], read_gb: f64, bandwidth: Option<Vec<f64
     if let Some(bw) = bandwidth {
         let listed: Vec<String> = bw.iter().map(|x| format!("{x:.1}")).collect();
         println!(
-            "\nmemory read rate with these threads, probed after each round: {} GB/s; a decode \
-             step reads {read_gb:.3} GB of weights",
+            "\nmemory read rate with these threads, probed between the steps of each round: {} \
+             GB/s; a decode step reads {read_gb:.3} GB of weights",
             listed.join(", ")
         );
         for r in decodes.iter().filter(|r| r.sequences == 1) {

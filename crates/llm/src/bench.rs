@@ -2,7 +2,7 @@
 //! 512-token prefill) and text generation (`tg128`: tokens/s of 128 decode steps) at a chosen KV
 //! cache position. Shared by `thinkrag bench` and the criterion benchmarks.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -108,12 +108,14 @@ pub fn batched_decode(
     Ok(results.remove(0))
 }
 
-/// [`batched_decode`] at each of `positions`, measured in rounds: every round times each
-/// position once, so run `i` of one position and run `i` of another were taken seconds apart.
-/// On a shared or throttling machine their ratio (how much decode slows down with a long
-/// context) is then far steadier than the ratio of two series taken one after the other. With a
-/// probe, also the memory's read rate (GB/s) measured in each round after the decode timings:
-/// run `i` of a decode against bandwidth `i` is a fair ratio.
+/// [`batched_decode`] at each of `positions`, measured in rounds whose steps interleave: step
+/// `s` of every position runs before step `s + 1` of any, each timed on its own, so the
+/// positions are timed within milliseconds of one another. On a shared or throttling machine their
+/// ratio (how much decode slows down with a long context) is then far steadier than the ratio of
+/// two series taken one after the other, or even of two series a round apart (seconds, in which
+/// this project's test hosts have moved by 20%). With a probe, also the memory's read rate (GB/s)
+/// in each round, its buffer read a slice at a time between the steps: run `i` of a decode
+/// against bandwidth `i` is a fair ratio.
 pub fn decode_rounds(
     model: &CausalLm,
     sequences: usize,
@@ -137,26 +139,42 @@ pub fn decode_rounds(
     }
     // Run 0 is one untimed warm-up step per position.
     for run in 0..=runs.max(1) {
-        for (position, caches, rates) in cases.iter_mut() {
+        for (position, caches, _) in cases.iter_mut() {
             for c in caches.iter_mut() {
                 c.clear();
                 c.fill_for_benchmark(*position)?;
             }
-            let steps = if run == 0 { 1 } else { tokens };
-            let t = Instant::now();
-            for step in 0..steps {
-                let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
+        }
+        let steps = if run == 0 { 1 } else { tokens };
+        let mut spent = vec![Duration::ZERO; cases.len()];
+        let slices = ReadProbe::slices_for(steps);
+        let (mut probed, mut probe_bytes, mut probe_time) = (0, 0, Duration::ZERO);
+        for step in 0..steps {
+            let step_ids: Vec<u32> = ids.iter().map(|v| v[step]).collect();
+            for ((_, caches, _), spent) in cases.iter_mut().zip(spent.iter_mut()) {
                 let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let t = Instant::now();
                 model
                     .forward_decode(&step_ids, &mut refs)?
                     .to_vec2::<f32>()?;
+                *spent += t.elapsed();
             }
-            if run > 0 {
-                rates.push((n * tokens) as f64 / t.elapsed().as_secs_f64());
+            if let (Some(p), true) = (probe, run > 0) {
+                // The slices spread evenly over the steps, the last one after the last step.
+                while probed < (step + 1) * slices / steps {
+                    let (bytes, time) = p.measure_slice(probed, slices);
+                    (probe_bytes, probe_time) = (probe_bytes + bytes, probe_time + time);
+                    probed += 1;
+                }
             }
         }
-        if let (Some(p), true) = (probe, run > 0) {
-            bandwidth.push(p.measure());
+        if run > 0 {
+            for ((_, _, rates), spent) in cases.iter_mut().zip(&spent) {
+                rates.push((n * tokens) as f64 / spent.as_secs_f64());
+            }
+            if probe.is_some() {
+                bandwidth.push(probe_bytes as f64 / probe_time.as_secs_f64() / 1e9);
+            }
         }
     }
     let results = cases
@@ -179,13 +197,17 @@ pub fn decode_rounds(
 
 /// A probe of the rate at which this machine's memory feeds the CPU thread pool the kernels run
 /// on: every thread streams its share of a 1 GiB buffer (larger than any CPU cache), the
-/// ceiling for a decode step that must read every weight once. [`decode_rounds`] takes it between
-/// its timings, since on a shared machine both move from one second to the next.
+/// ceiling for a decode step that must read every weight once. [`decode_rounds`] reads it a slice
+/// at a time between its steps, since on a shared machine both move from one second to the next.
 pub struct ReadProbe {
     buf: Vec<u64>,
 }
 
 impl ReadProbe {
+    /// The fewest bytes a slice reads (64 MiB: twice the largest last-level caches of the CPUs
+    /// this runs on, so a slice's time is the memory's, not its start-up's).
+    const MIN_SLICE: usize = 64 << 20;
+
     /// Allocates and writes the buffer (untouched pages all map one zero page, which reads from
     /// cache), on huge pages where the OS has them, so TLB misses do not count against memory.
     pub fn new() -> Self {
@@ -197,12 +219,35 @@ impl ReadProbe {
         ReadProbe { buf }
     }
 
+    /// Into how many slices to cut one pass for `steps` steps: one a step, none under
+    /// [`Self::MIN_SLICE`] bytes (at least one).
+    pub fn slices_for(steps: usize) -> usize {
+        let most = (1usize << 30) / Self::MIN_SLICE;
+        steps.clamp(1, most)
+    }
+
     /// One pass: GB/s.
     pub fn measure(&self) -> f64 {
-        let t = Instant::now();
-        read_in_parallel(&self.buf);
-        std::mem::size_of_val(&self.buf[..]) as f64 / t.elapsed().as_secs_f64() / 1e9
+        let (bytes, time) = self.measure_slice(0, 1);
+        bytes as f64 / time.as_secs_f64() / 1e9
     }
+
+    /// Reads slice `i` of `slices` equal ones of the buffer in one parallel region: the bytes read
+    /// and the time taken.
+    pub fn measure_slice(&self, i: usize, slices: usize) -> (usize, Duration) {
+        let part = slice_of(&self.buf, i, slices);
+        let t = Instant::now();
+        read_in_parallel(part);
+        (std::mem::size_of_val(part), t.elapsed())
+    }
+}
+
+/// Slice `i` of `slices` near-equal ones of `buf` (lengths differ by at most one; empty past the
+/// last).
+fn slice_of(buf: &[u64], i: usize, slices: usize) -> &[u64] {
+    let slices = slices.max(1);
+    let at = |j: usize| buf.len() * j.min(slices) / slices;
+    &buf[at(i)..at(i + 1)]
 }
 
 /// Reads all of `buf` once in one parallel region, each thread of candle's pool streaming its
@@ -328,5 +373,22 @@ mod tests {
         let whole = part.len() / 32 * 32;
         let expected = part[..whole].iter().fold(0u64, |s, &x| s.wrapping_add(x));
         assert_eq!(stream_sum(&part[..whole]), expected);
+    }
+
+    /// A round's probe slices read the buffer once, every value in one slice, and none is
+    /// smaller than the floor (bar the last) however many steps a round has.
+    #[test]
+    fn probe_slices_cover_the_buffer_once() {
+        assert_eq!(ReadProbe::slices_for(0), 1);
+        assert_eq!(ReadProbe::slices_for(1), 1);
+        assert_eq!(ReadProbe::slices_for(7), 7);
+        assert_eq!(ReadProbe::slices_for(128), 16);
+        let buf: Vec<u64> = (0..1000).collect();
+        for slices in [1, 3, 7, 16, 999, 1000] {
+            let parts: Vec<&[u64]> = (0..slices).map(|i| slice_of(&buf, i, slices)).collect();
+            assert_eq!(parts.concat(), buf, "{slices} slices");
+            assert!(parts.iter().all(|p| !p.is_empty()), "{slices} slices");
+        }
+        assert!(slice_of(&buf, 5, 3).is_empty());
     }
 }
