@@ -110,12 +110,12 @@ pub fn batched_decode(
 
 /// [`batched_decode`] at each of `positions`, measured in rounds whose steps interleave: step
 /// `s` of every position runs before step `s + 1` of any, each timed on its own, so the
-/// positions are timed within milliseconds of one another. On a shared or throttling machine their
-/// ratio (how much decode slows down with a long context) is then far steadier than the ratio of
-/// two series taken one after the other, or even of two series a round apart (seconds, in which
-/// this project's test hosts have moved by 20%). With a probe, also the memory's read rate (GB/s)
-/// in each round, its buffer read a slice at a time between the steps: run `i` of a decode
-/// against bandwidth `i` is a fair ratio.
+/// positions are timed within a step (tens of milliseconds) of one another. On a shared or
+/// throttling machine their ratio (how much decode slows down with a long context) is then far
+/// steadier than the ratio of two series taken one after the other, or even of two series a
+/// round apart (seconds, in which this project's test hosts have moved by 20%). With a probe,
+/// also the memory's read rate (GB/s) in each round, its buffer read a slice at a time between
+/// the steps: run `i` of a decode against bandwidth `i` is a fair ratio.
 pub fn decode_rounds(
     model: &CausalLm,
     sequences: usize,
@@ -204,8 +204,9 @@ pub struct ReadProbe {
 }
 
 impl ReadProbe {
-    /// The fewest bytes a slice reads (64 MiB: twice the largest last-level caches of the CPUs
-    /// this runs on, so a slice's time is the memory's, not its start-up's).
+    /// The fewest bytes a slice reads: 64 MiB, milliseconds of reading, in which a parallel
+    /// region's start-up (microseconds) is lost. (No slice is in a cache when read: each is read
+    /// once a round, after the rest of the 1 GiB and the steps' weights.)
     const MIN_SLICE: usize = 64 << 20;
 
     /// Allocates and writes the buffer (untouched pages all map one zero page, which reads from

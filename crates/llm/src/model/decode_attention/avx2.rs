@@ -146,14 +146,26 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize, const HD: usiz
     let chunks = hd / 8;
     let lines = (K * row * size_of::<T>()).div_ceil(64);
     let whole = len / K * K;
+    // Eight lines a chunk cover them all: `lines <= K * hd * 4 / 64 <= hd = 8 * chunks`.
+    debug_assert!(lines <= 8 * chunks);
     for t in (0..whole).step_by(K) {
-        // The step's lines of the stream ahead, all at once: eight for two 128-wide f16 keys.
-        // Spread over the chunks (a few a chunk, as the AVX-512 kernel does) their bookkeeping
+        // The step's lines of the stream ahead: up to eight all at once before the chunks (two
+        // 128-wide f16 keys: every head count from 4 up), more eight at a chunk (the 8 keys of
+        // a lone head), bursts no longer than the core's line-fill buffers hold. Spread over the
+        // chunks with a range computed per chunk (as the AVX-512 kernel does) their bookkeeping
         // took a quarter of this loop's time: a stand-alone copy on Zen 3 (two threads, 4,000
-        // positions, the 1.5B's 28 layers) ran 5.6-5.9 ms a step so, 4.2-4.4 ms with the burst.
-        prefetch_lines(ahead.at(t * row), 0, lines);
+        // positions, the 1.5B's 28 layers) ran 5.6-5.9 ms a step so, 4.2-4.4 ms with the burst
+        // (testing on every chunk whether one is due cost half that gain back in the same copy;
+        // `lines` is a constant for the usual head sizes, and the tests here compile away).
+        let pf = ahead.at(t * row);
+        if lines <= 8 {
+            prefetch_lines(pf, 0, lines);
+        }
         let mut acc = [_mm256_setzero_ps(); 16];
         for c in 0..chunks {
+            if lines > 8 && 8 * c < lines {
+                prefetch_lines(pf, 8 * c, (8 * c + 8).min(lines));
+            }
             // SAFETY: `t + K <= len` and `8 c + 8 <= hd`: inside `keys` and `q`.
             let k: [__m256; K] =
                 core::array::from_fn(|j| unsafe { T::load8(kp.add((t + j) * row), 8 * c) });
