@@ -674,7 +674,7 @@ struct Spread {
 
 impl Spread {
     /// The window that starts at `at` (from [`Ahead::at`]) for a block whose rows of
-    /// `row_bytes` (> 0) bytes are gone over in `passes` passes.
+    /// `row_bytes` bytes are gone over in `passes` passes (both above 0).
     #[inline(always)]
     fn new(at: *const u8, row_bytes: usize, passes: usize) -> Self {
         let line_cost = 64 * passes;

@@ -150,13 +150,14 @@ unsafe fn scores_heads<T: KvElem, const H: usize, const K: usize, const HD: usiz
     debug_assert!(lines <= 8 * chunks);
     for t in (0..whole).step_by(K) {
         // The step's lines of the stream ahead: up to eight all at once before the chunks (two
-        // 128-wide f16 keys: every head count from 4 up), more eight at a chunk (the 8 keys of
-        // a lone head), bursts no longer than the core's line-fill buffers hold. Spread over the
-        // chunks with a range computed per chunk (as the AVX-512 kernel does) their bookkeeping
-        // took a quarter of this loop's time: a stand-alone copy on Zen 3 (two threads, 4,000
-        // positions, the 1.5B's 28 layers) ran 5.6-5.9 ms a step so, 4.2-4.4 ms with the burst
-        // (testing on every chunk whether one is due cost half that gain back in the same copy;
-        // `lines` is a constant for the usual head sizes, and the tests here compile away).
+        // 128-wide f16 keys: every head count from 4 up), more eight at a chunk (1 to 3 heads
+        // take 8 to 3 keys a step), bursts no longer than the core's line-fill buffers hold.
+        // Spread over the chunks with a range computed per chunk (as the AVX-512 kernel does)
+        // their bookkeeping took a quarter of this loop's time: a stand-alone copy on Zen 3 (two
+        // threads, 4,000 positions, the 1.5B's 28 layers) ran 5.6-5.9 ms a step so, 4.2-4.4 ms
+        // with the burst (testing on every chunk whether one is due cost half that gain back in
+        // the same copy; `lines` is a constant for the usual head sizes, and the tests here
+        // compile away).
         let pf = ahead.at(t * row);
         if lines <= 8 {
             prefetch_lines(pf, 0, lines);
