@@ -209,10 +209,13 @@ impl ReadProbe {
     /// once a round, after the rest of the 1 GiB and the steps' weights.)
     const MIN_SLICE: usize = 64 << 20;
 
+    /// The buffer's bytes.
+    const BYTES: usize = 1 << 30;
+
     /// Allocates and writes the buffer (untouched pages all map one zero page, which reads from
     /// cache), on huge pages where the OS has them, so TLB misses do not count against memory.
     pub fn new() -> Self {
-        let mut buf = vec![0u64; (1 << 30) / 8];
+        let mut buf = vec![0u64; Self::BYTES / size_of::<u64>()];
         crate::device::advise_huge_pages(&buf);
         for (i, x) in buf.iter_mut().enumerate() {
             *x = i as u64;
@@ -223,7 +226,7 @@ impl ReadProbe {
     /// Into how many slices to cut one pass for `steps` steps: one a step, none under
     /// [`Self::MIN_SLICE`] bytes (at least one).
     pub fn slices_for(steps: usize) -> usize {
-        let most = (1usize << 30) / Self::MIN_SLICE;
+        let most = Self::BYTES / Self::MIN_SLICE;
         steps.clamp(1, most)
     }
 

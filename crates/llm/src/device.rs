@@ -278,13 +278,20 @@ pub(crate) fn page_size() -> usize {
 /// The range is mapped memory of this process, and `advice` is one that is sound on it.
 #[cfg(target_os = "linux")]
 pub(crate) unsafe fn advise_inside(at: *const u8, len: usize, granule: usize, advice: libc::c_int) {
+    if let Some((from, to)) = whole_units(at, len, granule) {
+        // SAFETY: the caller's: the units lie inside the range.
+        let _ = unsafe { libc::madvise(from as *mut libc::c_void, to - from, advice) };
+    }
+}
+
+/// The addresses `from..to` of the whole `granule`-aligned units of `granule` bytes inside the
+/// `len` bytes at `at`, if there is at least one.
+#[cfg(target_os = "linux")]
+pub(crate) fn whole_units(at: *const u8, len: usize, granule: usize) -> Option<(usize, usize)> {
     let start = at as usize;
     let (from, to) = (
         start.next_multiple_of(granule),
         (start + len) / granule * granule,
     );
-    if to > from {
-        // SAFETY: the caller's: the units lie inside the range.
-        let _ = unsafe { libc::madvise(from as *mut libc::c_void, to - from, advice) };
-    }
+    (to > from).then_some((from, to))
 }

@@ -230,11 +230,9 @@ mod tests {
                 gone.push(Block([i; 16]));
             }
             let page = crate::device::page_size();
-            let range = gone.as_ptr_range();
-            let (from, to) = (
-                (range.start as usize).next_multiple_of(page),
-                range.end as usize / page * page,
-            );
+            let bytes = std::mem::size_of_val(&gone[..]);
+            let (from, to) = crate::device::whole_units(gone.as_ptr().cast(), bytes, page)
+                .expect("256 KiB hold whole pages");
             drop(gone);
             if !same {
                 continue;
