@@ -60,7 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let dtype = thinkrag_llm::device::dtype_name(model.dtype());
     let kv = model.kv_format().to_string();
     let weights = model.weights_format();
-    let weights_gib = model.weights_size_in_bytes() as f64 / (1u64 << 30) as f64;
+    let weights_gib = crate::gib(model.weights_size_in_bytes() as u64);
     let params = cfg.parameter_count();
     let mut results: Vec<BenchResult> = Vec::new();
     if args.prompt_tokens > 0 {

@@ -35,6 +35,11 @@ struct Cli {
     command: Command,
 }
 
+/// `bytes` in GiB, as the commands that write or load weights report sizes.
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// The log filter for a `-v` count. By default the PDF parsers' own log lines are off: on a
 /// large corpus they print hundreds of thousands of warnings (glyph names, font encodings,
 /// objects they skip) that tell the user nothing they can act on; ingest reports each file's

@@ -56,7 +56,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({:.2} GiB, weights {}): quantized in {:.1} s, written in {:.1} s",
         args.out.display(),
-        bytes as f64 / (1u64 << 30) as f64,
+        crate::gib(bytes),
         engine.model().weights_format(),
         loaded.as_secs_f64(),
         (start.elapsed() - loaded).as_secs_f64()

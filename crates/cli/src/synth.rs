@@ -95,7 +95,7 @@ fn write_gguf(manifest: &ModelManifest, quant: Quantization, args: &SynthArgs) -
     eprintln!(
         "wrote {} ({:.2} GiB) in {:.1} s",
         args.out.display(),
-        bytes as f64 / (1u64 << 30) as f64,
+        crate::gib(bytes),
         start.elapsed().as_secs_f64()
     );
     Ok(())
