@@ -169,7 +169,7 @@ struct ActQ8K {
 /// ahead hold the core's line-fill buffers longer for nothing (the 1.5B's up projection streamed
 /// from memory at 0.66-0.74 of the read rate four tiles ahead, 0.76-0.81 one tile ahead). A
 /// `prefetcht1` further ahead, into L2 only, is no way around that on AMD before Zen 4, which
-/// fills L1 for every hint (the same kernels with `_MM_HINT_T1` streamed no differently).
+/// fills L1 for every hint (`_MM_HINT_T1` streamed no differently, twice measured).
 const PREFETCH_TILES: usize = 1;
 /// Activation rows one kernel call multiplies against a tile while it is in L1.
 const MAX_ROWS_PER_PASS: usize = 4;
@@ -871,8 +871,9 @@ mod x86 {
     /// the loads in flight behind it). Kernels take the steps in ascending order, so the lines go
     /// out in address order: an AVX2 Q4_K kernel that took steps `s` and `s + 8` together streamed
     /// the 1.5B's up and down projections at 0.51-0.66 of the read probe against 0.82-0.85 in
-    /// order (`weight_stream`, 2-core Zen 3, 2026-12-02). Without these prefetches, leaving it to
-    /// the hardware prefetchers, the same kernels streamed at 0.34-0.56.
+    /// order (`weight_stream`, 2-core Zen 3, 2026-12-02). Without these prefetches the hardware
+    /// prefetchers alone kept these kernels at 0.56-0.60 of the probe, and a variant taking both
+    /// halves of each group at once (steps in order) at 0.34-0.56.
     #[inline(always)]
     pub(super) unsafe fn prefetch_step<const LINES: usize, const STEPS: usize>(
         ahead: *const u8,
