@@ -41,6 +41,19 @@ fn stepwise_logits(e: &Engine) -> Tensor {
     Tensor::cat(&rows, 0).unwrap()
 }
 
+/// At each position where the argmax of `a` over real tokens differs from `b`'s: how far `b`'s
+/// top logit is above its logit for `a`'s pick (a near-tie is a small margin).
+fn margins_where_top1_differs(a: &Tensor, b: &Tensor, tokens: usize) -> Vec<f32> {
+    let a = a.narrow(1, 0, tokens).unwrap().to_vec2::<f32>().unwrap();
+    let b = b.narrow(1, 0, tokens).unwrap().to_vec2::<f32>().unwrap();
+    let argmax = |r: &[f32]| (0..r.len()).fold(0, |m, i| if r[i] > r[m] { i } else { m });
+    a.iter()
+        .zip(&b)
+        .filter(|(ra, rb)| argmax(ra) != argmax(rb))
+        .map(|(ra, rb)| rb[argmax(rb)] - rb[argmax(ra)])
+        .collect()
+}
+
 /// Fraction of positions whose argmax over real tokens agrees, and the largest logit difference.
 fn agreement(a: &Tensor, b: &Tensor, tokens: usize) -> (f32, f32) {
     let a = a.narrow(1, 0, tokens).unwrap();
@@ -678,12 +691,25 @@ fn a_gguf_beyond_the_memory_runs_in_place_from_the_file() {
         // which quantize activations their own way (a Q8_0 product's with one scale per 256
         // values, where the in-place block products use ggml's one per 32). Measured
         // 2026-12-01: max |logit diff| 0.26-0.69 with logits up to 33, top-1 the same at every
-        // position; a broken path agrees on almost no position.
+        // position; a broken path agrees on almost no position. Activations are quantized to 8
+        // bits, so a last-bit change upstream (2026-12-02: the norms' order of summation) can
+        // move a value by a quantization step and a logit by tenths: top-1 may then differ
+        // where the laid-out model's top two are closer than the paths' own difference (one
+        // position of 34, margin 0.41 against a largest difference of 0.69), nowhere else.
         let (want, got) = (stepwise_logits(&laid_out), stepwise_logits(&e));
-        let (top1, max_diff) = agreement(&got, &want, e.tokenizer().size());
+        let tokens = e.tokenizer().size();
+        let (top1, max_diff) = agreement(&got, &want, tokens);
         let scale = max_abs(&want);
-        eprintln!("{q}: in place against laid out: top-1 {top1}, max |logit diff| {max_diff} (largest |logit| {scale})");
-        assert_eq!(top1, 1.0, "{q}: top-1 at every position");
+        let near_ties = margins_where_top1_differs(&got, &want, tokens);
+        eprintln!(
+            "{q}: in place against laid out: top-1 {top1}, max |logit diff| {max_diff} (largest \
+             |logit| {scale}), margins where top-1 differs {near_ties:?}"
+        );
+        assert!(top1 >= 0.9, "{q}: top-1 at {top1} of the positions");
+        assert!(
+            near_ties.iter().all(|&m| m <= max_diff),
+            "{q}: top-1 differs where the margin {near_ties:?} exceeds the paths' difference {max_diff}"
+        );
         assert!(max_diff <= 0.03 * scale, "{q}: max |logit diff| {max_diff}");
     }
     let files = thinkrag_llm::ModelFiles::from_dir(&fixture_dir()).unwrap();

@@ -13,7 +13,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::RmsNorm;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -21,6 +20,7 @@ use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::{widen_rows, KvCache, KvFormat};
 use crate::model::linear::{Linear, Weight};
 use crate::model::llama::gguf_rope_row_order;
+use crate::model::rms_norm::RmsNorm;
 use crate::model::vexp;
 use crate::model::weights::{WeightSource, ROPE_FREQS};
 
@@ -815,20 +815,27 @@ impl CausalLm {
             .collect::<Result<Vec<_>>>()?;
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&input, self.dtype)?;
+        // Each residual add is fused into the norm after it (the next layer's, or the final one):
+        // a step's serial work between products is time the memory sits idle.
+        let mut h = match self.layers.first() {
+            Some(layer) => layer.input_layernorm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward_decode(&h, &ropes, i, caches)?;
-            let x1 = (&x + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = layer.mlp.forward_rows(&h)?;
-            x = (x1 + h)?;
+            let a = layer.self_attn.forward_decode(&h, &ropes, i, caches)?;
+            let (x1, h1) = layer.post_attention_layernorm.add_forward(&x, &a)?;
+            let m = layer.mlp.forward_rows(&h1)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (x, h) = next.add_forward(&x1, &m)?;
             self.release_if_streamed(i);
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward_rows(&x)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward_rows(&h)?.to_dtype(DType::F32)?;
         Ok(logits.squeeze(0)?)
     }
 
@@ -992,7 +999,7 @@ impl CausalLm {
     /// writes. Vectors (norms, biases) come as dense weights; the query and key rows are in
     /// llama.cpp's order where [`Self::qk_rows_in_gguf_order`].
     pub fn named_weights(&self) -> Vec<(String, Weight)> {
-        let norm = |n: &RmsNorm| Weight::Dense(n.clone().into_inner().weight().clone());
+        let norm = |n: &RmsNorm| Weight::Dense(n.weight().clone());
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.table.clone(),

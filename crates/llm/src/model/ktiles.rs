@@ -251,40 +251,55 @@ impl KTiles {
                 jobs.push((*t, OutPtr(y.as_mut_ptr()), units));
                 units += t.n / TILE_ROWS * passes;
             }
-            execute_fine(units, |range| {
-                for unit in range {
-                    let Some(&(t, out, first)) = jobs.iter().rev().find(|j| unit >= j.2) else {
-                        continue;
-                    };
-                    let local = unit - first;
-                    let (col, pass) = (local / passes, local % passes);
-                    let r0 = pass * MAX_ROWS_PER_PASS;
-                    let rows = (m - r0).min(MAX_ROWS_PER_PASS);
-                    let span = r0 * kb..(r0 + rows) * kb;
-                    let n = t.n;
-                    let isa = t.isa;
-                    // SAFETY: the CPU has the kernels' features (`with_isa` checked them); each
-                    // unit writes the 16 columns of its tile column for its own rows of its own
-                    // weight's output only.
-                    unsafe {
-                        match &t.tiles {
-                            Tiles::Q4K(t) => {
-                                let column = &t[col * kb..(col + 1) * kb];
-                                let args = (column, stream_end(t, pass), &acts[span]);
-                                by_isa!(isa, q4k, rows, args, (kb, out, r0, n, col))
-                            }
-                            Tiles::Q6K(t) => {
-                                let column = &t[col * kb..(col + 1) * kb];
-                                let args = (column, stream_end(t, pass), &acts[span]);
-                                by_isa!(isa, q6k, rows, args, (kb, out, r0, n, col))
-                            }
-                            Tiles::Q80(t) => {
-                                let column = &t[col * kb..(col + 1) * kb];
-                                let args = (column, stream_end(t, pass), &acts80[span]);
-                                by_isa!(isa, q80, rows, args, (kb, out, r0, n, col))
-                            }
+            // Unit `(col, pass)` of weight `t`: its tile column against the pass's rows.
+            let multiply = |t: &KTiles, out: OutPtr, col: usize, pass: usize| {
+                let r0 = pass * MAX_ROWS_PER_PASS;
+                let rows = (m - r0).min(MAX_ROWS_PER_PASS);
+                let span = r0 * kb..(r0 + rows) * kb;
+                let n = t.n;
+                let isa = t.isa;
+                // SAFETY: the CPU has the kernels' features (`with_isa` checked them); each unit
+                // writes the 16 columns of its tile column for its own rows of its own weight's
+                // output only.
+                unsafe {
+                    match &t.tiles {
+                        Tiles::Q4K(t) => {
+                            let column = &t[col * kb..(col + 1) * kb];
+                            let args = (column, stream_end(t, pass), &acts[span]);
+                            by_isa!(isa, q4k, rows, args, (kb, out, r0, n, col))
+                        }
+                        Tiles::Q6K(t) => {
+                            let column = &t[col * kb..(col + 1) * kb];
+                            let args = (column, stream_end(t, pass), &acts[span]);
+                            by_isa!(isa, q6k, rows, args, (kb, out, r0, n, col))
+                        }
+                        Tiles::Q80(t) => {
+                            let column = &t[col * kb..(col + 1) * kb];
+                            let args = (column, stream_end(t, pass), &acts80[span]);
+                            by_isa!(isa, q80, rows, args, (kb, out, r0, n, col))
                         }
                     }
+                }
+            };
+            execute_fine(units, |range| {
+                // One weight's units at a time, so finding the weight and splitting the unit into
+                // column and pass happen once per run of units, not once per unit (a unit can be
+                // under a microsecond of work, and a 1.5B step has some 50,000).
+                let mut unit = range.start;
+                while unit < range.end {
+                    let Some(&(t, out, first)) = jobs.iter().rev().find(|j| unit >= j.2) else {
+                        break;
+                    };
+                    let stop = range.end.min(first + t.n / TILE_ROWS * passes);
+                    let (mut col, mut pass) = ((unit - first) / passes, (unit - first) % passes);
+                    for _ in unit..stop {
+                        multiply(t, out, col, pass);
+                        pass += 1;
+                        if pass == passes {
+                            (col, pass) = (col + 1, 0);
+                        }
+                    }
+                    unit = stop;
                 }
             });
         }
@@ -328,9 +343,10 @@ macro_rules! by_isa {
 use by_isa;
 
 /// Runs `f` over `0..units` on candle's barrier pool (the calling thread works too). Each thread
-/// owns a contiguous share and takes it front to back in chunks of about 1/64 of the units, so
-/// its weights come as one stream that its prefetches run ahead along (a shared cursor handed
-/// each thread every other chunk, and each chunk began with a tile nobody had prefetched); a
+/// owns a contiguous share and takes it front to back in chunks of about 1/64 of the units
+/// (smaller near its end, down to one unit: see [`Share::take`]), so its weights come as one
+/// stream that its prefetches run ahead along (a shared cursor handed each thread every other
+/// chunk, and each chunk began with a tile nobody had prefetched); a
 /// thread done with its share takes chunks from the back of the others', so none waits long for
 /// a slow one (candle's `execute_chunked` hands out sixteenths, and a step's hundred-odd products
 /// each ended with one thread waiting up to a sixteenth of the product for the other).
@@ -354,6 +370,9 @@ fn execute_fine(units: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     });
 }
 
+/// A share's pieces are at most this fraction of what is left of it.
+const TAPER: u64 = 4;
+
 /// A range of units that its owner takes from the front and others from the back: both ends in
 /// one atomic word (front in the low 32 bits), so a take is one compare-and-swap.
 #[repr(align(64))] // one cache line per share: the threads take from their own without contention
@@ -367,8 +386,8 @@ impl Share {
         Share(std::sync::atomic::AtomicU64::new(front | back << 32))
     }
 
-    /// Up to `chunk` units off the front (the owner) or the back (the others); `None` once the
-    /// range is empty.
+    /// Up to `chunk` units off the front (the owner) or the back (the others), and no more than
+    /// a [`TAPER`]th of what is left; `None` once the range is empty.
     fn take(&self, chunk: usize, from_front: bool) -> Option<std::ops::Range<usize>> {
         use std::sync::atomic::Ordering;
         let mut word = self.0.load(Ordering::Relaxed);
@@ -377,7 +396,9 @@ impl Share {
             if front >= back {
                 return None;
             }
-            let chunk = chunk as u64;
+            // Pieces shrink to a single unit as the range runs out, so that when one thread finds
+            // nothing left, the other is at most a unit from done.
+            let chunk = (chunk as u64).min(((back - front) / TAPER).max(1));
             let (taken, new) = if from_front {
                 let end = (front + chunk).min(back);
                 (front..end, end | back << 32)

@@ -10,6 +10,7 @@ pub mod linear;
 pub mod llama;
 pub mod mapped;
 pub mod qwen2;
+pub mod rms_norm;
 pub(crate) mod tile_arena;
 pub(crate) mod vexp;
 pub mod weights;
