@@ -346,10 +346,10 @@ use by_isa;
 /// owns a contiguous share and takes it front to back in chunks of about 1/64 of the units
 /// (smaller near its end, down to one unit: see [`Share::take`]), so its weights come as one
 /// stream that its prefetches run ahead along (a shared cursor handed each thread every other
-/// chunk, and each chunk began with a tile nobody had prefetched); a
-/// thread done with its share takes chunks from the back of the others', so none waits long for
-/// a slow one (candle's `execute_chunked` hands out sixteenths, and a step's hundred-odd products
-/// each ended with one thread waiting up to a sixteenth of the product for the other).
+/// chunk, and each chunk began with a tile nobody had prefetched); a thread done with its share
+/// takes chunks from the back of the others', so none waits long for a slow one (candle's
+/// `execute_chunked` hands out sixteenths, and a step's hundred-odd products each ended with one
+/// thread waiting up to a sixteenth of the product for the other).
 fn execute_fine(units: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;

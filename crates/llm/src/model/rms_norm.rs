@@ -20,41 +20,37 @@ const SERIAL_ROWS: usize = 32;
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
-    /// candle-nn's norm: the path for other devices and dtypes.
-    inner: candle_nn::RmsNorm,
     /// The weight as loaded.
-    loaded: Tensor,
-    /// The weight's values, where it is f32 on the CPU and the fast path applies.
-    weight: Option<Vec<f32>>,
-    eps: f32,
+    weight: Tensor,
+    /// Its values, where it is f32 on the CPU and the fast path applies.
+    values: Option<Vec<f32>>,
+    eps: f64,
 }
 
 impl RmsNorm {
     /// A norm with `weight` (`(hidden,)`) and `eps`.
     pub fn new(weight: Tensor, eps: f64) -> Self {
         let fast = weight.device().is_cpu() && weight.dtype() == DType::F32;
-        let weight_f32 = fast.then(|| weight.to_vec1::<f32>().ok()).flatten();
+        let values = fast.then(|| weight.to_vec1::<f32>().ok()).flatten();
         Self {
-            inner: candle_nn::RmsNorm::new(weight.clone(), eps),
-            loaded: weight,
-            weight: weight_f32,
-            eps: eps as f32,
+            weight,
+            values,
+            eps,
         }
     }
 
     /// The weight, as loaded.
     pub fn weight(&self) -> &Tensor {
-        &self.loaded
+        &self.weight
     }
 
     /// `(x + h, norm(x + h))`: a residual connection and the norm after it, in one pass and two
     /// allocations. The sum is the same IEEE sum candle's add gives.
     pub fn add_forward(&self, x: &Tensor, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let fast = self
-            .weight
-            .as_deref()
-            .filter(|w| self.fits(x, w) && self.fits(h, w));
-        let (Some(w), true) = (fast, x.dims() == h.dims()) else {
+            .fast_weight(x)
+            .filter(|w| fits(h, w) && x.dims() == h.dims());
+        let Some(w) = fast else {
             let sum = (x + h)?;
             let normed = self.forward(&sum)?;
             return Ok((sum, normed));
@@ -71,9 +67,9 @@ impl RmsNorm {
         ))
     }
 
-    /// Whether `t` takes the fast path with weight `w`: f32 on the CPU, rows of `w`'s length.
-    fn fits(&self, t: &Tensor, w: &[f32]) -> bool {
-        t.device().is_cpu() && t.dtype() == DType::F32 && t.dims().last() == Some(&w.len())
+    /// The weight's values, where `x` takes the fast path.
+    fn fast_weight(&self, x: &Tensor) -> Option<&[f32]> {
+        self.values.as_deref().filter(|w| fits(x, w))
     }
 
     /// The norm of each row of `values` (rows of `w`'s length).
@@ -83,7 +79,7 @@ impl RmsNorm {
         let mut out = vec![0f32; values.len()];
         if rows <= SERIAL_ROWS {
             for (src, dst) in values.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-                norm_row(src, w, self.eps, dst);
+                norm_row(src, w, self.eps as f32, dst);
             }
         } else {
             let dst = OutPtr(out.as_mut_ptr());
@@ -92,7 +88,7 @@ impl RmsNorm {
                     // SAFETY: each row is handed to one thread, so row `r` of `out` is written by
                     // this one only, and `out` outlives the call.
                     let row = unsafe { dst.slice(r * n, n) };
-                    norm_row(&values[r * n..(r + 1) * n], w, self.eps, row);
+                    norm_row(&values[r * n..(r + 1) * n], w, self.eps as f32, row);
                 }
             });
         }
@@ -102,14 +98,20 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.weight.as_deref().filter(|w| self.fits(x, w)) {
+        match self.fast_weight(x) {
             Some(w) => {
                 let normed = with_f32(x, |xs| self.norm_rows(w, xs))?;
                 Tensor::from_vec(normed, x.dims(), x.device())
             }
-            None => self.inner.forward(x),
+            // Other devices and dtypes: candle-nn's norm (a handle on the same weight).
+            None => candle_nn::RmsNorm::new(self.weight.clone(), self.eps).forward(x),
         }
     }
+}
+
+/// Whether `t` takes the fast path with weight values `w`: f32 on the CPU, rows of `w`'s length.
+fn fits(t: &Tensor, w: &[f32]) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.dims().last() == Some(&w.len())
 }
 
 /// `f` of a CPU f32 tensor's values in order.
