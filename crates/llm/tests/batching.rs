@@ -301,13 +301,11 @@ macro_rules! batching_tests {
                     .take(2)
                     .collect();
                 assert!(!eos.is_empty(), "no seed of 96 ends the turn");
-                for (_, g) in &eos {
-                    assert_eq!(g.stop_string, None);
-                    assert!(g.usage.completion_tokens < 300);
-                    assert_eq!(g.stop_reason.unwrap().finish_reason(), "stop");
-                }
-                // ignore_eos runs past where those seeds ended the turn, to the limit.
                 for (seed, ended) in &eos {
+                    assert_eq!(ended.stop_string, None);
+                    assert!(ended.usage.completion_tokens < 300);
+                    assert_eq!(ended.stop_reason.unwrap().finish_reason(), "stop");
+                    // ignore_eos runs past where the same seed ended the turn, to the limit.
                     let limit = ended.usage.completion_tokens + 20;
                     let g = e.generate(&msgs, &endless(*seed, limit), noop).unwrap();
                     assert_eq!(g.stop_reason, Some(StopReason::Length));
