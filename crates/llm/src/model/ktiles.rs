@@ -312,15 +312,20 @@ impl KTiles {
 }
 
 /// Calls a kernel instance for the row count (1 to [`MAX_ROWS_PER_PASS`]), so each instance keeps
-/// its accumulators in registers.
+/// its accumulators in registers, and for whether it streams its tiles from memory (issues
+/// prefetches) or finds them in L2, so neither carries a branch per step.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_rows {
-    ($($kernel:ident)::+, $rows:expr, ($($arg:expr),*)) => {
-        match $rows {
-            1 => $($kernel)::+::<1>($($arg),*),
-            2 => $($kernel)::+::<2>($($arg),*),
-            3 => $($kernel)::+::<3>($($arg),*),
-            _ => $($kernel)::+::<4>($($arg),*),
+    ($($kernel:ident)::+, $rows:expr, $stream:expr, ($($arg:expr),*)) => {
+        match ($rows, $stream) {
+            (1, true) => $($kernel)::+::<1, true>($($arg),*),
+            (2, true) => $($kernel)::+::<2, true>($($arg),*),
+            (3, true) => $($kernel)::+::<3, true>($($arg),*),
+            (_, true) => $($kernel)::+::<4, true>($($arg),*),
+            (1, false) => $($kernel)::+::<1, false>($($arg),*),
+            (2, false) => $($kernel)::+::<2, false>($($arg),*),
+            (3, false) => $($kernel)::+::<3, false>($($arg),*),
+            (_, false) => $($kernel)::+::<4, false>($($arg),*),
         }
     };
 }
@@ -328,14 +333,17 @@ macro_rules! by_rows {
 use by_rows;
 
 /// Calls kernel `$kernel` of the instruction set `$isa` for the row count; `$args` the column,
-/// the prefetches' end and the activations, `$rest` the other arguments.
+/// the prefetches' end (null: none) and the activations, `$rest` the other arguments.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_isa {
     ($isa:expr, $kernel:ident, $rows:expr, $args:expr, ($($rest:expr),*)) => {{
         let (column, end, acts) = $args;
+        let stream = !end.is_null();
         match $isa {
-            Isa::Avx512Vnni => by_rows!(x86::$kernel, $rows, (column, end, acts, $($rest),*)),
-            Isa::Avx2 => by_rows!(avx2::$kernel, $rows, (column, end, acts, $($rest),*)),
+            Isa::Avx512Vnni => {
+                by_rows!(x86::$kernel, $rows, stream, (column, end, acts, $($rest),*))
+            }
+            Isa::Avx2 => by_rows!(avx2::$kernel, $rows, stream, (column, end, acts, $($rest),*)),
         }
     }};
 }
@@ -418,7 +426,8 @@ impl Share {
 }
 
 /// Where the kernels' prefetches stop: the end of the tiles for a column's first pass of rows,
-/// which streams it from memory; none (null) for later passes, which find it in L2.
+/// which streams it from memory; none (null) for later passes, which find it in L2 and run the
+/// kernels' instances that issue no prefetches.
 fn stream_end<T>(tiles: &[T], pass: usize) -> *const u8 {
     if pass == 0 {
         tiles.as_ptr_range().end.cast()
@@ -867,54 +876,73 @@ mod x86 {
     }
 
     /// The tile [`PREFETCH_TILES`] tiles after `tile` (of `T`), the one its steps prefetch,
-    /// where it lies before `end` (null otherwise, and when `end` is null). Checked once per
-    /// tile, so the steps' prefetches are straight-line code.
+    /// where it lies before `end`; otherwise (a weight's last tiles) `tile` itself, whose lines
+    /// the kernel reads anyway. Chosen once per tile (a conditional move), so the steps'
+    /// prefetches carry no branch: with a null check in each step, LLVM threaded the steps'
+    /// identical checks into one and issued a pair's or a quad's prefetches in one burst ahead
+    /// of their loads (12 at a time in the AVX-512 Q4_K kernel, 16 in Q6_K), the overrun
+    /// described at [`prefetch_step`].
     #[inline(always)]
     pub(super) fn prefetch_target<T>(tile: &T, end: *const u8) -> *const u8 {
         let bytes = size_of::<T>();
-        let ahead = (tile as *const T)
-            .cast::<u8>()
-            .wrapping_add(PREFETCH_TILES * bytes);
+        let here = (tile as *const T).cast::<u8>();
+        let ahead = here.wrapping_add(PREFETCH_TILES * bytes);
         if ahead.wrapping_add(bytes) <= end {
             ahead
         } else {
-            std::ptr::null()
+            here
         }
     }
 
-    /// Prefetches step `step`'s share of the `LINES` cache lines at `ahead` (none when null)
-    /// for a tile multiplied in `STEPS` steps: the same number of consecutive lines each step,
-    /// clamped to the last. The kernels spread a tile's prefetches over its steps: all at once,
-    /// they overran the core's line-fill buffers, and the prefetches left waiting held up
-    /// retirement until the multiplication of the tile stalled behind them (four sequences ran at
-    /// 64 tokens/s rather than 70). A fixed count per step keeps this free of loops whose trip
-    /// count varies from step to step, which the branch predictor missed (each miss throwing away
-    /// the loads in flight behind it). Kernels take the steps in ascending order, so the lines go
-    /// out in address order: an AVX2 Q4_K kernel that took steps `s` and `s + 8` together streamed
-    /// the 1.5B's up and down projections at 0.51-0.66 of the read probe against 0.82-0.85 in
-    /// order (`weight_stream`, 2-core Zen 3, 2026-12-02). Without these prefetches the hardware
-    /// prefetchers alone kept these kernels at 0.56-0.60 of the probe, and a variant taking both
-    /// halves of each group at once (steps in order) at 0.34-0.56.
+    /// Prefetches step `step`'s share of the `LINES` cache lines at `ahead` for a tile
+    /// multiplied in `STEPS` steps (nothing where the tiles are not `STREAM`ed from memory): the
+    /// same number of consecutive lines each step, clamped to the last. The kernels spread a
+    /// tile's prefetches over its steps: all at once, they overran the core's line-fill
+    /// buffers, and the prefetches left waiting held up retirement until the multiplication of
+    /// the tile stalled behind them (four sequences ran at 64 tokens/s rather than 70; on a Zen 4
+    /// the one-row AVX-512 kernels, whose compiled prefetches came 12-72 at a time, streamed
+    /// Q6_K at 0.81 of plain reads against 0.88 once spread, `weight_stream`, 2026-12-03). A
+    /// fixed count per step keeps this free of loops whose trip count varies from step to step,
+    /// which the branch predictor missed (each miss throwing away the loads in flight behind
+    /// it). Kernels take the steps in ascending order, so the lines go out in address order: an
+    /// AVX2 Q4_K kernel that took steps `s` and `s + 8` together streamed the 1.5B's up and down
+    /// projections at 0.51-0.66 of the read probe against 0.82-0.85 in order (`weight_stream`,
+    /// 2-core Zen 3, 2026-12-02). Without these prefetches the hardware prefetchers alone kept
+    /// these kernels at 0.56-0.60 of the probe, and a variant taking both halves of each group
+    /// at once (steps in order) at 0.34-0.56.
     #[inline(always)]
-    pub(super) unsafe fn prefetch_step<const LINES: usize, const STEPS: usize>(
+    pub(super) unsafe fn prefetch_step<
+        const LINES: usize,
+        const STEPS: usize,
+        const STREAM: bool,
+    >(
         ahead: *const u8,
         step: usize,
     ) {
-        if ahead.is_null() {
+        if !STREAM {
             return;
         }
         let per = LINES.div_ceil(STEPS);
         for j in 0..per {
             let line = (per * step + j).min(LINES - 1);
-            // SAFETY: a prefetch of a mapped address; it never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(line * 64).cast()) };
+            // SAFETY: a prefetch of a mapped address; it never faults. Written as `asm!`, which
+            // the compiler keeps in its place among the loads: `_mm_prefetch`, which has no order
+            // against loads, LLVM gathered at the top of a block (the one-row AVX-512 Q8_0
+            // kernel issued all 72 of a tile's at once, and Q6_K's 7 of a quad's 16).
+            unsafe {
+                std::arch::asm!(
+                    "prefetcht0 [{p}]",
+                    p = in(reg) ahead.add(line * 64),
+                    options(nostack, preserves_flags, readonly)
+                )
+            };
         }
     }
 
     /// `M` activation rows against one column of Q4_K tiles (16 outputs per row).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn q4k<const M: usize>(
+    pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
         column: &[TileQ4K],
         end: *const u8,
         acts: &[ActQ8K],
@@ -942,7 +970,7 @@ mod x86 {
                 for g4 in 0..4 {
                     let (ga, gb) = (8 * pair + g4, 8 * pair + 4 + g4);
                     // SAFETY: prefetches only.
-                    unsafe { prefetch_step::<Q4K_LINES, 16>(ahead, 4 * pair + g4) };
+                    unsafe { prefetch_step::<Q4K_LINES, 16, STREAM>(ahead, 4 * pair + g4) };
                     // SAFETY: groups < 32, inside `qs`.
                     let (wa, wb) = unsafe {
                         (
@@ -1020,7 +1048,7 @@ mod x86 {
     /// ([`ActQ8K::q6k_start`]), which makes it the sum over the values `q - 32`, exactly.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn q6k<const M: usize>(
+    pub(super) unsafe fn q6k<const M: usize, const STREAM: bool>(
         column: &[TileQ6K],
         end: *const u8,
         acts: &[ActQ8K],
@@ -1053,7 +1081,7 @@ mod x86 {
                 for u in 0..4 {
                     let g = 4 * quad + u;
                     // SAFETY: prefetches only.
-                    unsafe { prefetch_step::<Q6K_LINES, 16>(ahead, g) };
+                    unsafe { prefetch_step::<Q6K_LINES, 16, STREAM>(ahead, g) };
                     // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
                     let (h, l0, l1) = unsafe {
                         (
@@ -1112,7 +1140,7 @@ mod x86 {
     /// the integer sums are exact.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi,f16c")]
-    pub(super) unsafe fn q80<const M: usize>(
+    pub(super) unsafe fn q80<const M: usize, const STREAM: bool>(
         column: &[TileQ80],
         end: *const u8,
         acts: &[ActQ80],
@@ -1128,7 +1156,7 @@ mod x86 {
             let ahead = prefetch_target(t, end);
             for blk in 0..8 {
                 // SAFETY: prefetches only.
-                unsafe { prefetch_step::<Q80_LINES, 8>(ahead, blk) };
+                unsafe { prefetch_step::<Q80_LINES, 8, STREAM>(ahead, blk) };
                 // Two chains per row, so one row is not bound by `vpdpbusd`'s latency.
                 let mut s: [[__m512i; 2]; M] = std::array::from_fn(|m| {
                     [_mm512_set1_epi32(a[m].start[blk]), _mm512_setzero_si512()]
