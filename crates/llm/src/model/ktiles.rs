@@ -258,6 +258,9 @@ impl KTiles {
                 let span = r0 * kb..(r0 + rows) * kb;
                 let n = t.n;
                 let isa = t.isa;
+                // A column's first pass of rows streams it from memory, with prefetches; later
+                // passes find it in L2 and run the kernels' instances that issue none.
+                let stream = pass == 0;
                 // SAFETY: the CPU has the kernels' features (`with_isa` checked them); each unit
                 // writes the 16 columns of its tile column for its own rows of its own weight's
                 // output only.
@@ -265,18 +268,18 @@ impl KTiles {
                     match &t.tiles {
                         Tiles::Q4K(t) => {
                             let column = &t[col * kb..(col + 1) * kb];
-                            let args = (column, stream_end(t, pass), &acts[span]);
-                            by_isa!(isa, q4k, rows, args, (kb, out, r0, n, col))
+                            let args = (column, tiles_end(t), &acts[span]);
+                            by_isa!(isa, q4k, rows, stream, args, (kb, out, r0, n, col))
                         }
                         Tiles::Q6K(t) => {
                             let column = &t[col * kb..(col + 1) * kb];
-                            let args = (column, stream_end(t, pass), &acts[span]);
-                            by_isa!(isa, q6k, rows, args, (kb, out, r0, n, col))
+                            let args = (column, tiles_end(t), &acts[span]);
+                            by_isa!(isa, q6k, rows, stream, args, (kb, out, r0, n, col))
                         }
                         Tiles::Q80(t) => {
                             let column = &t[col * kb..(col + 1) * kb];
-                            let args = (column, stream_end(t, pass), &acts80[span]);
-                            by_isa!(isa, q80, rows, args, (kb, out, r0, n, col))
+                            let args = (column, tiles_end(t), &acts80[span]);
+                            by_isa!(isa, q80, rows, stream, args, (kb, out, r0, n, col))
                         }
                     }
                 }
@@ -332,13 +335,13 @@ macro_rules! by_rows {
 #[cfg(target_arch = "x86_64")]
 use by_rows;
 
-/// Calls kernel `$kernel` of the instruction set `$isa` for the row count; `$args` the column,
-/// the prefetches' end (null: none) and the activations, `$rest` the other arguments.
+/// Calls kernel `$kernel` of the instruction set `$isa` for the row count and `$stream`; `$args`
+/// the column, the end of the weight's tiles and the activations, `$rest` the other arguments.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_isa {
-    ($isa:expr, $kernel:ident, $rows:expr, $args:expr, ($($rest:expr),*)) => {{
+    ($isa:expr, $kernel:ident, $rows:expr, $stream:expr, $args:expr, ($($rest:expr),*)) => {{
         let (column, end, acts) = $args;
-        let stream = !end.is_null();
+        let stream = $stream;
         match $isa {
             Isa::Avx512Vnni => {
                 by_rows!(x86::$kernel, $rows, stream, (column, end, acts, $($rest),*))
@@ -425,15 +428,9 @@ impl Share {
     }
 }
 
-/// Where the kernels' prefetches stop: the end of the tiles for a column's first pass of rows,
-/// which streams it from memory; none (null) for later passes, which find it in L2 and run the
-/// kernels' instances that issue no prefetches.
-fn stream_end<T>(tiles: &[T], pass: usize) -> *const u8 {
-    if pass == 0 {
-        tiles.as_ptr_range().end.cast()
-    } else {
-        std::ptr::null()
-    }
+/// Where the kernels' prefetches stop: the end of a weight's tiles.
+fn tiles_end<T>(tiles: &[T]) -> *const u8 {
+    tiles.as_ptr_range().end.cast()
 }
 
 /// ggml's unpacking of a Q4_K sub-block's 6-bit scale and min.
