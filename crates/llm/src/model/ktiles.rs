@@ -11,6 +11,8 @@
 //! against 3,360; Q8_0: the same 4,352), prefetch the tile after the one being multiplied,
 //! spread over its steps, and keep sums in integers as far as they are exact.
 
+use std::mem::MaybeUninit;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::model::linear::OutPtr;
@@ -209,13 +211,17 @@ impl KTiles {
     /// independent: a row's result is bit-identical whatever rows come with it.
     #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and only initialized values are written.
+        let y = unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) };
         Self::matmul_many(&mut [(self, y)], x);
     }
 
     /// [`KTiles::matmul`] of one input by several weights with the same `k` (a layer's query, key
     /// and value projections): the input is quantized once and all products share one parallel
-    /// region, one wait for the threads instead of one per weight.
-    pub(crate) fn matmul_many(parts: &mut [(&KTiles, &mut [f32])], x: &[f32]) {
+    /// region, one wait for the threads instead of one per weight. Writes every element of each
+    /// output, so they may come uninitialized: zeroing them first cost a decode step more than
+    /// its activations' quantization (the outputs are cold after a layer's weights went by).
+    pub(crate) fn matmul_many(parts: &mut [(&KTiles, &mut [MaybeUninit<f32>])], x: &[f32]) {
         let Some(k) = parts.first().map(|(t, _)| t.k) else {
             return;
         };
@@ -248,7 +254,7 @@ impl KTiles {
             let mut jobs = Vec::with_capacity(parts.len());
             let mut units = 0;
             for (t, y) in parts.iter_mut() {
-                jobs.push((*t, OutPtr(y.as_mut_ptr()), units));
+                jobs.push((*t, OutPtr(y.as_mut_ptr().cast::<f32>()), units));
                 units += t.n / TILE_ROWS * passes;
             }
             // Unit `(col, pass)` of weight `t`: its tile column against the pass's rows.
@@ -1383,11 +1389,12 @@ mod tests {
                 let tiles = KTiles::with_isa(&q, isa).expect("tiles");
                 let x = Tensor::randn(0f32, 1.0, (9, k), &dev).unwrap();
                 let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let mut all = vec![0f32; 9 * n];
+                // NaN to start with: `matmul_many` must write every element.
+                let mut all = vec![f32::NAN; 9 * n];
                 tiles.matmul(&xv, &mut all);
                 for rows in 1..=9 {
                     let want = reference_product(&w, dtype, &xv[..rows * k], k);
-                    let mut got = vec![0f32; rows * n];
+                    let mut got = vec![f32::NAN; rows * n];
                     tiles.matmul(&xv[..rows * k], &mut got);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
@@ -1445,7 +1452,7 @@ mod tests {
                 let q = QTensor::quantize(&w, dtype).unwrap();
                 let tiles = KTiles::with_isa(&q, isa).expect("tiles");
                 let want = reference_product(&w, dtype, &x, k);
-                let mut got = vec![0f32; 3 * n];
+                let mut got = vec![f32::NAN; 3 * n];
                 tiles.matmul(&x, &mut got);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(

@@ -449,22 +449,26 @@ fn tiles_matmul_many(x: &Tensor, tiles: &[&KTiles]) -> candle_core::Result<Vec<T
     let rows = x.elem_count() / k;
     let mut ys: Vec<Vec<f32>> = tiles
         .iter()
-        .map(|t| vec![0f32; rows * t.dims().0])
+        .map(|t| Vec::with_capacity(rows * t.dims().0))
         .collect();
     {
         let (xs, xl) = x.storage_and_layout();
         let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
             candle_core::bail!("a tiled product needs f32 input on the CPU");
         };
-        let mut parts: Vec<(&KTiles, &mut [f32])> = tiles
+        let mut parts: Vec<(&KTiles, &mut [std::mem::MaybeUninit<f32>])> = tiles
             .iter()
             .zip(ys.iter_mut())
-            .map(|(t, y)| (*t, y.as_mut_slice()))
+            .map(|(t, y)| (*t, &mut y.spare_capacity_mut()[..rows * t.dims().0]))
             .collect();
         KTiles::matmul_many(
             &mut parts,
             &xv[xl.start_offset()..xl.start_offset() + rows * k],
         );
+    }
+    for (t, y) in tiles.iter().zip(ys.iter_mut()) {
+        // SAFETY: `KTiles::matmul_many` wrote every one of the first `rows * n` elements.
+        unsafe { y.set_len(rows * t.dims().0) };
     }
     tiles
         .iter()
