@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::{widen_rows, KvCache, KvFormat};
-use crate::model::linear::{Linear, Weight};
+use crate::model::linear::{with_cpu_f32, Linear, OutPtr, Weight};
 use crate::model::llama::gguf_rope_row_order;
 use crate::model::rms_norm::RmsNorm;
 use crate::model::vexp;
@@ -472,7 +472,6 @@ fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> 
 /// ([`vexp::silu_mul_into`]; libm's `expf` was 2% of a decode step, most of it on one thread).
 /// A prefill's rows go through it too.
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
     // Small enough that a decode step's 8,960 or more values split evenly over the threads.
     const CHUNK: usize = 1024;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
@@ -481,27 +480,23 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let n = gate.elem_count();
-    let mut out = vec![0f32; n];
-    {
-        let (gs, gl) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(u))) = (&*gs, &*us)
-        else {
-            return Ok((candle_nn::ops::silu(&gate)? * &up)?);
-        };
-        let (g, u) = (
-            &g[gl.start_offset()..gl.start_offset() + n],
-            &u[ul.start_offset()..ul.start_offset() + n],
-        );
-        let dst = crate::model::linear::OutPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
-            let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
-            // SAFETY: chunks are disjoint, so these elements are written by this thread only,
-            // and `out` outlives the call.
-            let out = unsafe { dst.slice(span.start, span.len()) };
-            vexp::silu_mul_into(&g[span.clone()], &u[span], out);
-        });
-    }
+    let out = with_cpu_f32(&gate, |g| {
+        with_cpu_f32(&up, |u| {
+            let mut out = vec![0f32; n];
+            let dst = OutPtr(out.as_mut_ptr());
+            candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+                let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
+                // SAFETY: chunks are disjoint, so these elements are written by this thread
+                // only, and `out` outlives the call.
+                let out = unsafe { dst.slice(span.start, span.len()) };
+                vexp::silu_mul_into(&g[span.clone()], &u[span], out);
+            });
+            out
+        })
+    });
+    let Some(out) = out.flatten() else {
+        return Ok((candle_nn::ops::silu(&gate)? * &up)?);
+    };
     Ok(Tensor::from_vec(out, gate.dims(), gate.device())?)
 }
 

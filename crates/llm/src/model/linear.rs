@@ -248,17 +248,19 @@ fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>
         return Ok(None);
     }
     let (n, k) = w.dims2()?;
-    let Some((x, rows)) = small_batch_input(x, k)? else {
+    let Some((x, _)) = small_batch_input(x, k)? else {
         return Ok(None);
     };
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
-    else {
+    let y = with_cpu_f32(&x, |xv| with_cpu_f32(w, |wv| dense_rows(xv, wv, n, k)));
+    let Some(y) = y.flatten() else {
         return Ok(None);
     };
-    let xv = &xv[xl.start_offset()..xl.start_offset() + rows * k];
-    let wv = &wv[wl.start_offset()..wl.start_offset() + n * k];
+    Ok(Some(Tensor::from_vec(y, output_shape(&x, n), x.device())?))
+}
+
+/// `x W^T` for the `x.len() / k` rows of `x` and the `n` rows of `w`, laid out `[row][n]`.
+fn dense_rows(xv: &[f32], wv: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let rows = xv.len() / k;
     let mut y = vec![0f32; rows * n];
     if rows == 1 {
         matvec(wv, xv, &mut y);
@@ -281,8 +283,7 @@ fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>
                 }
             });
     }
-    drop((xs, ws));
-    Ok(Some(Tensor::from_vec(y, output_shape(&x, n), x.device())?))
+    y
 }
 
 /// Small-batch `x W^T` for a quantized weight: see [`Linear::forward_rows`].
@@ -297,13 +298,9 @@ fn small_batch_quantized(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Op
     if candle_tiles_rows(w.dtype(), n, k) {
         return small_batch_tiles(&x, w, rows, n, k).map(Some);
     }
-    let (xs, xl) = x.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
+    let Some(y) = with_cpu_f32(&x, |xv| block_products(w, n, k, xv)).transpose()? else {
         return Ok(None);
     };
-    let xv = &xv[xl.start_offset()..xl.start_offset() + rows * k];
-    let y = block_products(w, n, k, xv)?;
-    drop(xs);
     y.map(|y| Tensor::from_vec(y, output_shape(&x, n), x.device()))
         .transpose()
 }
@@ -452,19 +449,14 @@ fn tiles_matmul_many(x: &Tensor, tiles: &[&KTiles]) -> candle_core::Result<Vec<T
         .map(|t| Vec::with_capacity(rows * t.dims().0))
         .collect();
     {
-        let (xs, xl) = x.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(xv)) = &*xs else {
-            candle_core::bail!("a tiled product needs f32 input on the CPU");
-        };
         let mut parts: Vec<(&KTiles, &mut [std::mem::MaybeUninit<f32>])> = tiles
             .iter()
             .zip(ys.iter_mut())
             .map(|(t, y)| (*t, &mut y.spare_capacity_mut()[..rows * t.dims().0]))
             .collect();
-        KTiles::matmul_many(
-            &mut parts,
-            &xv[xl.start_offset()..xl.start_offset() + rows * k],
-        );
+        with_cpu_f32(&x, |xv| KTiles::matmul_many(&mut parts, &xv[..rows * k])).ok_or_else(
+            || candle_core::Error::Msg("a tiled product needs f32 input on the CPU".into()),
+        )?;
     }
     for (t, y) in tiles.iter().zip(ys.iter_mut()) {
         // SAFETY: `KTiles::matmul_many` wrote every one of the first `rows * n` elements.
@@ -513,20 +505,28 @@ fn in_place_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> 
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let rows = x.elem_count() / k;
-        let y = {
-            let (xs, xl) = x.storage_and_layout();
-            match &*xs {
-                Storage::Cpu(CpuStorage::F32(xv)) => {
-                    block_products(w, n, k, &xv[xl.start_offset()..][..rows * k])?
-                }
-                _ => None,
-            }
-        };
+        let y = with_cpu_f32(&x, |xv| block_products(w, n, k, &xv[..rows * k]))
+            .transpose()?
+            .flatten();
         if let Some(y) = y {
             return Tensor::from_vec(y, output_shape(&x, n), x.device())?.to_dtype(dtype);
         }
     }
     quantized_matmul(x, w)
+}
+
+/// `f` of a tensor's values where they are f32 in one contiguous span of CPU memory, in order;
+/// `None` for another dtype, device or layout. The storage stays read-locked while `f` runs.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
+        return None;
+    };
+    if !layout.is_contiguous() {
+        return None;
+    }
+    let start = layout.start_offset();
+    values.get(start..start + t.elem_count()).map(f)
 }
 
 /// The output of a parallel computation (f32 products, or other elements), shared by the threads
@@ -609,17 +609,16 @@ fn single_row_f32(
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) = (&*xs, &*ws)
-    else {
+    let y = with_cpu_f32(&x, |xv| {
+        with_cpu_f32(w, |wv| {
+            let mut y = vec![0f32; out_dim];
+            matvec(wv, xv, &mut y);
+            y
+        })
+    });
+    let Some(y) = y.flatten() else {
         return Ok(None);
     };
-    let xv = &xv[xl.start_offset()..xl.start_offset() + k];
-    let wv = &wv[wl.start_offset()..wl.start_offset() + out_dim * k];
-    let mut y = vec![0f32; out_dim];
-    matvec(wv, xv, &mut y);
-    drop((xs, ws));
     let mut out_shape = lead.to_vec();
     out_shape.push(out_dim);
     let y = Tensor::from_vec(y, out_shape, x.device())?;

@@ -7,9 +7,9 @@
 //! the same way whatever rows come with it, so a sequence's logits stay bit-identical whether it
 //! is decoded alone or in a batch.
 
-use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
+use candle_core::{DType, Module, Tensor};
 
-use crate::model::linear::OutPtr;
+use crate::model::linear::{with_cpu_f32, OutPtr};
 
 /// Independent partial sums of a row's squares: one AVX2 register's worth, and short chains of
 /// dependent adds on narrower vectors.
@@ -116,13 +116,8 @@ fn fits(t: &Tensor, w: &[f32]) -> bool {
 
 /// `f` of a CPU f32 tensor's values in order.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
-        candle_core::bail!("rms_norm: expected f32 values on the CPU");
-    };
-    let start = layout.start_offset();
-    Ok(f(&v[start..start + t.elem_count()]))
+    with_cpu_f32(&t.contiguous()?, f)
+        .ok_or_else(|| candle_core::Error::Msg("rms_norm: expected f32 values on the CPU".into()))
 }
 
 /// One row: `src / sqrt(sum(src^2) / n + eps) * w` into `dst`. candle-nn sums the squares in
