@@ -9,6 +9,8 @@ use serde::Serialize;
 use crate::error::Result;
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
+
 use crate::engine::Engine;
 use crate::generate::{GenerationParams, OwnedEvent, MAX_TOKENS_LIMIT};
 use crate::model::{CausalLm, KvCache, Logits};
@@ -193,6 +195,36 @@ pub fn decode_rounds(
         })
         .collect();
     Ok((results, bandwidth))
+}
+
+/// The instruction sets of the tiled kernels for quantized weights, for benchmarks that compare
+/// them on one CPU (a CPU with AVX-512 runs both; thinkrag itself takes the best it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileKernels {
+    /// AVX-512 with VNNI and VBMI.
+    Avx512Vnni,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+}
+
+impl TileKernels {
+    fn isa(self) -> crate::model::ktiles::Isa {
+        match self {
+            Self::Avx512Vnni => crate::model::ktiles::Isa::Avx512Vnni,
+            Self::Avx2 => crate::model::ktiles::Isa::Avx2,
+        }
+    }
+
+    /// Whether this CPU runs these kernels.
+    pub fn available(self) -> bool {
+        self.isa().available()
+    }
+
+    /// A layer of `weight` (no bias) whose products run these kernels; `None` where this CPU
+    /// does not run them or the weight's format or shape does not take them.
+    pub fn linear(self, weight: Arc<QTensor>) -> Option<crate::model::Linear> {
+        crate::model::Linear::with_tile_kernels(weight, self.isa())
+    }
 }
 
 /// A probe of the rate at which this machine's memory feeds the CPU thread pool the kernels run

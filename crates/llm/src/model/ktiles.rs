@@ -202,6 +202,12 @@ impl KTiles {
         Some(Self { n, k, isa, tiles })
     }
 
+    /// The instruction set whose kernels run the products.
+    #[cfg(test)]
+    pub(crate) fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// `(n, k)`: the weight's output and input sizes.
     pub(crate) fn dims(&self) -> (usize, usize) {
         (self.n, self.k)

@@ -27,7 +27,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::ktiles::KTiles;
+use super::ktiles::{Isa, KTiles};
 
 /// Rows from which a quantized CPU matmul without a tiled candle kernel dequantizes its weight and
 /// runs a GEMM instead of one pass over the weights per row: dequantizing a matrix costs about as
@@ -90,6 +90,16 @@ impl Linear {
             bias,
             layout: Arc::default(),
         }
+    }
+
+    /// A quantized weight's layer whose products run the tiled kernels of `isa`, where this CPU
+    /// runs them and the weight's format and shape take them: for benchmarks that compare the
+    /// instruction sets on one CPU ([`crate::bench::TileKernels`]).
+    pub(crate) fn with_tile_kernels(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
+        let tiles = KTiles::with_isa(&weight, isa)?;
+        let layer = Self::new(Weight::Quantized(weight), None);
+        let _ = layer.layout.set(Layout::Tiles(tiles));
+        Some(layer)
     }
 
     /// Wraps a full-precision weight `(out, in)` and an optional bias.
@@ -697,6 +707,52 @@ pub(crate) fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layer made for one instruction set's tile kernels runs them, and agrees with the layer
+    /// thinkrag makes by itself; where the CPU lacks them (or the shape does not tile), none.
+    #[test]
+    fn a_layer_for_chosen_tile_kernels_agrees_with_the_default() {
+        let w = Tensor::randn(0f32, 0.05, (32, 512), &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).unwrap());
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 512), &Device::Cpu).unwrap();
+        let want: Vec<f32> = Linear::new(Weight::Quantized(Arc::clone(&q)), None)
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for isa in Isa::ALL {
+            let Some(layer) = Linear::with_tile_kernels(Arc::clone(&q), isa) else {
+                assert!(!isa.available(), "{isa:?} runs here but made no layer");
+                continue;
+            };
+            assert!(layer.ktiles().is_some_and(|t| t.isa() == isa));
+            let got: Vec<f32> = layer
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{isa:?}: {g} vs {w}"
+                );
+            }
+        }
+        let odd = Arc::new(
+            QTensor::quantize(
+                &Tensor::zeros((8, 256), DType::F32, &Device::Cpu).unwrap(),
+                GgmlDType::Q4K,
+            )
+            .unwrap(),
+        );
+        assert!(Isa::ALL
+            .into_iter()
+            .all(|isa| Linear::with_tile_kernels(Arc::clone(&odd), isa).is_none()));
+    }
 
     #[test]
     fn single_row_path_matches_candle_matmul() {
