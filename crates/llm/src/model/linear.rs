@@ -715,27 +715,22 @@ mod tests {
         let w = Tensor::randn(0f32, 0.05, (32, 512), &Device::Cpu).unwrap();
         let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).unwrap());
         let x = Tensor::randn(0f32, 1.0, (1, 1, 512), &Device::Cpu).unwrap();
-        let want: Vec<f32> = Linear::new(Weight::Quantized(Arc::clone(&q)), None)
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let product = |l: &Linear| -> Vec<f32> {
+            l.forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let want = product(&Linear::new(Weight::Quantized(Arc::clone(&q)), None));
         for isa in Isa::ALL {
             let Some(layer) = Linear::with_tile_kernels(Arc::clone(&q), isa) else {
                 assert!(!isa.available(), "{isa:?} runs here but made no layer");
                 continue;
             };
             assert!(layer.ktiles().is_some_and(|t| t.isa() == isa));
-            let got: Vec<f32> = layer
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in product(&layer).iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
                     "{isa:?}: {g} vs {w}"
