@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use thinkrag_llm::bench::{read_in_parallel, ReadProbe, TileKernels};
+use thinkrag_llm::bench::{read_in_parallel, tile_kernels_linear, ReadProbe, TileKernels};
 use thinkrag_llm::model::{Linear, Weight};
 
 /// Bytes of weights each case streams per round.
@@ -55,9 +55,7 @@ fn main() {
             let avx2: Vec<Linear> = if peer {
                 (0..copies)
                     .map(|_| {
-                        TileKernels::Avx2
-                            .linear(Arc::clone(&q))
-                            .expect("AVX2 tiles")
+                        tile_kernels_linear(Arc::clone(&q), TileKernels::Avx2).expect("AVX2 tiles")
                     })
                     .collect()
             } else {

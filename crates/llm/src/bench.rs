@@ -199,32 +199,15 @@ pub fn decode_rounds(
 
 /// The instruction sets of the tiled kernels for quantized weights, for benchmarks that compare
 /// them on one CPU (a CPU with AVX-512 runs both; thinkrag itself takes the best it runs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TileKernels {
-    /// AVX-512 with VNNI and VBMI.
-    Avx512Vnni,
-    /// AVX2 with FMA and F16C.
-    Avx2,
-}
+pub use crate::model::ktiles::Isa as TileKernels;
 
-impl TileKernels {
-    fn isa(self) -> crate::model::ktiles::Isa {
-        match self {
-            Self::Avx512Vnni => crate::model::ktiles::Isa::Avx512Vnni,
-            Self::Avx2 => crate::model::ktiles::Isa::Avx2,
-        }
-    }
-
-    /// Whether this CPU runs these kernels.
-    pub fn available(self) -> bool {
-        self.isa().available()
-    }
-
-    /// A layer of `weight` (no bias) whose products run these kernels; `None` where this CPU
-    /// does not run them or the weight's format or shape does not take them.
-    pub fn linear(self, weight: Arc<QTensor>) -> Option<crate::model::Linear> {
-        crate::model::Linear::with_tile_kernels(weight, self.isa())
-    }
+/// A layer of `weight` (no bias) whose products run `kernels`; `None` where this CPU does not run
+/// them or the weight's format or shape does not take them.
+pub fn tile_kernels_linear(
+    weight: Arc<QTensor>,
+    kernels: TileKernels,
+) -> Option<crate::model::Linear> {
+    crate::model::Linear::with_tile_kernels(weight, kernels)
 }
 
 /// A probe of the rate at which this machine's memory feeds the CPU thread pool the kernels run

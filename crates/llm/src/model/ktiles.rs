@@ -37,7 +37,7 @@ pub(crate) struct KTiles {
 
 /// The instruction sets the kernels come in, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
+pub enum Isa {
     /// AVX-512 F/BW with VNNI and VBMI: `vpdpbusd` on 16 rows at once.
     Avx512Vnni,
     /// AVX2 with FMA and F16C: `vpmaddubsw` and `vpmaddwd` on 8 rows at once.
@@ -54,7 +54,7 @@ impl Isa {
     }
 
     /// Whether this CPU runs these kernels.
-    pub(crate) fn available(self) -> bool {
+    pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {

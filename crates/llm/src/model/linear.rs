@@ -454,23 +454,21 @@ fn tiles_matmul_many(x: &Tensor, tiles: &[&KTiles]) -> candle_core::Result<Vec<T
         .to_dtype(DType::F32)?
         .contiguous()?;
     let rows = x.elem_count() / k;
-    let mut ys: Vec<Vec<f32>> = tiles
-        .iter()
-        .map(|t| Vec::with_capacity(rows * t.dims().0))
-        .collect();
+    let lens: Vec<usize> = tiles.iter().map(|t| rows * t.dims().0).collect();
+    let mut ys: Vec<Vec<f32>> = lens.iter().map(|&len| Vec::with_capacity(len)).collect();
     {
         let mut parts: Vec<(&KTiles, &mut [std::mem::MaybeUninit<f32>])> = tiles
             .iter()
-            .zip(ys.iter_mut())
-            .map(|(t, y)| (*t, &mut y.spare_capacity_mut()[..rows * t.dims().0]))
+            .zip(ys.iter_mut().zip(&lens))
+            .map(|(t, (y, &len))| (*t, &mut y.spare_capacity_mut()[..len]))
             .collect();
         with_cpu_f32(&x, |xv| KTiles::matmul_many(&mut parts, &xv[..rows * k])).ok_or_else(
             || candle_core::Error::Msg("a tiled product needs f32 input on the CPU".into()),
         )?;
     }
-    for (t, y) in tiles.iter().zip(ys.iter_mut()) {
-        // SAFETY: `KTiles::matmul_many` wrote every one of the first `rows * n` elements.
-        unsafe { y.set_len(rows * t.dims().0) };
+    for (y, &len) in ys.iter_mut().zip(&lens) {
+        // SAFETY: `KTiles::matmul_many` wrote every one of the first `len` (`rows * n`) elements.
+        unsafe { y.set_len(len) };
     }
     tiles
         .iter()
