@@ -474,6 +474,11 @@ fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> 
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     // Small enough that a decode step's 8,960 or more values split evenly over the threads.
     const CHUNK: usize = 1024;
+    // At most this many values go through on the calling thread alone: one sequence's decode row
+    // of the 1.5B (8,960 values, a microsecond or two of arithmetic) took 6-7 microseconds a layer
+    // so against 8-12 split over two threads (timed in a decode step, three pairs of runs,
+    // 2026-12-03): the parallel region's start and end cost more than the half it hands over.
+    const SERIAL: usize = 16 << 10;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(gate) && cpu_f32(up)) || gate.dims() != up.dims() {
         return Ok((candle_nn::ops::silu(gate)? * up)?);
@@ -483,6 +488,10 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let out = with_cpu_f32(&gate, |g| {
         with_cpu_f32(&up, |u| {
             let mut out = vec![0f32; n];
+            if n <= SERIAL {
+                vexp::silu_mul_into(g, u, &mut out);
+                return out;
+            }
             let dst = OutPtr(out.as_mut_ptr());
             candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
                 let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
