@@ -476,8 +476,9 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     const CHUNK: usize = 1024;
     // At most this many values go through on the calling thread alone: one sequence's decode row
     // of the 1.5B (8,960 values, a microsecond or two of arithmetic) took 6-7 microseconds a layer
-    // so against 8-12 split over two threads (timed in a decode step, three pairs of runs,
-    // 2026-12-03): the parallel region's start and end cost more than the half it hands over.
+    // so against 8-12 split over two threads, and the 8B's (14,336) 16-17 against 19-26 (timed in
+    // decode steps on a 2-core Zen 4, 2026-12-03): the parallel region's start and end cost more
+    // than the half it hands over.
     const SERIAL: usize = 16 << 10;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(gate) && cpu_f32(up)) || gate.dims() != up.dims() {
