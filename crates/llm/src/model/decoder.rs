@@ -467,12 +467,13 @@ fn default_kv_format(layers: &[DecoderLayer], dtype: DType, device: &Device) -> 
 }
 
 /// `silu(gate) * up`, element by element, split across candle's barrier pool for f32 CPU tensors
-/// (in a batched decode step candle's two ops ran on one thread while the other waited), with
+/// of more than 16,384 values (in a batched decode step candle's two ops ran on one thread while
+/// the other waited; one decode row of the 1.5B or the 8B is quicker on the calling thread), with
 /// candle's formula, `g / (1 + exp(-g)) * u`, on 16 lanes where the CPU has AVX-512 (8 with AVX2)
 /// ([`vexp::silu_mul_into`]; libm's `expf` was 2% of a decode step, most of it on one thread).
 /// A prefill's rows go through it too.
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    // Small enough that a decode step's 8,960 or more values split evenly over the threads.
+    // Small enough that a batched decode step's values split evenly over the threads.
     const CHUNK: usize = 1024;
     // At most this many values go through on the calling thread alone: one sequence's decode row
     // of the 1.5B (8,960 values, a microsecond or two of arithmetic) took 6-7 microseconds a layer

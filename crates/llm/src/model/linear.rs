@@ -480,9 +480,9 @@ fn tiles_matmul_many(
     tiles
         .iter()
         .zip(ys)
-        .zip(biases.iter().chain(std::iter::repeat(&None)))
-        .map(|((t, mut y), bias)| {
-            let n = t.dims().0;
+        .enumerate()
+        .map(|(i, (t, mut y))| {
+            let (n, bias) = (t.dims().0, biases.get(i).copied().flatten());
             // Where the output stays f32, `y + b` here is bit-identical to candle's.
             let added = bias.is_none_or(|b| {
                 dtype == DType::F32
