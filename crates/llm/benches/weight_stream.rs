@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use thinkrag_llm::bench::{read_in_parallel, tile_kernels_linear, ReadProbe, TileKernels};
+use thinkrag_llm::bench::{read_in_parallel, ReadProbe, TileKernels};
 use thinkrag_llm::model::{Linear, Weight};
 
 /// Bytes of weights each case streams per round.
@@ -55,7 +55,8 @@ fn main() {
             let avx2: Vec<Linear> = if peer {
                 (0..copies)
                     .map(|_| {
-                        tile_kernels_linear(Arc::clone(&q), TileKernels::Avx2).expect("AVX2 tiles")
+                        Linear::with_tile_kernels(Arc::clone(&q), TileKernels::Avx2)
+                            .expect("AVX2 tiles")
                     })
                     .collect()
             } else {

@@ -9,8 +9,6 @@ use serde::Serialize;
 use crate::error::Result;
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
-
 use crate::engine::Engine;
 use crate::generate::{GenerationParams, OwnedEvent, MAX_TOKENS_LIMIT};
 use crate::model::{CausalLm, KvCache, Logits};
@@ -200,15 +198,6 @@ pub fn decode_rounds(
 /// The instruction sets of the tiled kernels for quantized weights, for benchmarks that compare
 /// them on one CPU (a CPU with AVX-512 runs both; thinkrag itself takes the best it runs).
 pub use crate::model::ktiles::Isa as TileKernels;
-
-/// A layer of `weight` (no bias) whose products run `kernels`; `None` where this CPU does not run
-/// them or the weight's format or shape does not take them.
-pub fn tile_kernels_linear(
-    weight: Arc<QTensor>,
-    kernels: TileKernels,
-) -> Option<crate::model::Linear> {
-    crate::model::Linear::with_tile_kernels(weight, kernels)
-}
 
 /// A probe of the rate at which this machine's memory feeds the CPU thread pool the kernels run
 /// on: every thread streams its share of a 1 GiB buffer (larger than any CPU cache), the

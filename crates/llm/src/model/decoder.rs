@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::decode_attention::{decode_attention, decode_attention_many};
 use crate::model::kv_cache::{widen_rows, KvCache, KvFormat};
-use crate::model::linear::{with_cpu_f32, Linear, OutPtr, Weight};
+use crate::model::linear::{with_cpu_f32_pair, Linear, OutPtr, Weight};
 use crate::model::llama::gguf_rope_row_order;
 use crate::model::rms_norm::RmsNorm;
 use crate::model::vexp;
@@ -487,25 +487,23 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let n = gate.elem_count();
-    let out = with_cpu_f32(&gate, |g| {
-        with_cpu_f32(&up, |u| {
-            let mut out = vec![0f32; n];
-            if n <= SERIAL {
-                vexp::silu_mul_into(g, u, &mut out);
-                return out;
-            }
-            let dst = OutPtr(out.as_mut_ptr());
-            candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
-                let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
-                // SAFETY: chunks are disjoint, so these elements are written by this thread
-                // only, and `out` outlives the call.
-                let out = unsafe { dst.slice(span.start, span.len()) };
-                vexp::silu_mul_into(&g[span.clone()], &u[span], out);
-            });
-            out
-        })
+    let out = with_cpu_f32_pair(&gate, &up, |g, u| {
+        let mut out = vec![0f32; n];
+        if n <= SERIAL {
+            vexp::silu_mul_into(g, u, &mut out);
+            return out;
+        }
+        let dst = OutPtr(out.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+            let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(n);
+            // SAFETY: chunks are disjoint, so these elements are written by this thread only,
+            // and `out` outlives the call.
+            let out = unsafe { dst.slice(span.start, span.len()) };
+            vexp::silu_mul_into(&g[span.clone()], &u[span], out);
+        });
+        out
     });
-    let Some(out) = out.flatten() else {
+    let Some(out) = out else {
         return Ok((candle_nn::ops::silu(&gate)? * &up)?);
     };
     Ok(Tensor::from_vec(out, gate.dims(), gate.device())?)

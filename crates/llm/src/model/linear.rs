@@ -95,7 +95,7 @@ impl Linear {
     /// A quantized weight's layer whose products run the tiled kernels of `isa`, where this CPU
     /// runs them and the weight's format and shape take them: for benchmarks that compare the
     /// instruction sets on one CPU ([`crate::bench::TileKernels`]).
-    pub(crate) fn with_tile_kernels(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
+    pub fn with_tile_kernels(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
         let tiles = KTiles::with_isa(&weight, isa)?;
         let layer = Self::new(Weight::Quantized(weight), None);
         let _ = layer.layout.set(Layout::Tiles(tiles));
@@ -160,7 +160,7 @@ impl Module for Linear {
             }
             Weight::Quantized(q) if self.runs_in_place() => in_place_matmul(x, q)?,
             Weight::Quantized(q) => match self.ktiles() {
-                Some(tiles) => tiles_matmul(x, tiles)?,
+                Some(tiles) => return tiles_matmul(x, tiles, self.bias.as_ref()),
                 None => quantized_matmul(x, q)?,
             },
         };
@@ -219,7 +219,7 @@ impl Linear {
             Weight::Dense(w) => small_batch_f32(x, w)?,
             Weight::Quantized(q) if self.runs_in_place() => Some(in_place_matmul(x, q)?),
             Weight::Quantized(q) => match self.ktiles() {
-                Some(tiles) => Some(tiles_matmul(x, tiles)?),
+                Some(tiles) => return tiles_matmul(x, tiles, self.bias.as_ref()),
                 None => small_batch_quantized(x, q)?,
             },
         };
@@ -260,8 +260,7 @@ fn small_batch_f32(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>
     let Some((x, _)) = small_batch_input(x, k)? else {
         return Ok(None);
     };
-    let y = with_cpu_f32(&x, |xv| with_cpu_f32(w, |wv| dense_rows(xv, wv, n, k)));
-    let Some(y) = y.flatten() else {
+    let Some(y) = with_cpu_f32_pair(&x, w, |xv, wv| dense_rows(xv, wv, n, k)) else {
         return Ok(None);
     };
     Ok(Some(Tensor::from_vec(y, output_shape(&x, n), x.device())?))
@@ -430,9 +429,9 @@ fn parallel_units(n: usize, rows: usize, y: &mut [f32], cell: impl Fn(usize, usi
     });
 }
 
-/// `x W^T` through [`KTiles`], in `x`'s dtype.
-fn tiles_matmul(x: &Tensor, tiles: &KTiles) -> candle_core::Result<Tensor> {
-    let mut ys = tiles_matmul_many(x, &[tiles], &[None])?;
+/// `x W^T + b` through [`KTiles`], in `x`'s dtype.
+fn tiles_matmul(x: &Tensor, tiles: &KTiles, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let mut ys = tiles_matmul_many(x, &[tiles], &[bias])?;
     Ok(ys.remove(0))
 }
 
@@ -482,24 +481,20 @@ fn tiles_matmul_many(
         .zip(ys)
         .enumerate()
         .map(|(i, (t, mut y))| {
-            let (n, bias) = (t.dims().0, biases.get(i).copied().flatten());
+            let n = t.dims().0;
+            let mut bias = biases.get(i).copied().flatten();
             // Where the output stays f32, `y + b` here is bit-identical to candle's.
-            let added = bias.is_none_or(|b| {
-                dtype == DType::F32
-                    && b.dims() == [n]
-                    && with_cpu_f32(b, |b| {
-                        for row in y.chunks_exact_mut(n) {
-                            for (v, &b) in row.iter_mut().zip(b) {
-                                *v += b;
-                            }
-                        }
-                    })
-                    .is_some()
-            });
+            let in_place = bias.filter(|b| dtype == DType::F32 && b.dims() == [n]);
+            if in_place
+                .and_then(|b| with_cpu_f32(b, |b| add_to_rows(&mut y, b)))
+                .is_some()
+            {
+                bias = None;
+            }
             let y = Tensor::from_vec(y, output_shape(&x, n), x.device())?.to_dtype(dtype)?;
             match bias {
-                Some(b) if !added => y.broadcast_add(b),
-                _ => Ok(y),
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
             }
         })
         .collect()
@@ -549,6 +544,15 @@ fn in_place_matmul(x: &Tensor, w: &Arc<QTensor>) -> candle_core::Result<Tensor> 
     quantized_matmul(x, w)
 }
 
+/// `b` added to each row of `y` (rows of `b.len()`).
+fn add_to_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, &b) in row.iter_mut().zip(b) {
+            *v += b;
+        }
+    }
+}
+
 /// `f` of a tensor's values where they are f32 in one contiguous span of CPU memory, in order;
 /// `None` for another dtype, device or layout. The storage stays read-locked while `f` runs.
 pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -561,6 +565,15 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     }
     let start = layout.start_offset();
     values.get(start..start + t.elem_count()).map(f)
+}
+
+/// [`with_cpu_f32`] of two tensors at once: `None` unless both qualify.
+pub(crate) fn with_cpu_f32_pair<R>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32]) -> R,
+) -> Option<R> {
+    with_cpu_f32(a, |a| with_cpu_f32(b, |b| f(a, b))).flatten()
 }
 
 /// The output of a parallel computation (f32 products, or other elements), shared by the threads
@@ -643,14 +656,12 @@ fn single_row_f32(
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let y = with_cpu_f32(&x, |xv| {
-        with_cpu_f32(w, |wv| {
-            let mut y = vec![0f32; out_dim];
-            matvec(wv, xv, &mut y);
-            y
-        })
+    let y = with_cpu_f32_pair(&x, w, |xv, wv| {
+        let mut y = vec![0f32; out_dim];
+        matvec(wv, xv, &mut y);
+        y
     });
-    let Some(y) = y.flatten() else {
+    let Some(y) = y else {
         return Ok(None);
     };
     let mut out_shape = lead.to_vec();
