@@ -13,7 +13,7 @@
 use core::arch::x86_64::*;
 
 use super::x86::{prefetch_step, prefetch_target, Q4K_LINES, Q6K_LINES, Q80_LINES};
-use super::{ActQ80, ActQ8K, OutPtr, TileQ4K, TileQ6K, TileQ80, QK, TILE_ROWS};
+use super::{ActQ80, ActQ8K, OutPtr, ScalesMins, TileQ4K, TileQ6K, TileQ80, QK, TILE_ROWS};
 
 /// Weight rows in one 256-bit register: half a tile.
 const HALF: usize = TILE_ROWS / 2;
@@ -74,12 +74,52 @@ unsafe fn store<const M: usize>(
     }
 }
 
+/// A Q4_K tile's scales and mins unpacked, as [`super::x86::unpack_scales_mins`] does with
+/// 64-byte vectors, here with two 32-byte halves of each.
+#[inline(always)]
+unsafe fn unpack_scales_mins(p: &[u8; 192]) -> ScalesMins {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let join = |a, b| _mm256_or_si256(a, _mm256_and_si256(b, bits45));
+    let mut parts = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        // SAFETY: 192 readable bytes, read 32 at a time at offsets below 192.
+        let (ls, lm, h) = unsafe {
+            (
+                _mm256_loadu_si256(p.as_ptr().add(32 * half).cast()),
+                _mm256_loadu_si256(p.as_ptr().add(64 + 32 * half).cast()),
+                _mm256_loadu_si256(p.as_ptr().add(128 + 32 * half).cast()),
+            )
+        };
+        parts[half] = join(_mm256_and_si256(ls, low4), _mm256_slli_epi16::<4>(h));
+        parts[2 + half] = join(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ls), low4),
+            _mm256_slli_epi16::<2>(h),
+        );
+        parts[4 + half] = join(_mm256_and_si256(lm, low4), h);
+        parts[6 + half] = join(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(lm), low4),
+            _mm256_srli_epi16::<2>(h),
+        );
+    }
+    // SAFETY: eight 32-byte vectors are the 256 bytes of `ScalesMins`, in its order.
+    unsafe { std::mem::transmute::<[__m256i; 8], ScalesMins>(parts) }
+}
+
+/// [`unpack_scales_mins`] on its own, for tests.
+#[cfg(test)]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_scales_mins_alone(p: &[u8; 192]) -> ScalesMins {
+    // SAFETY: the features it needs are enabled here.
+    unsafe { unpack_scales_mins(p) }
+}
+
 /// `M` activation rows against one column of Q4_K tiles (16 outputs per row). A 32-value
 /// sub-block's eight `vpmaddubsw` each give at most `2 * 15 * 128` per lane, 30,720 in all: its
 /// 16-bit sums cannot saturate, and `vpmaddwd` by its 6-bit scale widens them.
 // Indexed loops over the accumulators' halves: the kernel's register layout reads plainest so.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
     column: &[TileQ4K],
     end: *const u8,
@@ -95,6 +135,8 @@ pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
     for (b, t) in column.iter().enumerate() {
         let a: [&ActQ8K; M] = std::array::from_fn(|m| &acts[m * kb + b]);
         let ahead = prefetch_target(t, end);
+        // SAFETY: AVX2, enabled on this function.
+        let sm = unsafe { unpack_scales_mins(&t.scales_mins) };
         let qs = t.qs.as_ptr();
         for half in 0..2 {
             let mut sums = [_mm256_setzero_si256(); M];
@@ -116,7 +158,7 @@ pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
                     }
                 }
                 // SAFETY: sub-block < 8.
-                let sc = unsafe { scales_u8(&t.scales[sub], half) };
+                let sc = unsafe { scales_u8(&sm.scales[sub], half) };
                 for m in 0..M {
                     sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs[m], sc));
                 }
@@ -128,7 +170,7 @@ pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
                 // `2 pair` < 8.
                 unsafe {
                     let mn = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                        t.mins[pair].as_ptr().add(2 * HALF * half).cast(),
+                        sm.mins[pair].as_ptr().add(2 * HALF * half).cast(),
                     ));
                     for m in 0..M {
                         let bsums = std::ptr::read_unaligned(
@@ -139,11 +181,11 @@ pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
                     }
                 }
             }
-            // SAFETY: 8 f32 of 16 each.
+            // SAFETY: 8 f16 of 16 each.
             let (d, dmin) = unsafe {
                 (
-                    _mm256_loadu_ps(t.d.as_ptr().add(HALF * half)),
-                    _mm256_loadu_ps(t.dmin.as_ptr().add(HALF * half)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(HALF * half).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(HALF * half).cast())),
                 )
             };
             for m in 0..M {
