@@ -233,6 +233,16 @@ struct ActQ8K {
 /// `prefetcht1` further ahead, into L2 only, is no way around that on AMD before Zen 4, which
 /// fills L1 for every hint (`_MM_HINT_T1` streamed no differently, twice measured).
 const PREFETCH_TILES: usize = 1;
+/// How far ahead the AVX-512 Q6_K kernel also prefetches each line into L2 alone (`prefetcht1`,
+/// which Zen 4 and Intel's cores keep out of L1), so that its prefetch one tile ahead finds the
+/// line in L2 and holds one of the core's few L1 fill buffers for an L2 hit, not a trip to memory.
+/// On a 2-core Zen 4 (`weight_stream`, binaries alternating, 2026-12-03) its three Q6_K shapes
+/// streamed 0.93 of the read probe with it against 0.82 without where the probe read under
+/// 42 GB/s, and 0.74 against 0.58-0.61 where it read 55-57. The Q4_K kernel leaves it out: its
+/// 8960 x 1536 product fell from 1.01 to 0.93 of the probe with it, the others stayed level. So
+/// does Q8_0, not measured, and so do the AVX2 kernels: the cores they are chosen for (AMD
+/// before Zen 4) fill L1 for every hint, which then only holds those buffers longer.
+const L2_PREFETCH_TILES: usize = 8;
 /// Activation rows one kernel call multiplies against a tile while it is in L1.
 const MAX_ROWS_PER_PASS: usize = 4;
 
@@ -832,7 +842,8 @@ fn quantize_blocks_candle(x: &[f32], out: &mut [ActQ8K]) {
 mod x86 {
     use super::OutPtr;
     use super::{
-        ActQ80, ActQ8K, ScalesMins, TileQ4K, TileQ6K, TileQ80, PREFETCH_TILES, QK, TILE_ROWS,
+        ActQ80, ActQ8K, ScalesMins, TileQ4K, TileQ6K, TileQ80, L2_PREFETCH_TILES, PREFETCH_TILES,
+        QK, TILE_ROWS,
     };
     use core::arch::x86_64::*;
 
@@ -1033,6 +1044,7 @@ mod x86 {
         const LINES: usize,
         const STEPS: usize,
         const STREAM: bool,
+        const L2: bool,
     >(
         ahead: *const u8,
         step: usize,
@@ -1041,18 +1053,30 @@ mod x86 {
             return;
         }
         let per = LINES.div_ceil(STEPS);
+        let far = (L2_PREFETCH_TILES - PREFETCH_TILES) * LINES * 64;
         for j in 0..per {
             let line = (per * step + j).min(LINES - 1);
-            // SAFETY: a prefetch of a mapped address; it never faults. Written as `asm!`, which
-            // the compiler keeps in its place among the loads: `_mm_prefetch`, which has no order
-            // against loads, LLVM gathered at the top of a block (the one-row AVX-512 Q8_0
-            // kernel issued all 72 of a tile's at once, and Q6_K's 7 of a quad's 16).
+            // SAFETY: prefetches never fault, whatever the address (the far one may lie past a
+            // weight's last tile). Written as `asm!`, which the compiler keeps in its place among
+            // the loads: `_mm_prefetch`, which has no order against loads, LLVM gathered at the
+            // top of a block (the one-row AVX-512 Q8_0 kernel issued all 72 of a tile's at once,
+            // and Q6_K's 7 of a quad's 16).
             unsafe {
-                std::arch::asm!(
-                    "prefetcht0 [{p}]",
-                    p = in(reg) ahead.add(line * 64),
-                    options(nostack, preserves_flags, readonly)
-                )
+                if L2 {
+                    std::arch::asm!(
+                        "prefetcht0 [{p}]",
+                        "prefetcht1 [{q}]",
+                        p = in(reg) ahead.wrapping_add(line * 64),
+                        q = in(reg) ahead.wrapping_add(far + line * 64),
+                        options(nostack, preserves_flags, readonly)
+                    )
+                } else {
+                    std::arch::asm!(
+                        "prefetcht0 [{p}]",
+                        p = in(reg) ahead.wrapping_add(line * 64),
+                        options(nostack, preserves_flags, readonly)
+                    )
+                }
             };
         }
     }
@@ -1090,7 +1114,7 @@ mod x86 {
                 for g4 in 0..4 {
                     let (ga, gb) = (8 * pair + g4, 8 * pair + 4 + g4);
                     // SAFETY: prefetches only.
-                    unsafe { prefetch_step::<Q4K_LINES, 16, STREAM>(ahead, 4 * pair + g4) };
+                    unsafe { prefetch_step::<Q4K_LINES, 16, STREAM, false>(ahead, 4 * pair + g4) };
                     // SAFETY: groups < 32, inside `qs`.
                     let (wa, wb) = unsafe {
                         (
@@ -1202,7 +1226,7 @@ mod x86 {
                 for u in 0..4 {
                     let g = 4 * quad + u;
                     // SAFETY: prefetches only.
-                    unsafe { prefetch_step::<Q6K_LINES, 16, STREAM>(ahead, g) };
+                    unsafe { prefetch_step::<Q6K_LINES, 16, STREAM, true>(ahead, g) };
                     // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
                     let (h, l0, l1) = unsafe {
                         (
@@ -1277,7 +1301,7 @@ mod x86 {
             let ahead = prefetch_target(t, end);
             for blk in 0..8 {
                 // SAFETY: prefetches only.
-                unsafe { prefetch_step::<Q80_LINES, 8, STREAM>(ahead, blk) };
+                unsafe { prefetch_step::<Q80_LINES, 8, STREAM, false>(ahead, blk) };
                 // Two chains per row, so one row is not bound by `vpdpbusd`'s latency.
                 let mut s: [[__m512i; 2]; M] = std::array::from_fn(|m| {
                     [_mm512_set1_epi32(a[m].start[blk]), _mm512_setzero_si512()]

@@ -142,7 +142,7 @@ pub(super) unsafe fn q4k<const M: usize, const STREAM: bool>(
             let mut sums = [_mm256_setzero_si256(); M];
             for sub in 0..8 {
                 // SAFETY: prefetches only.
-                unsafe { prefetch_step::<Q4K_LINES, 16, STREAM>(ahead, 8 * half + sub) };
+                unsafe { prefetch_step::<Q4K_LINES, 16, STREAM, false>(ahead, 8 * half + sub) };
                 let mut pairs = [_mm256_setzero_si256(); M];
                 for g in 4 * sub..4 * sub + 4 {
                     // SAFETY: group g < 32, inside `qs`.
@@ -236,7 +236,7 @@ pub(super) unsafe fn q6k<const M: usize, const STREAM: bool>(
             let mut sums = [_mm256_setzero_si256(); M];
             for g in 0..16 {
                 // SAFETY: prefetches only.
-                unsafe { prefetch_step::<Q6K_LINES, 32, STREAM>(ahead, 16 * half + g) };
+                unsafe { prefetch_step::<Q6K_LINES, 32, STREAM, false>(ahead, 16 * half + g) };
                 // SAFETY: group g < 16 of `qh`, groups 2g, 2g + 1 < 32 of `ql`.
                 let (h, l0, l1) = unsafe {
                     (
@@ -312,7 +312,7 @@ pub(super) unsafe fn q80<const M: usize, const STREAM: bool>(
         for half in 0..2 {
             for blk in 0..8 {
                 // SAFETY: prefetches only.
-                unsafe { prefetch_step::<Q80_LINES, 16, STREAM>(ahead, 8 * half + blk) };
+                unsafe { prefetch_step::<Q80_LINES, 16, STREAM, false>(ahead, 8 * half + blk) };
                 let mut s = [_mm256_setzero_si256(); M];
                 for j in 0..8 {
                     let g = 8 * blk + j;
