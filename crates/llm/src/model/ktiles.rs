@@ -581,8 +581,8 @@ fn pack_q4k(data: &[u8], n: usize, k: usize) -> Option<TileVec<TileQ4K>> {
         d: [0; TILE_ROWS],
         dmin: [0; TILE_ROWS],
     };
-    // Each row's scales and mins go into bytes of their own in the packed form, so a tile's
-    // unpacked ones are gathered row by row and packed once its last row is in.
+    // A packed byte holds the values of several rows, so a tile's scales and mins are gathered
+    // unpacked, row by row, and packed once its last row is in.
     let mut sm = ScalesMins {
         scales: [[0; TILE_ROWS]; 8],
         mins: [[0; 2 * TILE_ROWS]; 4],
@@ -1038,7 +1038,8 @@ mod x86 {
     /// projections at 0.51-0.66 of the read probe against 0.82-0.85 in order (`weight_stream`,
     /// 2-core Zen 3, 2026-12-02). Without these prefetches the hardware prefetchers alone kept
     /// these kernels at 0.56-0.60 of the probe, and a variant taking both halves of each group
-    /// at once (steps in order) at 0.34-0.56.
+    /// at once (steps in order) at 0.34-0.56. With `L2`, each line also goes into L2 alone
+    /// [`L2_PREFETCH_TILES`] tiles ahead (where that is, see there).
     #[inline(always)]
     pub(super) unsafe fn prefetch_step<
         const LINES: usize,
