@@ -240,8 +240,10 @@ const PREFETCH_TILES: usize = 1;
 /// streamed 0.93 of the read probe with it against 0.82 without where the probe read under
 /// 42 GB/s, and 0.74 against 0.58-0.61 where it read 55-57. The Q4_K kernel leaves it out: its
 /// 8960 x 1536 product fell from 1.01 to 0.93 of the probe with it, the others stayed level. So
-/// does Q8_0, not measured, and so do the AVX2 kernels: the cores they are chosen for (AMD
-/// before Zen 4) fill L1 for every hint, which then only holds those buffers longer.
+/// does Q8_0's, which it left level (the 1.5B Q8_0 decode, twelve `thinkrag bench` pairs: 0.87-0.91
+/// of the probe with it and 0.79-0.89 without in slow rounds, 0.69-0.79 and 0.75-0.77 in fast
+/// ones), and so do the AVX2 kernels: the cores they are chosen for (AMD before Zen 4) fill L1 for
+/// every hint, which then only holds those buffers longer.
 const L2_PREFETCH_TILES: usize = 8;
 /// Activation rows one kernel call multiplies against a tile while it is in L1.
 const MAX_ROWS_PER_PASS: usize = 4;
