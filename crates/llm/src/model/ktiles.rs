@@ -1065,22 +1065,19 @@ mod x86 {
             // top of a block (the one-row AVX-512 Q8_0 kernel issued all 72 of a tile's at once,
             // and Q6_K's 7 of a quad's 16).
             unsafe {
+                std::arch::asm!(
+                    "prefetcht0 [{p}]",
+                    p = in(reg) ahead.wrapping_add(line * 64),
+                    options(nostack, preserves_flags, readonly)
+                );
                 if L2 {
                     std::arch::asm!(
-                        "prefetcht0 [{p}]",
                         "prefetcht1 [{q}]",
-                        p = in(reg) ahead.wrapping_add(line * 64),
                         q = in(reg) ahead.wrapping_add(far + line * 64),
                         options(nostack, preserves_flags, readonly)
-                    )
-                } else {
-                    std::arch::asm!(
-                        "prefetcht0 [{p}]",
-                        p = in(reg) ahead.wrapping_add(line * 64),
-                        options(nostack, preserves_flags, readonly)
-                    )
+                    );
                 }
-            };
+            }
         }
     }
 

@@ -482,19 +482,16 @@ fn tiles_matmul_many(
         .enumerate()
         .map(|(i, (t, mut y))| {
             let n = t.dims().0;
-            let mut bias = biases.get(i).copied().flatten();
+            let bias = biases.get(i).copied().flatten();
             // Where the output stays f32, `y + b` here is bit-identical to candle's.
-            let in_place = bias.filter(|b| dtype == DType::F32 && b.dims() == [n]);
-            if in_place
+            let added = bias
+                .filter(|b| dtype == DType::F32 && b.dims() == [n])
                 .and_then(|b| with_cpu_f32(b, |b| add_to_rows(&mut y, b)))
-                .is_some()
-            {
-                bias = None;
-            }
+                .is_some();
             let y = Tensor::from_vec(y, output_shape(&x, n), x.device())?.to_dtype(dtype)?;
             match bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
+                Some(b) if !added => y.broadcast_add(b),
+                _ => Ok(y),
             }
         })
         .collect()
